@@ -1,0 +1,42 @@
+# The README's two set-up commands: `make demo` and `make test`. Both create .venv and install into it.
+# TORCH_VERSION pins torch (a bare `torch` would pull the multi-GB CUDA build); override it, e.g.
+#   make test TORCH_VERSION=2.5.1   or   make demo TORCH_SPEC="torch --index-url ..."
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+TORCH_SPEC ?= torch==$(TORCH_VERSION)
+BIN := $(VENV)/bin
+DEMO_OUT ?= out/demo
+
+.PHONY: install install-test demo test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=68" wheel
+
+# Core + napari plugin (what a user needs for the demo).
+$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py napari.yaml
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[napari,distributed]"
+	touch $@
+
+# Plus the test tools (pytest, pytest-xvfb, ruff, PyQt5, npe2, hypothesis).
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: install
+	$(BIN)/memnet models
+	$(BIN)/python scripts/demo.py --output $(DEMO_OUT)
+
+lint: install-test
+	$(BIN)/ruff check .
+
+test: install-test lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info out

@@ -1,0 +1,28 @@
+"""napari-memnet core: MemNet image restoration, tiled and out of core. No Qt, no napari."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("napari-memnet")
+except PackageNotFoundError:  # running from a source tree without an install
+    __version__ = "0.0.0+unknown"
+
+from .model import CONFIGS, MemNet, MemNetConfig, conv_weight_count, macs_per_pixel, receptive_field
+from .zoo import TASKS, ModelFileError, ModelInfo, list_models, load_model, save_model, user_model_dir
+
+__all__ = [
+    "__version__",
+    "CONFIGS",
+    "MemNet",
+    "MemNetConfig",
+    "ModelFileError",
+    "ModelInfo",
+    "TASKS",
+    "conv_weight_count",
+    "list_models",
+    "load_model",
+    "macs_per_pixel",
+    "receptive_field",
+    "save_model",
+    "user_model_dir",
+]

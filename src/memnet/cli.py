@@ -1,0 +1,88 @@
+"""`memnet` command line. Each subcommand lives in a small function; errors exit non-zero with
+one line that says what is wrong."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from . import __version__
+
+
+class CliError(Exception):
+    """An error already phrased for the user."""
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
+    lines.append("  ".join("-" * widths[c] for c in cols))
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .zoo import TASKS, _resolve, describe, list_models, user_model_dir
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        models = list_models()
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    if not models:
+        print("no models installed (shipped weights missing?); user models go to", user_model_dir())
+        return 0
+    print(_table([describe(m) for m in models]))
+    defaults = []
+    for task in TASKS:
+        try:
+            defaults.append(f"{task} -> {_resolve(task).name}")
+        except LookupError:
+            defaults.append(f"{task} -> (none)")
+    print("\ntask names pick: " + ", ".join(defaults))
+    print(f"user models: {user_model_dir()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="memnet",
+        description="MemNet image restoration (denoising, super-resolution, JPEG deblocking, "
+        "microscopy) for large TIFF/Zarr stacks.",
+    )
+    p.add_argument("--version", action="version", version=f"napari-memnet {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    m = sub.add_parser("models", help="list shipped and user models", description="List shipped and "
+                       "user models with task, size, cost per pixel and validation figures.")
+    m.set_defaults(func=cmd_models)
+
+    for register in _registrars():
+        register(sub)
+    return p
+
+
+def _registrars() -> list:
+    """Subcommands defined in their own modules (restore, train, ...)."""
+    return []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (CliError, LookupError, FileNotFoundError, ValueError, TypeError, OSError) as e:
+        print(f"memnet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""MemNet (Tai, Yang, Liu, Xu, ICCV 2017), faithful to the official Caffe prototxts.
+
+Layout of the network (M memory blocks, R recursions, C channels):
+
+    B0  = FENet(x)                    BN -> ReLU -> 3x3 conv, in_channels -> C
+    Bm  = MemoryBlock_m(B(m-1))       m = 1..M
+          recursive unit: ONE residual block (BN-ReLU-conv3x3, BN-ReLU-conv3x3) applied R times;
+          conv weights shared by the R recursions, each recursion has its own BNs.
+          gate unit: BN -> ReLU -> 1x1 conv over concat[B0..B(m-1), H1..HR], (m+R)C -> C
+    y_m = x + Recon(Bm)               Recon: BN_m -> ReLU -> 3x3 conv C -> out_channels,
+                                      the conv shared by all branches, one BN per branch
+    y   = sum_m w_m * y_m             learned scalar weights (multi-supervision)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["MemNet", "MemNetConfig", "CONFIGS", "receptive_field", "conv_weight_count", "macs_per_pixel"]
+
+
+@dataclass(frozen=True)
+class MemNetConfig:
+    blocks: int = 6
+    recursions: int = 6
+    channels: int = 64
+    in_channels: int = 1
+    out_channels: int = 1
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# Named configurations. Costs are multiply-adds per output pixel (see macs_per_pixel).
+CONFIGS: dict[str, MemNetConfig] = {
+    # The paper's two models.
+    "M6R6C64": MemNetConfig(6, 6, 64),  # 80 layers, ~2.89 M MAC/px
+    "M10R10C64": MemNetConfig(10, 10, 64),  # 212 layers, ~8.0 M MAC/px
+    # CPU-sized models: same architecture, fewer blocks/channels.
+    "M4R4C48": MemNetConfig(4, 4, 48),  # 38 layers, ~0.73 M MAC/px
+    "M4R4C32": MemNetConfig(4, 4, 32),  # 38 layers, ~0.32 M MAC/px
+    "M3R3C32": MemNetConfig(3, 3, 32),  # 23 layers, ~0.18 M MAC/px
+}
+
+
+class _PreAct(nn.Module):
+    """BN -> ReLU -> Conv (pre-activation), the unit the whole network is built from."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, conv: nn.Conv2d | None = None):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(cin)
+        self.conv = conv if conv is not None else nn.Conv2d(cin, cout, kernel, padding=kernel // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.relu(self.bn(x)))
+
+
+class MemoryBlock(nn.Module):
+    def __init__(self, index: int, recursions: int, channels: int):
+        super().__init__()
+        c = channels
+        self.recursions = recursions
+        # The residual block's two convs, shared by every recursion.
+        self.conv_a = nn.Conv2d(c, c, 3, padding=1)
+        self.conv_b = nn.Conv2d(c, c, 3, padding=1)
+        # One BN per conv per recursion (not shared).
+        self.bn_a = nn.ModuleList(nn.BatchNorm2d(c) for _ in range(recursions))
+        self.bn_b = nn.ModuleList(nn.BatchNorm2d(c) for _ in range(recursions))
+        self.gate = _PreAct((index + recursions) * c, c, 1)
+
+    def forward(self, long_term: list[torch.Tensor]) -> torch.Tensor:
+        h = long_term[-1]
+        short_term = []
+        for r in range(self.recursions):
+            t = self.conv_a(torch.relu(self.bn_a[r](h)))
+            t = self.conv_b(torch.relu(self.bn_b[r](t)))
+            h = h + t
+            short_term.append(h)
+        return self.gate(torch.cat(long_term + short_term, dim=1))
+
+
+class MemNet(nn.Module):
+    """MemNet. ``forward(x)`` returns the final output; ``forward(x, branches=True)`` returns
+    ``(final, [y_1, ..., y_M])`` for the multi-supervised loss."""
+
+    def __init__(
+        self,
+        blocks: int = 6,
+        recursions: int = 6,
+        channels: int = 64,
+        in_channels: int = 1,
+        out_channels: int = 1,
+    ):
+        super().__init__()
+        for name, v in (("blocks", blocks), ("recursions", recursions), ("channels", channels),
+                        ("in_channels", in_channels), ("out_channels", out_channels)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"MemNet {name} must be a positive integer, got {v!r}")
+        if in_channels != out_channels:
+            raise ValueError(
+                f"MemNet's global residual (y = x + recon) needs in_channels == out_channels, "
+                f"got {in_channels} and {out_channels}"
+            )
+        self.config = MemNetConfig(blocks, recursions, channels, in_channels, out_channels)
+        self.fenet = _PreAct(in_channels, channels, 3)
+        self.blocks = nn.ModuleList(MemoryBlock(m, recursions, channels) for m in range(1, blocks + 1))
+        self.recon_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+        self.recon_bn = nn.ModuleList(nn.BatchNorm2d(channels) for _ in range(blocks))
+        self.branch_weights = nn.Parameter(torch.full((blocks,), 1.0 / blocks))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # MSRA init as in the prototxts; zero biases.
+        for mod in self.modules():
+            if isinstance(mod, nn.Conv2d):
+                nn.init.kaiming_normal_(mod.weight, mode="fan_in", nonlinearity="relu")
+                nn.init.zeros_(mod.bias)
+
+    def forward(self, x: torch.Tensor, branches: bool = False):
+        long_term = [self.fenet(x)]
+        outputs = []
+        final = None
+        for m, block in enumerate(self.blocks):
+            b = block(long_term)
+            long_term.append(b)
+            y_m = x + self.recon_conv(torch.relu(self.recon_bn[m](b)))
+            contrib = self.branch_weights[m] * y_m
+            final = contrib if final is None else final + contrib
+            if branches:
+                outputs.append(y_m)
+        if branches:
+            return final, outputs
+        return final
+
+    @property
+    def depth(self) -> int:
+        """Number of conv layers on the longest path, as the paper counts: 2 + M(2R+1)."""
+        c = self.config
+        return 2 + c.blocks * (2 * c.recursions + 1)
+
+
+def receptive_field(model: nn.Module) -> int:
+    """Receptive-field radius in pixels: one pixel per 3x3 conv on the longest path
+    (FENet + 2 per recursion + reconstruction); 1x1 gates add nothing."""
+    cfg = getattr(model, "config", None)
+    if not isinstance(cfg, MemNetConfig):
+        raise TypeError(f"receptive_field needs a memnet.MemNet, got {type(model).__name__}")
+    return 2 + 2 * cfg.blocks * cfg.recursions
+
+
+def conv_weight_count(model: nn.Module) -> int:
+    """Conv weights only (no biases, no BN, no branch weights); shared weights counted once."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def macs_per_pixel(config: MemNetConfig) -> int:
+    """Multiply-adds per output pixel (shared convs count once per application)."""
+    c, m_, r = config.channels, config.blocks, config.recursions
+    fenet = config.in_channels * c * 9
+    recursions = m_ * r * 2 * c * c * 9
+    gates = sum((m + r) * c * c for m in range(1, m_ + 1))
+    recon = m_ * c * config.out_channels * 9
+    return fenet + recursions + gates + recon

@@ -1,0 +1,321 @@
+"""Model zoo: weights as .safetensors with their metadata, shipped and per-user.
+
+A weights file holds the state dict and one metadata entry, ``memnet``, a JSON document:
+
+    format: 1, name, task, description, config (MemNetConfig fields),
+    normalization ({"mode": "range", "in_range": [0, 255]} or {"mode": "percentile", ...}),
+    degradation (what it was trained on), training (data, recipe, steps, hours, hardware),
+    metrics (validation figures), rank (higher wins when a task name picks a model),
+    package_version, created.
+
+Loading never unpickles: safetensors parses a JSON header and raw tensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .model import MemNet, MemNetConfig, macs_per_pixel
+
+__all__ = [
+    "TASKS",
+    "ModelInfo",
+    "ModelFileError",
+    "list_models",
+    "load_model",
+    "save_model",
+    "read_info",
+    "user_model_dir",
+    "shipped_model_dir",
+]
+
+TASKS = ("denoise", "sr", "jpeg", "microscopy")
+FORMAT_VERSION = 1
+_META_KEY = "memnet"
+
+
+class ModelFileError(ValueError):
+    """A weights file that cannot be used: unreadable, not safetensors, or not matching its metadata."""
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    task: str
+    path: Path
+    source: str  # "shipped" or "user"
+    config: MemNetConfig
+    metadata: dict = field(repr=False)
+
+    @property
+    def size_bytes(self) -> int:
+        return self.path.stat().st_size
+
+    @property
+    def macs_per_pixel(self) -> int:
+        return macs_per_pixel(self.config)
+
+    @property
+    def receptive_field(self) -> int:
+        return 2 + 2 * self.config.blocks * self.config.recursions
+
+    @property
+    def metrics(self) -> dict:
+        return self.metadata.get("metrics", {})
+
+    @property
+    def normalization(self) -> dict:
+        return self.metadata.get("normalization", {"mode": "natural"})
+
+    @property
+    def rank(self) -> float:
+        return float(self.metadata.get("rank", 0))
+
+    @property
+    def description(self) -> str:
+        return self.metadata.get("description", "")
+
+
+def shipped_model_dir() -> Path:
+    return Path(__file__).parent / "weights"
+
+
+def user_model_dir() -> Path:
+    """Where fine-tuned models go. ``MEMNET_MODEL_DIR`` overrides the platform default."""
+    env = os.environ.get("MEMNET_MODEL_DIR")
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return base / "napari-memnet" / "models"
+
+
+def _package_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def save_model(
+    model: MemNet,
+    path: str | os.PathLike,
+    *,
+    name: str,
+    task: str,
+    metadata: dict | None = None,
+) -> ModelInfo:
+    """Write ``model`` as .safetensors with its metadata; returns the file's ModelInfo.
+
+    The file is written to a temporary name and renamed, so a crash never leaves a half file
+    under the final name.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
+    if not isinstance(model, MemNet):
+        raise TypeError(f"save_model needs a memnet.MemNet, got {type(model).__name__}")
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"weights must be saved as .safetensors, got {path.name!r}")
+    meta = dict(metadata or {})
+    meta.update(
+        format=FORMAT_VERSION,
+        name=name,
+        task=task,
+        config=model.config.as_dict(),
+        package_version=meta.get("package_version", _package_version()),
+        created=meta.get("created", datetime.now(timezone.utc).isoformat(timespec="seconds")),
+    )
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+    os.replace(tmp, path)
+    return read_info(path)
+
+
+def _sniff(path: Path) -> str | None:
+    """A hint about what a non-safetensors file is, for the error message."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None
+    if head[:2] == b"PK":
+        return "it looks like a zip/PyTorch checkpoint (torch.save)"
+    if head[:1] == b"\x80":
+        return "it looks like a pickle"
+    return None
+
+
+def _open_header(path: Path) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"model file not found: {path}")
+    if path.stat().st_size < 8:
+        raise ModelFileError(f"{path}: empty or truncated weights file ({path.stat().st_size} bytes)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        hint = _sniff(path)
+        extra = (
+            f"; {hint} — pickled checkpoints are refused because loading them can run code: "
+            "convert it to .safetensors with the code that made it"
+            if hint
+            else ""
+        )
+        raise ModelFileError(f"{path}: not a readable .safetensors file ({e}){extra}") from None
+    if _META_KEY not in meta:
+        raise ModelFileError(
+            f"{path}: .safetensors file without napari-memnet metadata (no {_META_KEY!r} entry); "
+            "save models with memnet.save_model"
+        )
+    try:
+        doc = json.loads(meta[_META_KEY])
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{path}: corrupt metadata ({e})") from None
+    return doc
+
+
+def _config_from(doc: dict, path: Path) -> MemNetConfig:
+    try:
+        cfg = MemNetConfig(**doc["config"])
+    except (KeyError, TypeError) as e:
+        raise ModelFileError(f"{path}: metadata has no valid architecture config ({e})") from None
+    return cfg
+
+
+def read_info(path: str | os.PathLike, source: str = "user") -> ModelInfo:
+    """Read a weights file's metadata without loading its tensors."""
+    path = Path(path)
+    doc = _open_header(path)
+    task = doc.get("task")
+    if task not in TASKS:
+        raise ModelFileError(f"{path}: metadata names unknown task {task!r} (expected one of {TASKS})")
+    return ModelInfo(
+        name=str(doc.get("name") or path.stem),
+        task=task,
+        path=path,
+        source=source,
+        config=_config_from(doc, path),
+        metadata=doc,
+    )
+
+
+def _scan(directory: Path, source: str) -> list[ModelInfo]:
+    out = []
+    if not directory.is_dir():
+        return out
+    for p in sorted(directory.glob("*.safetensors")):
+        try:
+            out.append(read_info(p, source=source))
+        except (ModelFileError, OSError) as e:
+            warnings.warn(f"skipping unusable model file: {e}", stacklevel=3)
+    return out
+
+
+def list_models() -> list[ModelInfo]:
+    """Shipped models, then user models (fine-tuned), each with its metadata."""
+    return _scan(shipped_model_dir(), "shipped") + _scan(user_model_dir(), "user")
+
+
+def _resolve(name_or_path: str | os.PathLike) -> ModelInfo:
+    s = str(name_or_path)
+    p = Path(s).expanduser()
+    if s.endswith(".safetensors") or p.exists() or os.sep in s:
+        return read_info(p, source="file")
+    models = list_models()
+    for info in models:
+        if info.name == s:
+            return info
+    if s in TASKS:
+        candidates = [m for m in models if m.task == s]
+        if not candidates:
+            raise LookupError(
+                f"no model for task {s!r} is installed; train one with `memnet train --task {s}` "
+                "or pass a .safetensors path"
+            )
+        # Best = highest rank; shipped beats user at equal rank (user models are opt-in by name).
+        return max(candidates, key=lambda m: (m.rank, m.source == "shipped"))
+    known = ", ".join(sorted({m.name for m in models} | set(TASKS)))
+    raise LookupError(f"unknown model {s!r}: expected a task ({', '.join(TASKS)}), a model name "
+                      f"({known}) or a path to a .safetensors file")
+
+
+def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[MemNet, ModelInfo]:
+    """Load a model by task name, model name or .safetensors path.
+
+    Returns ``(model, info)``; the model is in eval mode on ``device``.
+    """
+    info = _resolve(name_or_path)
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(info.path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelFileError(f"{info.path}: cannot read tensors ({e})") from None
+    try:
+        model = MemNet(**info.config.as_dict())
+    except ValueError as e:
+        raise ModelFileError(f"{info.path}: invalid architecture in metadata: {e}") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing tensors (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {'; '.join(wrong[:3])})")
+        cfg = info.config
+        raise ModelFileError(
+            f"{info.path}: weights do not match the architecture in its metadata "
+            f"(M{cfg.blocks}R{cfg.recursions}C{cfg.channels}): " + ", ".join(parts)
+        )
+    model.load_state_dict(tensors, strict=True)
+    model.eval()
+    return model.to(device), info
+
+
+def describe(info: ModelInfo) -> dict:
+    """One row of `memnet models`."""
+    cfg = info.config
+    return {
+        "name": info.name,
+        "task": info.task,
+        "arch": f"M{cfg.blocks}R{cfg.recursions}C{cfg.channels}",
+        "size": f"{info.size_bytes / 1e6:.1f} MB",
+        "MAC/px": f"{info.macs_per_pixel / 1e6:.2f} M",
+        "radius": str(info.receptive_field),
+        "validation": _short_metrics(info.metrics),
+        "source": info.source,
+    }
+
+
+def _short_metrics(metrics: dict) -> str:
+    if not metrics:
+        return "-"
+    items = []
+    for k, v in metrics.items():
+        items.append(f"{k} {v:.2f}" if isinstance(v, (int, float)) else f"{k} {v}")
+    return "; ".join(items)

@@ -1,0 +1,33 @@
+import numpy as np
+import pytest
+import torch
+
+import memnet
+
+
+@pytest.fixture(autouse=True)
+def _isolated_user_models(tmp_path, monkeypatch):
+    """Every test gets an empty user model directory: nothing leaks into the real one."""
+    d = tmp_path / "user-models"
+    monkeypatch.setenv("MEMNET_MODEL_DIR", str(d))
+    return d
+
+
+@pytest.fixture
+def tiny_model():
+    """A tiny MemNet with non-trivial BN statistics (random eval-mode BN is not an identity)."""
+    torch.manual_seed(0)
+    m = memnet.MemNet(blocks=2, recursions=2, channels=8)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.1, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.1, 0.1)
+    return m.eval()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

@@ -1,0 +1,129 @@
+import pytest
+import torch
+from torch import nn
+
+import memnet
+from memnet.model import MemoryBlock
+
+
+def test_m6r6_has_exactly_the_papers_conv_weights():
+    m = memnet.MemNet(6, 6, 64)
+    assert memnet.conv_weight_count(m) == 676_992
+
+
+@pytest.mark.parametrize("blocks,recursions", [(6, 6), (10, 10), (3, 2), (1, 1)])
+def test_depth_is_2_plus_m_2r_plus_1(blocks, recursions):
+    m = memnet.MemNet(blocks, recursions, 8)
+    assert m.depth == 2 + blocks * (2 * recursions + 1)
+    # Count it from the modules too: convs applied per forward = FENet + 2R per block + gate + recon.
+    applied = 1 + sum(2 * b.recursions + 1 for b in m.blocks) + 1
+    assert applied == m.depth
+    if (blocks, recursions) == (6, 6):
+        assert m.depth == 80
+    if (blocks, recursions) == (10, 10):
+        assert m.depth == 212
+
+
+def _conv_weights(model, kernel):
+    return sum(
+        mod.weight.numel()
+        for mod in model.modules()
+        if isinstance(mod, nn.Conv2d) and mod.kernel_size == (kernel, kernel)
+    )
+
+
+def test_3x3_weights_do_not_depend_on_recursions():
+    counts = {r: _conv_weights(memnet.MemNet(4, r, 16), 3) for r in (1, 2, 5, 9)}
+    assert len(set(counts.values())) == 1, counts
+    # ...while the 1x1 gates and the BNs grow with R.
+    gates = {r: _conv_weights(memnet.MemNet(4, r, 16), 1) for r in (1, 2, 5)}
+    assert gates[1] < gates[2] < gates[5]
+    bns = {r: sum(isinstance(x, nn.BatchNorm2d) for x in memnet.MemNet(4, r, 16).modules()) for r in (1, 2, 5)}
+    assert bns[1] < bns[2] < bns[5]
+
+
+def test_recursions_share_one_residual_block_but_have_their_own_bn():
+    block = MemoryBlock(index=1, recursions=3, channels=8)
+    convs3 = [m for m in block.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert len(convs3) == 2
+    assert len(block.bn_a) == len(block.bn_b) == 3
+    assert len({id(b) for b in block.bn_a}) == 3
+
+
+def test_gate_input_width_is_m_plus_r_times_c():
+    m = memnet.MemNet(blocks=4, recursions=3, channels=8)
+    for i, block in enumerate(m.blocks, start=1):
+        assert block.gate.conv.in_channels == (i + 3) * 8
+        assert block.gate.conv.kernel_size == (1, 1)
+
+
+def test_pre_activation_on_the_raw_input():
+    m = memnet.MemNet(2, 2, 8)
+    assert isinstance(m.fenet.bn, nn.BatchNorm2d) and m.fenet.bn.num_features == 1
+
+
+def test_reconstruction_conv_is_shared_with_one_bn_per_branch():
+    m = memnet.MemNet(3, 2, 8)
+    assert isinstance(m.recon_conv, nn.Conv2d) and m.recon_conv.out_channels == 1
+    assert len(m.recon_bn) == 3
+
+
+def test_branches_and_weighted_sum(tiny_model):
+    x = torch.rand(2, 1, 20, 23)
+    final, branches = tiny_model(x, branches=True)
+    assert len(branches) == 2 and final.shape == x.shape
+    expected = sum(w * y for w, y in zip(tiny_model.branch_weights, branches))
+    torch.testing.assert_close(final, expected)
+    torch.testing.assert_close(tiny_model(x), final)
+
+
+def test_gradients_reach_branch_weights_and_shared_convs():
+    m = memnet.MemNet(2, 2, 8).train()
+    x = torch.rand(4, 1, 16, 16)
+    final, branches = m(x, branches=True)
+    loss = sum(((y - x) ** 2).mean() for y in branches + [final])
+    loss.backward()
+    assert m.branch_weights.grad is not None and m.branch_weights.grad.abs().sum() > 0
+    assert m.blocks[0].conv_a.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cfg", [(2, 2, 4), (3, 1, 4), (1, 3, 4)])
+def test_receptive_field_matches_impulse_response(cfg):
+    torch.manual_seed(1)
+    m = memnet.MemNet(*cfg).double().eval()
+    r = memnet.receptive_field(m)
+    assert r == 2 + 2 * cfg[0] * cfg[1]
+    size = 2 * r + 9
+    c = size // 2
+    x = torch.randn(1, 1, size, size, dtype=torch.float64, requires_grad=True)
+    m(x)[0, 0, c, c].backward()
+    g = x.grad[0, 0].abs() > 0
+    ys, xs = torch.nonzero(g, as_tuple=True)
+    measured = int(max((ys - c).abs().max(), (xs - c).abs().max()))
+    assert measured == r
+
+
+def test_receptive_field_of_the_paper_model():
+    assert memnet.receptive_field(memnet.MemNet(6, 6, 64)) == 74
+
+
+def test_macs_per_pixel_m6r6():
+    assert memnet.macs_per_pixel(memnet.CONFIGS["M6R6C64"]) == 2_891_712
+
+
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        (dict(blocks=0), "blocks must be a positive integer"),
+        (dict(channels=2.5), "channels must be a positive integer"),
+        (dict(in_channels=3, out_channels=1), "in_channels == out_channels"),
+    ],
+)
+def test_bad_config_errors(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        memnet.MemNet(**kwargs)
+
+
+def test_receptive_field_rejects_other_modules():
+    with pytest.raises(TypeError, match="needs a memnet.MemNet"):
+        memnet.receptive_field(nn.Conv2d(1, 1, 3))

@@ -1,0 +1,155 @@
+import json
+import pickle
+
+import pytest
+import torch
+
+import memnet
+from memnet.zoo import ModelFileError, read_info
+
+
+def _save(model, path, **kw):
+    meta = {
+        "description": "test model",
+        "normalization": {"mode": "range", "in_range": [0, 255]},
+        "degradation": {"gaussian_sigma": [0, 75]},
+        "training": {"data": "synthetic", "steps": 3},
+        "metrics": {"Set12 s25": 12.5},
+        "rank": 1,
+    }
+    meta.update(kw.pop("metadata", {}))
+    return memnet.save_model(model, path, metadata=meta, **kw)
+
+
+def test_round_trip_save_list_load(tiny_model, _isolated_user_models):
+    path = _isolated_user_models / "my-denoiser.safetensors"
+    info = _save(tiny_model, path, name="my-denoiser", task="denoise")
+    assert info.name == "my-denoiser" and info.task == "denoise"
+
+    listed = {m.name: m for m in memnet.list_models()}
+    assert "my-denoiser" in listed and listed["my-denoiser"].source == "user"
+    meta = listed["my-denoiser"].metadata
+    assert meta["config"] == {"blocks": 2, "recursions": 2, "channels": 8, "in_channels": 1, "out_channels": 1}
+    assert meta["degradation"] == {"gaussian_sigma": [0, 75]}
+    assert meta["training"]["steps"] == 3 and meta["metrics"] == {"Set12 s25": 12.5}
+    assert meta["package_version"] == memnet.__version__
+
+    for ref in ("my-denoiser", path, str(path)):
+        model, info2 = memnet.load_model(ref)
+        assert not model.training
+        assert info2.metadata["normalization"] == {"mode": "range", "in_range": [0, 255]}
+        for k, v in tiny_model.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[k], v)
+        x = torch.rand(1, 1, 17, 19)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), tiny_model(x))
+
+
+def test_task_name_picks_highest_rank(tiny_model, _isolated_user_models):
+    d = _isolated_user_models
+    _save(tiny_model, d / "a.safetensors", name="jpeg-a", task="jpeg", metadata={"rank": 1})
+    _save(tiny_model, d / "b.safetensors", name="jpeg-b", task="jpeg", metadata={"rank": 5})
+    _, info = memnet.load_model("jpeg")
+    assert info.name == "jpeg-b"
+
+
+def test_unknown_name_lists_what_exists():
+    with pytest.raises(LookupError, match="unknown model 'nope'.*denoise"):
+        memnet.load_model("nope")
+
+
+def test_missing_file_is_named(tmp_path):
+    p = tmp_path / "missing.safetensors"
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        memnet.load_model(p)
+
+
+def test_truncated_file_is_refused_with_its_name(tiny_model, tmp_path):
+    p = tmp_path / "m.safetensors"
+    _save(tiny_model, p, name="m", task="denoise")
+    data = p.read_bytes()
+    bad = tmp_path / "truncated.safetensors"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="truncated.safetensors"):
+        memnet.load_model(bad)
+
+
+def test_corrupt_header_is_refused(tmp_path):
+    bad = tmp_path / "garbage.safetensors"
+    bad.write_bytes(b"\xff" * 64)
+    with pytest.raises(ModelFileError, match="garbage.safetensors.*not a readable .safetensors"):
+        memnet.load_model(bad)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (exec, ("raise SystemExit('pickle payload executed')",))
+
+
+def test_pickled_file_is_refused_and_never_executed(tmp_path):
+    p = tmp_path / "evil.safetensors"
+    p.write_bytes(pickle.dumps({"x": _Boom()}))
+    with pytest.raises(ModelFileError, match="evil.safetensors.*pickle.*refused"):
+        memnet.load_model(p)
+    t = tmp_path / "ckpt.safetensors"
+    torch.save({"w": torch.zeros(3)}, t)
+    with pytest.raises(ModelFileError, match="ckpt.safetensors.*torch.save"):
+        memnet.load_model(t)
+
+
+def test_safetensors_without_our_metadata(tmp_path):
+    from safetensors.torch import save_file
+
+    p = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(p))
+    with pytest.raises(ModelFileError, match="foreign.safetensors.*without napari-memnet metadata"):
+        memnet.load_model(p)
+
+
+def test_mismatched_weights_name_the_mismatch(tiny_model, tmp_path):
+    from safetensors.torch import save_file
+
+    p = tmp_path / "m.safetensors"
+    _save(tiny_model, p, name="m", task="denoise")
+    # Rewrite the file claiming a wider architecture than its tensors have.
+    from safetensors import safe_open
+
+    with safe_open(str(p), framework="pt") as f:
+        meta = json.loads(f.metadata()["memnet"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["config"]["channels"] = 16
+    bad = tmp_path / "mismatch.safetensors"
+    save_file(tensors, str(bad), metadata={"memnet": json.dumps(meta)})
+    with pytest.raises(ModelFileError, match=r"mismatch.safetensors.*M2R2C16.*shape mismatches"):
+        memnet.load_model(bad)
+    # ...and one with a tensor missing.
+    del tensors["recon_conv.weight"]
+    meta["config"]["channels"] = 8
+    bad2 = tmp_path / "missing-tensor.safetensors"
+    save_file(tensors, str(bad2), metadata={"memnet": json.dumps(meta)})
+    with pytest.raises(ModelFileError, match=r"missing-tensor.safetensors.*missing tensors.*recon_conv.weight"):
+        memnet.load_model(bad2)
+
+
+def test_unusable_user_file_is_skipped_with_a_warning(tiny_model, _isolated_user_models):
+    d = _isolated_user_models
+    _save(tiny_model, d / "good.safetensors", name="good", task="microscopy")
+    (d / "broken.safetensors").write_bytes(b"not weights at all")
+    with pytest.warns(UserWarning, match="broken.safetensors"):
+        names = [m.name for m in memnet.list_models()]
+    assert "good" in names
+
+
+def test_save_rejects_bad_arguments(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="unknown task 'deblur'"):
+        memnet.save_model(tiny_model, tmp_path / "x.safetensors", name="x", task="deblur")
+    with pytest.raises(ValueError, match=r"\.safetensors"):
+        memnet.save_model(tiny_model, tmp_path / "x.pt", name="x", task="denoise")
+
+
+def test_read_info_does_not_need_tensors(tiny_model, tmp_path):
+    p = tmp_path / "m.safetensors"
+    _save(tiny_model, p, name="m", task="sr")
+    info = read_info(p)
+    assert info.task == "sr" and info.macs_per_pixel == memnet.macs_per_pixel(info.config)
+    assert info.receptive_field == memnet.receptive_field(tiny_model)
