@@ -26,3 +26,7 @@ __all__ = [
     "save_model",
     "user_model_dir",
 ]
+
+from .engine import Cancelled, Progress, restore, restore_lazy  # noqa: E402
+
+__all__ += ["Cancelled", "Progress", "restore", "restore_lazy"]

@@ -1,0 +1,483 @@
+"""The tiled restore engine: stream windows from the input, run them through the model in batches,
+write each output core once. Read-ahead threads and a write-behind thread overlap I/O with compute.
+
+Everything (CLI, napari widget, lazy dask arrays, distributed runs) goes through `TilePlan` and
+`Runner` here: one tiling plan, one way to run a batch.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .io import MemorySink, Source, TiffSink, ZarrSink, is_zarr_path, job_signature, open_input
+from .model import MemNet, receptive_field
+from .normalize import Normalizer
+from .tiling import Tile, TilePlan
+from .zoo import ModelInfo, load_model
+
+__all__ = ["restore", "restore_lazy", "Cancelled", "Progress", "Runner", "resolve_device", "prepare"]
+
+
+class Cancelled(RuntimeError):
+    """Raised when a run is cancelled; the output is left marked incomplete (or removed)."""
+
+
+@dataclass
+class Progress:
+    done: int
+    total: int
+    elapsed: float
+    pixels: int  # output pixels written so far
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+    @property
+    def mpx_per_s(self) -> float:
+        return self.pixels / self.elapsed / 1e6 if self.elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        if self.done == 0:
+            return None
+        return self.elapsed * (self.total - self.done) / self.done
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here: use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) found")
+    return dev
+
+
+_MODEL_CACHE: dict = {}
+_MODEL_LOCK = threading.Lock()
+
+
+def _load_cached(path: Path, device: torch.device) -> tuple[MemNet, ModelInfo]:
+    """One copy of each model per process and device (lazy blocks and workers reuse it)."""
+    key = (str(path.resolve()), path.stat().st_mtime_ns, str(device))
+    with _MODEL_LOCK:
+        if key not in _MODEL_CACHE:
+            _MODEL_CACHE[key] = load_model(path, device=device)
+        return _MODEL_CACHE[key]
+
+
+def _resolve_model(model, device: torch.device) -> tuple[MemNet, dict, ModelInfo | None]:
+    if isinstance(model, MemNet):
+        return model.to(device).eval(), {"mode": "natural"}, None
+    if isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a memnet.MemNet, a model name or a .safetensors path, got {type(model).__name__}")
+    from .zoo import _resolve
+
+    info = _resolve(model)
+    net, info = _load_cached(info.path, device)
+    return net, info.normalization, info
+
+
+class Runner:
+    """Runs batches of normalised float32 windows (B, H, W) through a model on one device:
+    inference_mode, channels_last, AMP (bf16, else fp16) on CUDA, halving the batch on OOM."""
+
+    def __init__(self, model: MemNet, device: torch.device, amp: bool | str = "auto", channels_last: bool = True):
+        self.model = model.to(device).eval()
+        self.device = device
+        self.channels_last = channels_last and device.type == "cuda"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if amp == "auto":
+            amp = device.type == "cuda"
+        if amp and device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            self.amp_dtype = None
+        self.max_batch: int | None = None  # lowered after an OOM
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self.max_batch is not None and len(batch) > self.max_batch:
+            return np.concatenate([self(batch[i: i + self.max_batch]) for i in range(0, len(batch), self.max_batch)])
+        try:
+            return self._run(batch)
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise MemoryError("out of device memory with a single tile: use a smaller --tile") from None
+            torch.cuda.empty_cache()
+            self.max_batch = max(1, len(batch) // 2)
+            return self(batch)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(batch[:, None]))
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            if self.amp_dtype is not None:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype):
+                    y = self.model(x)
+            else:
+                y = self.model(x)
+        return y.float()[:, 0].cpu().numpy()
+
+
+def _auto_batch(model: MemNet, window: tuple[int, int], device: torch.device, budget: int | None) -> int:
+    c = model.config
+    # Live feature maps in a forward pass: long-term list (M+1) + short-term (R) + a few temporaries.
+    per_window = (c.blocks + c.recursions + 6) * c.channels * window[0] * window[1] * 4
+    if budget is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = int(free * 0.5)
+        else:
+            budget = 2 * 1024**3
+    return int(max(1, min(32, budget // max(per_window, 1))))
+
+
+def _lead_indices(shape: tuple[int, ...], axes: str) -> tuple[list[tuple], int, int]:
+    """All index tuples over the non-YX axes, plus the positions of Y and X."""
+    yi, xi = axes.index("Y"), axes.index("X")
+    lead_dims = [range(n) for i, n in enumerate(shape) if i not in (yi, xi)]
+    return [tuple(p) for p in product(*lead_dims)], yi, xi
+
+
+def _full_index(lead: tuple, yi: int, xi: int, ys: slice, xs: slice, ndim: int) -> tuple:
+    it = iter(lead)
+    return tuple(ys if d == yi else xs if d == xi else next(it) for d in range(ndim))
+
+
+@dataclass
+class Job:
+    """Everything a run needs, prepared once: shared by restore(), restore_lazy() and distributed runs."""
+
+    source: Source
+    runner: Runner
+    norm: Normalizer
+    plan: TilePlan
+    info: ModelInfo | None
+    radius: int
+    leads: list[tuple]
+    yi: int
+    xi: int
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.source.shape
+
+    @property
+    def total_tiles(self) -> int:
+        return len(self.leads) * len(self.plan)
+
+    def read_window(self, lead: tuple, t: Tile) -> np.ndarray:
+        idx = _full_index(lead, self.yi, self.xi, t.window[0], t.window[1], len(self.out_shape))
+        raw = np.asarray(self.source.array[idx])
+        if self.yi > self.xi:  # X before Y in storage order
+            raw = raw.T
+        return self.norm.forward(raw)
+
+    def out_index(self, lead: tuple, ys: slice, xs: slice) -> tuple:
+        return _full_index(lead, self.yi, self.xi, ys, xs, len(self.out_shape))
+
+    def to_output(self, block: np.ndarray) -> np.ndarray:
+        out = self.norm.inverse(block)
+        return out.T if self.yi > self.xi else out
+
+    def describe(self) -> dict:
+        return job_signature(
+            input=str(self.source.path) if self.source.path else None,
+            shape=self.source.shape, dtype=str(self.source.dtype), axes=self.source.axes,
+            model=str(self.info.path.name) if self.info else "module",
+            tile=self.plan.tile, halo=self.plan.halo, blend=self.plan.blend, norm=self.norm.as_dict(),
+        )
+
+
+def prepare(data, model="denoise", *, axes=None, tile=256, halo="exact", blend="cosine", device="auto",
+            scale=None, amp="auto") -> Job:
+    """Open the input, load the model, fix the intensity policy and the tiling plan."""
+    if scale not in (None, 1):
+        raise NotImplementedError(
+            "super-resolution restore (scale > 1) is not available yet in the tiled engine"
+        )
+    dev = resolve_device(device)
+    net, policy, info = _resolve_model(model, dev)
+    if net.config.in_channels != 1:
+        raise ValueError(f"the tiled engine runs single-channel models (each channel separately); this model "
+                         f"takes {net.config.in_channels} channels")
+    src = open_input(data, axes=axes)
+    if src.dtype.kind == "c":
+        raise TypeError(f"complex data ({src.dtype}) cannot be restored: pass the magnitude or the real part")
+    radius = receptive_field(net)
+    if not isinstance(tile, (int, np.integer)) or tile < 16:
+        raise ValueError(f"tile must be an integer ≥ 16 pixels, got {tile!r}")
+    if halo == "exact" or halo is None:
+        h, blend_kind = radius, None
+    else:
+        if isinstance(halo, str):
+            try:
+                halo = int(halo)
+            except ValueError:
+                raise ValueError(f"halo must be 'exact' or a number of pixels, got {halo!r}") from None
+        if halo < 0:
+            raise ValueError(f"halo must be ≥ 0, got {halo}")
+        if halo >= radius:
+            h, blend_kind = int(halo), None  # as exact: disjoint cores, wider halo
+        else:
+            if 2 * halo > tile:
+                raise ValueError(f"a blended halo of {halo} px needs tile ≥ {2 * halo} (got {tile})")
+            h, blend_kind = int(halo), blend
+    leads, yi, xi = _lead_indices(src.shape, src.axes)
+    H, W = src.shape[yi], src.shape[xi]
+    plan = TilePlan(H, W, tile=int(tile), halo=h, blend=blend_kind)
+    norm = Normalizer.for_data(src.array, policy)
+    runner = Runner(net, dev, amp=amp)
+    return Job(src, runner, norm, plan, info, radius, leads, yi, xi)
+
+
+def _make_sink(job: Job, output, overwrite: bool):
+    src = job.source
+    ch, cw = job.plan.core_shape
+    if output is None:
+        return MemorySink(job.out_shape, job.norm.out_dtype)
+    out = Path(output)
+    chunks = tuple(ch if d == job.yi else cw if d == job.xi else 1 for d in range(len(job.out_shape)))
+    if is_zarr_path(out) or out.suffix == ".zarr":
+        return ZarrSink(out, job.out_shape, job.norm.out_dtype, chunks, src.axes, src.scale, src.units,
+                        src.translate, job.describe(), overwrite=overwrite, src=src)
+    if out.suffix.lower() in (".tif", ".tiff"):
+        if ch % 16 or cw % 16:
+            if not (ch == job.plan.height and cw == job.plan.width):
+                raise ValueError(f"TIFF output needs a tile size that is a multiple of 16, got {job.plan.tile}")
+        ty, tx = -(-ch // 16) * 16, -(-cw // 16) * 16
+        return TiffSink(out, job.out_shape, job.norm.out_dtype, (ty, tx), src.axes, src.scale, src.units,
+                        overwrite=overwrite, src=src)
+    raise ValueError(f"unsupported output {out.name!r}: use a .zarr directory or a .tif file")
+
+
+def _batches(job: Job, batch_size: int, readers: int) -> Iterator[list[tuple[tuple, Tile, np.ndarray]]]:
+    """Windows in plan order (plane-major, then row-major), read ahead by a thread pool."""
+    items = [(lead, t) for lead in job.leads for t in job.plan]
+    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="memnet-read") as pool:
+        pending: list = []
+        it = iter(items)
+        lookahead = batch_size * 3
+
+        def fill():
+            while len(pending) < lookahead:
+                try:
+                    lead, t = next(it)
+                except StopIteration:
+                    return
+                pending.append((lead, t, pool.submit(job.read_window, lead, t)))
+
+        fill()
+        while pending:
+            take, pending[:] = pending[:batch_size], pending[batch_size:]
+            fill()
+            yield [(lead, t, fut.result()) for lead, t, fut in take]
+
+
+class _Writer:
+    """Write-behind: one thread writes finished blocks; the queue bound caps memory."""
+
+    def __init__(self, sink, maxsize: int = 32):
+        self.sink = sink
+        self.q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="memnet-write", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self.sink.write(*item)
+                except BaseException as e:
+                    self.error = e
+
+    def put(self, index, block):
+        if self.error is not None:
+            raise self.error
+        self.q.put((index, block))
+
+    def close(self):
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _is_cancelled(cancel) -> bool:
+    if cancel is None:
+        return False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set()
+    return bool(cancel())
+
+
+def run_job(job: Job, sink, *, batch_size="auto", progress: Callable[[Progress], None] | None = None,
+            cancel=None, memory_budget: int | None = None, readers: int = 2):
+    """Execute a prepared job into a sink. Returns whatever ``sink.finish()`` returns."""
+    bs = _auto_batch(job.runner.model, job.plan.window_shape, job.runner.device, memory_budget) \
+        if batch_size == "auto" else int(batch_size)
+    if bs < 1:
+        raise ValueError(f"batch_size must be ≥ 1 or 'auto', got {batch_size!r}")
+    writer = _Writer(sink)
+    total, done, pixels = job.total_tiles, 0, 0
+    t0 = time.perf_counter()
+    blended = job.plan.blend is not None
+    acc: dict = {}  # blended: (lead, iy, ix) -> fp32 accumulator of a core
+    ny, nx = job.plan.grid
+
+    def flush(lead, iy, ix):
+        t = job.plan.tile_at(iy, ix)
+        block = acc.pop((lead, iy, ix))
+        writer.put(job.out_index(lead, *t.core), job.to_output(block))
+
+    try:
+        for batch in _batches(job, bs, readers):
+            if _is_cancelled(cancel):
+                raise Cancelled("restore cancelled")
+            preds = job.runner(np.stack([w for _, _, w in batch]))
+            for (lead, t, _), pred in zip(batch, preds):
+                if not blended:
+                    writer.put(job.out_index(lead, *t.core), job.to_output(pred[t.crop]))
+                else:
+                    _accumulate(job.plan, acc, lead, t, pred)
+                    # Core row iy-1 has received every contribution once row iy is done.
+                    if t.ix == nx - 1 and t.iy >= 1:
+                        for jx in range(nx):
+                            flush(lead, t.iy - 1, jx)
+                    if t.ix == nx - 1 and t.iy == ny - 1:
+                        for jx in range(nx):
+                            flush(lead, t.iy, jx)
+                done += 1
+                pixels += (t.core[0].stop - t.core[0].start) * (t.core[1].stop - t.core[1].start)
+            if progress is not None:
+                progress(Progress(done, total, time.perf_counter() - t0, pixels))
+        writer.close()
+    except BaseException:
+        try:
+            writer.close()
+        except BaseException:
+            pass
+        sink.abort()
+        raise
+    return sink.finish()
+
+
+def _accumulate(plan: TilePlan, acc: dict, lead, t: Tile, pred: np.ndarray) -> None:
+    sy, sx = plan.support(t)
+    w = plan.weights(t)
+    wy0, wx0 = t.window[0].start, t.window[1].start
+    for jy, jx in plan.tiles_touching_core(t.iy, t.ix):
+        c = plan.tile_at(jy, jx).core
+        oy0, oy1 = max(sy.start, c[0].start), min(sy.stop, c[0].stop)
+        ox0, ox1 = max(sx.start, c[1].start), min(sx.stop, c[1].stop)
+        if oy0 >= oy1 or ox0 >= ox1:
+            continue
+        key = (lead, jy, jx)
+        if key not in acc:
+            acc[key] = np.zeros((c[0].stop - c[0].start, c[1].stop - c[1].start), np.float32)
+        acc[key][oy0 - c[0].start: oy1 - c[0].start, ox0 - c[1].start: ox1 - c[1].start] += (
+            pred[oy0 - wy0: oy1 - wy0, ox0 - wx0: ox1 - wx0] * w[oy0 - sy.start: oy1 - sy.start, ox0 - sx.start: ox1 - sx.start]
+        )
+
+
+def restore(data, model="denoise", *, output=None, axes=None, tile=256, halo="exact", blend="cosine",
+            batch_size="auto", device="auto", scale=None, progress=None, cancel=None, overwrite=False,
+            amp="auto", memory_budget=None, lazy=False):
+    """Restore an image or stack, tile by tile.
+
+    Parameters
+    ----------
+    data : numpy / dask / zarr array, or a path to a TIFF, Zarr or OME-Zarr.
+    model : a task name ("denoise", "sr", "jpeg", "microscopy"), a model name from
+        ``memnet.list_models()``, a ``.safetensors`` path, or a ``memnet.MemNet`` module (taken as a
+        natural-image model working on [0, 1]).
+    output : None for an in-memory result, or a ``.zarr`` / ``.tif`` path written block by block
+        (never the input; an existing output needs ``overwrite=True``).
+    axes : axis letters (e.g. "TZYX"); default from the file's metadata, else the last two are YX.
+        Every axis other than Y and X is iterated.
+    tile : output core size in pixels (chunk size of a Zarr output).
+    halo : "exact" (receptive-field radius: equal to whole-image inference) or a number of pixels;
+        below the radius, overlapping tiles are blended with ``blend`` ("cosine" or "linear") ramps.
+    batch_size : tiles per forward pass, or "auto" from the memory budget.
+    device : "auto", "cpu", "cuda", "cuda:N".
+    progress : callable receiving a ``Progress`` after every batch.
+    cancel : a ``threading.Event`` or a callable returning True to stop; raises ``Cancelled``.
+    lazy : return a lazy dask array instead (see ``restore_lazy``).
+
+    Returns a numpy array, the opened zarr array (``.zarr`` output) or the path (``.tif`` output).
+    """
+    if lazy:
+        if output is not None:
+            raise ValueError("lazy=True returns a dask array: write it with da.to_zarr, or drop output=")
+        return restore_lazy(data, model, axes=axes, tile=tile, halo=halo, device=device, scale=scale, amp=amp)
+    job = prepare(data, model, axes=axes, tile=tile, halo=halo, blend=blend, device=device, scale=scale, amp=amp)
+    try:
+        sink = _make_sink(job, output, overwrite)
+        return run_job(job, sink, batch_size=batch_size, progress=progress, cancel=cancel,
+                       memory_budget=memory_budget)
+    finally:
+        if output is not None:
+            job.source.close()
+
+
+def restore_lazy(data, model="denoise", *, axes=None, tile=256, halo="exact", device="auto", scale=None,
+                 amp="auto"):
+    """A lazy dask array of the restored data: each output block (one plane, one YX core) is computed
+    on demand from its own halo window, with the model loaded once per process. Same tiling plan as
+    ``restore``; exact mode only (blending needs the neighbours' windows)."""
+    import dask.array as da
+
+    job = prepare(data, model, axes=axes, tile=tile, halo=halo, device=device, scale=scale, amp=amp)
+    if job.plan.blend is not None:
+        raise ValueError("lazy restore is exact-only: use halo='exact' (or a halo ≥ the receptive field)")
+    ndim = len(job.out_shape)
+    ch, cw = job.plan.core_shape
+    chunks = []
+    for d, n in enumerate(job.out_shape):
+        step = ch if d == job.yi else cw if d == job.xi else 1
+        chunks.append(tuple(min(step, n - i) for i in range(0, n, step)))
+    name = f"memnet-restore-{os.urandom(6).hex()}"
+    graph = {}
+    for key in product(*[range(len(c)) for c in chunks]):
+        lead = tuple(k for d, k in enumerate(key) if d not in (job.yi, job.xi))
+        graph[(name, *key)] = (_lazy_block, job, lead, key[job.yi], key[job.xi], ndim)
+    return da.Array(graph, name, chunks=tuple(chunks), dtype=job.norm.out_dtype)
+
+
+def _lazy_block(job: Job, lead: tuple, iy: int, ix: int, ndim: int) -> np.ndarray:
+    t = job.plan.tile_at(iy, ix)
+    pred = job.runner(job.read_window(lead, t)[None])[0]
+    block = job.to_output(pred[t.crop])  # 2-D, in storage order of the Y and X axes
+    shape = [1] * ndim
+    a, b = sorted((job.yi, job.xi))
+    shape[a], shape[b] = block.shape
+    return block.reshape(shape)

@@ -1,0 +1,407 @@
+"""Open inputs lazily (TIFF, Zarr, OME-Zarr, numpy, dask) with their axes and physical scale, and
+create outputs (Zarr / OME-Zarr, tiled TIFF) without assembling anything in RAM."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Source", "open_input", "normalize_axes", "ZarrSink", "TiffSink", "MemorySink", "is_zarr_path"]
+
+_AXIS_NAMES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
+
+
+@dataclass
+class Source:
+    """An opened input: a lazily sliceable array plus what we know about its axes."""
+
+    array: object  # numpy, zarr.Array or dask.array: anything with shape/dtype/__getitem__
+    axes: str  # one upper-case letter per dimension, containing Y and X
+    scale: dict[str, float] = field(default_factory=dict)
+    units: dict[str, str] = field(default_factory=dict)
+    translate: dict[str, float] = field(default_factory=dict)
+    path: Path | None = None
+    _closers: list = field(default_factory=list, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.array.dtype)
+
+    def close(self) -> None:
+        for c in self._closers:
+            c()
+        self._closers.clear()
+
+
+def normalize_axes(axes: str, ndim: int) -> str:
+    """Validate an axes string against the data's dimensions. Letters: T Z C Y X (plus S for
+    samples/RGB, Q for anything else); YX must be present and each letter appears once."""
+    if not isinstance(axes, str):
+        raise TypeError(f"axes must be a string like 'TZYX', got {type(axes).__name__}")
+    ax = axes.upper()
+    if len(ax) != ndim:
+        example = "TZYX" if ndim == 4 else "ZYX" if ndim == 3 else "YX" if ndim == 2 else "…YX"
+        raise ValueError(f"expected axes like {example} for a {ndim}-D array, got {axes!r} ({len(ax)} letters)")
+    bad = sorted(set(ax) - set("TZCYXSQ"))
+    if bad:
+        raise ValueError(f"unknown axis letter(s) {''.join(bad)!r} in {axes!r}: use T, Z, C, Y, X (S for RGB samples)")
+    if len(set(ax)) != len(ax):
+        raise ValueError(f"axes {axes!r} name an axis twice")
+    if "Y" not in ax or "X" not in ax:
+        raise ValueError(f"axes {axes!r} must contain Y and X (the spatial axes that are tiled)")
+    return ax
+
+
+def _default_axes(ndim: int) -> str:
+    if ndim < 2:
+        raise ValueError(f"need at least a 2-D image (YX), got a {ndim}-D array")
+    if ndim > 6:
+        raise ValueError(f"{ndim}-D arrays are not supported (at most 6 dimensions, e.g. TCZYX plus one)")
+    return "QTCZYX"[-ndim:] if ndim > 5 else "TCZYX"[-ndim:] if ndim != 3 else "ZYX"
+
+
+def is_zarr_path(p: str | os.PathLike) -> bool:
+    s = str(p).rstrip("/\\")
+    return s.endswith(".zarr") or s.endswith(".ome.zarr") or (Path(s) / ".zgroup").exists() or \
+        (Path(s) / ".zarray").exists() or (Path(s) / "zarr.json").exists()
+
+
+def _is_tiff(p: Path) -> bool:
+    return p.suffix.lower() in (".tif", ".tiff", ".btf", ".tf8", ".tf2")
+
+
+def open_input(data, axes: str | None = None) -> Source:
+    """Open ``data`` lazily: a path to a TIFF / Zarr / OME-Zarr, or a numpy / dask / zarr array.
+
+    Axes come from the file's metadata (OME, ImageJ, OME-Zarr) when present, else from ``axes``,
+    else a default (the last two dimensions are YX). An explicit ``axes`` must match the data.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if not path.exists():
+            raise FileNotFoundError(f"input not found: {path}")
+        if _is_tiff(path):
+            src = _open_tiff(path)
+        elif is_zarr_path(path):
+            src = _open_zarr(path)
+        else:
+            raise ValueError(f"cannot read {path.name!r}: expected a .tif/.tiff file or a .zarr directory")
+        src.path = path
+    else:
+        if not hasattr(data, "shape") or not hasattr(data, "dtype"):
+            raise TypeError(f"expected a numpy/dask/zarr array or a path, got {type(data).__name__}")
+        src = Source(array=data, axes="")
+    ndim = len(src.shape)
+    if ndim < 2:
+        raise ValueError(f"need at least a 2-D image (YX), got a {ndim}-D array of shape {src.shape}")
+    if axes is not None:
+        user = normalize_axes(axes, ndim)
+        if src.axes and src.axes != user and src.path is not None:
+            # Metadata said otherwise: trust the user (relabel), metadata can be wrong.
+            src.scale = {user[i]: src.scale[a] for i, a in enumerate(src.axes) if a in src.scale}
+            src.units = {user[i]: src.units[a] for i, a in enumerate(src.axes) if a in src.units}
+        src.axes = user
+    elif not src.axes:
+        src.axes = _default_axes(ndim)
+    else:
+        src.axes = normalize_axes(src.axes, ndim)
+    if 0 in src.shape:
+        raise ValueError(f"the input is empty (shape {src.shape})")
+    return src
+
+
+def _open_tiff(path: Path) -> Source:
+    import tifffile
+    import zarr
+
+    try:
+        tif = tifffile.TiffFile(path)
+    except Exception as e:  # tifffile raises several types for damaged files
+        raise ValueError(f"{path}: not a readable TIFF ({e})") from None
+    try:
+        series = tif.series[0]
+        axes = series.axes.upper()
+        store = tif.aszarr(series=0, level=0)
+        arr = zarr.open(store, mode="r")
+    except Exception as e:
+        tif.close()
+        raise ValueError(f"{path}: cannot read the TIFF's image data ({e})") from None
+    # tifffile letters: I (generic sequence) and others map to Q; S = RGB samples.
+    axes = "".join(a if a in "TZCYXS" else "Q" for a in axes)
+    if len(set(axes)) != len(axes):  # e.g. two unknown axes: fall back to generic letters
+        axes = ""
+    scale, units = _tiff_scale(tif, series, axes)
+    return Source(array=arr, axes=axes, scale=scale, units=units, _closers=[store.close, tif.close])
+
+
+def _tiff_scale(tif, series, axes: str) -> tuple[dict, dict]:
+    scale: dict[str, float] = {}
+    units: dict[str, str] = {}
+    try:
+        if tif.is_ome:
+            import xml.etree.ElementTree as ET
+
+            root = ET.fromstring(tif.ome_metadata)
+            pixels = next(el for el in root.iter() if el.tag.endswith("Pixels"))
+            for a in "XYZ":
+                v = pixels.get(f"PhysicalSize{a}")
+                if v is not None:
+                    scale[a] = float(v)
+                    units[a] = pixels.get(f"PhysicalSize{a}Unit", "µm")
+            if pixels.get("TimeIncrement"):
+                scale["T"] = float(pixels.get("TimeIncrement"))
+                units["T"] = pixels.get("TimeIncrementUnit", "s")
+        else:
+            page = series.pages[0] if series.pages else tif.pages[0]
+            tags = page.tags
+            if "XResolution" in tags:
+                num, den = tags["XResolution"].value
+                if num:
+                    scale["X"] = den / num
+            if "YResolution" in tags:
+                num, den = tags["YResolution"].value
+                if num:
+                    scale["Y"] = den / num
+            ij = tif.imagej_metadata or {}
+            if "spacing" in ij:
+                scale["Z"] = float(ij["spacing"])
+            if "finterval" in ij:
+                scale["T"] = float(ij["finterval"])
+            unit = ij.get("unit")
+            if unit:
+                unit = "µm" if unit in ("micron", "um", "\\u00B5m") else unit
+                for a in "XYZ":
+                    if a in scale:
+                        units[a] = unit
+    except Exception:  # metadata is a bonus: never fail a read over it
+        pass
+    return {a: v for a, v in scale.items() if a in axes}, {a: v for a, v in units.items() if a in axes}
+
+
+def _open_zarr(path: Path) -> Source:
+    import zarr
+
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable Zarr store ({e})") from None
+    if isinstance(node, zarr.Array):
+        attrs = dict(node.attrs)
+        axes = attrs.get("memnet_axes") or "".join(attrs.get("_ARRAY_DIMENSIONS", [])).upper()
+        return Source(array=node, axes=axes if len(axes) == node.ndim else "")
+    attrs = dict(node.attrs)
+    ome = attrs.get("ome", attrs)  # OME-Zarr 0.5 nests under "ome"
+    ms = ome.get("multiscales")
+    if not ms:
+        arrays = sorted(k for k, _ in node.arrays())
+        raise ValueError(f"{path}: a Zarr group without OME multiscales metadata; open one of its arrays "
+                         f"directly (e.g. {path / arrays[0]})" if arrays else f"{path}: an empty Zarr group")
+    m0 = ms[0]
+    ds0 = m0["datasets"][0]
+    arr = node[ds0["path"]]
+    axes, scale, units, translate = "", {}, {}, {}
+    if "axes" in m0:
+        names = [a["name"] if isinstance(a, dict) else a for a in m0["axes"]]
+        axes = "".join(n[0].upper() if n.lower() in "tczyx" else "Q" for n in names)
+        for a, ax in zip(axes, m0["axes"]):
+            if isinstance(ax, dict) and ax.get("unit"):
+                units[a] = ax["unit"]
+    for tr in ds0.get("coordinateTransformations", []):
+        if tr.get("type") == "scale":
+            scale = dict(zip(axes, map(float, tr["scale"])))
+        if tr.get("type") == "translation":
+            translate = dict(zip(axes, map(float, tr["translation"])))
+    return Source(array=arr, axes=axes, scale=scale, units=units, translate=translate)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Outputs. Each sink receives whole output blocks (one plane index, one YX core) exactly once.
+
+
+class MemorySink:
+    def __init__(self, shape, dtype):
+        self.array = np.empty(shape, dtype=dtype)
+
+    def write(self, index: tuple, block: np.ndarray) -> None:
+        self.array[index] = block
+
+    def finish(self):
+        return self.array
+
+    def abort(self) -> None:
+        pass
+
+
+def _check_output_path(out: Path, src: Source | None, overwrite: bool) -> None:
+    if src is not None and src.path is not None:
+        try:
+            same = out.resolve() == src.path.resolve()
+        except OSError:
+            same = False
+        if same:
+            raise ValueError(f"the output {out} is the input: choose another output path (inputs are never overwritten)")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output {out} already exists: pass overwrite=True (--overwrite) or choose another path")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.exists():
+        raise FileNotFoundError(f"the output's folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write to {parent}: the folder is read-only")
+
+
+def _ome_axes(axes: str, units: dict) -> list[dict]:
+    out = []
+    for a in axes:
+        d = {"name": a.lower(), "type": _AXIS_NAMES.get(a.lower(), "custom")}
+        if a in units and d["type"] in ("space", "time"):
+            d["unit"] = _ome_unit(units[a])
+        out.append(d)
+    return out
+
+
+def _ome_unit(u: str) -> str:
+    return {"µm": "micrometer", "um": "micrometer", "micron": "micrometer", "nm": "nanometer",
+            "mm": "millimeter", "s": "second", "ms": "millisecond", "min": "minute"}.get(u, u)
+
+
+class ZarrSink:
+    """OME-Zarr 0.4 (Zarr v2 format, the most widely readable) with one multiscale level.
+
+    The store carries ``memnet: {"complete": false}`` until every block is written; only then is it
+    set to true. Chunks are the tiling's core blocks, so each chunk has exactly one writer.
+    """
+
+    def __init__(self, path: Path, shape, dtype, chunks, axes: str, scale: dict, units: dict,
+                 translate: dict, job: dict, overwrite: bool = False, src: Source | None = None):
+        import zarr
+
+        _check_output_path(path, src, overwrite)
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.path = path
+        self.root = zarr.open_group(str(path), mode="w", zarr_format=2)
+        self.array = self.root.create_array(
+            "0", shape=shape, dtype=dtype, chunks=chunks, fill_value=0, dimension_separator="/",
+        )
+        sc = [float(scale.get(a, 1.0)) for a in axes]
+        transforms = [{"type": "scale", "scale": sc}]
+        if any(translate.get(a) for a in axes):
+            transforms.append({"type": "translation", "translation": [float(translate.get(a, 0.0)) for a in axes]})
+        self.root.attrs.update({
+            "multiscales": [{
+                "version": "0.4",
+                "name": path.stem,
+                "axes": _ome_axes(axes, units),
+                "datasets": [{"path": "0", "coordinateTransformations": transforms}],
+            }],
+            "memnet": {"complete": False, "job": job},
+        })
+
+    def write(self, index: tuple, block: np.ndarray) -> None:
+        self.array[index] = block
+
+    def finish(self):
+        attrs = dict(self.root.attrs)
+        attrs["memnet"] = {**attrs["memnet"], "complete": True}
+        self.root.attrs.update(attrs)
+        return self.array
+
+    def abort(self) -> None:
+        pass  # "complete" stays false: a reader (and --resume) can tell
+
+
+class TiffSink:
+    """Tiled (Big)TIFF written tile by tile from a generator, in page/row-major order, by one
+    background thread; written as ``NAME.partial`` and renamed when complete."""
+
+    def __init__(self, path: Path, shape, dtype, tile: tuple[int, int], axes: str, scale: dict,
+                 units: dict, overwrite: bool = False, src: Source | None = None):
+        import queue
+        import threading
+
+        import tifffile
+
+        _check_output_path(path, src, overwrite)
+        self.path = path
+        self.tmp = path.with_name(path.name + ".partial")
+        self.shape, self.dtype, self.tile = tuple(shape), np.dtype(dtype), tile
+        self.axes = axes
+        self.q: queue.Queue = queue.Queue(maxsize=64)
+        self.error: BaseException | None = None
+        nbytes = int(np.prod(shape)) * self.dtype.itemsize
+        yx = axes.index("Y"), axes.index("X")
+        if yx != (len(axes) - 2, len(axes) - 1):
+            raise ValueError(f"TIFF output needs Y and X as the last axes, got {axes!r}: write to .zarr instead")
+        ps = [scale.get("Y"), scale.get("X")]
+        resolution = (1 / ps[0], 1 / ps[1]) if all(ps) else None
+        kwargs = dict(
+            shape=self.shape, dtype=self.dtype, tile=tile, bigtiff=nbytes > 2**31, compression="zlib",
+            photometric="minisblack", metadata={"axes": axes}, resolution=resolution,
+        )
+        if "µm" in units.values() or "micrometer" in units.values():
+            kwargs["resolutionunit"] = "CENTIMETER"
+            if resolution:
+                kwargs["resolution"] = (1e4 / ps[0], 1e4 / ps[1])
+
+        def run():
+            try:
+                tifffile.imwrite(self.tmp, data=self._tiles(), **kwargs)
+            except BaseException as e:  # reported by finish()/write()
+                self.error = e
+
+        self.thread = threading.Thread(target=run, name="memnet-tiff-writer", daemon=True)
+        self.thread.start()
+
+    _DONE = object()
+
+    def _tiles(self):
+        while True:
+            item = self.q.get()
+            if item is self._DONE:
+                return
+            yield item
+
+    def write(self, index: tuple, block: np.ndarray) -> None:
+        if self.error is not None:
+            raise OSError(f"writing {self.tmp} failed: {self.error}")
+        ty, tx = self.tile
+        if block.shape[-2:] != (ty, tx):  # edge tiles are padded to the full TIFF tile
+            pad = np.zeros(block.shape[:-2] + (ty, tx), dtype=block.dtype)
+            pad[..., : block.shape[-2], : block.shape[-1]] = block
+            block = pad
+        self.q.put(np.ascontiguousarray(block.reshape(ty, tx)))
+
+    def finish(self):
+        self.q.put(self._DONE)
+        self.thread.join()
+        if self.error is not None:
+            self.tmp.unlink(missing_ok=True)
+            raise OSError(f"writing {self.path} failed: {self.error}")
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        # Unblock the writer with an exception so it stops, then remove the partial file.
+        self.error = self.error or RuntimeError("cancelled")
+        while True:
+            try:
+                self.q.get_nowait()
+            except Exception:
+                break
+        self.q.put(self._DONE)
+        self.thread.join(timeout=30)
+        self.tmp.unlink(missing_ok=True)
+
+
+def job_signature(**kw) -> dict:
+    """A JSON-safe description of a job (input, model, tiling) for resume checks."""
+    return json.loads(json.dumps(kw, default=str))
