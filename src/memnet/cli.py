@@ -67,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _registrars() -> list:
-    """Subcommands defined in their own modules (restore, train, ...)."""
-    return []
+    """Subcommands defined in their own modules."""
+    from . import _cli_restore
+
+    return [_cli_restore.register]
 
 
 def main(argv: list[str] | None = None) -> int:

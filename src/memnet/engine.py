@@ -92,7 +92,9 @@ def _resolve_model(model, device: torch.device) -> tuple[MemNet, dict, ModelInfo
     if isinstance(model, MemNet):
         return model.to(device).eval(), {"mode": "natural"}, None
     if isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a memnet.MemNet, a model name or a .safetensors path, got {type(model).__name__}")
+        raise TypeError(
+            f"model must be a memnet.MemNet, a model name or a .safetensors path, got {type(model).__name__}"
+        )
     from .zoo import _resolve
 
     info = _resolve(model)
@@ -207,7 +209,7 @@ class Job:
 
     def describe(self) -> dict:
         return job_signature(
-            input=str(self.source.path) if self.source.path else None,
+            input=str(self.source.path.resolve()) if self.source.path else None,
             shape=self.source.shape, dtype=str(self.source.dtype), axes=self.source.axes,
             model=str(self.info.path.name) if self.info else "module",
             tile=self.plan.tile, halo=self.plan.halo, blend=self.plan.blend, norm=self.norm.as_dict(),
@@ -404,9 +406,9 @@ def _accumulate(plan: TilePlan, acc: dict, lead, t: Tile, pred: np.ndarray) -> N
         key = (lead, jy, jx)
         if key not in acc:
             acc[key] = np.zeros((c[0].stop - c[0].start, c[1].stop - c[1].start), np.float32)
-        acc[key][oy0 - c[0].start: oy1 - c[0].start, ox0 - c[1].start: ox1 - c[1].start] += (
-            pred[oy0 - wy0: oy1 - wy0, ox0 - wx0: ox1 - wx0] * w[oy0 - sy.start: oy1 - sy.start, ox0 - sx.start: ox1 - sx.start]
-        )
+        weight = w[oy0 - sy.start: oy1 - sy.start, ox0 - sx.start: ox1 - sx.start]
+        pred_part = pred[oy0 - wy0: oy1 - wy0, ox0 - wx0: ox1 - wx0]
+        acc[key][oy0 - c[0].start: oy1 - c[0].start, ox0 - c[1].start: ox1 - c[1].start] += pred_part * weight
 
 
 def restore(data, model="denoise", *, output=None, axes=None, tile=256, halo="exact", blend="cosine",

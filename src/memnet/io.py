@@ -127,6 +127,9 @@ def _open_tiff(path: Path) -> Source:
         tif = tifffile.TiffFile(path)
     except Exception as e:  # tifffile raises several types for damaged files
         raise ValueError(f"{path}: not a readable TIFF ({e})") from None
+    if not tif.series or len(tif.pages) == 0:
+        tif.close()
+        raise ValueError(f"{path}: not a readable TIFF (no image found: the file is truncated or corrupt)")
     try:
         series = tif.series[0]
         axes = series.axes.upper()
@@ -248,7 +251,9 @@ def _check_output_path(out: Path, src: Source | None, overwrite: bool) -> None:
         except OSError:
             same = False
         if same:
-            raise ValueError(f"the output {out} is the input: choose another output path (inputs are never overwritten)")
+            raise ValueError(
+                f"the output {out} is the input: choose another output path (inputs are never overwritten)"
+            )
     if out.exists() and not overwrite:
         raise FileExistsError(f"output {out} already exists: pass overwrite=True (--overwrite) or choose another path")
     parent = out.parent if str(out.parent) else Path(".")
@@ -290,7 +295,8 @@ class ZarrSink:
         self.path = path
         self.root = zarr.open_group(str(path), mode="w", zarr_format=2)
         self.array = self.root.create_array(
-            "0", shape=shape, dtype=dtype, chunks=chunks, fill_value=0, dimension_separator="/",
+            "0", shape=shape, dtype=dtype, chunks=chunks, fill_value=0,
+            chunk_key_encoding={"name": "v2", "separator": "/"},
         )
         sc = [float(scale.get(a, 1.0)) for a in axes]
         transforms = [{"type": "scale", "scale": sc}]
@@ -341,16 +347,22 @@ class TiffSink:
         yx = axes.index("Y"), axes.index("X")
         if yx != (len(axes) - 2, len(axes) - 1):
             raise ValueError(f"TIFF output needs Y and X as the last axes, got {axes!r}: write to .zarr instead")
-        ps = [scale.get("Y"), scale.get("X")]
-        resolution = (1 / ps[0], 1 / ps[1]) if all(ps) else None
         kwargs = dict(
             shape=self.shape, dtype=self.dtype, tile=tile, bigtiff=nbytes > 2**31, compression="zlib",
-            photometric="minisblack", metadata={"axes": axes}, resolution=resolution,
+            photometric="minisblack",
         )
-        if "µm" in units.values() or "micrometer" in units.values():
-            kwargs["resolutionunit"] = "CENTIMETER"
-            if resolution:
-                kwargs["resolution"] = (1e4 / ps[0], 1e4 / ps[1])
+        if set(axes) <= set("TCZYX"):
+            # OME-TIFF carries axes and physical sizes in a form every reader (and ours) understands.
+            meta = {"axes": axes}
+            for a in "XYZ":
+                if scale.get(a):
+                    meta[f"PhysicalSize{a}"] = float(scale[a])
+                    meta[f"PhysicalSize{a}Unit"] = _ome_tiff_unit(units.get(a, "µm"))
+            if scale.get("T"):
+                meta["TimeIncrement"] = float(scale["T"])
+            kwargs.update(ome=True, metadata=meta)
+        else:
+            kwargs.update(metadata={"axes": axes})
 
         def run():
             try:
@@ -400,6 +412,10 @@ class TiffSink:
         self.q.put(self._DONE)
         self.thread.join(timeout=30)
         self.tmp.unlink(missing_ok=True)
+
+
+def _ome_tiff_unit(u: str) -> str:
+    return {"um": "µm", "micron": "µm", "micrometer": "µm", "nanometer": "nm"}.get(u, u)
 
 
 def job_signature(**kw) -> dict:

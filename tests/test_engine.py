@@ -1,0 +1,194 @@
+"""The tiled engine: exactness, blending, streaming I/O, metadata, dtype policy, cancel, errors."""
+
+import threading
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+
+import memnet
+from memnet.engine import Cancelled
+from memnet.io import open_input
+
+
+def _whole(model, x):
+    with torch.no_grad():
+        return model(torch.from_numpy(np.ascontiguousarray(x, np.float32)).reshape(-1, 1, *x.shape[-2:])).numpy()
+
+
+@pytest.mark.parametrize("shape,tile", [((1, 700, 913), 128), ((3, 257, 1031), 200), ((2, 61, 45), 16)])
+def test_exact_tiling_equals_whole_image_inference(tiny_model, rng, shape, tile):
+    x = rng.random(shape, dtype=np.float32)
+    ref = _whole(tiny_model, x).reshape(shape)
+    out = memnet.restore(x, tiny_model, tile=tile, device="cpu")
+    assert out.shape == shape and out.dtype == np.float32
+    assert np.abs(out - ref).max() <= 1e-5 * (ref.max() - ref.min())
+
+
+def test_halo_at_least_radius_is_exact_too(tiny_model, rng):
+    x = rng.random((1, 150, 170), dtype=np.float32)
+    ref = _whole(tiny_model, x).reshape(x.shape)
+    r = memnet.receptive_field(tiny_model)
+    out = memnet.restore(x, tiny_model, tile=64, halo=r + 3, device="cpu")
+    assert np.abs(out - ref).max() <= 1e-5 * (ref.max() - ref.min())
+
+
+def test_a_halo_below_the_radius_is_not_exact_but_improves_with_halo(tiny_model, rng):
+    x = rng.random((1, 200, 200), dtype=np.float32)
+    ref = _whole(tiny_model, x).reshape(x.shape)
+    errs = [np.abs(memnet.restore(x, tiny_model, tile=64, halo=h, device="cpu") - ref).max() for h in (2, 5, 8)]
+    assert errs[0] > 1e-4 and errs[0] > errs[1] > errs[2]
+
+
+def test_blending_a_constant_model_output_reproduces_it(rng):
+    """Weights sum to one: an identity-like model (global residual only) passes data through."""
+    m = memnet.MemNet(1, 1, 4).eval()
+    with torch.no_grad():
+        m.recon_conv.weight.zero_()
+        m.recon_conv.bias.zero_()
+        m.branch_weights.fill_(1.0)
+    x = rng.random((1, 130, 190), dtype=np.float32)
+    for blend in ("cosine", "linear"):
+        out = memnet.restore(x, m, tile=32, halo=3, blend=blend, device="cpu")
+        np.testing.assert_allclose(out, x, atol=1e-6)
+
+
+def test_tiff_in_zarr_and_tiff_out_keep_metadata(tiny_model, tmp_path, rng):
+    x = (rng.random((2, 3, 150, 210)) * 4000).astype(np.uint16)
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, x, imagej=True, resolution=(5, 5), metadata={"axes": "TZYX", "spacing": 0.7, "unit": "um"})
+    before = src.read_bytes()
+    model_path = tmp_path / "m.safetensors"
+    memnet.save_model(tiny_model, model_path, name="m", task="microscopy",
+                      metadata={"normalization": {"mode": "percentile", "low": 1, "high": 99.8}})
+    mem = memnet.restore(src, model_path, tile=64, device="cpu")
+    z = memnet.restore(src, model_path, output=tmp_path / "out.zarr", tile=64, device="cpu")
+    t = memnet.restore(src, model_path, output=tmp_path / "out.tif", tile=64, device="cpu")
+    assert src.read_bytes() == before  # input untouched
+    assert mem.dtype == np.uint16 and mem.shape == x.shape
+    np.testing.assert_array_equal(z[:], mem)
+    np.testing.assert_array_equal(tifffile.imread(t), mem)
+    root = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
+    assert root.attrs["memnet"]["complete"] is True
+    assert z.chunks == (1, 1, 64, 64)
+    for p in (tmp_path / "out.zarr", tmp_path / "out.tif"):
+        s = open_input(p)
+        assert s.axes == "TZYX"
+        assert s.scale["X"] == pytest.approx(0.2) and s.scale["Z"] == pytest.approx(0.7)
+        assert s.units["X"] in ("µm", "micrometer")
+
+
+def test_zarr_input_streams(tiny_model, tmp_path, rng):
+    x = rng.random((2, 100, 120), dtype=np.float32)
+    z = zarr.create_array(str(tmp_path / "in.zarr"), shape=x.shape, dtype=x.dtype, chunks=(1, 50, 60))
+    z[:] = x
+    out = memnet.restore(tmp_path / "in.zarr", tiny_model, tile=48, device="cpu")
+    np.testing.assert_allclose(out, _whole(tiny_model, x).reshape(x.shape), atol=1e-5)
+
+
+def test_uint8_in_uint8_out_by_255(tiny_model, rng):
+    x = (rng.random((1, 60, 70)) * 255).astype(np.uint8)
+    out = memnet.restore(x, tiny_model, tile=32, device="cpu")
+    ref = _whole(tiny_model, x.astype(np.float32) / 255).reshape(x.shape)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, np.clip(np.rint(ref * 255), 0, 255).astype(np.uint8))
+
+
+def test_dask_input_can_come_back_lazy(tiny_model, rng):
+    import dask.array as da
+
+    x = rng.random((3, 90, 100), dtype=np.float32)
+    lazy = memnet.restore(da.from_array(x, chunks=(1, 45, 50)), tiny_model, tile=32, device="cpu", lazy=True)
+    assert isinstance(lazy, da.Array) and lazy.chunksize == (1, 32, 32)
+    np.testing.assert_allclose(lazy[1].compute(), _whole(tiny_model, x[1:2])[0, 0], atol=1e-5)
+    np.testing.assert_allclose(lazy.compute(), memnet.restore(x, tiny_model, tile=32, device="cpu"), atol=0)
+
+
+def test_progress_reports_every_tile(tiny_model, rng):
+    seen = []
+    memnet.restore(rng.random((2, 70, 70), dtype=np.float32), tiny_model, tile=32, device="cpu",
+                   batch_size=2, progress=seen.append)
+    assert seen[-1].done == seen[-1].total == 2 * 9
+    assert [p.done for p in seen] == sorted(p.done for p in seen)
+    assert seen[-1].pixels == 2 * 70 * 70
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".tif"])
+def test_cancel_leaves_no_complete_output(tiny_model, tmp_path, rng, suffix):
+    x = rng.random((4, 64, 64), dtype=np.float32)
+    ev = threading.Event()
+
+    def progress(p):
+        if p.done >= 2:
+            ev.set()
+
+    out = tmp_path / f"out{suffix}"
+    with pytest.raises(Cancelled):
+        memnet.restore(x, tiny_model, output=out, tile=32, batch_size=1, device="cpu", progress=progress, cancel=ev)
+    if suffix == ".zarr":
+        assert zarr.open_group(str(out), mode="r").attrs["memnet"]["complete"] is False
+    else:
+        assert not out.exists() and not (tmp_path / "out.tif.partial").exists()
+
+
+def test_output_equal_to_input_is_refused(tiny_model, tmp_path, rng):
+    p = tmp_path / "in.tif"
+    tifffile.imwrite(p, rng.random((40, 40), dtype=np.float32))
+    before = p.read_bytes()
+    with pytest.raises(ValueError, match="is the input"):
+        memnet.restore(p, tiny_model, output=p, overwrite=True, device="cpu")
+    assert p.read_bytes() == before
+
+
+def test_existing_output_needs_overwrite(tiny_model, tmp_path, rng):
+    x = rng.random((40, 40), dtype=np.float32)
+    out = tmp_path / "o.zarr"
+    memnet.restore(x, tiny_model, output=out, tile=32, device="cpu")
+    with pytest.raises(FileExistsError, match="already exists.*overwrite"):
+        memnet.restore(x, tiny_model, output=out, tile=32, device="cpu")
+    memnet.restore(x, tiny_model, output=out, tile=32, device="cpu", overwrite=True)
+
+
+@pytest.mark.parametrize(
+    "axes,msg",
+    [("XY", "expected axes like ZYX for a 3-D array, got 'XY'"), ("ZZX", "name an axis twice"),
+     ("TZY", "must contain Y and X"), ("ZWX", "unknown axis letter")],
+)
+def test_bad_axes_are_named(tiny_model, axes, msg):
+    with pytest.raises(ValueError, match=msg):
+        memnet.restore(np.zeros((2, 20, 20), np.float32), tiny_model, axes=axes, device="cpu")
+
+
+def test_axes_with_x_before_y(tiny_model, rng):
+    x = rng.random((50, 3, 40), dtype=np.float32)  # X, C, Y
+    out = memnet.restore(x, tiny_model, axes="XCY", tile=16, device="cpu")
+    ref = _whole(tiny_model, np.transpose(x, (1, 2, 0)))[:, 0]  # C, Y, X
+    np.testing.assert_allclose(out, np.transpose(ref, (2, 0, 1)), atol=1e-5)
+
+
+def test_other_errors_say_what_is_wrong(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="input is empty"):
+        memnet.restore(np.zeros((0, 10, 10), np.float32), tiny_model, device="cpu")
+    with pytest.raises(ValueError, match="at least a 2-D image"):
+        memnet.restore(np.zeros(10, np.float32), tiny_model, device="cpu")
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        memnet.restore(tmp_path / "nope.tif", tiny_model, device="cpu")
+    with pytest.raises(ValueError, match="unsupported output"):
+        memnet.restore(np.zeros((20, 20), np.float32), tiny_model, output=tmp_path / "x.png", device="cpu")
+    with pytest.raises(ValueError, match="tile must be an integer"):
+        memnet.restore(np.zeros((20, 20), np.float32), tiny_model, tile=4, device="cpu")
+    with pytest.raises(TypeError, match="complex"):
+        memnet.restore(np.zeros((20, 20), np.complex64), tiny_model, device="cpu")
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"II*\x00garbage")
+    with pytest.raises(ValueError, match="bad.tif: not a readable TIFF"):
+        memnet.restore(bad, tiny_model, device="cpu")
+
+
+def test_image_smaller_than_tile_and_receptive_field(tiny_model, rng):
+    for shape in ((1, 1), (3, 5), (17, 9)):
+        x = rng.random(shape, dtype=np.float32)
+        out = memnet.restore(x, tiny_model, tile=256, device="cpu")
+        np.testing.assert_allclose(out, _whole(tiny_model, x)[0, 0], atol=1e-5)
