@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import memnet
-from memnet.normalize import Normalizer
+from memnet._cli_restore import ProgressBar
 from napari_memnet._sample_data import CLEAN, NOISY
 
 
@@ -25,13 +25,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--output", type=Path, default=Path("out/demo"))
     ap.add_argument("--model", default="microscopy")
+    ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
 
     noisy = tifffile.imread(NOISY)
     try:
-        model, info = memnet.load_model(args.model)
-        policy = info.normalization
+        _, info = memnet.load_model(args.model)
+        model = info.path  # by path, so the model's own intensity policy (metadata) applies
         print(f"model: {info.name} ({info.task}, {info.path.name})")
     except LookupError:
         print(
@@ -39,18 +40,15 @@ def main() -> None:
             "exercise the pipeline: the output is NOT a restoration."
         )
         torch.manual_seed(0)
-        model, policy = memnet.MemNet(**memnet.CONFIGS["M3R3C32"].as_dict()).eval(), {"mode": "percentile"}
+        model = memnet.MemNet(**memnet.CONFIGS["M3R3C32"].as_dict()).eval()
 
-    norm = Normalizer.for_data(noisy, policy)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        x = torch.from_numpy(norm.forward(noisy))[:, None]
-        y = model(x)[:, 0].numpy()
-    dt = time.perf_counter() - t0
-    restored = norm.inverse(y)
     out_tif = args.output / "sample_restored.tif"
-    tifffile.imwrite(out_tif, restored, imagej=True, metadata={"axes": "ZYX"})
-
+    t0 = time.perf_counter()
+    # The engine reads the TIFF lazily, tiles it exactly and writes an OME-TIFF tile by tile.
+    memnet.restore(NOISY, model, output=out_tif, overwrite=True, device=args.device,
+                   progress=ProgressBar())
+    dt = time.perf_counter() - t0
+    restored = tifffile.imread(out_tif)
     clean = tifffile.imread(CLEAN).astype(np.float64)
     def psnr(a):
         return 10 * np.log10((clean.max() - clean.min()) ** 2 / np.mean((a.astype(np.float64) - clean) ** 2))

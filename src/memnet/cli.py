@@ -68,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _registrars() -> list:
     """Subcommands defined in their own modules."""
-    from . import _cli_restore
+    from . import _cli_restore, _cli_train
 
-    return [_cli_restore.register]
+    return [_cli_restore.register, _cli_train.register]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,75 @@
+"""`memnet train` and `memnet eval`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(
+        task=args.task, out=args.out, data=args.data or [], pairs=args.pairs or [], include=args.include,
+        val_root=args.val_root, arch=args.arch, patch=args.patch, batch=args.batch, steps=args.steps,
+        hours=args.hours, lr=args.lr, optimizer=args.optimizer, val_every=args.val_every, seed=args.seed,
+        device=args.device, threads=args.threads, init=args.init, name=args.name,
+    )
+    best = train(cfg, resume=args.resume, log=lambda s: print(s, flush=True))
+    print(f"best model: {best}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_task, identity, predictor
+    from .zoo import load_model
+
+    if args.model == "baseline":
+        pred, name = identity, "baseline (bicubic / JPEG / noisy input)"
+        task = args.task
+        if not task:
+            raise ValueError("--task is required with --model baseline")
+    else:
+        model, info = load_model(args.model)
+        pred, name, task = predictor(model), info.name, args.task or info.task
+    res = evaluate_task(task, pred, args.data_root, quick=args.quick)
+    print(json.dumps({"model": name, "task": task, **{k: round(v, 2) for k, v in res.items()}}))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a model from scratch (or continue from weights)",
+                       description="Train MemNet on random patches with on-the-fly degradations and the paper's "
+                       "multi-supervised loss. Checkpoints to OUT/last.safetensors, best to OUT/best.safetensors.")
+    p.add_argument("--task", required=True, choices=("denoise", "sr", "jpeg", "microscopy"))
+    p.add_argument("--data", nargs="+", help="folder(s) of clean training images")
+    p.add_argument("--pairs", nargs=2, metavar=("NOISY_DIR", "CLEAN_DIR"),
+                   help="folders of noisy/clean pairs, matched in sorted order (microscopy)")
+    p.add_argument("--include", help="regex on file names, e.g. '_(0[0-2][0-9]|030)_' for W2S 001-030")
+    p.add_argument("--val-root", help="folder with Set12/Set14/W2S_train_8bit for validation (else a held-out 5%%)")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, best model)")
+    p.add_argument("--arch", default="M4R4C32", help="M6R6C64, M4R4C32, ... or MxRyCz [M4R4C32]")
+    p.add_argument("--patch", type=int, default=48)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=20000)
+    p.add_argument("--hours", type=float, help="stop and checkpoint after this wall time")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                   help="adam: Adam + cosine (default); sgd: the paper's SGD 0.9, wd 1e-4, step LR, clip 0.01/lr")
+    p.add_argument("--val-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--init", help="start from these weights (name or .safetensors)")
+    p.add_argument("--name", help="model name written into the metadata")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors + OUT/state.pt")
+    p.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="validation figures of a model (published conventions)",
+                       description="PSNR on Set12 (denoise), Set14 (sr, jpeg) or W2S 031-040 (microscopy).")
+    e.add_argument("model", help="model name, task, .safetensors path, or 'baseline'")
+    e.add_argument("--task", choices=("denoise", "sr", "jpeg", "microscopy"))
+    e.add_argument("--data-root", required=True, help="folder holding Set12, Set14, W2S_train_8bit")
+    e.add_argument("--quick", action="store_true", help="a subset (as used during training)")
+    e.set_defaults(func=cmd_eval)
+

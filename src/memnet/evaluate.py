@@ -1,0 +1,149 @@
+"""Validation figures with the conventions of ../shared/data/README.md (see docs/models.md).
+
+A *predictor* maps a 2-D float32 image in model range to the restored image in the same range.
+``identity`` gives the classical baselines (bicubic for SR, the JPEG itself for deblocking)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .degrade import affine_fit, bicubic_degrade, gaussian_noise, jpeg_degrade, psnr, rgb_to_y
+
+Predictor = Callable[[np.ndarray], np.ndarray]
+
+__all__ = ["predictor", "identity", "eval_denoise", "eval_sr", "eval_jpeg", "eval_w2s", "evaluate_task"]
+
+_IMG = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def predictor(model: torch.nn.Module, device: str | torch.device = "cpu") -> Predictor:
+    """Whole-image inference (validation images are small); BN in eval mode."""
+    dev = torch.device(device)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        was_training = model.training
+        model.eval()
+        with torch.inference_mode():
+            y = model(torch.from_numpy(np.ascontiguousarray(x, np.float32))[None, None].to(dev))
+        model.train(was_training)
+        return y[0, 0].float().cpu().numpy()
+
+    return run
+
+
+def _images(folder: Path) -> list[Path]:
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in _IMG)
+    if not files:
+        raise FileNotFoundError(f"no images found in {folder}")
+    return files
+
+
+def load_y(path: Path) -> np.ndarray:
+    """Gray or Y channel in [0, 255] (float64, unrounded)."""
+    return rgb_to_y(np.asarray(Image.open(path).convert("RGB" if _is_color(path) else "L")))
+
+
+def _is_color(path: Path) -> bool:
+    with Image.open(path) as im:
+        return im.mode not in ("L", "I", "I;16", "F", "1")
+
+
+def eval_denoise(pred: Predictor, folder, sigmas=(15, 25, 50), limit: int | None = None) -> dict[str, float]:
+    out = {}
+    files = _images(Path(folder))[:limit]
+    for sigma in sigmas:
+        vals = []
+        for i, f in enumerate(files):
+            clean = np.rint(load_y(f))
+            rng = np.random.default_rng(1000 * sigma + i)  # fixed seed per image and sigma
+            noisy = gaussian_noise(clean / 255.0, sigma, rng)
+            res = np.clip(pred(noisy) * 255.0, 0, 255)
+            vals.append(psnr(res, clean))
+        out[f"sigma{sigma}"] = float(np.mean(vals))
+    return out
+
+
+def eval_sr(pred: Predictor, folder, scales=(2, 3, 4), limit: int | None = None) -> dict[str, float]:
+    out = {}
+    files = _images(Path(folder))[:limit]
+    for s in scales:
+        vals = []
+        for f in files:
+            y = load_y(f)
+            h, w = (y.shape[0] // s) * s, (y.shape[1] // s) * s
+            hr = y[:h, :w]
+            inp = bicubic_degrade(hr, s) / 255.0
+            res = np.rint(np.clip(pred(inp) * 255.0, 0, 255))
+            vals.append(psnr(res[s:-s, s:-s], np.rint(hr)[s:-s, s:-s]))
+        out[f"x{s}"] = float(np.mean(vals))
+    return out
+
+
+def eval_jpeg(pred: Predictor, folder, qualities=(10, 20), limit: int | None = None) -> dict[str, float]:
+    out = {}
+    files = _images(Path(folder))[:limit]
+    for q in qualities:
+        vals = []
+        for f in files:
+            clean = np.clip(np.rint(load_y(f)), 0, 255)
+            inp = jpeg_degrade(clean / 255.0, q)
+            res = np.clip(pred(inp) * 255.0, 0, 255)
+            vals.append(psnr(res, clean))
+        out[f"q{q}"] = float(np.mean(vals))
+    return out
+
+
+def w2s_pairs(root, fovs, channels=(0, 1, 2)) -> list[tuple[Path, Path]]:
+    root = Path(root)
+    pairs = []
+    for fov in fovs:
+        for c in channels:
+            n = root / "avg1_noisy" / f"input_avg1_{fov:03d}_{c}.tif"
+            t = root / "avg400_clean" / f"target_avg400_{fov:03d}_{c}.tif"
+            if n.exists() and t.exists():
+                pairs.append((n, t))
+    if not pairs:
+        raise FileNotFoundError(f"no W2S pairs for fields of view {list(fovs)} under {root}")
+    return pairs
+
+
+def percentile_normalize(x: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
+    lo, hi = np.percentile(x, [low, high])
+    return ((x.astype(np.float64) - lo) / max(hi - lo, 1e-6)).astype(np.float32)
+
+
+def eval_w2s(pred: Predictor, root, fovs=range(31, 41), channels=(0, 1, 2), low=1.0, high=99.8) -> dict[str, float]:
+    """Noisy image normalised by its percentiles (the microscopy models' policy), restored, then the
+    least-squares affine fit to the clean image; PSNR peak 255."""
+    import tifffile
+
+    vals = []
+    for n, t in w2s_pairs(root, fovs, channels):
+        noisy = tifffile.imread(n).astype(np.float64)
+        clean = tifffile.imread(t).astype(np.float64)
+        res = pred(percentile_normalize(noisy, low, high))
+        vals.append(psnr(affine_fit(res, clean), clean))
+    return {"W2S": float(np.mean(vals))}
+
+
+def evaluate_task(task: str, pred: Predictor, data_root, quick: bool = False) -> dict[str, float]:
+    """The validation table of one task. ``quick`` uses a subset (for per-epoch validation)."""
+    root = Path(data_root)
+    if task == "denoise":
+        return eval_denoise(pred, root / "Set12", sigmas=(25,) if quick else (15, 25, 50))
+    if task == "sr":
+        return eval_sr(pred, root / "Set14", scales=(3,) if quick else (2, 3, 4), limit=6 if quick else None)
+    if task == "jpeg":
+        return eval_jpeg(pred, root / "Set14", qualities=(10,) if quick else (10, 20), limit=6 if quick else None)
+    if task == "microscopy":
+        return eval_w2s(pred, root / "W2S_train_8bit", channels=(1,) if quick else (0, 1, 2))
+    raise ValueError(f"unknown task {task!r}")

@@ -1,0 +1,327 @@
+"""Training from scratch (``memnet train``): random patches, on-the-fly degradations, the paper's
+multi-supervised loss, validation with the published conventions, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .degrade import bicubic_degrade, gaussian_noise, jpeg_degrade, poisson_gaussian_noise, psnr
+from .evaluate import evaluate_task, percentile_normalize, predictor
+from .model import CONFIGS, MemNet, MemNetConfig
+from .zoo import load_model, save_model
+
+__all__ = ["TrainConfig", "train", "PatchSampler", "multi_supervised_loss", "DEGRADATIONS"]
+
+# What each task is trained on (also written into the model's metadata).
+DEGRADATIONS = {
+    "denoise": {"gaussian_sigma_255": [0, 75], "noise": "additive white Gaussian, blind"},
+    "sr": {"scales": [2, 3, 4], "kernel": "bicubic (Pillow), pre-upsampled input"},
+    "jpeg": {"quality": [10, 40], "encoder": "Pillow JPEG, gray/Y"},
+    "microscopy": {
+        "pairs": "real noisy/clean pairs when given",
+        "poisson_gaussian": {"photons_at_1": [4, 400], "read_sigma": [0.0, 0.06]},
+    },
+}
+NORMALIZATION = {
+    "denoise": {"mode": "natural"},
+    "sr": {"mode": "natural"},
+    "jpeg": {"mode": "natural"},
+    "microscopy": {"mode": "percentile", "low": 1.0, "high": 99.8},
+}
+
+
+def multi_supervised_loss(final: torch.Tensor, branches: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """The paper's loss: MSE of every branch output and of the final output, weights 1/(M+1) each."""
+    outs = branches + [final]
+    return sum(torch.mean((o - target) ** 2) for o in outs) / len(outs)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """A training image as float32 in [0, 1]: gray, or Y of colour images (BT.601)."""
+    from .evaluate import load_y
+
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        a = tifffile.imread(path)
+        if a.ndim == 3 and a.shape[-1] in (3, 4):
+            from .degrade import rgb_to_y
+
+            return (rgb_to_y(a) / 255.0).astype(np.float32)
+        if a.ndim != 2:
+            raise ValueError(f"{path}: expected a 2-D image for training, got shape {a.shape}")
+        if a.dtype == np.uint8:
+            return (a / 255.0).astype(np.float32)
+        return percentile_normalize(a)
+    return (load_y(path) / 255.0).astype(np.float32)
+
+
+_IMG = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def _list(folder: Path, include: str | None) -> list[Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"training data folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMG)
+    if include:
+        rx = re.compile(include)
+        files = [p for p in files if rx.search(p.name)]
+    if not files:
+        raise FileNotFoundError(f"no images in {folder}" + (f" matching {include!r}" if include else ""))
+    return files
+
+
+class PatchSampler:
+    """Random patches with flips/rot90 and the task's degradation, as (input, target) batches."""
+
+    def __init__(self, task: str, clean: list[np.ndarray], pairs: list[tuple[np.ndarray, np.ndarray]],
+                 patch: int, seed: int = 0):
+        if task not in DEGRADATIONS:
+            raise ValueError(f"unknown task {task!r}: expected one of {', '.join(DEGRADATIONS)}")
+        if task == "sr" and patch % 12:
+            raise ValueError(f"sr training needs a patch size divisible by 12 (for x2/x3/x4), got {patch}")
+        self.task, self.clean, self.pairs, self.patch = task, clean, pairs, patch
+        self.rng = np.random.default_rng(seed)
+        usable = [im for im in clean if min(im.shape) >= patch] + [p for p in pairs if min(p[0].shape) >= patch]
+        if not usable:
+            raise ValueError(f"no training image is at least {patch}x{patch} pixels")
+
+    def _crop(self, arrays):
+        h, w = arrays[0].shape
+        y, x = self.rng.integers(0, h - self.patch + 1), self.rng.integers(0, w - self.patch + 1)
+        k, flip = int(self.rng.integers(4)), bool(self.rng.integers(2))
+        out = []
+        for a in arrays:
+            c = a[y: y + self.patch, x: x + self.patch]
+            c = np.rot90(c, k)
+            out.append(np.ascontiguousarray(c[:, ::-1] if flip else c))
+        return out
+
+    def _pick(self, pool):
+        while True:
+            item = pool[int(self.rng.integers(len(pool)))]
+            first = item[0] if isinstance(item, tuple) else item
+            if min(first.shape) >= self.patch:
+                return item
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        r = self.rng
+        if self.task == "microscopy" and self.pairs and (not self.clean or r.random() < 0.5):
+            noisy, clean = self._crop(self._pick(self.pairs))
+            return noisy, clean
+        (clean,) = self._crop([self._pick(self.clean)])
+        if self.task == "denoise":
+            return gaussian_noise(clean, r.uniform(0, 75), r), clean
+        if self.task == "sr":
+            return bicubic_degrade(clean * 255.0, int(r.choice([2, 3, 4]))) / 255.0, clean
+        if self.task == "jpeg":
+            return jpeg_degrade(clean, int(r.integers(10, 41))), clean
+        photons = float(np.exp(r.uniform(np.log(4), np.log(400))))
+        return poisson_gaussian_noise(clean, photons, r.uniform(0, 0.06), r), clean
+
+    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = zip(*(self.sample() for _ in range(n)))
+        return (torch.from_numpy(np.stack(xs).astype(np.float32))[:, None],
+                torch.from_numpy(np.stack(ys).astype(np.float32))[:, None])
+
+
+@dataclass
+class TrainConfig:
+    task: str
+    out: str
+    data: list[str] = field(default_factory=list)  # folders of clean images
+    pairs: list[str] = field(default_factory=list)  # [NOISY_DIR, CLEAN_DIR] (microscopy)
+    include: str | None = None  # regex on file names
+    val_root: str | None = None  # ../shared/data: validate with the published conventions
+    arch: str = "M4R4C32"
+    patch: int = 48
+    batch: int = 32
+    steps: int = 20000
+    hours: float | None = None  # stop (and checkpoint) after this much wall time
+    lr: float = 1e-3
+    optimizer: str = "adam"  # "adam" (default: Adam + cosine) or "sgd" (the paper's recipe)
+    val_every: int = 500
+    log_every: int = 50
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    init: str | None = None  # start from these weights (e.g. the shipped model)
+    name: str | None = None
+
+
+def _load_data(cfg: TrainConfig):
+    clean = [_read_image(p) for d in cfg.data for p in _list(Path(d), cfg.include)]
+    pairs = []
+    if cfg.pairs:
+        if len(cfg.pairs) != 2:
+            raise ValueError("pairs needs two folders: NOISY_DIR CLEAN_DIR")
+        noisy_files = _list(Path(cfg.pairs[0]), cfg.include)
+        clean_files = _list(Path(cfg.pairs[1]), cfg.include)
+        if len(noisy_files) != len(clean_files):
+            raise ValueError(f"{len(noisy_files)} noisy vs {len(clean_files)} clean images: pairs must match 1:1")
+        import tifffile
+
+        for n, c in zip(noisy_files, clean_files):
+            a = tifffile.imread(n) if n.suffix.lower() in (".tif", ".tiff") else np.asarray(_read_image(n))
+            b = tifffile.imread(c) if c.suffix.lower() in (".tif", ".tiff") else np.asarray(_read_image(c))
+            # Each image by its own percentiles: W2S noisy/clean differ in scale and offset.
+            pairs.append((percentile_normalize(a), percentile_normalize(b)))
+        if cfg.task == "microscopy" and not cfg.data:
+            clean = [p[1] for p in pairs]  # also synthesise Poisson-Gaussian noise on the clean targets
+    if not clean and not pairs:
+        raise ValueError("no training data: pass --data FOLDER (clean images) and/or --pairs NOISY CLEAN")
+    return clean, pairs
+
+
+def _build_model(cfg: TrainConfig) -> MemNet:
+    if cfg.init:
+        model, info = load_model(cfg.init)
+        return model
+    if cfg.arch not in CONFIGS:
+        m = re.fullmatch(r"M(\d+)R(\d+)C(\d+)", cfg.arch)
+        if not m:
+            raise ValueError(f"unknown architecture {cfg.arch!r}: one of {', '.join(CONFIGS)} or MxRyCz")
+        c = MemNetConfig(int(m[1]), int(m[2]), int(m[3]))
+    else:
+        c = CONFIGS[cfg.arch]
+    return MemNet(**c.as_dict())
+
+
+def _validate(model, cfg: TrainConfig, sampler_val) -> dict[str, float]:
+    if cfg.val_root:
+        return evaluate_task(cfg.task, predictor(model, cfg.device), cfg.val_root, quick=True)
+    # Fixed held-out batch: PSNR in model range (peak 1).
+    x, y = sampler_val
+    pred = predictor(model, cfg.device)
+    vals = [psnr(pred(x[i, 0].numpy()), y[i, 0].numpy(), peak=1.0) for i in range(len(x))]
+    return {"holdout": float(np.mean(vals))}
+
+
+def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
+    """Train; returns the path of the best model (``OUT/best.safetensors``)."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    dev = torch.device(cfg.device)
+    state_path, last_path, best_path = out / "state.pt", out / "last.safetensors", out / "best.safetensors"
+
+    clean, pairs = _load_data(cfg)
+    # Hold out ~5% of images for validation when no validation set is given.
+    val_batch = None
+    if not cfg.val_root:
+        vs = PatchSampler(cfg.task, clean[: max(1, len(clean) // 20)], pairs[: max(1, len(pairs) // 20)] if pairs
+                          else [], cfg.patch, seed=12345)
+        val_batch = vs.batch(64)
+        clean = clean[max(1, len(clean) // 20):] or clean
+        pairs = pairs[max(1, len(pairs) // 20):] or pairs
+    sampler = PatchSampler(cfg.task, clean, pairs, cfg.patch, seed=cfg.seed)
+
+    model = _build_model(cfg).to(dev).to(memory_format=torch.channels_last)
+    if cfg.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    elif cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
+    else:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}: adam or sgd")
+    if cfg.optimizer == "adam":
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)) * 0.99 + 0.01)
+    else:  # the paper: divide by 10 every 1/4 of the run (their 20 epochs of 80)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.steps // 4), gamma=0.1)
+
+    step, best, hours_before, history = 0, -math.inf, 0.0, []
+    if resume and state_path.exists() and last_path.exists():
+        model_l, _ = load_model(last_path)
+        model.load_state_dict(model_l.state_dict())
+        st = torch.load(state_path, weights_only=True)
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        step, best = int(st["step"]), float(st["best"])
+        hours_before = float(st.get("hours", 0.0))
+        history = json.loads(st.get("history", "[]"))
+        sampler.rng = np.random.default_rng(cfg.seed + step)
+        log(f"resumed from step {step} (best validation {best:.2f} dB)")
+    elif resume:
+        log(f"nothing to resume in {out}: starting from scratch")
+
+    meta_base = {
+        "description": f"MemNet {cfg.arch} for {cfg.task}",
+        "normalization": NORMALIZATION[cfg.task],
+        "degradation": DEGRADATIONS[cfg.task],
+        "training": {"config": asdict(cfg)},
+    }
+
+    def save(path, metrics):
+        t = {**meta_base["training"], "steps": step, "hours": round(hours_before + (time.time() - t0) / 3600, 3),
+             "hardware": _hardware(dev), "history": history[-50:]}
+        save_model(model, path, name=cfg.name or f"{cfg.task}-{cfg.arch}", task=cfg.task,
+                   metadata={**meta_base, "training": t, "metrics": metrics})
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "best": best,
+                    "hours": hours_before + (time.time() - t0) / 3600, "history": json.dumps(history)},
+                   state_path.with_suffix(".tmp"))
+        state_path.with_suffix(".tmp").replace(state_path)
+
+    t0 = time.time()
+    t_log, n_log, loss_acc = time.time(), 0, 0.0
+    model.train()
+    clip = 0.01 / cfg.lr
+    while step < cfg.steps:
+        x, y = sampler.batch(cfg.batch)
+        x = x.to(dev).contiguous(memory_format=torch.channels_last)
+        y = y.to(dev).contiguous(memory_format=torch.channels_last)
+        final, branches = model(x, branches=True)
+        loss = multi_supervised_loss(final, branches, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optimizer == "sgd":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        sched.step()
+        step += 1
+        loss_acc += loss.item()
+        n_log += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            el = time.time() - t0
+            rate = n_log * cfg.batch / (time.time() - t_log)
+            eta = (cfg.steps - step) * cfg.batch / rate if rate > 0 else 0
+            log(f"step {step}/{cfg.steps}  loss {loss_acc / n_log:.5f}  {rate:.1f} patches/s  "
+                f"lr {sched.get_last_lr()[0]:.2e}  elapsed {el / 60:.1f} min  ETA {eta / 60:.1f} min")
+            t_log, n_log, loss_acc = time.time(), 0, 0.0
+        out_of_time = cfg.hours is not None and (time.time() - t0) / 3600 >= cfg.hours
+        if step % cfg.val_every == 0 or step == cfg.steps or out_of_time:
+            metrics = _validate(model, cfg, val_batch)
+            model.train()
+            score = float(np.mean(list(metrics.values())))
+            history.append({"step": step, **metrics})
+            improved = score > best
+            if improved:
+                best = score
+            save(last_path, metrics)
+            if improved:
+                last_path.with_suffix(".tmp").write_bytes(last_path.read_bytes())
+                last_path.with_suffix(".tmp").replace(best_path)
+            log(f"validation at step {step}: " + ", ".join(f"{k} {v:.2f} dB" for k, v in metrics.items())
+                + ("  (best)" if improved else ""))
+        if out_of_time:
+            log(f"time budget of {cfg.hours} h reached at step {step}: checkpoint saved, resume with --resume")
+            break
+    return best_path
+
+
+def _hardware(dev: torch.device) -> str:
+    import os
+    import platform
+
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads of {os.cpu_count()})"
