@@ -195,3 +195,33 @@ def test_image_smaller_than_tile_and_receptive_field(tiny_model, rng):
         x = rng.random(shape, dtype=np.float32)
         out = memnet.restore(x, tiny_model, tile=256, device="cpu")
         np.testing.assert_allclose(out, _whole(tiny_model, x)[0, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_super_resolution_tiling_is_exact_and_scales_metadata(tiny_model, tmp_path, rng, scale):
+    from PIL import Image
+
+    x = rng.random((2, 29, 41), dtype=np.float32)
+    # Reference: Pillow's bicubic upscaling of the whole image (the training convention), then the model.
+    up = np.stack([np.asarray(Image.fromarray(p, mode="F").resize((41 * scale, 29 * scale), Image.BICUBIC))
+                   for p in x])
+    ref = _whole(tiny_model, up).reshape(up.shape)
+    out = memnet.restore(x, tiny_model, scale=scale, tile=32, device="cpu")
+    assert out.shape == (2, 29 * scale, 41 * scale)
+    assert np.abs(out - ref).max() <= 1e-5 * (ref.max() - ref.min())
+
+    src = tmp_path / "lr.tif"
+    tifffile.imwrite(src, x, imagej=True, resolution=(5, 5), metadata={"axes": "ZYX", "spacing": 1.0, "unit": "um"})
+    z = memnet.restore(src, tiny_model, scale=scale, output=tmp_path / "sr.zarr", tile=32, device="cpu")
+    assert z.shape == out.shape
+    s = open_input(tmp_path / "sr.zarr")
+    assert s.scale["X"] == pytest.approx(0.2 / scale) and s.scale["Z"] == pytest.approx(1.0)
+
+
+def test_scale_needs_an_sr_model(tiny_model, tmp_path):
+    p = tmp_path / "d.safetensors"
+    memnet.save_model(tiny_model, p, name="d", task="denoise")
+    with pytest.raises(ValueError, match="needs a super-resolution model"):
+        memnet.restore(np.zeros((20, 20), np.float32), p, scale=2, device="cpu")
+    with pytest.raises(ValueError, match="scale must be 2, 3 or 4"):
+        memnet.restore(np.zeros((20, 20), np.float32), tiny_model, scale=5, device="cpu")

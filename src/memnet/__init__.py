@@ -28,5 +28,6 @@ __all__ = [
 ]
 
 from .engine import Cancelled, Progress, restore, restore_lazy  # noqa: E402
+from .io import Source, open_input, save_image  # noqa: E402
 
-__all__ += ["Cancelled", "Progress", "restore", "restore_lazy"]
+__all__ += ["Cancelled", "Progress", "Source", "open_input", "restore", "restore_lazy", "save_image"]

@@ -76,3 +76,43 @@ def affine_fit(result: np.ndarray, clean: np.ndarray) -> np.ndarray:
     var = np.mean((x - xm) ** 2)
     a = np.mean((x - xm) * (y - ym)) / var if var > 0 else 0.0
     return (a * (np.asarray(result, np.float64) - xm) + ym).reshape(np.shape(result))
+
+
+def _pillow_bicubic(x: float, a: float = -0.5) -> float:
+    x = abs(x)
+    if x < 1.0:
+        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    if x < 2.0:
+        return (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return 0.0
+
+
+def bicubic_up_rows(n_in: int, scale: int, start: int, stop: int) -> tuple[np.ndarray, int, int]:
+    """Rows [start, stop) of Pillow's BICUBIC upscaling matrix along one axis (float images):
+    a = -0.5 kernel, weights clipped at the borders and renormalised, as Pillow does. Returns
+    (rows restricted to their non-zero columns, first column, last column + 1). Applied to a window
+    of the input, these rows reproduce whole-image upscaling exactly (used by tiled SR)."""
+    step = 1.0 / scale  # input pixels per output pixel
+    support = 2.0  # bicubic support; no widening when upscaling
+    spans = []
+    for xx in range(start, stop):
+        center = (xx + 0.5) * step
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), n_in)
+        w = np.array([_pillow_bicubic(x - center + 0.5) for x in range(xmin, xmax)])
+        total = w.sum()
+        spans.append((xmin, w / total if total != 0 else w))
+    c0 = min(x for x, _ in spans)
+    c1 = max(x + len(w) for x, w in spans)
+    m = np.zeros((stop - start, c1 - c0), np.float64)
+    for i, (x, w) in enumerate(spans):
+        m[i, x - c0: x - c0 + len(w)] = w
+    return m, c0, c1
+
+
+def bicubic_up_matrix(n_in: int, scale: int) -> np.ndarray:
+    """The whole (scale·n_in × n_in) upscaling matrix of one axis (small sizes only)."""
+    m, c0, c1 = bicubic_up_rows(n_in, scale, 0, n_in * scale)
+    full = np.zeros((n_in * scale, n_in))
+    full[:, c0:c1] = m
+    return full

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .degrade import bicubic_up_rows
 from .io import MemorySink, Source, TiffSink, ZarrSink, is_zarr_path, job_signature, open_input
 from .model import MemNet, receptive_field
 from .normalize import Normalizer
@@ -188,21 +189,49 @@ class Job:
     leads: list[tuple]
     yi: int
     xi: int
+    scale: int = 1  # super-resolution factor: the plan is in output (upscaled) pixels
 
     @property
     def out_shape(self) -> tuple[int, ...]:
-        return self.source.shape
+        s = self.source.shape
+        return tuple(n * self.scale if d in (self.yi, self.xi) else n for d, n in enumerate(s))
+
+    @property
+    def out_scale(self) -> dict:
+        """Physical pixel sizes of the output (YX divided by the SR factor)."""
+        return {a: v / self.scale if a in "YX" else v for a, v in self.source.scale.items()}
+
+    @property
+    def out_translate(self) -> dict:
+        """World position of the output's first pixel centre: with SR, the upscaled pixel grid starts
+        (1/s - 1)/2 input pixels before the input's first pixel centre."""
+        t = dict(self.source.translate)
+        if self.scale > 1:
+            for a in "YX":
+                t[a] = t.get(a, 0.0) + self.source.scale.get(a, 1.0) * (0.5 / self.scale - 0.5)
+        return t
 
     @property
     def total_tiles(self) -> int:
         return len(self.leads) * len(self.plan)
 
     def read_window(self, lead: tuple, t: Tile) -> np.ndarray:
-        idx = _full_index(lead, self.yi, self.xi, t.window[0], t.window[1], len(self.out_shape))
+        ys, xs = t.window
+        if self.scale > 1:
+            # Exact tiled bicubic: the rows of the whole-image upscaling matrix for this window,
+            # applied to the input pixels they touch.
+            h, w = self.source.shape[self.yi], self.source.shape[self.xi]
+            my, y0, y1 = bicubic_up_rows(h, self.scale, ys.start, ys.stop)
+            mx, x0, x1 = bicubic_up_rows(w, self.scale, xs.start, xs.stop)
+            ys, xs = slice(y0, y1), slice(x0, x1)
+        idx = _full_index(lead, self.yi, self.xi, ys, xs, len(self.out_shape))
         raw = np.asarray(self.source.array[idx])
         if self.yi > self.xi:  # X before Y in storage order
             raw = raw.T
-        return self.norm.forward(raw)
+        x = self.norm.forward(raw)
+        if self.scale > 1:
+            x = (my @ x.astype(np.float64) @ mx.T).astype(np.float32)
+        return x
 
     def out_index(self, lead: tuple, ys: slice, xs: slice) -> tuple:
         return _full_index(lead, self.yi, self.xi, ys, xs, len(self.out_shape))
@@ -217,18 +246,23 @@ class Job:
             shape=self.source.shape, dtype=str(self.source.dtype), axes=self.source.axes,
             model=str(self.info.path.name) if self.info else "module",
             tile=self.plan.tile, halo=self.plan.halo, blend=self.plan.blend, norm=self.norm.as_dict(),
+            scale=self.scale,
         )
 
 
 def prepare(data, model="denoise", *, axes=None, tile=256, halo="exact", blend="cosine", device="auto",
             scale=None, amp="auto") -> Job:
     """Open the input, load the model, fix the intensity policy and the tiling plan."""
-    if scale not in (None, 1):
-        raise NotImplementedError(
-            "super-resolution restore (scale > 1) is not available yet in the tiled engine"
-        )
     dev = resolve_device(device)
     net, policy, info = _resolve_model(model, dev)
+    sr_model = info is None or info.task == "sr"
+    if scale in (None, 1):
+        scale = 1
+    elif not isinstance(scale, (int, np.integer)) or scale not in (2, 3, 4):
+        raise ValueError(f"scale must be 2, 3 or 4 for super-resolution, got {scale!r}")
+    elif not sr_model:
+        raise ValueError(f"scale={scale} needs a super-resolution model (task 'sr'); {info.name!r} is a "
+                         f"{info.task!r} model: use model='sr'")
     if net.config.in_channels != 1:
         raise ValueError(f"the tiled engine runs single-channel models (each channel separately); this model "
                          f"takes {net.config.in_channels} channels")
@@ -255,11 +289,11 @@ def prepare(data, model="denoise", *, axes=None, tile=256, halo="exact", blend="
                 raise ValueError(f"a blended halo of {halo} px needs tile ≥ {2 * halo} (got {tile})")
             h, blend_kind = int(halo), blend
     leads, yi, xi = _lead_indices(src.shape, src.axes)
-    H, W = src.shape[yi], src.shape[xi]
+    H, W = src.shape[yi] * scale, src.shape[xi] * scale
     plan = TilePlan(H, W, tile=int(tile), halo=h, blend=blend_kind)
     norm = Normalizer.for_data(src.array, policy)
     runner = Runner(net, dev, amp=amp)
-    return Job(src, runner, norm, plan, info, radius, leads, yi, xi)
+    return Job(src, runner, norm, plan, info, radius, leads, yi, xi, scale=int(scale))
 
 
 def _make_sink(job: Job, output, overwrite: bool):
@@ -270,14 +304,14 @@ def _make_sink(job: Job, output, overwrite: bool):
     out = Path(output)
     chunks = tuple(ch if d == job.yi else cw if d == job.xi else 1 for d in range(len(job.out_shape)))
     if is_zarr_path(out) or out.suffix == ".zarr":
-        return ZarrSink(out, job.out_shape, job.norm.out_dtype, chunks, src.axes, src.scale, src.units,
-                        src.translate, job.describe(), overwrite=overwrite, src=src)
+        return ZarrSink(out, job.out_shape, job.norm.out_dtype, chunks, src.axes, job.out_scale, src.units,
+                        job.out_translate, job.describe(), overwrite=overwrite, src=src)
     if out.suffix.lower() in (".tif", ".tiff"):
         if ch % 16 or cw % 16:
             if not (ch == job.plan.height and cw == job.plan.width):
                 raise ValueError(f"TIFF output needs a tile size that is a multiple of 16, got {job.plan.tile}")
         ty, tx = -(-ch // 16) * 16, -(-cw // 16) * 16
-        return TiffSink(out, job.out_shape, job.norm.out_dtype, (ty, tx), src.axes, src.scale, src.units,
+        return TiffSink(out, job.out_shape, job.norm.out_dtype, (ty, tx), src.axes, job.out_scale, src.units,
                         overwrite=overwrite, src=src)
     raise ValueError(f"unsupported output {out.name!r}: use a .zarr directory or a .tif file")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Source", "open_input", "normalize_axes", "ZarrSink", "TiffSink", "MemorySink", "is_zarr_path"]
+__all__ = ["Source", "open_input", "save_image", "normalize_axes", "ZarrSink", "TiffSink", "MemorySink", "is_zarr_path"]
 
 _AXIS_NAMES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
 
@@ -421,3 +421,41 @@ def _ome_tiff_unit(u: str) -> str:
 def job_signature(**kw) -> dict:
     """A JSON-safe description of a job (input, model, tiling) for resume checks."""
     return json.loads(json.dumps(kw, default=str))
+
+
+def save_image(data, path, *, axes: str | None = None, scale: dict | None = None, units: dict | None = None,
+               translate: dict | None = None, tile: int = 256, overwrite: bool = False):
+    """Write an array (numpy or dask) to OME-Zarr (``.zarr``) or tiled OME-TIFF (``.tif``), one
+    plane-tile at a time (a dask array is never computed whole). Marked complete only at the end."""
+    from .tiling import TilePlan
+
+    src = open_input(data, axes=axes)
+    path = Path(path)
+    yi, xi = src.axes.index("Y"), src.axes.index("X")
+    h, w = src.shape[yi], src.shape[xi]
+    plan = TilePlan(h, w, tile=tile, halo=0)
+    ch, cw = plan.core_shape
+    scale, units, translate = scale or {}, units or {}, translate or {}
+    if is_zarr_path(path) or path.suffix == ".zarr":
+        chunks = tuple(ch if d == yi else cw if d == xi else 1 for d in range(len(src.shape)))
+        sink = ZarrSink(path, src.shape, src.dtype, chunks, src.axes, scale, units, translate,
+                        {"saved_by": "memnet.save_image"}, overwrite=overwrite)
+    elif path.suffix.lower() in (".tif", ".tiff"):
+        sink = TiffSink(path, src.shape, src.dtype, (-(-ch // 16) * 16, -(-cw // 16) * 16), src.axes, scale,
+                        units, overwrite=overwrite)
+    else:
+        raise ValueError(f"unsupported output {path.name!r}: use a .zarr directory or a .tif file")
+    lead_dims = [range(n) for d, n in enumerate(src.shape) if d not in (yi, xi)]
+    from itertools import product
+
+    try:
+        for lead in product(*lead_dims):
+            for t in plan:
+                it = iter(lead)
+                idx = tuple(t.core[0] if d == yi else t.core[1] if d == xi else next(it)
+                            for d in range(len(src.shape)))
+                sink.write(idx, np.asarray(src.array[idx]))
+    except BaseException:
+        sink.abort()
+        raise
+    return sink.finish()
