@@ -1,6 +1,11 @@
 """The plugin in a real napari viewer (under Xvfb: pytest-xvfb starts it)."""
 
 import numpy as np
+import pytest
+import tifffile
+import zarr
+
+import memnet
 
 
 def test_sample_opens_in_a_viewer(make_napari_viewer):
@@ -10,3 +15,135 @@ def test_sample_opens_in_a_viewer(make_napari_viewer):
     assert layer.data.shape == (4, 384, 384) and layer.data.dtype == np.uint16
     np.testing.assert_allclose(layer.scale, (0.5, 0.1, 0.1))
     assert tuple(layer.axis_labels) == ("z", "y", "x")
+
+
+@pytest.fixture
+def user_model(tiny_model, _isolated_user_models):
+    memnet.save_model(tiny_model, _isolated_user_models / "tiny.safetensors", name="tiny-micro", task="microscopy",
+                      metadata={"normalization": {"mode": "percentile", "low": 1, "high": 99.8}})
+    return "tiny-micro"
+
+
+def _widget(viewer):
+    from napari_memnet._restore_widget import RestoreWidget
+
+    w = RestoreWidget(viewer)
+    viewer.window.add_dock_widget(w, name="Restore")
+    return w
+
+
+def _wait(qtbot, worker, timeout=60_000):
+    with qtbot.waitSignal(worker.finished, timeout=timeout):
+        pass
+
+
+def test_restore_widget_adds_a_layer_with_the_inputs_metadata(make_napari_viewer, qtbot, user_model, rng):
+    viewer = make_napari_viewer()
+    data = (rng.random((3, 70, 90)) * 3000).astype(np.uint16)
+    src = viewer.add_image(data, name="stack", scale=(2.0, 0.3, 0.3), translate=(1.0, 5.0, 7.0),
+                           axis_labels=("z", "y", "x"), units=("um", "um", "um"), metadata={"lab": "x"})
+    w = _widget(viewer)
+    assert w._layer.value is src
+    w._model.value = user_model
+    w._tile.value = 32
+    _wait(qtbot, w.start())
+    out = viewer.layers["stack [tiny-micro]"]
+    assert out.data.shape == data.shape and out.data.dtype == np.uint16
+    np.testing.assert_allclose(out.scale, src.scale)
+    np.testing.assert_allclose(out.translate, src.translate)
+    assert tuple(out.axis_labels) == ("z", "y", "x") and out.metadata["lab"] == "x"
+    assert str(out.units[0]) in ("micrometer", "µm")
+    np.testing.assert_array_equal(src.data, data)  # input untouched
+    expected = memnet.restore(data, user_model, tile=32, device="cpu")
+    assert np.abs(np.asarray(out.data).astype(int) - expected).max() <= 1
+    assert "done" in w._status.value and w._run_btn.enabled
+
+
+def test_preview_restores_only_the_displayed_slice(make_napari_viewer, qtbot, user_model, rng):
+    viewer = make_napari_viewer()
+    data = (rng.random((5, 60, 60)) * 3000).astype(np.uint16)
+    viewer.add_image(data, name="stack")
+    viewer.dims.set_current_step(0, 3)
+    w = _widget(viewer)
+    w._model.value = user_model
+    _wait(qtbot, w.start(preview=True))
+    prev = viewer.layers["stack [tiny-micro] preview"]
+    assert prev.data.shape == (60, 60)
+    expected = memnet.restore(data[3], user_model, device="cpu")
+    assert np.abs(prev.data.astype(int) - expected).max() <= 1
+    assert "q=3" in w._status.value or "z=3" in w._status.value
+
+
+def test_cancel_leaves_no_half_layer(make_napari_viewer, qtbot, user_model, rng):
+    viewer = make_napari_viewer()
+    viewer.add_image(rng.random((40, 64, 64), dtype=np.float32), name="big")
+    w = _widget(viewer)
+    w._model.value = user_model
+    w._tile.value = 32
+    seen = []
+
+    def cancel_early(p):
+        seen.append(p)
+        w.cancel()
+
+    worker = w.start()
+    worker.yielded.connect(cancel_early)
+    _wait(qtbot, worker)
+    assert [layer.name for layer in viewer.layers] == ["big"]
+    assert "cancelled" in w._status.value
+    assert seen and seen[-1].done < seen[-1].total
+
+
+def test_restore_to_disk_adds_a_lazy_layer(make_napari_viewer, qtbot, user_model, tmp_path, rng):
+    import dask.array as da
+
+    viewer = make_napari_viewer()
+    viewer.add_image((rng.random((2, 50, 50)) * 255).astype(np.uint8), name="s")
+    w = _widget(viewer)
+    w._model.value = user_model
+    w._dest.value = "zarr on disk"
+    w._path.value = tmp_path / "r.zarr"
+    _wait(qtbot, w.start())
+    out = viewer.layers["s [tiny-micro]"]
+    assert isinstance(out.data, da.Array)
+    assert zarr.open_group(str(tmp_path / "r.zarr"), mode="r").attrs["memnet"]["complete"] is True
+
+
+def test_model_list_refreshes_after_a_new_user_model(make_napari_viewer, tiny_model, user_model,
+                                                     _isolated_user_models):
+    viewer = make_napari_viewer()
+    w = _widget(viewer)
+    values = [c[1] if isinstance(c, tuple) else c for c in w._model.choices]
+    assert "microscopy" in values and user_model in values and "fresh" not in values
+    memnet.save_model(tiny_model, _isolated_user_models / "fresh.safetensors", name="fresh", task="denoise")
+    w.refresh_models()
+    assert "fresh" in list(w._model.choices)
+
+
+def test_reader_opens_tiff_and_zarr_lazily(make_napari_viewer, tmp_path, rng):
+    import dask.array as da
+
+    x = (rng.random((3, 40, 50)) * 1000).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "a.tif", x, imagej=True, resolution=(4, 4), metadata={"axes": "ZYX", "spacing": 2.0,
+                                                                                        "unit": "um"})
+    memnet.save_image(x, tmp_path / "a.zarr", axes="ZYX", scale={"Z": 2.0, "Y": 0.25, "X": 0.25},
+                      units={"Z": "µm", "Y": "µm", "X": "µm"})
+    viewer = make_napari_viewer()
+    for name in ("a.tif", "a.zarr"):
+        (layer,) = viewer.open(str(tmp_path / name), plugin="napari-memnet")
+        assert isinstance(layer.data, da.Array)
+        np.testing.assert_array_equal(np.asarray(layer.data), x)
+        np.testing.assert_allclose(layer.scale, (2.0, 0.25, 0.25))
+        assert tuple(layer.axis_labels) == ("z", "y", "x")
+
+
+def test_writer_round_trips(make_napari_viewer, tmp_path, rng):
+    x = (rng.random((2, 30, 40)) * 1000).astype(np.uint16)
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(x, name="w", scale=(3.0, 0.5, 0.5), axis_labels=("z", "y", "x"))
+    for name in ("w.zarr", "w.tif"):
+        viewer.layers.save(str(tmp_path / name), selected=False, plugin="napari-memnet")
+        src = memnet.open_input(tmp_path / name)
+        np.testing.assert_array_equal(np.asarray(src.array[:]), x)
+        assert src.axes == "ZYX" and src.scale["Z"] == pytest.approx(3.0) and src.scale["X"] == pytest.approx(0.5)
+    assert layer.data is x

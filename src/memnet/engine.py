@@ -30,8 +30,9 @@ from .zoo import ModelInfo, load_model
 __all__ = ["restore", "restore_lazy", "Cancelled", "Progress", "Runner", "resolve_device", "prepare"]
 
 
-class Cancelled(RuntimeError):
-    """Raised when a run is cancelled; the output is left marked incomplete (or removed)."""
+class Cancelled(Exception):
+    """Raised when a run is cancelled; the output is left marked incomplete (or removed).
+    Not a RuntimeError on purpose: Qt worker threads treat RuntimeError as a deleted worker."""
 
 
 @dataclass

@@ -1,0 +1,82 @@
+"""Reader (TIFF / Zarr / OME-Zarr as lazy dask layers) and writer (OME-Zarr, TIFF) for napari.
+Both go through memnet's public I/O, so files read here and restored by the CLI agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import memnet
+
+
+def _is_ours(path: str) -> bool:
+    p = Path(path)
+    s = str(p).lower().rstrip("/")
+    if s.endswith((".tif", ".tiff", ".zarr")):
+        return True
+    return p.is_dir() and any((p / f).exists() for f in (".zattrs", ".zgroup", ".zarray", "zarr.json"))
+
+
+def get_reader(path):
+    if isinstance(path, list):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    if not isinstance(path, str) or not _is_ours(path):
+        return None
+    return read_layers
+
+
+def layer_kwargs(src: memnet.Source, name: str) -> dict:
+    """napari layer metadata from an opened input: scale, translate, axis labels, units."""
+    axes = src.axes
+    kw = {
+        "name": name,
+        "scale": tuple(float(src.scale.get(a, 1.0)) for a in axes),
+        "translate": tuple(float(src.translate.get(a, 0.0)) for a in axes),
+        "axis_labels": tuple(a.lower() for a in axes),
+        "metadata": {"memnet_axes": axes, "source": str(src.path) if src.path else None},
+    }
+    units = [src.units.get(a) for a in axes]
+    if any(units):
+        kw["units"] = tuple(_napari_unit(u) for u in units)
+    return kw
+
+
+def _napari_unit(u):
+    if not u:
+        return "pixel"
+    return {"µm": "micrometer", "um": "micrometer", "micron": "micrometer"}.get(u, u)
+
+
+def read_layers(path):
+    import dask.array as da
+
+    src = memnet.open_input(path)
+    arr = src.array
+    chunks = getattr(arr, "chunks", None)
+    data = da.from_array(arr, chunks=chunks if chunks else "auto", lock=src.path is not None and
+                         str(src.path).lower().endswith((".tif", ".tiff")))
+    return [(data, layer_kwargs(src, Path(path).name.split(".")[0]), "image")]
+
+
+def write_image(path: str, data, meta: dict) -> list[str]:
+    """Write one image layer to OME-Zarr (.zarr) or OME-TIFF (.tif), keeping scale and axis labels."""
+    labels = meta.get("axis_labels")
+    ndim = getattr(data, "ndim", len(getattr(data, "shape", ())))
+    axes = meta.get("metadata", {}).get("memnet_axes")
+    if not axes or len(axes) != ndim:
+        axes = "".join(str(a)[0].upper() for a in labels) if labels and _valid_letters(labels, ndim) else None
+    src = memnet.open_input(data, axes=axes)
+    scale = dict(zip(src.axes, meta.get("scale", [1.0] * ndim)))
+    translate = dict(zip(src.axes, meta.get("translate", [0.0] * ndim)))
+    units = {a: str(u) for a, u in zip(src.axes, meta.get("units") or []) if str(u) not in ("pixel", "None")}
+    source = (meta.get("metadata") or {}).get("source")
+    if source and Path(source).resolve() == Path(path).resolve():
+        raise ValueError(f"refusing to overwrite the layer's own source file {source}: choose another path")
+    memnet.save_image(data, path, axes=src.axes, scale=scale, units=units, translate=translate, overwrite=True)
+    return [str(path)]
+
+
+def _valid_letters(labels, ndim) -> bool:
+    letters = [str(a)[:1].upper() for a in labels]
+    return len(set(letters)) == ndim and set(letters) <= set("TCZYX") and {"Y", "X"} <= set(letters)

@@ -1,0 +1,273 @@
+"""The Restore dock widget: pick a layer and a model, preview one slice, restore the whole stack in
+a background thread with progress and Cancel. Calls only memnet's public API."""
+
+from __future__ import annotations
+
+import queue
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FileEdit,
+    Label,
+    ProgressBar,
+    PushButton,
+    RadioButtons,
+    SpinBox,
+)
+
+import memnet
+
+DISK_THRESHOLD_BYTES = 1 << 30
+_CANCELLED = object()  # inputs above 1 GiB default to an on-disk Zarr result
+
+
+def model_choices(*_) -> list[tuple[str, str]]:
+    """Task names first (each picks the best installed model), then every model by name."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        models = memnet.list_models()
+    out = []
+    for task in memnet.TASKS:
+        if any(m.task == task for m in models):
+            out.append((f"{task} (best {task} model)", task))
+    for m in models:
+        out.append((f"{m.name}  [{m.task}, {m.source}]", m.name))
+    return out
+
+
+def _model_task(name: str) -> str | None:
+    if name in memnet.TASKS:
+        return name
+    for m in memnet.list_models():
+        if m.name == name:
+            return m.task
+    return None
+
+
+def _axes_of(layer) -> str | None:
+    axes = (layer.metadata or {}).get("memnet_axes")
+    if axes and len(axes) == layer.ndim:
+        return axes
+    letters = "".join(str(a)[:1].upper() for a in getattr(layer, "axis_labels", ()))
+    if len(letters) == layer.ndim and len(set(letters)) == layer.ndim and {"Y", "X"} <= set(letters) \
+            and set(letters) <= set("TCZYX"):
+        return letters
+    return None
+
+
+def _fmt_eta(p: memnet.Progress) -> str:
+    eta = p.eta
+    if eta is None:
+        return "ETA --"
+    return f"ETA {int(eta) // 60:d}:{int(eta) % 60:02d}"
+
+
+class RestoreWidget(Container):
+    def __init__(self, napari_viewer):
+        self.viewer = napari_viewer
+        self._layer = ComboBox(label="Image", choices=self._image_layers, nullable=False)
+        self._model = ComboBox(label="Model", choices=model_choices)
+        self._scale = ComboBox(label="SR scale", choices=[2, 3, 4], value=2, visible=False)
+        self._device = ComboBox(label="Device", choices=self._devices(), value="auto")
+        self._tile = SpinBox(label="Tile (px)", min=32, max=4096, step=32, value=256)
+        self._mode = RadioButtons(label="Mode", choices=["exact", "blended"], value="exact",
+                                  orientation="horizontal",
+                                  tooltip="exact: seam-free, equal to whole-image inference; "
+                                          "blended: a smaller halo, overlapping tiles blended (faster)")
+        self._halo = SpinBox(label="Halo (px)", min=0, max=512, value=16, visible=False)
+        self._dest = ComboBox(label="Result", choices=["memory", "zarr on disk"], value="memory")
+        self._path = FileEdit(label="Zarr path", mode="w", filter="*.zarr", visible=False)
+        self._preview_btn = PushButton(text="Preview current slice")
+        self._run_btn = PushButton(text="Restore")
+        self._cancel_btn = PushButton(text="Cancel", enabled=False)
+        self._progress = ProgressBar(label="Progress", min=0, max=100, value=0)
+        self._status = Label(value="")
+        super().__init__(widgets=[
+            self._layer, self._model, self._scale, self._device, self._tile, self._mode, self._halo, self._dest,
+            self._path, self._preview_btn, self._run_btn, self._cancel_btn, self._progress, self._status,
+        ])
+        self._model.changed.connect(self._on_model)
+        self._mode.changed.connect(lambda v: setattr(self._halo, "visible", v == "blended"))
+        self._dest.changed.connect(lambda v: setattr(self._path, "visible", v == "zarr on disk"))
+        self._layer.changed.connect(self._on_layer)
+        self._run_btn.clicked.connect(lambda: self.start(preview=False))
+        self._preview_btn.clicked.connect(lambda: self.start(preview=True))
+        self._cancel_btn.clicked.connect(self.cancel)
+        self.viewer.layers.events.inserted.connect(self.reset_choices)
+        self.viewer.layers.events.removed.connect(self.reset_choices)
+        self._cancel_event: threading.Event | None = None
+        self.worker = None
+        self._on_model(self._model.value)
+        self._on_layer(self._layer.value)
+
+    # Choices ------------------------------------------------------------------------------------
+    def _image_layers(self, *_):
+        from napari.layers import Image
+
+        return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    @staticmethod
+    def _devices() -> list[str]:
+        import torch
+
+        devs = ["auto", "cpu"]
+        if torch.cuda.is_available():
+            devs += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return devs
+
+    def refresh_models(self) -> None:
+        """Re-read the model list (e.g. after a fine-tune saved a new model)."""
+        self._model.reset_choices()
+
+    def _on_model(self, name) -> None:
+        self._scale.visible = bool(name) and _model_task(name) == "sr"
+
+    def _on_layer(self, layer) -> None:
+        if layer is None:
+            return
+        data = layer.data[0] if layer.multiscale else layer.data
+        nbytes = int(np.prod(data.shape)) * np.dtype(data.dtype).itemsize
+        self._dest.value = "zarr on disk" if nbytes > DISK_THRESHOLD_BYTES else "memory"
+
+    # Running ------------------------------------------------------------------------------------
+    def _options(self) -> dict:
+        opts = {"tile": int(self._tile.value), "device": self._device.value,
+                "halo": "exact" if self._mode.value == "exact" else int(self._halo.value)}
+        if self._scale.visible:
+            opts["scale"] = int(self._scale.value)
+        return opts
+
+    def start(self, preview: bool = False):
+        """Start a restore (or a preview of the displayed slice) in a background thread."""
+        from napari.qt.threading import thread_worker
+
+        layer, model = self._layer.value, self._model.value
+        if layer is None:
+            self._status.value = "no image layer: open an image first"
+            return None
+        if not model:
+            self._status.value = "no model installed: see `memnet models`"
+            return None
+        data = layer.data[0] if layer.multiscale else layer.data
+        axes = _axes_of(layer)
+        opts = self._options()
+        output = None
+        if preview:
+            data, axes, where = self._current_slice(layer, data)
+        elif self._dest.value == "zarr on disk":
+            output = Path(str(self._path.value)) if str(self._path.value) not in ("", ".") else \
+                Path(tempfile.mkdtemp(prefix="memnet-")) / f"{layer.name}-restored.zarr"
+        self._cancel_event = threading.Event()
+        q: queue.Queue = queue.Queue()
+        cancel = self._cancel_event
+
+        @thread_worker
+        def work():
+            result = {}
+
+            def run():
+                try:
+                    result["value"] = memnet.restore(data, model, axes=axes, output=output, progress=q.put,
+                                                     cancel=cancel, **opts)
+                except BaseException as e:
+                    result["error"] = e
+
+            t = threading.Thread(target=run, daemon=True)
+            t.start()
+            while t.is_alive() or not q.empty():
+                try:
+                    yield q.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            if isinstance(result.get("error"), memnet.Cancelled):
+                return _CANCELLED  # a normal outcome, not an error to report
+            if "error" in result:
+                raise result["error"]
+            return result["value"]
+
+        self.worker = work()
+        self.worker.yielded.connect(self._on_progress)
+        self.worker.returned.connect(lambda res: self._on_done(layer, model, res, opts, preview, output,
+                                                               where if preview else None))
+        self.worker.errored.connect(self._on_error)
+        self.worker.finished.connect(self._on_finished)
+        self._run_btn.enabled = self._preview_btn.enabled = False
+        self._cancel_btn.enabled = True
+        self._progress.value = 0
+        self._status.value = "previewing…" if preview else "restoring…"
+        self._t0 = time.monotonic()
+        self.worker.start()
+        return self.worker
+
+    def cancel(self) -> None:
+        if self._cancel_event is not None:
+            self._cancel_event.set()
+            self._status.value = "cancelling…"
+
+    def _current_slice(self, layer, data):
+        """The slice the viewer shows: every non-YX axis at its current position."""
+        axes = _axes_of(layer) or ("Q" * (layer.ndim - 2) + "YX")
+        world = [self.viewer.dims.point[-layer.ndim:][d] for d in range(layer.ndim)]
+        idx, where = [], []
+        for d, a in enumerate(axes):
+            if a in "YX":
+                idx.append(slice(None))
+            else:
+                i = int(np.clip(round((world[d] - layer.translate[d]) / layer.scale[d]), 0, data.shape[d] - 1))
+                idx.append(i)
+                where.append(f"{a.lower()}={i}")
+        sub = np.asarray(data[tuple(idx)])
+        sub_axes = "".join(a for a in axes if a in "YX")
+        return sub, sub_axes, ", ".join(where)
+
+    def _on_progress(self, p: memnet.Progress) -> None:
+        self._progress.value = int(100 * p.fraction)
+        self._status.value = f"{p.done}/{p.total} tiles  {p.mpx_per_s:.2f} Mpx/s  {_fmt_eta(p)}"
+
+    def _on_done(self, layer, model, result, opts, preview, output, where) -> None:
+        if result is _CANCELLED:
+            self._status.value = "cancelled: no layer was added"
+            return
+        s = opts.get("scale", 1)
+        axes = _axes_of(layer) or ("Q" * (layer.ndim - 2) + "YX")
+        scale, translate = list(layer.scale), list(layer.translate)
+        for d, a in enumerate(axes):
+            if a in "YX" and s > 1:
+                translate[d] += scale[d] * (0.5 / s - 0.5)
+                scale[d] /= s
+        kw = {"scale": scale, "translate": translate, "axis_labels": layer.axis_labels,
+              "units": layer.units, "metadata": {**layer.metadata, "memnet_model": model, "memnet_options": opts},
+              "colormap": layer.colormap.name, "blending": layer.blending}
+        if preview:
+            keep = [d for d, a in enumerate(axes) if a in "YX"]
+            kw = {**kw, "scale": [scale[d] for d in keep], "translate": [translate[d] for d in keep],
+                  "axis_labels": [layer.axis_labels[d] for d in keep], "units": [layer.units[d] for d in keep]}
+            name = f"{layer.name} [{model}] preview"
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+            self.viewer.add_image(result, name=name, **kw)
+            self._status.value = f"preview of {where or 'the image'} done in {time.monotonic() - self._t0:.1f} s"
+            return
+        if output is not None:
+            import dask.array as da
+
+            result = da.from_array(result, chunks=result.chunks)
+        self.viewer.add_image(result, name=f"{layer.name} [{model}]", **kw)
+        where_to = f" → {output}" if output is not None else ""
+        self._status.value = f"done in {time.monotonic() - self._t0:.1f} s{where_to}"
+        self._progress.value = 100
+
+    def _on_error(self, err) -> None:
+        self._status.value = f"error: {err}"
+
+    def _on_finished(self) -> None:
+        self._run_btn.enabled = self._preview_btn.enabled = True
+        self._cancel_btn.enabled = False
