@@ -20,6 +20,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(model=args.model, mode=args.mode, name=args.output, steps=args.steps, patch=args.patch,
+                         batch=args.batch, lr=args.lr, val_fraction=args.val_fraction, val_every=args.val_every,
+                         patience=args.patience, axes=args.axes, device=args.device, seed=args.seed)
+    path = finetune(cfg, args.data, target=args.target, noisy2=args.data2, resume=args.resume,
+                    log=lambda s: print(s, flush=True))
+    print(f"saved {path} (listed by `memnet models` as {args.output!r})")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_task, identity, predictor
     from .zoo import load_model
@@ -64,6 +76,29 @@ def register(sub) -> None:
     p.add_argument("--name", help="model name written into the metadata")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors + OUT/state.pt")
     p.set_defaults(func=cmd_train)
+
+    f = sub.add_parser("finetune", help="fine-tune a model on your own data (paired, n2n, n2v, synthetic)",
+                       description="Fine-tune a model on your data. paired: noisy + clean; n2n: two noisy "
+                       "acquisitions; n2v: the noisy data alone (blind-spot); synthetic: a noise model fitted "
+                       "on your data. The result goes to the user model directory.")
+    f.add_argument("--model", default="microscopy", help="model to start from [microscopy]")
+    f.add_argument("--mode", required=True, choices=("paired", "n2n", "n2v", "synthetic"))
+    f.add_argument("--data", required=True, help="noisy image or stack (TIFF/Zarr)")
+    f.add_argument("--target", help="clean counterpart of --data (paired)")
+    f.add_argument("--data2", help="second noisy acquisition of the same field (n2n)")
+    f.add_argument("-o", "--output", required=True, help="name of the new model")
+    f.add_argument("--steps", type=int, default=1000)
+    f.add_argument("--patch", type=int, default=48)
+    f.add_argument("--batch", type=int, default=16)
+    f.add_argument("--lr", type=float, default=2e-4)
+    f.add_argument("--val-fraction", type=float, default=0.1)
+    f.add_argument("--val-every", type=int, default=100)
+    f.add_argument("--patience", type=int, default=5, help="validations without improvement before stopping")
+    f.add_argument("--axes", help="axis letters of the data, e.g. ZYX")
+    f.add_argument("--device", default="auto")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune of the same name")
+    f.set_defaults(func=cmd_finetune)
 
     e = sub.add_parser("eval", help="validation figures of a model (published conventions)",
                        description="PSNR on Set12 (denoise), Set14 (sr, jpeg) or W2S 031-040 (microscopy).")

@@ -83,12 +83,13 @@ class PatchSampler:
     """Random patches with flips/rot90 and the task's degradation, as (input, target) batches."""
 
     def __init__(self, task: str, clean: list[np.ndarray], pairs: list[tuple[np.ndarray, np.ndarray]],
-                 patch: int, seed: int = 0):
+                 patch: int, seed: int = 0, pairs_only: bool = False):
         if task not in DEGRADATIONS:
             raise ValueError(f"unknown task {task!r}: expected one of {', '.join(DEGRADATIONS)}")
         if task == "sr" and patch % 12:
             raise ValueError(f"sr training needs a patch size divisible by 12 (for x2/x3/x4), got {patch}")
         self.task, self.clean, self.pairs, self.patch = task, clean, pairs, patch
+        self.pairs_only = pairs_only  # fine-tuning: (input, target) pairs as given, no synthetic degradation
         self.rng = np.random.default_rng(seed)
         usable = [im for im in clean if min(im.shape) >= patch] + [p for p in pairs if min(p[0].shape) >= patch]
         if not usable:
@@ -114,7 +115,7 @@ class PatchSampler:
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         r = self.rng
-        if self.task == "microscopy" and self.pairs and (not self.clean or r.random() < 0.5):
+        if self.pairs_only or (self.task == "microscopy" and self.pairs and (not self.clean or r.random() < 0.5)):
             noisy, clean = self._crop(self._pick(self.pairs))
             return noisy, clean
         (clean,) = self._crop([self._pick(self.clean)])

@@ -1,0 +1,301 @@
+"""Fine-tuning a model on a lab's own data (``memnet finetune`` and the Fine-tune widget).
+
+Modes:
+- ``paired``: noisy/clean pairs;
+- ``n2n``: two independent noisy acquisitions of the same field (Noise2Noise; each predicts the other);
+- ``n2v``: the noisy data alone, blind-spot masking (Noise2Void style): a few pixels per patch are
+  replaced by a random neighbour and the loss is taken on those pixels only;
+- ``synthetic``: a Poisson-Gaussian noise model (variance = a·signal + b) is fitted on the noisy data
+  against the current model's prediction; training pairs are that prediction plus calibrated noise.
+
+The result is a .safetensors model in the user model directory, with its provenance in the metadata.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .degrade import psnr
+from .engine import Cancelled, resolve_device
+from .io import open_input
+from .normalize import Normalizer
+from .train import PatchSampler, multi_supervised_loss
+from .zoo import load_model, save_model, user_model_dir
+
+__all__ = ["FinetuneConfig", "FinetuneProgress", "finetune", "MODES", "fit_noise_model"]
+
+MODES = ("paired", "n2n", "n2v", "synthetic")
+
+
+@dataclass
+class FinetuneProgress:
+    step: int
+    total: int
+    loss: float
+    val_psnr: float | None
+    elapsed: float
+    history: list = field(default_factory=list)  # [(step, train loss, val psnr)]
+
+
+@dataclass
+class FinetuneConfig:
+    model: str = "microscopy"
+    mode: str = "n2v"
+    name: str = "finetuned"
+    steps: int = 1000
+    patch: int = 48
+    batch: int = 16
+    lr: float = 2e-4
+    val_fraction: float = 0.1
+    val_every: int = 100
+    patience: int = 5  # validation rounds without improvement before stopping
+    mask_fraction: float = 0.015  # n2v: blind-spot pixels per patch
+    axes: str | None = None
+    device: str = "auto"
+    seed: int = 0
+    max_planes: int = 64  # planes sampled from large stacks
+
+
+def _planes(data, axes, max_planes: int, rng) -> list[np.ndarray]:
+    """2-D planes (Y, X) from an image or stack, a regular sample of at most ``max_planes``."""
+    src = open_input(data, axes=axes)
+    yi, xi = src.axes.index("Y"), src.axes.index("X")
+    lead_shape = [n for d, n in enumerate(src.shape) if d not in (yi, xi)]
+    n = int(np.prod(lead_shape)) if lead_shape else 1
+    picks = np.unique(np.linspace(0, n - 1, min(n, max_planes)).round().astype(int))
+    out = []
+    for flat in picks:
+        lead = iter(np.unravel_index(flat, lead_shape) if lead_shape else ())
+        idx = tuple(slice(None) if d in (yi, xi) else int(next(lead)) for d in range(len(src.shape)))
+        p = np.asarray(src.array[idx])
+        out.append(p.T if yi > xi else p)
+    return out
+
+
+def _normalized(planes: list[np.ndarray], policy: dict) -> list[np.ndarray]:
+    """Each acquisition normalised with the model's own policy, statistics over the whole set."""
+    stack = np.stack(planes)
+    return list(Normalizer.for_data(stack, policy).forward(stack))
+
+
+def fit_noise_model(noisy: np.ndarray, signal: np.ndarray, bins: int = 32) -> tuple[float, float]:
+    """Fit var(noisy - signal) = a·signal + b by least squares over intensity bins (robust to
+    structure left in the residual because it uses the median absolute deviation per bin)."""
+    s, r = signal.ravel(), (noisy - signal).ravel()
+    edges = np.quantile(s, np.linspace(0.02, 0.98, bins + 1))
+    xs, vs = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (s >= lo) & (s < hi)
+        if m.sum() > 50:
+            xs.append(s[m].mean())
+            vs.append((1.4826 * np.median(np.abs(r[m] - np.median(r[m])))) ** 2)
+    if len(xs) < 2:
+        return 0.0, float(np.var(r))
+    a, b = np.polyfit(np.array(xs), np.array(vs), 1)
+    return max(float(a), 0.0), max(float(b), 1e-8)
+
+
+def _n2v_mask(x: torch.Tensor, fraction: float, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace ~fraction of pixels by a random neighbour (5x5, not itself); return input and mask."""
+    b, _, h, w = x.shape
+    n = max(1, int(round(fraction * h * w)))
+    xi = x.clone()
+    mask = torch.zeros_like(x)
+    for i in range(b):
+        ys, xs = rng.integers(0, h, n), rng.integers(0, w, n)
+        dy, dx = rng.integers(-2, 3, n), rng.integers(-2, 3, n)
+        same = (dy == 0) & (dx == 0)
+        dx[same] = 1  # never the pixel itself
+        ny, nx = np.clip(ys + dy, 0, h - 1), np.clip(xs + dx, 0, w - 1)
+        xi[i, 0, ys, xs] = x[i, 0, ny, nx]
+        mask[i, 0, ys, xs] = 1.0
+    return xi, mask
+
+
+def _split(items: list, fraction: float, rng) -> tuple[list, list]:
+    """Hold out whole planes when there are several; else the bottom strip of each plane."""
+    if len(items) >= 4:
+        k = max(1, int(round(fraction * len(items))))
+        order = rng.permutation(len(items))
+        val = [items[i] for i in order[:k]]
+        train = [items[i] for i in order[k:]]
+        return train, val
+    train, val = [], []
+    for it in items:
+        arrs = it if isinstance(it, tuple) else (it,)
+        h = arrs[0].shape[0]
+        cut = int(h * (1 - fraction))
+        tr = tuple(a[:cut] for a in arrs)
+        va = tuple(a[cut:] for a in arrs)
+        train.append(tr if isinstance(it, tuple) else tr[0])
+        val.append(va if isinstance(it, tuple) else va[0])
+    return train, val
+
+
+def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=None, cancel=None,
+             resume: bool = False, log=None) -> Path:
+    """Fine-tune ``cfg.model`` on the user's data; returns the saved model's path.
+
+    ``noisy``: image/stack (array or path). ``target``: clean counterpart (``paired``).
+    ``noisy2``: second noisy acquisition (``n2n``). A checkpoint is kept under the user model
+    directory (``.runs/NAME``) so ``resume=True`` continues an interrupted run."""
+    if cfg.mode not in MODES:
+        raise ValueError(f"unknown fine-tuning mode {cfg.mode!r}: expected one of {', '.join(MODES)}")
+    if cfg.mode == "paired" and target is None:
+        raise ValueError("mode 'paired' needs clean targets (--target)")
+    if cfg.mode == "n2n" and noisy2 is None:
+        raise ValueError("mode 'n2n' needs a second noisy acquisition of the same field (--data2)")
+    if not cfg.name or any(c in cfg.name for c in "/\\:"):
+        raise ValueError(f"invalid model name {cfg.name!r}: use letters, digits, '-' or '_'")
+    log = log or (lambda s: None)
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    dev = resolve_device(cfg.device)
+    model, info = load_model(cfg.model, device=dev)
+    policy = info.normalization
+
+    planes = _normalized(_planes(noisy, cfg.axes, cfg.max_planes, rng), policy)
+    if cfg.mode == "paired":
+        others = _normalized(_planes(target, cfg.axes, cfg.max_planes, rng), policy)
+    elif cfg.mode == "n2n":
+        others = _normalized(_planes(noisy2, cfg.axes, cfg.max_planes, rng), policy)
+    else:
+        others = None
+    if others is not None:
+        if len(others) != len(planes) or any(a.shape != b.shape for a, b in zip(planes, others)):
+            raise ValueError(f"the {cfg.mode} data do not match the noisy data plane for plane "
+                             f"({len(planes)} planes of {planes[0].shape} vs {len(others)} of {others[0].shape})")
+        items = list(zip(planes, others))
+    elif cfg.mode == "synthetic":
+        pred = [_predict(model, p, dev) for p in planes]
+        a, b = fit_noise_model(np.concatenate([p.ravel() for p in planes]), np.concatenate([q.ravel() for q in pred]))
+        log(f"noise model: variance = {a:.4g}·signal + {b:.4g} (normalised units)")
+        items = [(q, q) for q in pred]  # inputs are synthesised per batch below
+        noise_ab = (a, b)
+    else:  # n2v
+        items = [(p, p) for p in planes]
+    if min(min(it[0].shape) for it in items) < cfg.patch:
+        raise ValueError(f"images are smaller than the patch size {cfg.patch}: use a smaller --patch")
+    train_items, val_items = _split(items, cfg.val_fraction, rng)
+    sampler = PatchSampler(info.task, [], train_items, cfg.patch, seed=cfg.seed, pairs_only=True)
+    val_sampler = PatchSampler(info.task, [], [v for v in val_items if min(v[0].shape) >= cfg.patch] or
+                               train_items, cfg.patch, seed=cfg.seed + 1, pairs_only=True)
+    vx, vy = val_sampler.batch(32)
+    vmask = None
+    if cfg.mode == "n2v":
+        vx, vmask = _n2v_mask(vx, cfg.mask_fraction * 4, np.random.default_rng(7))
+    elif cfg.mode == "synthetic":
+        vx = _synth(vy, noise_ab, np.random.default_rng(7))
+
+    run_dir = user_model_dir() / ".runs" / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    step, best, bad, history = 0, -math.inf, 0, []
+    ckpt = run_dir / "state.pt"
+    weights = run_dir / "last.safetensors"
+    if resume and ckpt.exists() and weights.exists():
+        m2, _ = load_model(weights, device=dev)
+        model.load_state_dict(m2.state_dict())
+        st = torch.load(ckpt, weights_only=True)
+        opt.load_state_dict(st["optimizer"])
+        step, best, bad = int(st["step"]), float(st["best"]), int(st["bad"])
+        history = [tuple(h) for h in st["history"].tolist()] if st["history"].numel() else []
+        log(f"resumed at step {step}")
+    out_path = user_model_dir() / f"{cfg.name}.safetensors"
+    meta = {
+        "description": f"{info.name} fine-tuned ({cfg.mode}) on user data",
+        "normalization": policy,
+        "degradation": info.metadata.get("degradation", {}),
+        "finetune": {"base_model": info.name, "base_metadata_training": info.metadata.get("training", {}),
+                     "config": asdict(cfg)},
+        "rank": info.rank - 0.5,  # a user model never silently replaces the shipped default
+    }
+    t0 = time.time()
+    model.train()
+    loss_acc, n_acc = 0.0, 0
+    while step < cfg.steps:
+        if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
+            _save(model, weights, cfg, info, meta, step, history)
+            raise Cancelled(f"fine-tuning stopped at step {step}; resume to continue")
+        x, y = sampler.batch(cfg.batch)
+        mask = None
+        if cfg.mode == "n2v":
+            x, mask = _n2v_mask(x, cfg.mask_fraction, sampler.rng)
+        elif cfg.mode == "synthetic":
+            x = _synth(y, noise_ab, sampler.rng)
+        elif cfg.mode == "n2n" and sampler.rng.random() < 0.5:
+            x, y = y, x
+        x, y = x.to(dev), y.to(dev)
+        final, branches = model(x, branches=True)
+        if mask is not None:
+            mask = mask.to(dev)
+            outs = branches + [final]
+            loss = sum(((o - y) ** 2 * mask).sum() / mask.sum() for o in outs) / len(outs)
+        else:
+            loss = multi_supervised_loss(final, branches, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        loss_acc += loss.item()
+        n_acc += 1
+        val = None
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            val = _val_psnr(model, vx, vy, vmask, dev)
+            model.train()
+            history.append((step, loss_acc / n_acc, val))
+            loss_acc, n_acc = 0.0, 0
+            if val > best + 1e-3:
+                best, bad = val, 0
+                _save(model, out_path, cfg, info, {**meta, "metrics": {"val_psnr": val}}, step, history)
+            else:
+                bad += 1
+            _save(model, weights, cfg, info, meta, step, history)
+            torch.save({"optimizer": opt.state_dict(), "step": step, "best": best, "bad": bad,
+                        "history": torch.tensor(history, dtype=torch.float64)}, ckpt)
+            log(f"step {step}/{cfg.steps}  loss {history[-1][1]:.5f}  validation PSNR {val:.2f} dB")
+            if bad >= cfg.patience:
+                log(f"early stop: no improvement in {cfg.patience} validations")
+                break
+        if progress is not None:
+            progress(FinetuneProgress(step, cfg.steps, loss.item(), val, time.time() - t0, list(history)))
+    if not out_path.exists():
+        _save(model, out_path, cfg, info, {**meta, "metrics": {"val_psnr": best}}, step, history)
+    return out_path
+
+
+def _save(model, path, cfg, info, meta, step, history):
+    m = {**meta, "finetune": {**meta["finetune"], "steps": step,
+                              "history": [list(map(float, h)) for h in history[-100:]]}}
+    save_model(model, path, name=cfg.name if path.parent == user_model_dir() else f"{cfg.name}-last",
+               task=info.task, metadata=m)
+
+
+def _synth(clean: torch.Tensor, ab: tuple[float, float], rng) -> torch.Tensor:
+    a, b = ab
+    var = np.clip(a * clean.numpy(), 0, None) + b
+    return clean + torch.from_numpy((rng.standard_normal(clean.shape) * np.sqrt(var)).astype(np.float32))
+
+
+def _predict(model, plane: np.ndarray, dev) -> np.ndarray:
+    model.eval()
+    with torch.inference_mode():
+        return model(torch.from_numpy(np.ascontiguousarray(plane))[None, None].to(dev))[0, 0].cpu().numpy()
+
+
+def _val_psnr(model, vx, vy, vmask, dev) -> float:
+    """PSNR (peak 1, normalised units) on the held-out batch; for n2v on the masked pixels against
+    the noisy values, which tracks the true PSNR up to a constant offset."""
+    model.eval()
+    with torch.inference_mode():
+        out = model(vx.to(dev)).cpu()
+    if vmask is not None:
+        m = vmask.bool()
+        return psnr(out[m].numpy(), vy[m].numpy(), peak=1.0)
+    return psnr(out.numpy(), vy.numpy(), peak=1.0)

@@ -1,0 +1,103 @@
+"""Fine-tuning modes end to end on small synthetic data (a tiny model, a few steps)."""
+
+import re
+
+import numpy as np
+import pytest
+import tifffile
+
+import memnet
+from memnet.cli import main
+from memnet.finetune import FinetuneConfig, _n2v_mask, finetune, fit_noise_model
+
+
+def _scene(rng, shape=(4, 64, 64)):
+    yy, xx = np.mgrid[0: shape[1], 0: shape[2]] / shape[1]
+    base = 0.5 + 0.3 * np.sin(5 * xx + 3 * yy)
+    return np.stack([base * (1 + 0.1 * k) for k in range(shape[0])]).astype(np.float32)
+
+
+def _noisy(clean, rng, photons=30.0):
+    return (rng.poisson(clean * photons) / photons + rng.normal(0, 0.02, clean.shape)).astype(np.float32)
+
+
+@pytest.fixture
+def base_model(tiny_model, _isolated_user_models):
+    memnet.save_model(tiny_model, _isolated_user_models / "base.safetensors", name="base-micro", task="microscopy",
+                      metadata={"normalization": {"mode": "percentile", "low": 1, "high": 99.8}, "rank": 3})
+    return "base-micro"
+
+
+@pytest.mark.parametrize("mode", ["paired", "n2n", "n2v", "synthetic"])
+def test_each_mode_trains_saves_and_is_listed(base_model, tmp_path, rng, mode):
+    clean = _scene(rng)
+    noisy, noisy2 = _noisy(clean, rng), _noisy(clean, rng)
+    cfg = FinetuneConfig(model=base_model, mode=mode, name=f"lab-{mode}", steps=40, patch=24, batch=8, lr=2e-3,
+                         val_every=10, patience=100, device="cpu")
+    seen = []
+    path = finetune(cfg, noisy, target=clean if mode == "paired" else None,
+                    noisy2=noisy2 if mode == "n2n" else None, progress=seen.append)
+    assert seen[-1].step == 40 and len(seen[-1].history) == 4
+    losses = [h[1] for h in seen[-1].history]
+    assert losses[-1] < losses[0]
+    model, info = memnet.load_model(f"lab-{mode}")
+    assert info.path == path and info.source == "user" and info.task == "microscopy"
+    assert info.metadata["finetune"]["base_model"] == base_model
+    assert info.metadata["finetune"]["config"]["mode"] == mode
+    assert info.normalization["mode"] == "percentile"
+    assert f"lab-{mode}" in [m.name for m in memnet.list_models()]
+    # The task name still picks the shipped/base model: a fine-tune never silently replaces it.
+    assert memnet.load_model("microscopy")[1].name == base_model
+
+
+def test_paired_finetune_improves_validation_psnr(base_model, rng):
+    clean = _scene(rng, (6, 64, 64))
+    cfg = FinetuneConfig(model=base_model, mode="paired", name="lab-p", steps=60, patch=24, batch=8, lr=3e-3,
+                         val_every=20, patience=100, device="cpu")
+    seen = []
+    finetune(cfg, _noisy(clean, rng), target=clean, progress=seen.append)
+    vals = [h[2] for h in seen[-1].history]
+    assert vals[-1] > vals[0]
+
+
+def test_n2v_mask_never_uses_the_pixel_itself(rng):
+    import torch
+
+    x = torch.arange(16 * 16, dtype=torch.float32).reshape(1, 1, 16, 16)
+    xi, mask = _n2v_mask(x, 0.1, rng)
+    m = mask.bool()
+    assert m.sum() > 0 and torch.all(xi[m] != x[m])
+    assert torch.equal(xi[~m], x[~m])
+
+
+def test_noise_model_fit_recovers_poisson_gaussian(rng):
+    signal = rng.uniform(0.1, 1.0, 200_000)
+    a_true, b_true = 0.02, 0.001
+    noisy = signal + rng.standard_normal(signal.shape) * np.sqrt(a_true * signal + b_true)
+    a, b = fit_noise_model(noisy, signal)
+    assert a == pytest.approx(a_true, rel=0.15) and b == pytest.approx(b_true, rel=0.5)
+
+
+def test_cli_finetune_and_resume(base_model, tmp_path, rng, capsys):
+    clean = _scene(rng)
+    tifffile.imwrite(tmp_path / "noisy.tif", _noisy(clean, rng))
+    args = ["finetune", "--model", base_model, "--mode", "n2v", "--data", str(tmp_path / "noisy.tif"), "-o",
+            "cli-n2v", "--steps", "20", "--patch", "24", "--batch", "4", "--val-every", "10", "--device", "cpu"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"step 20/20 .* validation PSNR", out) and "cli-n2v" in out
+    assert main(args[:-4] + ["--steps", "30", "--resume"] + args[-2:]) == 0
+    assert "resumed at step 20" in capsys.readouterr().out
+    assert main(["models"]) == 0 and "cli-n2v" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [(dict(mode="paired"), "needs clean targets"), (dict(mode="n2n"), "needs a second noisy"),
+     (dict(mode="n2x"), "unknown fine-tuning mode"), (dict(mode="n2v", name="a/b"), "invalid model name"),
+     (dict(mode="n2v", patch=200), "smaller than the patch size")],
+)
+def test_finetune_errors(base_model, rng, kwargs, msg):
+    cfg = FinetuneConfig(model=base_model, steps=2, device="cpu", **kwargs)
+    with pytest.raises(ValueError, match=msg):
+        finetune(cfg, _scene(rng))
