@@ -7,6 +7,7 @@ import queue
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,14 @@ from magicgui.widgets import (
 import memnet
 
 DISK_THRESHOLD_BYTES = 1 << 30
-_CANCELLED = object()  # inputs above 1 GiB default to an on-disk Zarr result
+_CANCELLED = object()
+_RESTORE_WIDGETS: weakref.WeakSet = weakref.WeakSet()
+
+
+def refresh_all_restore_widgets() -> None:
+    """After a fine-tune saved a model: every open Restore widget re-reads the model list."""
+    for w in list(_RESTORE_WIDGETS):
+        w.refresh_models()  # inputs above 1 GiB default to an on-disk Zarr result
 
 
 def model_choices(*_) -> list[tuple[str, str]]:
@@ -105,6 +113,7 @@ class RestoreWidget(Container):
         self.viewer.layers.events.removed.connect(self.reset_choices)
         self._cancel_event: threading.Event | None = None
         self.worker = None
+        _RESTORE_WIDGETS.add(self)
         self._on_model(self._model.value)
         self._on_layer(self._layer.value)
 
@@ -141,7 +150,7 @@ class RestoreWidget(Container):
     def _options(self) -> dict:
         opts = {"tile": int(self._tile.value), "device": self._device.value,
                 "halo": "exact" if self._mode.value == "exact" else int(self._halo.value)}
-        if self._scale.visible:
+        if self._model.value and _model_task(self._model.value) == "sr":
             opts["scale"] = int(self._scale.value)
         return opts
 

@@ -147,3 +147,42 @@ def test_writer_round_trips(make_napari_viewer, tmp_path, rng):
         np.testing.assert_array_equal(np.asarray(src.array[:]), x)
         assert src.axes == "ZYX" and src.scale["Z"] == pytest.approx(3.0) and src.scale["X"] == pytest.approx(0.5)
     assert layer.data is x
+
+
+def test_finetune_widget_trains_and_the_model_appears_in_restore(make_napari_viewer, qtbot, user_model, rng):
+    from napari_memnet._finetune_widget import FinetuneWidget
+
+    viewer = make_napari_viewer()
+    yy, xx = np.mgrid[0:64, 0:64] / 64
+    clean = np.stack([0.5 + 0.3 * np.sin(5 * xx + 3 * yy + k) for k in range(4)]).astype(np.float32)
+    noisy = (clean + rng.normal(0, 0.1, clean.shape)).astype(np.float32)
+    viewer.add_image(noisy, name="noisy")
+    viewer.add_image(clean, name="clean")
+    restore = _widget(viewer)
+    ft = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(ft, name="Fine-tune")
+    ft._noisy.value = viewer.layers["noisy"]
+    ft._mode.value = "paired"
+    assert not ft._second.native.isHidden()
+    ft._second.value = viewer.layers["clean"]
+    ft._model.value = user_model
+    ft._name.value = "from-widget"
+    ft._steps.value = 40
+    ft._patch.value = 24
+    worker = ft.start()
+    _wait(qtbot, worker, timeout=120_000)
+    assert "saved 'from-widget'" in ft._status.value
+    assert len(ft.plot.history) >= 2
+    assert "from-widget" in [c for c in restore._model.choices]
+    restore._model.value = "from-widget"
+
+
+def test_finetune_widget_needs_a_second_layer_for_paired(make_napari_viewer, user_model, rng):
+    from napari_memnet._finetune_widget import FinetuneWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(rng.random((64, 64), dtype=np.float32), name="only")
+    ft = FinetuneWidget(viewer)
+    ft._mode.value = "paired"
+    ft._second.value = viewer.layers["only"]
+    assert ft.start() is None and "needs a clean layer" in ft._status.value

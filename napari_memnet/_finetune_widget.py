@@ -1,0 +1,207 @@
+"""The Fine-tune dock widget: train a model on the user's own layers (paired, n2n, n2v, synthetic)
+in a background thread, with a live loss / validation-PSNR plot; the result appears in Restore."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FloatSpinBox,
+    Label,
+    LineEdit,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+)
+from qtpy.QtCore import QPointF
+from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
+from qtpy.QtWidgets import QSizePolicy, QWidget
+
+import memnet
+
+from ._restore_widget import _CANCELLED, _axes_of, model_choices, refresh_all_restore_widgets
+
+_NEEDS_SECOND = {"paired": "Clean layer", "n2n": "Second noisy layer"}
+
+
+class LossPlot(QWidget):
+    """Training loss (log scale, orange) and validation PSNR (blue) against the step."""
+
+    def __init__(self):
+        super().__init__()
+        self.history: list[tuple[float, float, float]] = []
+        self.setMinimumHeight(140)
+        self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
+
+    def set_history(self, history) -> None:
+        self.history = [tuple(map(float, h)) for h in history]
+        self.update()
+
+    def paintEvent(self, _event):  # noqa: N802 (Qt API)
+        import math
+
+        p = QPainter(self)
+        p.setRenderHint(QPainter.Antialiasing)
+        w, h, m = self.width(), self.height(), 28
+        p.fillRect(self.rect(), QColor(38, 41, 48))
+        p.setPen(QColor(200, 200, 200))
+        p.drawText(m, 14, "loss (orange, log)   validation PSNR (blue, dB)")
+        if len(self.history) < 1:
+            p.drawText(m, h // 2, "the plot fills in at each validation")
+            return
+        steps = [s for s, _, _ in self.history]
+        s0, s1 = min(steps), max(steps)
+        s1 = s1 if s1 > s0 else s0 + 1
+
+        def series(values, color, label_fmt, side):
+            lo, hi = min(values), max(values)
+            hi = hi if hi > lo else lo + 1e-9
+            pts = QPolygonF([QPointF(m + (s - s0) / (s1 - s0) * (w - 2 * m),
+                                     h - m - (v - lo) / (hi - lo) * (h - 2 * m - 10)) for s, v in zip(steps, values)])
+            p.setPen(QPen(color, 2))
+            p.drawPolyline(pts)
+            for pt in pts:
+                p.drawEllipse(pt, 2.5, 2.5)
+            p.setPen(color)
+            x = 2 if side == "left" else w - m + 2
+            p.drawText(x, h - m, label_fmt(lo))
+            p.drawText(x, m + 12, label_fmt(hi))
+
+        series([math.log10(max(v, 1e-12)) for _, v, _ in self.history], QColor(255, 160, 60),
+               lambda v: f"{10 ** v:.0e}", "left")
+        series([v for _, _, v in self.history], QColor(90, 170, 255), lambda v: f"{v:.1f}", "right")
+        p.setPen(QColor(200, 200, 200))
+        p.drawText(m, h - 6, f"step {int(s0)}")
+        p.drawText(w - m - 60, h - 6, f"step {int(s1)}")
+        p.end()
+
+
+class FinetuneWidget(Container):
+    def __init__(self, napari_viewer):
+        self.viewer = napari_viewer
+        self._noisy = ComboBox(label="Noisy layer", choices=self._image_layers)
+        self._mode = ComboBox(label="Mode", choices=["n2v", "paired", "n2n", "synthetic"], value="n2v",
+                              tooltip="n2v: noisy data only; paired: noisy + clean; n2n: two noisy "
+                                      "acquisitions; synthetic: a noise model fitted on the noisy data")
+        self._second = ComboBox(label="Clean layer", choices=self._image_layers, visible=False)
+        self._model = ComboBox(label="Start from", choices=model_choices)
+        self._name = LineEdit(label="Save as", value="my-finetuned")
+        self._steps = SpinBox(label="Steps", min=10, max=100_000, step=50, value=500)
+        self._patch = SpinBox(label="Patch", min=16, max=256, step=8, value=48)
+        self._val = FloatSpinBox(label="Validation fraction", min=0.05, max=0.5, step=0.05, value=0.1)
+        self._start_btn = PushButton(text="Start")
+        self._stop_btn = PushButton(text="Stop", enabled=False)
+        self._progress = ProgressBar(label="Progress", min=0, max=100, value=0)
+        self._status = Label(value="")
+        self.plot = LossPlot()
+        super().__init__(widgets=[self._noisy, self._mode, self._second, self._model, self._name, self._steps,
+                                  self._patch, self._val, self._start_btn, self._stop_btn, self._progress,
+                                  self._status])
+        self.native.layout().addWidget(self.plot)
+        self._mode.changed.connect(self._on_mode)
+        self._start_btn.clicked.connect(self.start)
+        self._stop_btn.clicked.connect(self.stop)
+        self.viewer.layers.events.inserted.connect(self.reset_choices)
+        self.viewer.layers.events.removed.connect(self.reset_choices)
+        self._stop_event: threading.Event | None = None
+        self.worker = None
+        self.saved_path = None
+
+    def _image_layers(self, *_):
+        from napari.layers import Image
+
+        return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def _on_mode(self, mode) -> None:
+        self._second.visible = mode in _NEEDS_SECOND
+        if mode in _NEEDS_SECOND:
+            self._second.label = _NEEDS_SECOND[mode]
+
+    def start(self):
+        from napari.qt.threading import thread_worker
+
+        from memnet.finetune import FinetuneConfig, finetune
+
+        noisy = self._noisy.value
+        if noisy is None:
+            self._status.value = "no image layer: open your noisy data first"
+            return None
+        mode = self._mode.value
+        second = self._second.value if mode in _NEEDS_SECOND else None
+        if mode in _NEEDS_SECOND and (second is None or second is noisy):
+            self._status.value = f"mode {mode} needs a {_NEEDS_SECOND[mode].lower()} (a different layer)"
+            return None
+        cfg = FinetuneConfig(model=self._model.value, mode=mode, name=self._name.value.strip(),
+                             steps=int(self._steps.value), patch=int(self._patch.value),
+                             val_fraction=float(self._val.value), val_every=max(10, int(self._steps.value) // 20),
+                             axes=_axes_of(noisy))
+        data = noisy.data[0] if noisy.multiscale else noisy.data
+        other = None if second is None else (second.data[0] if second.multiscale else second.data)
+        self._stop_event = stop = threading.Event()
+        q: queue.Queue = queue.Queue()
+
+        @thread_worker
+        def work():
+            result = {}
+
+            def run():
+                try:
+                    result["value"] = finetune(cfg, data, target=other if mode == "paired" else None,
+                                               noisy2=other if mode == "n2n" else None, progress=q.put, cancel=stop)
+                except BaseException as e:
+                    result["error"] = e
+
+            t = threading.Thread(target=run, daemon=True)
+            t.start()
+            while t.is_alive() or not q.empty():
+                try:
+                    yield q.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            if isinstance(result.get("error"), memnet.Cancelled):
+                return _CANCELLED
+            if "error" in result:
+                raise result["error"]
+            return result["value"]
+
+        self.worker = work()
+        self.worker.yielded.connect(self._on_progress)
+        self.worker.returned.connect(self._on_done)
+        self.worker.errored.connect(lambda e: setattr(self._status, "value", f"error: {e}"))
+        self.worker.finished.connect(self._on_finished)
+        self._start_btn.enabled, self._stop_btn.enabled = False, True
+        self._status.value = f"fine-tuning {cfg.model} ({mode})…"
+        self._t0 = time.monotonic()
+        self.plot.set_history([])
+        self.worker.start()
+        return self.worker
+
+    def stop(self) -> None:
+        if self._stop_event is not None:
+            self._stop_event.set()
+            self._status.value = "stopping…"
+
+    def _on_progress(self, p) -> None:
+        self._progress.value = int(100 * p.step / max(p.total, 1))
+        val = f"  val PSNR {p.history[-1][2]:.2f} dB" if p.history else ""
+        self._status.value = f"step {p.step}/{p.total}  loss {p.loss:.4g}{val}"
+        if p.val_psnr is not None:
+            self.plot.set_history(p.history)
+
+    def _on_done(self, result) -> None:
+        name = self._name.value.strip()
+        refresh_all_restore_widgets()
+        self._model.reset_choices()
+        if result is _CANCELLED:
+            self._status.value = f"stopped; the best model so far (if any) is saved as {name!r}"
+            return
+        self.saved_path = result
+        self._progress.value = 100
+        self._status.value = f"saved {name!r} in {time.monotonic() - self._t0:.0f} s: pick it in Restore"
+
+    def _on_finished(self) -> None:
+        self._start_btn.enabled, self._stop_btn.enabled = True, False
