@@ -45,7 +45,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         restore(
             args.input, args.model, output=args.output, axes=args.axes, tile=args.tile, halo=halo,
             blend=args.blend, batch_size=args.batch_size if args.batch_size == "auto" else int(args.batch_size),
-            device=args.device, scale=args.scale, progress=bar, overwrite=args.overwrite,
+            device=args.device, scale=args.scale, progress=bar, overwrite=args.overwrite, resume=args.resume,
+            workers=args.workers, scheduler=args.scheduler,
         )
     except Cancelled:
         print("cancelled: the output is not marked complete", file=sys.stderr)
@@ -76,5 +77,10 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
     p.add_argument("--batch-size", default="auto", help="tiles per forward pass [auto]")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run into the same .zarr output (same parameters required)")
+    dist = p.add_mutually_exclusive_group()
+    dist.add_argument("--workers", type=int, help="run on a local dask cluster of N worker processes")
+    dist.add_argument("--scheduler", help="run on an existing dask.distributed scheduler (ADDRESS)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_restore)

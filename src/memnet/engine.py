@@ -11,7 +11,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import product
@@ -241,11 +241,36 @@ class Job:
         out = self.norm.inverse(block)
         return out.T if self.yi > self.xi else out
 
-    def describe(self) -> dict:
+    def groups(self, rows: int) -> list[tuple[str, tuple, list[Tile]]]:
+        """Units of work and of resume: ``rows`` consecutive tile rows of one plane. Each group owns
+        its output chunks; a done-marker is written once all of them are written."""
+        ny, nx = self.plan.grid
+        out = []
+        for p, lead in enumerate(self.leads):
+            for r0 in range(0, ny, rows):
+                tiles = [self.plan.tile_at(iy, ix) for iy in range(r0, min(r0 + rows, ny)) for ix in range(nx)]
+                out.append((f"{p}-{r0}", lead, tiles))
+        return out
+
+    def model_digest(self) -> str:
+        """Identity of the weights (file content or tensors), so resume refuses a changed model."""
+        import hashlib
+
+        h = hashlib.sha256()
+        if self.info is not None:
+            h.update(self.info.path.read_bytes())
+        else:
+            for k, v in sorted(self.runner.model.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def describe(self, rows_per_group: int | None = None) -> dict:
         return job_signature(
             input=str(self.source.path.resolve()) if self.source.path else None,
             shape=self.source.shape, dtype=str(self.source.dtype), axes=self.source.axes,
-            model=str(self.info.path.name) if self.info else "module",
+            model=str(self.info.path.name) if self.info else "module", model_sha256=self.model_digest(),
+            rows_per_group=rows_per_group,
             tile=self.plan.tile, halo=self.plan.halo, blend=self.plan.blend, norm=self.norm.as_dict(),
             scale=self.scale,
         )
@@ -297,47 +322,73 @@ def prepare(data, model="denoise", *, axes=None, tile=256, halo="exact", blend="
     return Job(src, runner, norm, plan, info, radius, leads, yi, xi, scale=int(scale))
 
 
-def _make_sink(job: Job, output, overwrite: bool):
+def _zarr_target(output) -> Path | None:
+    if output is None:
+        return None
+    out = Path(output)
+    return out if (is_zarr_path(out) or out.suffix == ".zarr") else None
+
+
+def _make_sink(job: Job, output, overwrite: bool, rows: int | None = None, resume: bool = False):
+    """The output for a job, plus the groups already done (resume). Only a Zarr output can resume."""
     src = job.source
     ch, cw = job.plan.core_shape
     if output is None:
-        return MemorySink(job.out_shape, job.norm.out_dtype)
+        if resume:
+            raise ValueError("resume needs an on-disk .zarr output")
+        return MemorySink(job.out_shape, job.norm.out_dtype), set()
     out = Path(output)
     chunks = tuple(ch if d == job.yi else cw if d == job.xi else 1 for d in range(len(job.out_shape)))
-    if is_zarr_path(out) or out.suffix == ".zarr":
+    if _zarr_target(out) is not None:
+        signature = job.describe(rows)
+        if resume and out.exists():
+            if job.plan.blend is not None:
+                raise ValueError("resume works in exact mode only (blended tiles depend on their neighbours)")
+            sink = ZarrSink.reopen(out, signature, src=src, ignore=("rows_per_group",))
+            return sink, sink.done_keys()
         return ZarrSink(out, job.out_shape, job.norm.out_dtype, chunks, src.axes, job.out_scale, src.units,
-                        job.out_translate, job.describe(), overwrite=overwrite, src=src)
+                        job.out_translate, signature, overwrite=overwrite, src=src), set()
+    if resume:
+        raise ValueError(f"resume needs a .zarr output (a TIFF is written sequentially): got {out.name!r}")
     if out.suffix.lower() in (".tif", ".tiff"):
         if ch % 16 or cw % 16:
             if not (ch == job.plan.height and cw == job.plan.width):
                 raise ValueError(f"TIFF output needs a tile size that is a multiple of 16, got {job.plan.tile}")
         ty, tx = -(-ch // 16) * 16, -(-cw // 16) * 16
         return TiffSink(out, job.out_shape, job.norm.out_dtype, (ty, tx), src.axes, job.out_scale, src.units,
-                        overwrite=overwrite, src=src)
+                        overwrite=overwrite, src=src), set()
     raise ValueError(f"unsupported output {out.name!r}: use a .zarr directory or a .tif file")
 
 
-def _batches(job: Job, batch_size: int, readers: int) -> Iterator[list[tuple[tuple, Tile, np.ndarray]]]:
-    """Windows in plan order (plane-major, then row-major), read ahead by a thread pool."""
-    items = [(lead, t) for lead in job.leads for t in job.plan]
+def _batches(job: Job, groups, batch_size: int, readers: int):
+    """Batches of windows that never span two groups (so a group's results do not depend on where a
+    run was resumed), read ahead across groups by a thread pool. Yields (group key or None when the
+    batch does not finish its group, [(lead, tile, window)])."""
+    plan = []
+    for key, lead, tiles in groups:
+        for i in range(0, len(tiles), batch_size):
+            chunk = tiles[i: i + batch_size]
+            plan.append((key if i + batch_size >= len(tiles) else None, [(lead, t) for t in chunk]))
     with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="memnet-read") as pool:
         pending: list = []
-        it = iter(items)
-        lookahead = batch_size * 3
+        it = iter(plan)
 
         def fill():
-            while len(pending) < lookahead:
+            while len(pending) < 3:
                 try:
-                    lead, t = next(it)
+                    key, items = next(it)
                 except StopIteration:
                     return
-                pending.append((lead, t, pool.submit(job.read_window, lead, t)))
+                pending.append((key, [(lead, t, pool.submit(job.read_window, lead, t)) for lead, t in items]))
 
         fill()
         while pending:
-            take, pending[:] = pending[:batch_size], pending[batch_size:]
+            key, items = pending.pop(0)
             fill()
-            yield [(lead, t, fut.result()) for lead, t, fut in take]
+            yield key, [(lead, t, fut.result()) for lead, t, fut in items]
+
+
+_MARK = object()
 
 
 class _Writer:
@@ -357,9 +408,17 @@ class _Writer:
                 return
             if self.error is None:
                 try:
-                    self.sink.write(*item)
+                    if item[0] is _MARK:
+                        self.sink.mark_done(item[1])
+                    else:
+                        self.sink.write(*item)
                 except BaseException as e:
                     self.error = e
+
+    def mark(self, key: str) -> None:
+        """Queued after the group's blocks: written only once they are all on disk."""
+        if hasattr(self.sink, "mark_done"):
+            self.put(_MARK, key)
 
     def put(self, index, block):
         if self.error is not None:
@@ -381,16 +440,32 @@ def _is_cancelled(cancel) -> bool:
     return bool(cancel())
 
 
-def run_job(job: Job, sink, *, batch_size="auto", progress: Callable[[Progress], None] | None = None,
-            cancel=None, memory_budget: int | None = None, readers: int = 2):
-    """Execute a prepared job into a sink. Returns whatever ``sink.finish()`` returns."""
+def rows_per_group(job: Job, batch_size: int) -> int:
+    """Enough tile rows per group to fill a batch."""
+    return max(1, -(-batch_size // job.plan.grid[1]))
+
+
+def resolve_batch(job: Job, batch_size, memory_budget=None) -> int:
     bs = _auto_batch(job.runner.model, job.plan.window_shape, job.runner.device, memory_budget) \
         if batch_size == "auto" else int(batch_size)
     if bs < 1:
         raise ValueError(f"batch_size must be ≥ 1 or 'auto', got {batch_size!r}")
+    return bs
+
+
+def run_job(job: Job, sink, *, batch_size="auto", progress: Callable[[Progress], None] | None = None,
+            cancel=None, memory_budget: int | None = None, readers: int = 2, rows: int | None = None,
+            skip: set | frozenset = frozenset()):
+    """Execute a prepared job into a sink, group by group, skipping the groups in ``skip`` (already
+    done, on resume). Returns whatever ``sink.finish()`` returns."""
+    bs = resolve_batch(job, batch_size, memory_budget)
+    rows = rows or rows_per_group(job, bs)
+    groups = job.groups(rows)
+    todo = [g for g in groups if g[0] not in skip]
     writer = _Writer(sink)
-    total, done, pixels = job.total_tiles, 0, 0
-    t0 = time.perf_counter()
+    total = sum(len(g[2]) for g in groups)
+    done = total - sum(len(g[2]) for g in todo)
+    pixels, t0 = 0, time.perf_counter()
     blended = job.plan.blend is not None
     acc: dict = {}  # blended: (lead, iy, ix) -> fp32 accumulator of a core
     ny, nx = job.plan.grid
@@ -401,7 +476,7 @@ def run_job(job: Job, sink, *, batch_size="auto", progress: Callable[[Progress],
         writer.put(job.out_index(lead, *t.core), job.to_output(block))
 
     try:
-        for batch in _batches(job, bs, readers):
+        for key, batch in _batches(job, todo, bs, readers):
             if _is_cancelled(cancel):
                 raise Cancelled("restore cancelled")
             preds = job.runner(np.stack([w for _, _, w in batch]))
@@ -419,6 +494,8 @@ def run_job(job: Job, sink, *, batch_size="auto", progress: Callable[[Progress],
                             flush(lead, t.iy, jx)
                 done += 1
                 pixels += (t.core[0].stop - t.core[0].start) * (t.core[1].stop - t.core[1].start)
+            if key is not None and not blended:
+                writer.mark(key)
             if progress is not None:
                 progress(Progress(done, total, time.perf_counter() - t0, pixels))
         writer.close()
@@ -452,7 +529,7 @@ def _accumulate(plan: TilePlan, acc: dict, lead, t: Tile, pred: np.ndarray) -> N
 
 def restore(data, model="denoise", *, output=None, axes=None, tile=256, halo="exact", blend="cosine",
             batch_size="auto", device="auto", scale=None, progress=None, cancel=None, overwrite=False,
-            amp="auto", memory_budget=None, lazy=False):
+            amp="auto", memory_budget=None, lazy=False, resume=False, client=None, workers=None, scheduler=None):
     """Restore an image or stack, tile by tile.
 
     Parameters
@@ -473,6 +550,10 @@ def restore(data, model="denoise", *, output=None, axes=None, tile=256, halo="ex
     progress : callable receiving a ``Progress`` after every batch.
     cancel : a ``threading.Event`` or a callable returning True to stop; raises ``Cancelled``.
     lazy : return a lazy dask array instead (see ``restore_lazy``).
+    resume : continue an interrupted run into the same ``.zarr`` output: groups with a done-marker
+        are skipped; the job (input, model, tiling, intensity mapping) must match or it is refused.
+    client / workers / scheduler : run on dask.distributed (an existing ``Client``, a LocalCluster
+        of N worker processes, or a scheduler address); output must be a ``.zarr`` path.
 
     Returns a numpy array, the opened zarr array (``.zarr`` output) or the path (``.tif`` output).
     """
@@ -482,9 +563,17 @@ def restore(data, model="denoise", *, output=None, axes=None, tile=256, halo="ex
         return restore_lazy(data, model, axes=axes, tile=tile, halo=halo, device=device, scale=scale, amp=amp)
     job = prepare(data, model, axes=axes, tile=tile, halo=halo, blend=blend, device=device, scale=scale, amp=amp)
     try:
-        sink = _make_sink(job, output, overwrite)
-        return run_job(job, sink, batch_size=batch_size, progress=progress, cancel=cancel,
-                       memory_budget=memory_budget)
+        if client is not None or workers or scheduler:
+            from .distributed import run_distributed
+
+            return run_distributed(job, output, client=client, workers=workers, scheduler=scheduler,
+                                   batch_size=batch_size, progress=progress, cancel=cancel, resume=resume,
+                                   overwrite=overwrite)
+        bs = resolve_batch(job, batch_size, memory_budget)
+        rows = rows_per_group(job, bs)
+        sink, done = _make_sink(job, output, overwrite, rows=rows, resume=resume)
+        rows = getattr(sink, "job", {}).get("rows_per_group") or rows  # a resumed job keeps its groups
+        return run_job(job, sink, batch_size=bs, progress=progress, cancel=cancel, rows=rows, skip=done)
     finally:
         if output is not None:
             job.source.close()

@@ -292,7 +292,7 @@ class ZarrSink:
         _check_output_path(path, src, overwrite)
         if path.exists():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-        self.path = path
+        self.path, self.job = path, job
         self.root = zarr.open_group(str(path), mode="w", zarr_format=2)
         self.array = self.root.create_array(
             "0", shape=shape, dtype=dtype, chunks=chunks, fill_value=0,
@@ -311,6 +311,44 @@ class ZarrSink:
             }],
             "memnet": {"complete": False, "job": job},
         })
+
+    @classmethod
+    def reopen(cls, path: Path, job: dict, src: Source | None = None, ignore=()) -> ZarrSink:
+        """Open an existing output to resume it, after checking it belongs to the same job."""
+        import zarr
+
+        if src is not None and src.path is not None and path.resolve() == src.path.resolve():
+            raise ValueError(f"the output {path} is the input: choose another output path")
+        try:
+            root = zarr.open_group(str(path), mode="r+")
+            stored = dict(root.attrs)["memnet"]["job"]
+            array = root["0"]
+        except Exception:
+            raise ValueError(f"cannot resume {path}: it is not an output of `memnet restore` "
+                             "(no job record); choose another output or pass --overwrite") from None
+        diff = sorted(k for k in set(stored) | set(job) if k not in ignore and stored.get(k) != job.get(k))
+        if diff:
+            detail = "; ".join(f"{k}: {stored.get(k)!r} then, {job.get(k)!r} now" for k in diff[:4])
+            raise ValueError(f"cannot resume {path}: it was started with different parameters ({detail}); "
+                             "rerun with the original parameters or start over with --overwrite")
+        self = cls.__new__(cls)
+        self.path, self.root, self.array, self.job = path, root, array, stored
+        return self
+
+    def _done_dir(self) -> Path:
+        return self.path / ".memnet_done"
+
+    def done_keys(self) -> set[str]:
+        d = self._done_dir()
+        return {p.name for p in d.iterdir() if not p.name.endswith(".tmp")} if d.is_dir() else set()
+
+    def mark_done(self, key: str) -> None:
+        """A group's done-marker, written (atomically) after all of the group's chunks."""
+        d = self._done_dir()
+        d.mkdir(exist_ok=True)
+        tmp = d / f"{key}.tmp"
+        tmp.write_text("done\n")
+        os.replace(tmp, d / key)
 
     def write(self, index: tuple, block: np.ndarray) -> None:
         self.array[index] = block

@@ -297,6 +297,37 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
     return model.to(device), info
 
 
+def model_bytes(model: MemNet, info: ModelInfo | None) -> bytes:
+    """A model as .safetensors bytes (its file, or the module serialised): what is shipped to workers."""
+    if info is not None:
+        return info.path.read_bytes()
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT_VERSION, "name": "module", "task": "denoise", "config": model.config.as_dict(),
+            "normalization": {"mode": "natural"}}
+    return save(tensors, metadata={_META_KEY: json.dumps(meta)})
+
+
+def load_model_bytes(data: bytes, device: str | torch.device = "cpu") -> MemNet:
+    """Load a model from .safetensors bytes (header parsed as JSON, tensors as raw data: no pickle)."""
+    from safetensors.torch import load
+
+    if len(data) < 8:
+        raise ModelFileError("model bytes: truncated")
+    n = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8: 8 + n])
+        doc = json.loads(header["__metadata__"][_META_KEY])
+        cfg = MemNetConfig(**doc["config"])
+        tensors = load(data)
+    except Exception as e:
+        raise ModelFileError(f"model bytes: not a napari-memnet .safetensors payload ({e})") from None
+    model = MemNet(**cfg.as_dict())
+    model.load_state_dict(tensors, strict=True)
+    return model.eval().to(device)
+
+
 def describe(info: ModelInfo) -> dict:
     """One row of `memnet models`."""
     cfg = info.config

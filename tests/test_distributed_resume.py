@@ -1,0 +1,148 @@
+"""dask.distributed runs, resume after kill -9, and done-markers."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+import memnet
+
+
+@pytest.fixture
+def stack(tmp_path, rng):
+    x = (rng.random((3, 130, 150)) * 4000).astype(np.uint16)
+    p = tmp_path / "in.tif"
+    tifffile.imwrite(p, x, imagej=True, metadata={"axes": "ZYX"})
+    return p
+
+
+@pytest.fixture
+def model_file(tiny_model, tmp_path):
+    p = tmp_path / "m.safetensors"
+    memnet.save_model(tiny_model, p, name="m", task="microscopy",
+                      metadata={"normalization": {"mode": "percentile", "low": 1, "high": 99.8}})
+    return p
+
+
+def _single_thread_reference(*args, **kwargs):
+    """dask workers run torch on one thread: compare with the same numerical set-up (a different
+    thread count changes float summation order, which can flip a rounding by one level)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return memnet.restore(*args, **kwargs)
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_two_worker_local_cluster_matches_single_process(stack, model_file, tmp_path):
+    from distributed import Client, LocalCluster
+
+    ref = _single_thread_reference(stack, model_file, tile=48, device="cpu", batch_size=2)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        seen = []
+        out = memnet.restore(stack, model_file, output=tmp_path / "d.zarr", tile=48, device="cpu", batch_size=2,
+                             client=client, progress=seen.append)
+        assert seen[-1].done == seen[-1].total == 3 * 3 * 4
+        # A worker killed mid-run: the job still completes, identically.
+        out2 = tmp_path / "k.zarr"
+        killed = []
+
+        def kill_one(p):
+            if not killed and p.done >= 6:
+                addr = sorted(client.scheduler_info()["workers"])[0]
+                pid = client.run(os.getpid, workers=[addr])[addr]
+                os.kill(pid, signal.SIGKILL)  # kill -9 a worker process mid-run
+                killed.append(pid)
+
+        memnet.restore(stack, model_file, output=out2, tile=48, device="cpu", batch_size=2, client=client,
+                       progress=kill_one)
+        assert killed
+    np.testing.assert_array_equal(out[:], ref)
+    np.testing.assert_array_equal(zarr.open_group(str(out2), mode="r")["0"][:], ref)
+    assert zarr.open_group(str(out2), mode="r").attrs["memnet"]["complete"] is True
+
+
+def test_cli_workers_option(stack, model_file, tmp_path):
+    from memnet.cli import main
+
+    assert main(["restore", str(stack), "-o", str(tmp_path / "w.zarr"), "--model", str(model_file), "--tile", "64",
+                 "--workers", "2", "--device", "cpu", "-q"]) == 0
+    ref = _single_thread_reference(stack, model_file, tile=64, device="cpu")
+    got = zarr.open_group(str(tmp_path / "w.zarr"))["0"][:]
+    assert got.shape == ref.shape and np.abs(got.astype(int) - ref).max() <= 1
+
+
+def test_kill_9_and_resume_many_times_is_byte_identical(tmp_path, rng, tiny_model):
+    x = (rng.random((12, 96, 96)) * 4000).astype(np.uint16)
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, x, imagej=True, metadata={"axes": "ZYX"})
+    mf = tmp_path / "m.safetensors"
+    memnet.save_model(tiny_model, mf, name="m", task="microscopy",
+                      metadata={"normalization": {"mode": "percentile", "low": 1, "high": 99.8}})
+    ref_path = tmp_path / "ref.zarr"
+    _single_thread_reference(src, mf, output=ref_path, tile=32, device="cpu", batch_size=1)
+    out = tmp_path / "out.zarr"
+    cmd = [sys.executable, "-m", "memnet.cli", "restore", str(src), "-o", str(out), "--model", str(mf),
+           "--tile", "32", "--device", "cpu", "--batch-size", "1", "--resume", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    kills, delays = 0, np.random.default_rng(1)
+    for _ in range(60):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(float(delays.uniform(1.5, 4.0)))
+        if proc.poll() is not None:
+            assert proc.returncode == 0, proc.stderr.read().decode()
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        if out.exists():  # an unfinished output is never marked complete
+            assert zarr.open_group(str(out), mode="r").attrs["memnet"]["complete"] is False
+        if kills >= 20:
+            break
+    assert kills >= 5, "the run finished too quickly to be interrupted"
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    a, b = zarr.open_group(str(out), mode="r"), zarr.open_group(str(ref_path), mode="r")
+    assert a.attrs["memnet"]["complete"] is True
+    np.testing.assert_array_equal(a["0"][:], b["0"][:])
+    assert a["0"][:].tobytes() == b["0"][:].tobytes()
+
+
+def test_resume_refuses_a_different_job(stack, model_file, tmp_path, tiny_model):
+    out = tmp_path / "o.zarr"
+    memnet.restore(stack, model_file, output=out, tile=48, device="cpu")
+    with pytest.raises(ValueError, match="cannot resume .*different parameters.*tile"):
+        memnet.restore(stack, model_file, output=out, tile=64, device="cpu", resume=True)
+    other = tmp_path / "other.safetensors"
+    memnet.save_model(tiny_model, other, name="other", task="denoise")
+    with pytest.raises(ValueError, match="cannot resume .*model"):
+        memnet.restore(stack, other, output=out, tile=48, device="cpu", resume=True)
+    with pytest.raises(ValueError, match="resume needs a .zarr output"):
+        memnet.restore(stack, model_file, output=tmp_path / "o.tif", device="cpu", resume=True)
+
+
+def test_resume_skips_done_groups(stack, model_file, tmp_path):
+    out = tmp_path / "o.zarr"
+    ref = memnet.restore(stack, model_file, output=out, tile=48, device="cpu", batch_size=3)[:]
+    markers = sorted(os.listdir(out / ".memnet_done"))
+    assert len(markers) == 3 * 3  # 3 planes x 3 tile rows (one row of 4 tiles fills a batch of 3)
+    # Remove one group's marker and zero its chunks: resume redoes exactly that group.
+    (out / ".memnet_done" / markers[0]).unlink()
+    arr = zarr.open_group(str(out), mode="r+")["0"]
+    arr[0, :48, :] = 0
+    seen = []
+    memnet.restore(stack, model_file, output=out, tile=48, device="cpu", batch_size=3, resume=True,
+                   progress=seen.append)
+    # Only the missing group's 4 tiles are recomputed (in batches of 3 + 1), from 32 of 36 done.
+    assert [p.done for p in seen] == [35, 36] and seen[-1].total == 36
+    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["0"][:], ref)
