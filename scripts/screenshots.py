@@ -66,13 +66,17 @@ def main() -> int:
         return 2
     width, height = (int(v) for v in args.size.lower().split("x"))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="memnet-screenshots-"))
     t_start = time.monotonic()
     try:
         # Before napari or the widgets read them: a throwaway model dir and napari settings file.
-        model_value = _prepare_model_dir(args.model, tmp / "models")
+        try:
+            model_value = _prepare_model_dir(args.model, tmp / "models")
+        except (LookupError, OSError, ValueError) as e:
+            print(f"error: model {args.model!r}: {e}", file=sys.stderr)
+            return 1
         os.environ["MEMNET_MODEL_DIR"] = str(tmp / "models")
+        out.mkdir(parents=True, exist_ok=True)
         os.environ["NAPARI_CONFIG"] = str(tmp / "napari-settings.yaml")
         return _run(args, model_value, out, width, height, t_start)
     finally:
@@ -142,7 +146,7 @@ def _run(args, model_value: str, out: Path, width: int, height: int, t_start: fl
 
     settings = get_settings()  # the temporary settings file (NAPARI_CONFIG)
     settings.appearance.theme = "dark"
-    settings.application.gui_notification_level = "none"  # no pop-ups over the canvas
+    settings.application.gui_notification_level = "error"  # no warning pop-ups over the canvas
     viewer = napari.Viewer(title="napari-memnet", show=True)
     app = QApplication.instance()
     try:
@@ -164,8 +168,7 @@ def _run(args, model_value: str, out: Path, width: int, height: int, t_start: fl
         restore._model.value = model_value
         if restore._model.value != model_value:
             raise StepFailed(f"model {model_value!r} is not in the Restore widget's list")
-        qt_viewer = viewer.window._qt_viewer
-        qwin.resizeDocks([qt_viewer.dockLayerList, restore_dock], [260, 400], Qt.Horizontal)
+        qwin.resizeDocks([restore_dock], [400], Qt.Horizontal)
         settle(0.5)
         viewer.reset_view()
         shot("restore_widget.png")
@@ -201,7 +204,7 @@ def _run(args, model_value: str, out: Path, width: int, height: int, t_start: fl
             viewer.layers.remove(name)
         ft = FinetuneWidget(viewer)
         ft_dock = viewer.window.add_dock_widget(ft, name="Fine-tune (MemNet)", area="right")
-        qwin.resizeDocks([qt_viewer.dockLayerList, ft_dock], [260, 400], Qt.Horizontal)
+        qwin.resizeDocks([ft_dock], [400], Qt.Horizontal)
         ft._noisy.value = noisy
         ft._mode.value = "n2v"
         ft._model.value = model_value
@@ -217,6 +220,8 @@ def _run(args, model_value: str, out: Path, width: int, height: int, t_start: fl
         if "screenshot-n2v" not in restore._model.choices:
             raise StepFailed("fine-tune: the new model is not in the Restore widget's list")
         print(f"fine-tune: {ft._status.value}", flush=True)
+        viewer.layers.selection.active = noisy
+        viewer.status = "Ready"
         viewer.reset_view()
         shot("finetune_widget.png")
     except StepFailed as e:

@@ -226,7 +226,16 @@ class Job:
             mx, x0, x1 = bicubic_up_rows(w, self.scale, xs.start, xs.stop)
             ys, xs = slice(y0, y1), slice(x0, x1)
         idx = _full_index(lead, self.yi, self.xi, ys, xs, len(self.out_shape))
-        raw = np.asarray(self.source.array[idx])
+        try:
+            raw = np.asarray(self.source.array[idx])
+        except Exception as e:
+            where = self.source.path or "the input array"
+            raise OSError(f"{where}: cannot read plane {lead}, rows {ys.start}:{ys.stop}, columns "
+                          f"{xs.start}:{xs.stop} ({type(e).__name__}: {e}); the file may be truncated or corrupt") from e
+        if raw.dtype.kind == "f" and not np.all(np.isfinite(raw)):
+            bad = np.argwhere(~np.isfinite(raw))[0]
+            raise ValueError(f"the input contains NaN or Inf (plane {lead}, near y={ys.start + bad[0]}, "
+                             f"x={xs.start + bad[1]}): replace them (e.g. numpy.nan_to_num) before restoring")
         if self.yi > self.xi:  # X before Y in storage order
             raw = raw.T
         x = self.norm.forward(raw)
@@ -289,12 +298,12 @@ def prepare(data, model="denoise", *, axes=None, tile=256, halo="exact", blend="
     elif not sr_model:
         raise ValueError(f"scale={scale} needs a super-resolution model (task 'sr'); {info.name!r} is a "
                          f"{info.task!r} model: use model='sr'")
+    if info is not None and info.task == "sr" and scale == 1:
+        raise ValueError(f"{info.name!r} is a super-resolution model: pass scale=2, 3 or 4 (--scale)")
     if net.config.in_channels != 1:
         raise ValueError(f"the tiled engine runs single-channel models (each channel separately); this model "
                          f"takes {net.config.in_channels} channels")
     src = open_input(data, axes=axes)
-    if src.dtype.kind == "c":
-        raise TypeError(f"complex data ({src.dtype}) cannot be restored: pass the magnitude or the real part")
     radius = receptive_field(net)
     if not isinstance(tile, (int, np.integer)) or tile < 16:
         raise ValueError(f"tile must be an integer ≥ 16 pixels, got {tile!r}")

@@ -103,6 +103,12 @@ def open_input(data, axes: str | None = None) -> Source:
     ndim = len(src.shape)
     if ndim < 2:
         raise ValueError(f"need at least a 2-D image (YX), got a {ndim}-D array of shape {src.shape}")
+    if ndim > 6:
+        raise ValueError(f"{ndim}-D arrays are not supported (at most 6 dimensions, e.g. TCZYX plus one): "
+                         f"shape {src.shape}; reshape or split it first")
+    if axes is None and not src.axes and ndim == 3 and src.shape[-1] in (3, 4) and min(src.shape[:2]) > 4:
+        raise ValueError(f"ambiguous shape {src.shape}: it looks like an RGB(A) image (YXC); pass axes='YXC' "
+                         f"to restore each colour channel, or axes='ZYX' if it is a stack of {src.shape[0]} images")
     if axes is not None:
         user = normalize_axes(axes, ndim)
         if src.axes and src.axes != user and src.path is not None:

@@ -60,15 +60,17 @@ class Normalizer:
         dtype = np.dtype(data.dtype)
         policy = policy or {"mode": "natural"}
         mode = policy.get("mode", "natural")
-        if dtype.kind not in "biuf":
-            raise TypeError(f"unsupported dtype {dtype}: expected an integer, float or bool image")
+        if dtype.kind == "b":
+            raise TypeError("the input is boolean (a mask, not an intensity image): nothing to restore; "
+                            "convert it to uint8 if you really mean it")
+        if dtype.kind == "c":
+            raise TypeError(f"complex data ({dtype}) cannot be restored: pass the magnitude or the real part")
+        if dtype.kind not in "iuf":
+            raise TypeError(f"unsupported dtype {dtype}: expected an integer or float image")
         if dtype.kind == "f" and dtype.itemsize > 8:
             raise TypeError(f"unsupported dtype {dtype}: use float32 or float64")
-        out_dtype = dtype if dtype.kind in "iuf" else np.dtype(np.uint8)
-        out_dtype = np.dtype(np.float32) if dtype.kind == "f" and dtype.itemsize < 4 else out_dtype
+        out_dtype = dtype  # the dtype policy: uint8 stays uint8, uint16 stays uint16, float stays float
         clip = (float(np.iinfo(dtype).min), float(np.iinfo(dtype).max)) if dtype.kind in "iu" else None
-        if dtype.kind == "b":
-            clip = (0.0, 1.0)
         if mode == "percentile":
             lo, hi = sample_percentiles(data, float(policy.get("low", 1.0)), float(policy.get("high", 99.8)))
             if hi - lo <= 0:
@@ -77,8 +79,6 @@ class Normalizer:
         if mode in ("natural", "range"):
             if dtype.kind == "f":
                 return cls(scale=1.0, offset=0.0, out_dtype=out_dtype, clip=None)
-            if dtype.kind == "b":
-                return cls(scale=1.0, offset=0.0, out_dtype=np.dtype(np.uint8), clip=(0.0, 1.0))
             info = np.iinfo(dtype)
             return cls(scale=float(info.max) - float(info.min), offset=float(info.min), out_dtype=out_dtype, clip=clip)
         raise ValueError(f"unknown normalization mode {mode!r} in the model's metadata")
@@ -89,7 +89,7 @@ class Normalizer:
 
     def inverse(self, model_out: np.ndarray) -> np.ndarray:
         out = np.asarray(model_out, dtype=np.float64) * self.scale + self.offset
-        if self.out_dtype.kind in "iu" or self.out_dtype == np.uint8:
+        if self.out_dtype.kind in "iu":
             out = np.rint(out)
             if self.clip is not None:
                 np.clip(out, *self.clip, out=out)
