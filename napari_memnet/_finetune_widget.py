@@ -46,7 +46,7 @@ class LossPlot(QWidget):
 
         p = QPainter(self)
         p.setRenderHint(QPainter.Antialiasing)
-        w, h, m = self.width(), self.height(), 28
+        w, h, m, mr = self.width(), self.height(), 28, 48  # right margin fits "xx.x dB" labels
         p.fillRect(self.rect(), QColor(38, 41, 48))
         p.setPen(QColor(200, 200, 200))
         p.drawText(m, 14, "loss (orange, log)   validation PSNR (blue, dB)")
@@ -60,23 +60,23 @@ class LossPlot(QWidget):
         def series(values, color, label_fmt, side):
             lo, hi = min(values), max(values)
             hi = hi if hi > lo else lo + 1e-9
-            pts = QPolygonF([QPointF(m + (s - s0) / (s1 - s0) * (w - 2 * m),
+            pts = QPolygonF([QPointF(m + 8 + (s - s0) / (s1 - s0) * (w - m - mr - 16),
                                      h - m - (v - lo) / (hi - lo) * (h - 2 * m - 10)) for s, v in zip(steps, values)])
             p.setPen(QPen(color, 2))
             p.drawPolyline(pts)
             for pt in pts:
                 p.drawEllipse(pt, 2.5, 2.5)
             p.setPen(color)
-            x = 2 if side == "left" else w - m + 2
-            p.drawText(x, h - m, label_fmt(lo))
-            p.drawText(x, m + 12, label_fmt(hi))
+            x = 2 if side == "left" else w - mr + 4
+            p.drawText(x, h - m + 12, label_fmt(lo))  # below/above the extreme points, not on them
+            p.drawText(x, m + 2, label_fmt(hi))
 
         series([math.log10(max(v, 1e-12)) for _, v, _ in self.history], QColor(255, 160, 60),
                lambda v: f"{10 ** v:.0e}", "left")
         series([v for _, _, v in self.history], QColor(90, 170, 255), lambda v: f"{v:.1f}", "right")
         p.setPen(QColor(200, 200, 200))
         p.drawText(m, h - 6, f"step {int(s0)}")
-        p.drawText(w - m - 60, h - 6, f"step {int(s1)}")
+        p.drawText(w - mr - 60, h - 6, f"step {int(s1)}")
         p.end()
 
 

@@ -24,7 +24,7 @@ from magicgui.widgets import (
 
 import memnet
 
-DISK_THRESHOLD_BYTES = 1 << 30
+DISK_THRESHOLD_BYTES = 1 << 30  # inputs above 1 GiB default to an on-disk Zarr result
 _CANCELLED = object()
 _RESTORE_WIDGETS: weakref.WeakSet = weakref.WeakSet()
 
@@ -32,7 +32,7 @@ _RESTORE_WIDGETS: weakref.WeakSet = weakref.WeakSet()
 def refresh_all_restore_widgets() -> None:
     """After a fine-tune saved a model: every open Restore widget re-reads the model list."""
     for w in list(_RESTORE_WIDGETS):
-        w.refresh_models()  # inputs above 1 GiB default to an on-disk Zarr result
+        w.refresh_models()
 
 
 def model_choices(*_) -> list[tuple[str, str]]:

@@ -101,3 +101,13 @@ def test_finetune_errors(base_model, rng, kwargs, msg):
     cfg = FinetuneConfig(model=base_model, steps=2, device="cpu", **kwargs)
     with pytest.raises(ValueError, match=msg):
         finetune(cfg, _scene(rng))
+
+
+def test_finetune_never_silently_replaces_a_model(base_model, rng, tiny_model, _isolated_user_models):
+    memnet.save_model(tiny_model, _isolated_user_models / "taken.safetensors", name="taken", task="microscopy")
+    cfg = FinetuneConfig(model=base_model, mode="n2v", name="taken", steps=2, patch=24, device="cpu")
+    with pytest.raises(FileExistsError, match="'taken' already exists"):
+        finetune(cfg, _scene(rng))
+    with pytest.raises(ValueError, match="different from the model it starts from"):
+        finetune(FinetuneConfig(model=base_model, mode="n2v", name=base_model, steps=2, overwrite=True,
+                                device="cpu"), _scene(rng))

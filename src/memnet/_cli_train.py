@@ -25,7 +25,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     cfg = FinetuneConfig(model=args.model, mode=args.mode, name=args.output, steps=args.steps, patch=args.patch,
                          batch=args.batch, lr=args.lr, val_fraction=args.val_fraction, val_every=args.val_every,
-                         patience=args.patience, axes=args.axes, device=args.device, seed=args.seed)
+                         patience=args.patience, axes=args.axes, device=args.device, seed=args.seed,
+                         overwrite=args.overwrite)
     path = finetune(cfg, args.data, target=args.target, noisy2=args.data2, resume=args.resume,
                     log=lambda s: print(s, flush=True))
     print(f"saved {path} (listed by `memnet models` as {args.output!r})")
@@ -98,6 +99,7 @@ def register(sub) -> None:
     f.add_argument("--device", default="auto")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune of the same name")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing user model of the same name")
     f.set_defaults(func=cmd_finetune)
 
     e = sub.add_parser("eval", help="validation figures of a model (published conventions)",

@@ -60,6 +60,7 @@ class FinetuneConfig:
     device: str = "auto"
     seed: int = 0
     max_planes: int = 64  # planes sampled from large stacks
+    overwrite: bool = False  # replace an existing user model of the same name
 
 
 def _planes(data, axes, max_planes: int, rng) -> list[np.ndarray]:
@@ -154,10 +155,16 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
     if not cfg.name or any(c in cfg.name for c in "/\\:"):
         raise ValueError(f"invalid model name {cfg.name!r}: use letters, digits, '-' or '_'")
     log = log or (lambda s: None)
+    existing = user_model_dir() / f"{cfg.name}.safetensors"
+    if existing.exists() and not (resume or cfg.overwrite):
+        raise FileExistsError(f"a user model named {cfg.name!r} already exists ({existing}): choose another name, "
+                              "or overwrite it explicitly")
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     dev = resolve_device(cfg.device)
     model, info = load_model(cfg.model, device=dev)
+    if info.name == cfg.name:
+        raise ValueError(f"the new model needs a name different from the model it starts from ({cfg.name!r})")
     policy = info.normalization
 
     planes = _normalized(_planes(noisy, cfg.axes, cfg.max_planes, rng), policy)
