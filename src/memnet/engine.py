@@ -231,7 +231,8 @@ class Job:
         except Exception as e:
             where = self.source.path or "the input array"
             raise OSError(f"{where}: cannot read plane {lead}, rows {ys.start}:{ys.stop}, columns "
-                          f"{xs.start}:{xs.stop} ({type(e).__name__}: {e}); the file may be truncated or corrupt") from e
+                          f"{xs.start}:{xs.stop} ({type(e).__name__}: {e}); the file may be truncated or "
+                          "corrupt") from e
         if raw.dtype.kind == "f" and not np.all(np.isfinite(raw)):
             bad = np.argwhere(~np.isfinite(raw))[0]
             raise ValueError(f"the input contains NaN or Inf (plane {lead}, near y={ys.start + bad[0]}, "
