@@ -48,8 +48,15 @@ def make_inputs(folder: Path, gb: float) -> tuple[Path, Path, tuple]:
     for i in range(z):
         arr[i] = np.roll(noise, i * 7, axis=1)
     tp = folder / "in.tif"
-    tifffile.imwrite(tp, (np.roll(noise, i * 7, axis=1) for i in range(z)), shape=shape, dtype=np.uint16,
-                     bigtiff=True, tile=(512, 512), metadata={"axes": "ZYX"})
+    def tiles():  # a tiled TIFF written from an iterator of tiles, plane by plane
+        for i in range(z):
+            plane = np.roll(noise, i * 7, axis=1)
+            for y in range(0, plane.shape[0], 512):
+                for x in range(0, plane.shape[1], 512):
+                    yield plane[y: y + 512, x: x + 512]
+
+    tifffile.imwrite(tp, tiles(), shape=shape, dtype=np.uint16, bigtiff=True, tile=(512, 512),
+                     metadata={"axes": "ZYX"})
     return zp, tp, shape
 
 

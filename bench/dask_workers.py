@@ -1,7 +1,7 @@
 """Throughput of `memnet restore` on a dask LocalCluster with 1 vs 2 worker processes (one thread
 each), against the single-process engine with the same total threads.
 
-  python bench/distributed.py --model M4R4C32 --shape 4 512 512
+  python bench/dask_workers.py --model M4R4C32 --shape 4 512 512
 """
 
 from __future__ import annotations

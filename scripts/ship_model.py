@@ -1,0 +1,72 @@
+"""Promote a trained model to the shipped weights (src/memnet/weights/), after measuring it on the
+full validation set with the published conventions. Refuses to replace a shipped model of the same
+name unless the new one validates better (quality accrues across sessions).
+
+  python scripts/ship_model.py runs/microscopy-m4r4c32/best.safetensors --name microscopy-M4R4C32 \
+      --data-root ../shared/data --rank 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+import memnet
+from memnet.evaluate import evaluate_task, predictor
+from memnet.zoo import read_info, shipped_model_dir
+
+DATA = {
+    "denoise": "Train400 (cszn/DnCNN), synthetic AWGN",
+    "sr": "T91 + BSD200 (the '291' set), Y channel",
+    "jpeg": "T91 + BSD200, Y channel",
+    "microscopy": "W2S avg1/avg400 pairs, fields of view 001-030, channels 0-2 (Zhou et al. 2020), "
+                  "plus synthetic Poisson-Gaussian noise on the clean targets",
+}
+VALIDATION = {
+    "denoise": "Set12, sigma 15/25/50, AWGN unclipped, PSNR of the clipped result (peak 255)",
+    "sr": "Set14 Y, x2/x3/x4, Pillow bicubic, border of `scale` px shaved, PSNR on rounded Y",
+    "jpeg": "Set14 Y, Pillow JPEG q10/q20",
+    "microscopy": "W2S fields of view 031-040, channels 0-2; least-squares affine fit of the result to the "
+                  "clean image (CARE normalize_minmse), PSNR peak 255",
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("weights")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--data-root", required=True)
+    ap.add_argument("--rank", type=float, default=10.0, help="higher wins when a task name picks a model")
+    ap.add_argument("--force", action="store_true", help="replace even if validation is not better")
+    args = ap.parse_args()
+    model, info = memnet.load_model(args.weights)
+    metrics = evaluate_task(info.task, predictor(model), args.data_root)
+    print(json.dumps({"model": args.name, **{k: round(v, 3) for k, v in metrics.items()}}))
+    dest = shipped_model_dir() / f"{args.name}.safetensors"
+    if dest.exists() and not args.force:
+        old = read_info(dest, source="shipped").metrics
+        common = [k for k in metrics if k in old and isinstance(old[k], (int, float))]
+        if common and np.mean([metrics[k] for k in common]) <= np.mean([old[k] for k in common]):
+            raise SystemExit(f"not better than the shipped {dest.name} ({old}): keeping it")
+    meta = dict(info.metadata)
+    for k in ("format", "name", "task", "config", "created"):
+        meta.pop(k, None)
+    training = dict(meta.get("training", {}))
+    training.pop("history", None)
+    training["data"] = DATA[info.task]
+    meta.update(
+        description=f"MemNet M{info.config.blocks}R{info.config.recursions}C{info.config.channels} for "
+                    f"{info.task}, trained by napari-memnet (memnet train)",
+        training=training,
+        metrics={k: round(v, 3) for k, v in metrics.items()},
+        validation=VALIDATION[info.task],
+        rank=args.rank,
+    )
+    memnet.save_model(model, dest, name=args.name, task=info.task, metadata=meta)
+    print(f"shipped {dest} ({dest.stat().st_size / 1e6:.2f} MB)")
+
+
+if __name__ == "__main__":
+    main()
