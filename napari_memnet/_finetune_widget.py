@@ -3,7 +3,6 @@ in a background thread, with a live loss / validation-PSNR plot; the result appe
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 
@@ -21,9 +20,8 @@ from qtpy.QtCore import QPointF
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
-import memnet
-
-from ._restore_widget import _CANCELLED, _axes_of, model_choices, refresh_all_restore_widgets
+from ._restore_widget import _axes_of, model_choices, refresh_all_restore_widgets
+from ._worker import CANCELLED, progress_worker
 
 _NEEDS_SECOND = {"paired": "Clean layer", "n2n": "Second noisy layer"}
 
@@ -122,8 +120,6 @@ class FinetuneWidget(Container):
             self._second.label = _NEEDS_SECOND[mode]
 
     def start(self):
-        from napari.qt.threading import thread_worker
-
         from memnet.finetune import FinetuneConfig, finetune
 
         noisy = self._noisy.value
@@ -142,33 +138,9 @@ class FinetuneWidget(Container):
         data = noisy.data[0] if noisy.multiscale else noisy.data
         other = None if second is None else (second.data[0] if second.multiscale else second.data)
         self._stop_event = stop = threading.Event()
-        q: queue.Queue = queue.Queue()
-
-        @thread_worker
-        def work():
-            result = {}
-
-            def run():
-                try:
-                    result["value"] = finetune(cfg, data, target=other if mode == "paired" else None,
-                                               noisy2=other if mode == "n2n" else None, progress=q.put, cancel=stop)
-                except BaseException as e:
-                    result["error"] = e
-
-            t = threading.Thread(target=run, daemon=True)
-            t.start()
-            while t.is_alive() or not q.empty():
-                try:
-                    yield q.get(timeout=0.05)
-                except queue.Empty:
-                    pass
-            if isinstance(result.get("error"), memnet.Cancelled):
-                return _CANCELLED
-            if "error" in result:
-                raise result["error"]
-            return result["value"]
-
-        self.worker = work()
+        self.worker = progress_worker(lambda progress: finetune(
+            cfg, data, target=other if mode == "paired" else None, noisy2=other if mode == "n2n" else None,
+            progress=progress, cancel=stop))
         self.worker.yielded.connect(self._on_progress)
         self.worker.returned.connect(self._on_done)
         self.worker.errored.connect(lambda e: setattr(self._status, "value", f"error: {e}"))
@@ -196,7 +168,7 @@ class FinetuneWidget(Container):
         name = self._name.value.strip()
         refresh_all_restore_widgets()
         self._model.reset_choices()
-        if result is _CANCELLED:
+        if result is CANCELLED:
             self._status.value = f"stopped; the best model so far (if any) is saved as {name!r}"
             return
         self.saved_path = result

@@ -3,7 +3,6 @@ a background thread with progress and Cancel. Calls only memnet's public API."""
 
 from __future__ import annotations
 
-import queue
 import tempfile
 import threading
 import time
@@ -24,15 +23,19 @@ from magicgui.widgets import (
 
 import memnet
 
+from ._worker import CANCELLED, progress_worker
+
 DISK_THRESHOLD_BYTES = 1 << 30  # inputs above 1 GiB default to an on-disk Zarr result
-_CANCELLED = object()
 _RESTORE_WIDGETS: weakref.WeakSet = weakref.WeakSet()
 
 
 def refresh_all_restore_widgets() -> None:
     """After a fine-tune saved a model: every open Restore widget re-reads the model list."""
     for w in list(_RESTORE_WIDGETS):
-        w.refresh_models()
+        try:
+            w.refresh_models()
+        except RuntimeError:  # its Qt widgets were deleted (dock closed, viewer closed)
+            _RESTORE_WIDGETS.discard(w)
 
 
 def model_choices(*_) -> list[tuple[str, str]]:
@@ -156,8 +159,6 @@ class RestoreWidget(Container):
 
     def start(self, preview: bool = False):
         """Start a restore (or a preview of the displayed slice) in a background thread."""
-        from napari.qt.threading import thread_worker
-
         layer, model = self._layer.value, self._model.value
         if layer is None:
             self._status.value = "no image layer: open an image first"
@@ -175,34 +176,9 @@ class RestoreWidget(Container):
             output = Path(str(self._path.value)) if str(self._path.value) not in ("", ".") else \
                 Path(tempfile.mkdtemp(prefix="memnet-")) / f"{layer.name}-restored.zarr"
         self._cancel_event = threading.Event()
-        q: queue.Queue = queue.Queue()
         cancel = self._cancel_event
-
-        @thread_worker
-        def work():
-            result = {}
-
-            def run():
-                try:
-                    result["value"] = memnet.restore(data, model, axes=axes, output=output, progress=q.put,
-                                                     cancel=cancel, **opts)
-                except BaseException as e:
-                    result["error"] = e
-
-            t = threading.Thread(target=run, daemon=True)
-            t.start()
-            while t.is_alive() or not q.empty():
-                try:
-                    yield q.get(timeout=0.05)
-                except queue.Empty:
-                    pass
-            if isinstance(result.get("error"), memnet.Cancelled):
-                return _CANCELLED  # a normal outcome, not an error to report
-            if "error" in result:
-                raise result["error"]
-            return result["value"]
-
-        self.worker = work()
+        self.worker = progress_worker(lambda progress: memnet.restore(
+            data, model, axes=axes, output=output, progress=progress, cancel=cancel, **opts))
         self.worker.yielded.connect(self._on_progress)
         self.worker.returned.connect(lambda res: self._on_done(layer, model, res, opts, preview, output,
                                                                where if preview else None))
@@ -242,7 +218,7 @@ class RestoreWidget(Container):
         self._status.value = f"{p.done}/{p.total} tiles  {p.mpx_per_s:.2f} Mpx/s  {_fmt_eta(p)}"
 
     def _on_done(self, layer, model, result, opts, preview, output, where) -> None:
-        if result is _CANCELLED:
+        if result is CANCELLED:
             self._status.value = "cancelled: no layer was added"
             return
         s = opts.get("scale", 1)

@@ -7,7 +7,7 @@ from memnet.cli import main
 
 def test_models_lists_user_models_in_a_table(tiny_model, _isolated_user_models, capsys):
     memnet.save_model(tiny_model, _isolated_user_models / "lab.safetensors", name="lab-denoiser",
-                      task="microscopy", metadata={"metrics": {"W2S": 31.5}})
+                      task="microscopy", metadata={"metrics": {"W2S": 31.5}, "rank": 100})
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     header = out.splitlines()[0].split()

@@ -24,7 +24,7 @@ def _noisy(clean, rng, photons=30.0):
 @pytest.fixture
 def base_model(tiny_model, _isolated_user_models):
     memnet.save_model(tiny_model, _isolated_user_models / "base.safetensors", name="base-micro", task="microscopy",
-                      metadata={"normalization": {"mode": "percentile", "low": 1, "high": 99.8}, "rank": 3})
+                      metadata={"normalization": {"mode": "percentile", "low": 1, "high": 99.8}, "rank": 100})
     return "base-micro"
 
 
