@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==$(TORCH_VERSION)
 BIN := $(VENV)/bin
 DEMO_OUT ?= out/demo
 
-.PHONY: install install-test demo test lint clean
+.PHONY: install install-test demo napari test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(BIN)/memnet models
 	$(BIN)/python scripts/demo.py --output $(DEMO_OUT)
+
+# The plugin in a napari window, with the sample open and both widgets docked (needs a display).
+napari: install
+	$(BIN)/python scripts/launch_napari.py
 
 lint: install-test
 	$(BIN)/ruff check .
