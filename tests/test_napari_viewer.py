@@ -25,10 +25,8 @@ def user_model(tiny_model, _isolated_user_models):
 
 
 def _widget(viewer):
-    from napari_memnet._restore_widget import RestoreWidget
-
-    w = RestoreWidget(viewer)
-    viewer.window.add_dock_widget(w, name="Restore")
+    """The Restore widget as napari finds it: from the plugin's manifest."""
+    _, w = viewer.window.add_plugin_dock_widget("napari-memnet", "Restore")
     return w
 
 
@@ -159,8 +157,8 @@ def test_finetune_widget_trains_and_the_model_appears_in_restore(make_napari_vie
     viewer.add_image(noisy, name="noisy")
     viewer.add_image(clean, name="clean")
     restore = _widget(viewer)
-    ft = FinetuneWidget(viewer)
-    viewer.window.add_dock_widget(ft, name="Fine-tune")
+    _, ft = viewer.window.add_plugin_dock_widget("napari-memnet", "Fine-tune")
+    assert isinstance(ft, FinetuneWidget)
     ft._noisy.value = viewer.layers["noisy"]
     ft._mode.value = "paired"
     assert not ft._second.native.isHidden()

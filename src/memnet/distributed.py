@@ -105,8 +105,8 @@ def run_distributed(job: Job, output, *, client=None, workers=None, scheduler=No
     weights = model_bytes(job.runner.model, job.info)
     spec = {
         "input": str(job.source.path.resolve()), "axes": job.source.axes, "output": str(Path(output).resolve()),
-        "digest": hashlib.sha256(weights).hexdigest()[:16], "device": "auto" if job.runner.device.type != "cpu"
-        else "cpu", "radius": job.radius, "scale": job.scale, "batch": bs,
+        "digest": hashlib.sha256(weights).hexdigest()[:16], "device": job.device_request,
+        "radius": job.radius, "scale": job.scale, "batch": bs,
         "plan": (job.plan.height, job.plan.width, job.plan.tile, job.plan.halo, None),
         "norm": {"scale": job.norm.scale, "offset": job.norm.offset, "dtype": str(job.norm.out_dtype),
                  "clip": list(job.norm.clip) if job.norm.clip else None},

@@ -191,6 +191,7 @@ class Job:
     yi: int
     xi: int
     scale: int = 1  # super-resolution factor: the plan is in output (upscaled) pixels
+    device_request: str = "auto"  # as asked ("auto" lets each distributed worker pick its own GPU)
 
     @property
     def out_shape(self) -> tuple[int, ...]:
@@ -329,7 +330,7 @@ def prepare(data, model="denoise", *, axes=None, tile=256, halo="exact", blend="
     plan = TilePlan(H, W, tile=int(tile), halo=h, blend=blend_kind)
     norm = Normalizer.for_data(src.array, policy)
     runner = Runner(net, dev, amp=amp)
-    return Job(src, runner, norm, plan, info, radius, leads, yi, xi, scale=int(scale))
+    return Job(src, runner, norm, plan, info, radius, leads, yi, xi, scale=int(scale), device_request=str(device))
 
 
 def _zarr_target(output) -> Path | None:
