@@ -108,11 +108,3 @@ def bicubic_up_rows(n_in: int, scale: int, start: int, stop: int) -> tuple[np.nd
     for i, (x, w) in enumerate(spans):
         m[i, x - c0: x - c0 + len(w)] = w
     return m, c0, c1
-
-
-def bicubic_up_matrix(n_in: int, scale: int) -> np.ndarray:
-    """The whole (scale·n_in × n_in) upscaling matrix of one axis (small sizes only)."""
-    m, c0, c1 = bicubic_up_rows(n_in, scale, 0, n_in * scale)
-    full = np.zeros((n_in * scale, n_in))
-    full[:, c0:c1] = m
-    return full

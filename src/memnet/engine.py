@@ -213,10 +213,6 @@ class Job:
                 t[a] = t.get(a, 0.0) + self.source.scale.get(a, 1.0) * (0.5 / self.scale - 0.5)
         return t
 
-    @property
-    def total_tiles(self) -> int:
-        return len(self.leads) * len(self.plan)
-
     def read_window(self, lead: tuple, t: Tile) -> np.ndarray:
         ys, xs = t.window
         if self.scale > 1:
