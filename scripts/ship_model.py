@@ -45,6 +45,7 @@ def main() -> None:
     metrics = evaluate_task(info.task, predictor(model), args.data_root)
     print(json.dumps({"model": args.name, **{k: round(v, 3) for k, v in metrics.items()}}))
     dest = shipped_model_dir() / f"{args.name}.safetensors"
+    previous = read_info(dest, source="shipped").metadata.get("training", {}) if dest.exists() else {}
     if dest.exists() and not args.force:
         old = read_info(dest, source="shipped").metrics
         common = [k for k in metrics if k in old and isinstance(old[k], (int, float))]
@@ -56,6 +57,12 @@ def main() -> None:
     training = dict(meta.get("training", {}))
     training.pop("history", None)
     training["data"] = DATA[info.task]
+    if (training.get("config") or {}).get("init") and previous:
+        # Continued from the shipped weights: the card keeps the cumulative recipe.
+        training["continued_from"] = {k: previous.get(k) for k in ("steps", "hours", "total_steps", "total_hours")}
+        training["total_steps"] = previous.get("total_steps", previous.get("steps", 0)) + training.get("steps", 0)
+        training["total_hours"] = round(previous.get("total_hours", previous.get("hours", 0))
+                                        + training.get("hours", 0), 3)
     meta.update(
         description=f"MemNet M{info.config.blocks}R{info.config.recursions}C{info.config.channels} for "
                     f"{info.task}, trained by napari-memnet (memnet train)",
