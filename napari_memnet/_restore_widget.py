@@ -223,11 +223,9 @@ class RestoreWidget(Container):
             return
         s = opts.get("scale", 1)
         axes = _axes_of(layer) or ("Q" * (layer.ndim - 2) + "YX")
-        scale, translate = list(layer.scale), list(layer.translate)
-        for d, a in enumerate(axes):
-            if a in "YX" and s > 1:
-                translate[d] += scale[d] * (0.5 / s - 0.5)
-                scale[d] /= s
+        keys = [a if a in "YX" else str(d) for d, a in enumerate(axes)]  # unique keys, Y/X by letter
+        sc, tr = memnet.upscaled_geometry(dict(zip(keys, layer.scale)), dict(zip(keys, layer.translate)), s)
+        scale, translate = [sc[k] for k in keys], [tr[k] for k in keys]
         kw = {"scale": scale, "translate": translate, "axis_labels": layer.axis_labels,
               "units": layer.units, "metadata": {**layer.metadata, "memnet_model": model, "memnet_options": opts},
               "colormap": layer.colormap.name, "blending": layer.blending}

@@ -159,4 +159,5 @@ def test_resume_skips_done_groups(stack, model_file, tmp_path):
                    progress=seen.append)
     # Only the missing group's 4 tiles are recomputed (in batches of 3 + 1), from 32 of 36 done.
     assert [p.done for p in seen] == [35, 36] and seen[-1].total == 36
+    assert seen[0].skipped == 32  # the ETA is computed from the tiles this run did, not the skipped ones
     np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["0"][:], ref)

@@ -184,3 +184,19 @@ def test_finetune_widget_needs_a_second_layer_for_paired(make_napari_viewer, use
     ft._mode.value = "paired"
     ft._second.value = viewer.layers["only"]
     assert ft.start() is None and "needs a clean layer" in ft._status.value
+
+
+def test_super_resolution_layer_geometry(make_napari_viewer, qtbot, tiny_model, _isolated_user_models, rng):
+    memnet.save_model(tiny_model, _isolated_user_models / "sr.safetensors", name="tiny-sr", task="sr")
+    viewer = make_napari_viewer()
+    viewer.add_image(rng.random((2, 20, 30), dtype=np.float32), name="lr", scale=(3.0, 0.4, 0.4),
+                     translate=(0.0, 10.0, 20.0))
+    w = _widget(viewer)
+    w._model.value = "tiny-sr"
+    w._scale.value = 2
+    _wait(qtbot, w.start())
+    out = viewer.layers["lr [tiny-sr]"]
+    assert out.data.shape == (2, 40, 60)
+    np.testing.assert_allclose(out.scale, (3.0, 0.2, 0.2))
+    # The upscaled grid's first pixel centre sits a quarter input pixel before the input's.
+    np.testing.assert_allclose(out.translate, (0.0, 10.0 - 0.1, 20.0 - 0.1))

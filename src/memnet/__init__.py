@@ -27,7 +27,8 @@ __all__ = [
     "user_model_dir",
 ]
 
-from .engine import Cancelled, Progress, restore, restore_lazy  # noqa: E402
+from .engine import Cancelled, Progress, restore, restore_lazy, upscaled_geometry  # noqa: E402
 from .io import Source, open_input, save_image  # noqa: E402
 
-__all__ += ["Cancelled", "Progress", "Source", "open_input", "restore", "restore_lazy", "save_image"]
+__all__ += ["Cancelled", "Progress", "Source", "open_input", "restore", "restore_lazy", "save_image",
+            "upscaled_geometry"]

@@ -114,7 +114,7 @@ def run_distributed(job: Job, output, *, client=None, workers=None, scheduler=No
     groups = job.groups(rows)
     total = sum(len(g[2]) for g in groups)
     todo = [g for g in groups if g[0] not in done]
-    n_done = total - sum(len(g[2]) for g in todo)
+    n_done = skipped = total - sum(len(g[2]) for g in todo)
     cl, cluster = _client(client, workers, scheduler)
     from distributed import as_completed
 
@@ -133,7 +133,7 @@ def run_distributed(job: Job, output, *, client=None, workers=None, scheduler=No
             n_done += len(tiles)
             pixels += sum((t.core[0].stop - t.core[0].start) * (t.core[1].stop - t.core[1].start) for t in tiles)
             if progress is not None:
-                progress(Progress(n_done, total, time.perf_counter() - t0, pixels))
+                progress(Progress(n_done, total, time.perf_counter() - t0, pixels, skipped))
             if _is_cancelled(cancel):
                 cl.cancel(list(futures))
                 raise Cancelled("restore cancelled")

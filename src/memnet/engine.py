@@ -27,7 +27,8 @@ from .normalize import Normalizer
 from .tiling import Tile, TilePlan
 from .zoo import ModelInfo, load_model
 
-__all__ = ["restore", "restore_lazy", "Cancelled", "Progress", "Runner", "resolve_device", "prepare"]
+__all__ = ["restore", "restore_lazy", "Cancelled", "Progress", "Runner", "resolve_device", "prepare",
+           "upscaled_geometry"]
 
 
 class Cancelled(Exception):
@@ -41,6 +42,7 @@ class Progress:
     total: int
     elapsed: float
     pixels: int  # output pixels written so far
+    skipped: int = 0  # tiles already done before this run (resume): not counted in the rate
 
     @property
     def fraction(self) -> float:
@@ -52,9 +54,10 @@ class Progress:
 
     @property
     def eta(self) -> float | None:
-        if self.done == 0:
+        ran = self.done - self.skipped
+        if ran <= 0:
             return None
-        return self.elapsed * (self.total - self.done) / self.done
+        return self.elapsed * (self.total - self.done) / ran
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -165,6 +168,19 @@ def _auto_batch(model: MemNet, window: tuple[int, int], device: torch.device, bu
     return n
 
 
+def upscaled_geometry(scale: dict, translate: dict, factor: int) -> tuple[dict, dict]:
+    """Pixel size and origin of a super-resolved output, per axis letter: YX pixel sizes divided by
+    the factor, and the first pixel centre moved (1/s - 1)/2 input pixels (the upscaled grid starts
+    before the input's first pixel centre). Identity for factor 1."""
+    if factor == 1:
+        return dict(scale), dict(translate)
+    out_s = {a: v / factor if a in "YX" else v for a, v in scale.items()}
+    out_t = dict(translate)
+    for a in "YX":
+        out_t[a] = out_t.get(a, 0.0) + scale.get(a, 1.0) * (0.5 / factor - 0.5)
+    return out_s, out_t
+
+
 def _lead_indices(shape: tuple[int, ...], axes: str) -> tuple[list[tuple], int, int]:
     """All index tuples over the non-YX axes, plus the positions of Y and X."""
     yi, xi = axes.index("Y"), axes.index("X")
@@ -200,18 +216,11 @@ class Job:
 
     @property
     def out_scale(self) -> dict:
-        """Physical pixel sizes of the output (YX divided by the SR factor)."""
-        return {a: v / self.scale if a in "YX" else v for a, v in self.source.scale.items()}
+        return upscaled_geometry(self.source.scale, self.source.translate, self.scale)[0]
 
     @property
     def out_translate(self) -> dict:
-        """World position of the output's first pixel centre: with SR, the upscaled pixel grid starts
-        (1/s - 1)/2 input pixels before the input's first pixel centre."""
-        t = dict(self.source.translate)
-        if self.scale > 1:
-            for a in "YX":
-                t[a] = t.get(a, 0.0) + self.source.scale.get(a, 1.0) * (0.5 / self.scale - 0.5)
-        return t
+        return upscaled_geometry(self.source.scale, self.source.translate, self.scale)[1]
 
     def read_window(self, lead: tuple, t: Tile) -> np.ndarray:
         ys, xs = t.window
@@ -471,7 +480,7 @@ def run_job(job: Job, sink, *, batch_size="auto", progress: Callable[[Progress],
     todo = [g for g in groups if g[0] not in skip]
     writer = _Writer(sink)
     total = sum(len(g[2]) for g in groups)
-    done = total - sum(len(g[2]) for g in todo)
+    done = skipped = total - sum(len(g[2]) for g in todo)
     pixels, t0 = 0, time.perf_counter()
     blended = job.plan.blend is not None
     acc: dict = {}  # blended: (lead, iy, ix) -> fp32 accumulator of a core
@@ -504,7 +513,7 @@ def run_job(job: Job, sink, *, batch_size="auto", progress: Callable[[Progress],
             if key is not None and not blended:
                 writer.mark(key)
             if progress is not None:
-                progress(Progress(done, total, time.perf_counter() - t0, pixels))
+                progress(Progress(done, total, time.perf_counter() - t0, pixels, skipped))
         writer.close()
     except BaseException:
         try:

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from .degrade import affine_fit, bicubic_degrade, gaussian_noise, jpeg_degrade, psnr, rgb_to_y
+from .normalize import Normalizer
 
 Predictor = Callable[[np.ndarray], np.ndarray]
 
@@ -117,8 +118,9 @@ def w2s_pairs(root, fovs, channels=(0, 1, 2)) -> list[tuple[Path, Path]]:
 
 
 def percentile_normalize(x: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
-    lo, hi = np.percentile(x, [low, high])
-    return ((x.astype(np.float64) - lo) / max(hi - lo, 1e-6)).astype(np.float32)
+    """One image by its own percentiles: the microscopy models' inference policy (memnet.normalize),
+    so training, validation and restore map intensities the same way."""
+    return Normalizer.for_data(x, {"mode": "percentile", "low": low, "high": high}).forward(x)
 
 
 def eval_w2s(pred: Predictor, root, fovs=range(31, 41), channels=(0, 1, 2), low=1.0, high=99.8) -> dict[str, float]:

@@ -250,7 +250,7 @@ class MemorySink:
         pass
 
 
-def _check_output_path(out: Path, src: Source | None, overwrite: bool) -> None:
+def _refuse_input_as_output(out: Path, src: Source | None) -> None:
     if src is not None and src.path is not None:
         try:
             same = out.resolve() == src.path.resolve()
@@ -260,6 +260,10 @@ def _check_output_path(out: Path, src: Source | None, overwrite: bool) -> None:
             raise ValueError(
                 f"the output {out} is the input: choose another output path (inputs are never overwritten)"
             )
+
+
+def _check_output_path(out: Path, src: Source | None, overwrite: bool) -> None:
+    _refuse_input_as_output(out, src)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output {out} already exists: pass overwrite=True (--overwrite) or choose another path")
     parent = out.parent if str(out.parent) else Path(".")
@@ -323,8 +327,7 @@ class ZarrSink:
         """Open an existing output to resume it, after checking it belongs to the same job."""
         import zarr
 
-        if src is not None and src.path is not None and path.resolve() == src.path.resolve():
-            raise ValueError(f"the output {path} is the input: choose another output path")
+        _refuse_input_as_output(path, src)
         try:
             root = zarr.open_group(str(path), mode="r+")
             stored = dict(root.attrs)["memnet"]["job"]
