@@ -111,3 +111,34 @@ def test_finetune_never_silently_replaces_a_model(base_model, rng, tiny_model, _
     with pytest.raises(ValueError, match="different from the model it starts from"):
         finetune(FinetuneConfig(model=base_model, mode="n2v", name=base_model, steps=2, overwrite=True,
                                 device="cpu"), _scene(rng))
+
+
+def test_cli_paired_from_folders_with_include(base_model, tmp_path, rng, capsys):
+    """Folders of single images pair up in sorted order; --include selects files; each image is
+    normalised on its own (two exposures 10x apart give the same normalised planes)."""
+    from memnet.finetune import _planes
+
+    clean = _scene(rng, (6, 64, 64))
+    (tmp_path / "noisy").mkdir()
+    (tmp_path / "clean").mkdir()
+    for k in range(6):
+        gain = 10.0 if k % 2 else 1.0
+        tifffile.imwrite(tmp_path / "noisy" / f"img_{k:03d}.tif", (_noisy(clean[k], rng) * 1000 * gain).astype(np.uint16))
+        tifffile.imwrite(tmp_path / "clean" / f"img_{k:03d}.tif", (clean[k] * 1000 * gain).astype(np.uint16))
+    (tmp_path / "clean" / "notes.txt").write_text("not an image")
+    policy = {"mode": "percentile", "low": 1, "high": 99.8}
+    planes = _planes(tmp_path / "clean", None, 64, policy, include=r"_00[01]\.")
+    assert len(planes) == 2
+    np.testing.assert_allclose(planes[0], _planes(tmp_path / "clean" / "img_000.tif", None, 64, policy)[0])
+    assert abs(float(np.percentile(planes[1], 99.8)) - 1.0) < 0.05  # 10x exposure, same normalised range
+
+    args = ["finetune", "--model", base_model, "--mode", "paired", "--data", str(tmp_path / "noisy"), "--target",
+            str(tmp_path / "clean"), "--include", "_00[0-4]", "-o", "lab-folders", "--steps", "10", "--patch", "24",
+            "--batch", "4", "--val-every", "5", "--device", "cpu"]
+    assert main(args) == 0
+    _, info = memnet.load_model("lab-folders")
+    assert info.metadata["finetune"]["config"]["include"] == "_00[0-4]"
+    capsys.readouterr()
+    bad = [{"_00[0-4]": "_999_", "lab-folders": "lab-none"}.get(a, a) for a in args]
+    assert main(bad) != 0
+    assert re.search(r"no TIFF or Zarr images in .*noisy matching '_999_'", capsys.readouterr().err)

@@ -25,8 +25,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     cfg = FinetuneConfig(model=args.model, mode=args.mode, name=args.output, steps=args.steps, patch=args.patch,
                          batch=args.batch, lr=args.lr, val_fraction=args.val_fraction, val_every=args.val_every,
-                         patience=args.patience, axes=args.axes, device=args.device, seed=args.seed,
-                         overwrite=args.overwrite)
+                         patience=args.patience, axes=args.axes, include=args.include, max_planes=args.max_planes,
+                         device=args.device, seed=args.seed, overwrite=args.overwrite)
     path = finetune(cfg, args.data, target=args.target, noisy2=args.data2, resume=args.resume,
                     log=lambda s: print(s, flush=True))
     print(f"saved {path} (listed by `memnet models` as {args.output!r})")
@@ -84,9 +84,11 @@ def register(sub) -> None:
                        "on your data. The result goes to the user model directory.")
     f.add_argument("--model", default="microscopy", help="model to start from [microscopy]")
     f.add_argument("--mode", required=True, choices=("paired", "n2n", "n2v", "synthetic"))
-    f.add_argument("--data", required=True, help="noisy image or stack (TIFF/Zarr)")
-    f.add_argument("--target", help="clean counterpart of --data (paired)")
+    f.add_argument("--data", required=True, help="noisy image, stack (TIFF/Zarr) or folder of them")
+    f.add_argument("--target", help="clean counterpart of --data (paired; folders match in sorted order)")
     f.add_argument("--data2", help="second noisy acquisition of the same field (n2n)")
+    f.add_argument("--include", help="regex on file names when the data are folders, e.g. '_(03[1-9]|040)_'")
+    f.add_argument("--max-planes", type=int, default=64, help="planes sampled from large stacks/folders [64]")
     f.add_argument("-o", "--output", required=True, help="name of the new model")
     f.add_argument("--steps", type=int, default=1000)
     f.add_argument("--patch", type=int, default=48)

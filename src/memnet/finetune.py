@@ -14,6 +14,8 @@ The result is a .safetensors model in the user model directory, with its provena
 from __future__ import annotations
 
 import math
+import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ import torch
 
 from .degrade import psnr
 from .engine import Cancelled, resolve_device
-from .io import open_input
+from .io import is_zarr_path, open_input
 from .normalize import Normalizer
 from .train import PatchSampler, multi_supervised_loss
 from .zoo import load_model, save_model, user_model_dir
@@ -57,32 +59,58 @@ class FinetuneConfig:
     patience: int = 5  # validation rounds without improvement before stopping
     mask_fraction: float = 0.015  # n2v: blind-spot pixels per patch
     axes: str | None = None
+    include: str | None = None  # regex on file names when the data are folders
     device: str = "auto"
     seed: int = 0
     max_planes: int = 64  # planes sampled from large stacks
     overwrite: bool = False  # replace an existing user model of the same name
 
 
-def _planes(data, axes, max_planes: int, rng) -> list[np.ndarray]:
-    """2-D planes (Y, X) from an image or stack, a regular sample of at most ``max_planes``."""
-    src = open_input(data, axes=axes)
-    yi, xi = src.axes.index("Y"), src.axes.index("X")
-    lead_shape = [n for d, n in enumerate(src.shape) if d not in (yi, xi)]
-    n = int(np.prod(lead_shape)) if lead_shape else 1
-    picks = np.unique(np.linspace(0, n - 1, min(n, max_planes)).round().astype(int))
+def _sources(data, include: str | None) -> list:
+    """The images in ``data``: one image/stack (path or array), a folder of TIFF/Zarr images (sorted by
+    name, filtered by the ``include`` regex), or a list of paths."""
+    if isinstance(data, (list, tuple)):
+        items = list(data)
+    elif isinstance(data, (str, os.PathLike)) and Path(data).is_dir() and not is_zarr_path(data):
+        folder = Path(data)
+        items = sorted(p for p in folder.iterdir()
+                       if p.suffix.lower() in (".tif", ".tiff") or (p.is_dir() and is_zarr_path(p)))
+        if include:
+            rx = re.compile(include)
+            items = [p for p in items if rx.search(p.name)]
+        if not items:
+            raise FileNotFoundError(f"no TIFF or Zarr images in {folder}"
+                                    + (f" matching {include!r}" if include else ""))
+    else:
+        items = [data]
+    if not items:
+        raise ValueError("no input images given")
+    return items
+
+
+def _planes(data, axes, max_planes: int, policy: dict, include: str | None = None) -> list[np.ndarray]:
+    """Normalised 2-D planes (Y, X) from the images in ``data``: at most ``max_planes`` in all, a regular
+    sample. Each image is normalised on its own with the model's policy, as `restore` would."""
+    sources = _sources(data, include)
+    if len(sources) > max_planes:
+        sources = [sources[i] for i in np.unique(np.linspace(0, len(sources) - 1, max_planes).round().astype(int))]
+    per_source = max(1, max_planes // len(sources))
     out = []
-    for flat in picks:
-        lead = iter(np.unravel_index(flat, lead_shape) if lead_shape else ())
-        idx = tuple(slice(None) if d in (yi, xi) else int(next(lead)) for d in range(len(src.shape)))
-        p = np.asarray(src.array[idx])
-        out.append(p.T if yi > xi else p)
+    for item in sources:
+        src = open_input(item, axes=axes)
+        yi, xi = src.axes.index("Y"), src.axes.index("X")
+        lead_shape = [n for d, n in enumerate(src.shape) if d not in (yi, xi)]
+        n = int(np.prod(lead_shape)) if lead_shape else 1
+        picks = np.unique(np.linspace(0, n - 1, min(n, per_source)).round().astype(int))
+        planes = []
+        for flat in picks:
+            lead = iter(np.unravel_index(flat, lead_shape) if lead_shape else ())
+            idx = tuple(slice(None) if d in (yi, xi) else int(next(lead)) for d in range(len(src.shape)))
+            p = np.asarray(src.array[idx])
+            planes.append(p.T if yi > xi else p)
+        stack = np.stack(planes)
+        out.extend(Normalizer.for_data(stack, policy).forward(stack))
     return out
-
-
-def _normalized(planes: list[np.ndarray], policy: dict) -> list[np.ndarray]:
-    """Each acquisition normalised with the model's own policy, statistics over the whole set."""
-    stack = np.stack(planes)
-    return list(Normalizer.for_data(stack, policy).forward(stack))
 
 
 def fit_noise_model(noisy: np.ndarray, signal: np.ndarray, bins: int = 32) -> tuple[float, float]:
@@ -143,7 +171,8 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
              resume: bool = False, log=None) -> Path:
     """Fine-tune ``cfg.model`` on the user's data; returns the saved model's path.
 
-    ``noisy``: image/stack (array or path). ``target``: clean counterpart (``paired``).
+    ``noisy``: image/stack (array or path), a folder of images, or a list of paths. ``target``: clean
+    counterpart (``paired``, matched image for image in sorted order).
     ``noisy2``: second noisy acquisition (``n2n``). A checkpoint is kept under the user model
     directory (``.runs/NAME``) so ``resume=True`` continues an interrupted run."""
     if cfg.mode not in MODES:
@@ -167,11 +196,11 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
         raise ValueError(f"the new model needs a name different from the model it starts from ({cfg.name!r})")
     policy = info.normalization
 
-    planes = _normalized(_planes(noisy, cfg.axes, cfg.max_planes, rng), policy)
+    planes = _planes(noisy, cfg.axes, cfg.max_planes, policy, cfg.include)
     if cfg.mode == "paired":
-        others = _normalized(_planes(target, cfg.axes, cfg.max_planes, rng), policy)
+        others = _planes(target, cfg.axes, cfg.max_planes, policy, cfg.include)
     elif cfg.mode == "n2n":
-        others = _normalized(_planes(noisy2, cfg.axes, cfg.max_planes, rng), policy)
+        others = _planes(noisy2, cfg.axes, cfg.max_planes, policy, cfg.include)
     else:
         others = None
     if others is not None:
