@@ -123,7 +123,8 @@ def test_cli_paired_from_folders_with_include(base_model, tmp_path, rng, capsys)
     (tmp_path / "clean").mkdir()
     for k in range(6):
         gain = 10.0 if k % 2 else 1.0
-        tifffile.imwrite(tmp_path / "noisy" / f"img_{k:03d}.tif", (_noisy(clean[k], rng) * 1000 * gain).astype(np.uint16))
+        noisy = (_noisy(clean[k], rng) * 1000 * gain).astype(np.uint16)
+        tifffile.imwrite(tmp_path / "noisy" / f"img_{k:03d}.tif", noisy)
         tifffile.imwrite(tmp_path / "clean" / f"img_{k:03d}.tif", (clean[k] * 1000 * gain).astype(np.uint16))
     (tmp_path / "clean" / "notes.txt").write_text("not an image")
     policy = {"mode": "percentile", "low": 1, "high": 99.8}
