@@ -25,6 +25,7 @@ def tiny_model():
                 mod.running_var.uniform_(0.5, 1.5)
                 mod.weight.uniform_(0.5, 1.5)
                 mod.bias.uniform_(-0.1, 0.1)
+        m.recon_conv.weight.normal_(0, 0.1)  # not the identity of a freshly initialised model
     return m.eval()
 
 

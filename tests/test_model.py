@@ -77,20 +77,38 @@ def test_branches_and_weighted_sum(tiny_model):
     torch.testing.assert_close(tiny_model(x), final)
 
 
-def test_gradients_reach_branch_weights_and_shared_convs():
+def test_a_new_model_starts_as_the_identity_and_learns_from_the_first_steps():
+    """Init: zero reconstruction conv (every branch and the output equal the input) and a +3 shift in
+    the input BN, so its ReLU passes nearly every pixel instead of hiding the below-mean half."""
+    torch.manual_seed(0)
     m = memnet.MemNet(2, 2, 8).train()
     x = torch.rand(4, 1, 16, 16)
     final, branches = m(x, branches=True)
-    loss = sum(((y - x) ** 2).mean() for y in branches + [final])
-    loss.backward()
+    for y in branches + [final]:
+        torch.testing.assert_close(y, x)
+    z = m.fenet.bn(x)
+    assert (z > 0).float().mean() > 0.99
+    target = x.flip(-1)  # something to learn
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(3):
+        final, branches = m(x, branches=True)
+        loss = sum(((y - target) ** 2).mean() for y in branches + [final])
+        opt.zero_grad()
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+    # After one step the reconstruction conv is non-zero and gradients reach every shared conv.
     assert m.branch_weights.grad is not None and m.branch_weights.grad.abs().sum() > 0
-    assert m.blocks[0].conv_a.weight.grad.abs().sum() > 0
+    assert m.blocks[0].conv_a.weight.grad.abs().sum() > 0 and m.fenet.conv.weight.grad.abs().sum() > 0
+    assert losses[-1] < losses[0]
 
 
 @pytest.mark.parametrize("cfg", [(2, 2, 4), (3, 1, 4), (1, 3, 4)])
 def test_receptive_field_matches_impulse_response(cfg):
     torch.manual_seed(1)
     m = memnet.MemNet(*cfg).double().eval()
+    nn.init.normal_(m.recon_conv.weight)  # the zero init would hide every path
     r = memnet.receptive_field(m)
     assert r == 2 + 2 * cfg[0] * cfg[1]
     size = 2 * r + 9

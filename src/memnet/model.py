@@ -118,6 +118,12 @@ class MemNet(nn.Module):
             if isinstance(mod, nn.Conv2d):
                 nn.init.kaiming_normal_(mod.weight, mode="fan_in", nonlinearity="relu")
                 nn.init.zeros_(mod.bias)
+        # Two init choices (the architecture is unchanged) that make training start from the identity
+        # instead of from noise: the reconstruction conv starts at zero, so every branch output is
+        # the input; and the input BN starts with a +3 shift, so its ReLU passes (nearly) every pixel
+        # rather than hiding all below-mean intensities from the network.
+        nn.init.zeros_(self.recon_conv.weight)
+        nn.init.constant_(self.fenet.bn.bias, 3.0)
 
     def forward(self, x: torch.Tensor, branches: bool = False):
         long_term = [self.fenet(x)]
