@@ -14,13 +14,13 @@ import json
 import numpy as np
 
 import memnet
-from memnet.evaluate import evaluate_task, predictor
+from memnet.evaluate import evaluate_task, identity, predictor
 from memnet.zoo import read_info, shipped_model_dir
 
 DATA = {
     "denoise": "Train400 (cszn/DnCNN), synthetic AWGN",
     "sr": "T91 + BSD200 (the '291' set), Y channel",
-    "jpeg": "T91 + BSD200, Y channel",
+    "jpeg": "T91 + BSD200 + Train400, Y channel / gray",
     "microscopy": "W2S avg1/avg400 pairs, fields of view 001-030, channels 0-2 (Zhou et al. 2020), "
                   "plus synthetic Poisson-Gaussian noise on the clean targets",
 }
@@ -32,6 +32,17 @@ VALIDATION = {
                   "clean image (CARE normalize_minmse), PSNR peak 255",
 }
 
+# The classical peer every shipped model must beat on every row (issue #4's minimum bar). BM3D figures:
+# the published Set12 references; W2S measured by bench/w2s_bm3d.py at its best-case sigma. Bicubic and
+# the JPEG itself are computed here with the same evaluation code as the model.
+PEERS = {
+    "denoise": ("BM3D", {"sigma15": 32.37, "sigma25": 29.97, "sigma50": 26.72}),
+    "microscopy": ("BM3D (best-case sigma)", {"W2S": 28.90}),
+    "sr": ("bicubic", None),
+    "jpeg": ("the JPEG itself", None),
+}
+MARGIN_DB = 0.1  # "clearly ahead"
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,11 +50,18 @@ def main() -> None:
     ap.add_argument("--name", required=True)
     ap.add_argument("--data-root", required=True)
     ap.add_argument("--rank", type=float, default=10.0, help="higher wins when a task name picks a model")
-    ap.add_argument("--force", action="store_true", help="replace even if validation is not better")
+    ap.add_argument("--force", action="store_true",
+                    help="ship even if not ahead of the classical peer or of the shipped model")
     args = ap.parse_args()
     model, info = memnet.load_model(args.weights)
     metrics = evaluate_task(info.task, predictor(model), args.data_root)
     print(json.dumps({"model": args.name, **{k: round(v, 3) for k, v in metrics.items()}}))
+    peer_name, peer = PEERS[info.task]
+    if peer is None:
+        peer = evaluate_task(info.task, identity, args.data_root)
+    behind = {k: (round(metrics[k], 2), round(v, 2)) for k, v in peer.items() if metrics[k] < v + MARGIN_DB}
+    if behind and not args.force:
+        raise SystemExit(f"not shipped: not clearly ahead of {peer_name} on {behind} (model, peer) dB")
     dest = shipped_model_dir() / f"{args.name}.safetensors"
     previous = read_info(dest, source="shipped").metadata.get("training", {}) if dest.exists() else {}
     if dest.exists() and not args.force:
