@@ -47,8 +47,9 @@ def test_round_trip_save_list_load(tiny_model, _isolated_user_models):
 
 def test_task_name_picks_highest_rank(tiny_model, _isolated_user_models):
     d = _isolated_user_models
-    _save(tiny_model, d / "a.safetensors", name="jpeg-a", task="jpeg", metadata={"rank": 1})
-    _save(tiny_model, d / "b.safetensors", name="jpeg-b", task="jpeg", metadata={"rank": 5})
+    # Ranks above the shipped models' 10, so the shipped jpeg model is one of the candidates.
+    _save(tiny_model, d / "a.safetensors", name="jpeg-a", task="jpeg", metadata={"rank": 11})
+    _save(tiny_model, d / "b.safetensors", name="jpeg-b", task="jpeg", metadata={"rank": 15})
     _, info = memnet.load_model("jpeg")
     assert info.name == "jpeg-b"
 
