@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from .degrade import psnr
 from .engine import Cancelled, resolve_device
 from .io import is_zarr_path, open_input
 from .normalize import Normalizer
-from .train import PatchSampler, multi_supervised_loss
+from .train import PatchSampler, _list, multi_supervised_loss
 from .zoo import load_model, save_model, user_model_dir
 
 __all__ = ["FinetuneConfig", "FinetuneProgress", "finetune", "MODES", "fit_noise_model"]
@@ -72,15 +71,8 @@ def _sources(data, include: str | None) -> list:
     if isinstance(data, (list, tuple)):
         items = list(data)
     elif isinstance(data, (str, os.PathLike)) and Path(data).is_dir() and not is_zarr_path(data):
-        folder = Path(data)
-        items = sorted(p for p in folder.iterdir()
-                       if p.suffix.lower() in (".tif", ".tiff") or (p.is_dir() and is_zarr_path(p)))
-        if include:
-            rx = re.compile(include)
-            items = [p for p in items if rx.search(p.name)]
-        if not items:
-            raise FileNotFoundError(f"no TIFF or Zarr images in {folder}"
-                                    + (f" matching {include!r}" if include else ""))
+        items = _list(Path(data), include, what="TIFF or Zarr images",
+                      keep=lambda p: p.suffix.lower() in (".tif", ".tiff") or (p.is_dir() and is_zarr_path(p)))
     else:
         items = [data]
     if not items:

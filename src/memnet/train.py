@@ -67,15 +67,18 @@ def _read_image(path: Path) -> np.ndarray:
 _IMG = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
-def _list(folder: Path, include: str | None) -> list[Path]:
+def _list(folder: Path, include: str | None, keep=None, what: str = "images") -> list[Path]:
+    """The entries of ``folder`` that ``keep`` accepts (default: image files), sorted by name and
+    filtered by the ``include`` regex; training and fine-tuning select their files the same way."""
     if not folder.is_dir():
         raise FileNotFoundError(f"training data folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMG)
+    keep = keep or (lambda p: p.suffix.lower() in _IMG)
+    files = sorted(p for p in folder.iterdir() if keep(p))
     if include:
         rx = re.compile(include)
         files = [p for p in files if rx.search(p.name)]
     if not files:
-        raise FileNotFoundError(f"no images in {folder}" + (f" matching {include!r}" if include else ""))
+        raise FileNotFoundError(f"no {what} in {folder}" + (f" matching {include!r}" if include else ""))
     return files
 
 
