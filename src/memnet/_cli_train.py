@@ -13,7 +13,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         task=args.task, out=args.out, data=args.data or [], pairs=args.pairs or [], include=args.include,
         val_root=args.val_root, arch=args.arch, patch=args.patch, batch=args.batch, steps=args.steps,
         hours=args.hours, lr=args.lr, optimizer=args.optimizer, val_every=args.val_every, seed=args.seed,
-        device=args.device, threads=args.threads, init=args.init, name=args.name,
+        device=args.device, threads=args.threads, amp=args.amp, init=args.init, name=args.name,
     )
     best = train(cfg, resume=args.resume, log=lambda s: print(s, flush=True))
     print(f"best model: {best}")
@@ -73,6 +73,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int)
+    p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                   help="mixed precision: auto = on for CUDA (bf16, else fp16 with loss scaling); "
+                   "on = also bf16 on CPU (about 2x faster on CPUs with AVX512-BF16/AMX) [auto]")
     p.add_argument("--init", help="start from these weights (name or .safetensors)")
     p.add_argument("--name", help="model name written into the metadata")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors + OUT/state.pt")

@@ -157,6 +157,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None
+    amp: str = "auto"  # mixed precision: "auto" (on for CUDA), "on" (also bf16 on CPU), "off"
     init: str | None = None  # start from these weights (e.g. the shipped model)
     name: str | None = None
 
@@ -243,6 +244,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     else:  # the paper: divide by 10 every 1/4 of the run (their 20 epochs of 80)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.steps // 4), gamma=0.1)
 
+    amp_dtype = _amp_dtype(cfg.amp, dev)
+    # fp16 needs loss scaling against underflowing gradients; bf16 has fp32's range and does not.
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
+
     step, best, hours_before, history = 0, -math.inf, 0.0, []
     if resume and state_path.exists() and last_path.exists():
         model_l, _ = load_model(last_path)
@@ -250,6 +255,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         st = torch.load(state_path, weights_only=True)
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
+        if st.get("scaler"):
+            scaler.load_state_dict(st["scaler"])
         step, best = int(st["step"]), float(st["best"])
         hours_before = float(st.get("hours", 0.0))
         history = json.loads(st.get("history", "[]"))
@@ -271,7 +278,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         save_model(model, path, name=cfg.name or f"{cfg.task}-{cfg.arch}", task=cfg.task,
                    metadata={**meta_base, "training": t, "metrics": metrics})
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "best": best,
-                    "hours": hours_before + (time.time() - t0) / 3600, "history": json.dumps(history)},
+                    "hours": hours_before + (time.time() - t0) / 3600, "history": json.dumps(history),
+                    "scaler": scaler.state_dict()},
                    state_path.with_suffix(".tmp"))
         state_path.with_suffix(".tmp").replace(state_path)
 
@@ -283,13 +291,17 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         x, y = sampler.batch(cfg.batch)
         x = x.to(dev).contiguous(memory_format=torch.channels_last)
         y = y.to(dev).contiguous(memory_format=torch.channels_last)
-        final, branches = model(x, branches=True)
-        loss = multi_supervised_loss(final, branches, y)
+        with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            final, branches = model(x, branches=True)
+        # The loss in fp32: the residuals it compares are small next to the image.
+        loss = multi_supervised_loss(final.float(), [b.float() for b in branches], y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if cfg.optimizer == "sgd":
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         sched.step()
         step += 1
         loss_acc += loss.item()
@@ -320,6 +332,18 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
             log(f"time budget of {cfg.hours} h reached at step {step}: checkpoint saved, resume with --resume")
             break
     return best_path
+
+
+def _amp_dtype(amp: str, dev: torch.device):
+    """Autocast dtype for training, or None for fp32."""
+    if amp not in ("auto", "on", "off"):
+        raise ValueError(f"amp must be 'auto', 'on' or 'off', got {amp!r}")
+    if amp == "off" or (amp == "auto" and dev.type != "cuda"):
+        return None
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # CPU: bf16 autocast (oneDNN); about 2x faster where the CPU has native bf16 (AVX512-BF16/AMX).
+    return torch.bfloat16
 
 
 def _hardware(dev: torch.device) -> str:
