@@ -50,10 +50,11 @@ def test_each_mode_trains_saves_and_is_listed(base_model, tmp_path, rng, mode):
     assert memnet.load_model("microscopy")[1].name == base_model
 
 
-def test_paired_finetune_improves_validation_psnr(base_model, rng):
+@pytest.mark.parametrize("amp", ["off", "on"])  # on: bf16 autocast on CPU
+def test_paired_finetune_improves_validation_psnr(base_model, rng, amp):
     clean = _scene(rng, (6, 64, 64))
     cfg = FinetuneConfig(model=base_model, mode="paired", name="lab-p", steps=60, patch=24, batch=8, lr=3e-3,
-                         val_every=20, patience=100, device="cpu")
+                         val_every=20, patience=100, device="cpu", amp=amp)
     seen = []
     finetune(cfg, _noisy(clean, rng), target=clean, progress=seen.append)
     vals = [h[2] for h in seen[-1].history]

@@ -26,7 +26,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig(model=args.model, mode=args.mode, name=args.output, steps=args.steps, patch=args.patch,
                          batch=args.batch, lr=args.lr, val_fraction=args.val_fraction, val_every=args.val_every,
                          patience=args.patience, axes=args.axes, include=args.include, max_planes=args.max_planes,
-                         device=args.device, seed=args.seed, overwrite=args.overwrite)
+                         device=args.device, amp=args.amp, seed=args.seed, overwrite=args.overwrite)
     path = finetune(cfg, args.data, target=args.target, noisy2=args.data2, resume=args.resume,
                     log=lambda s: print(s, flush=True))
     print(f"saved {path} (listed by `memnet models` as {args.output!r})")
@@ -102,6 +102,8 @@ def register(sub) -> None:
     f.add_argument("--patience", type=int, default=5, help="validations without improvement before stopping")
     f.add_argument("--axes", help="axis letters of the data, e.g. ZYX")
     f.add_argument("--device", default="auto")
+    f.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                   help="mixed precision: auto = on for CUDA; on = also bf16 on CPU [auto]")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune of the same name")
     f.add_argument("--overwrite", action="store_true", help="replace an existing user model of the same name")

@@ -26,7 +26,7 @@ from .degrade import psnr
 from .engine import Cancelled, resolve_device
 from .io import is_zarr_path, open_input
 from .normalize import Normalizer
-from .train import PatchSampler, _list, multi_supervised_loss
+from .train import PatchSampler, _amp_dtype, _list, multi_supervised_loss
 from .zoo import load_model, save_model, user_model_dir
 
 __all__ = ["FinetuneConfig", "FinetuneProgress", "finetune", "MODES", "fit_noise_model"]
@@ -60,6 +60,7 @@ class FinetuneConfig:
     axes: str | None = None
     include: str | None = None  # regex on file names when the data are folders
     device: str = "auto"
+    amp: str = "auto"  # mixed precision: "auto" (on for CUDA), "on" (also bf16 on CPU), "off"
     seed: int = 0
     max_planes: int = 64  # planes sampled from large stacks
     overwrite: bool = False  # replace an existing user model of the same name
@@ -244,6 +245,8 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
                      "config": asdict(cfg)},
         "rank": info.rank - 0.5,  # a user model never silently replaces the shipped default
     }
+    amp_dtype = _amp_dtype(cfg.amp, dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
     t0 = time.time()
     model.train()
     loss_acc, n_acc = 0.0, 0
@@ -260,7 +263,9 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
         elif cfg.mode == "n2n" and sampler.rng.random() < 0.5:
             x, y = y, x
         x, y = x.to(dev), y.to(dev)
-        final, branches = model(x, branches=True)
+        with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            final, branches = model(x, branches=True)
+        final, branches = final.float(), [b.float() for b in branches]
         if mask is not None:
             mask = mask.to(dev)
             outs = branches + [final]
@@ -268,8 +273,9 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
         else:
             loss = multi_supervised_loss(final, branches, y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         step += 1
         loss_acc += loss.item()
         n_acc += 1
