@@ -41,7 +41,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         pred, name = identity, "baseline (bicubic / JPEG / noisy input)"
         task = args.task
         if not task:
-            raise ValueError("--task is required with the model 'baseline' (memnet eval baseline --task denoise|sr|jpeg|microscopy)")
+            raise ValueError("--task is required with the model 'baseline' "
+                             "(memnet eval baseline --task denoise|sr|jpeg|microscopy)")
     else:
         model, info = load_model(args.model)
         pred, name, task = predictor(model), info.name, args.task or info.task
