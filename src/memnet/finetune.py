@@ -26,7 +26,7 @@ from .degrade import psnr
 from .engine import Cancelled, resolve_device
 from .io import is_zarr_path, open_input
 from .normalize import Normalizer
-from .train import PatchSampler, _amp_dtype, _list, multi_supervised_loss
+from .train import MixedPrecision, PatchSampler, _list, multi_supervised_loss
 from .zoo import load_model, save_model, user_model_dir
 
 __all__ = ["FinetuneConfig", "FinetuneProgress", "finetune", "MODES", "fit_noise_model"]
@@ -225,6 +225,7 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
     run_dir = user_model_dir() / ".runs" / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    mp = MixedPrecision(cfg.amp, dev)
     step, best, bad, history = 0, -math.inf, 0, []
     ckpt = run_dir / "state.pt"
     weights = run_dir / "last.safetensors"
@@ -233,6 +234,8 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
         model.load_state_dict(m2.state_dict())
         st = torch.load(ckpt, weights_only=True)
         opt.load_state_dict(st["optimizer"])
+        if st.get("scaler"):
+            mp.scaler.load_state_dict(st["scaler"])
         step, best, bad = int(st["step"]), float(st["best"]), int(st["bad"])
         history = [tuple(h) for h in st["history"].tolist()] if st["history"].numel() else []
         log(f"resumed at step {step}")
@@ -245,8 +248,6 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
                      "config": asdict(cfg)},
         "rank": info.rank - 0.5,  # a user model never silently replaces the shipped default
     }
-    amp_dtype = _amp_dtype(cfg.amp, dev)
-    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
     t0 = time.time()
     model.train()
     loss_acc, n_acc = 0.0, 0
@@ -263,19 +264,14 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
         elif cfg.mode == "n2n" and sampler.rng.random() < 0.5:
             x, y = y, x
         x, y = x.to(dev), y.to(dev)
-        with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            final, branches = model(x, branches=True)
-        final, branches = final.float(), [b.float() for b in branches]
+        final, branches = mp.forward(model, x)
         if mask is not None:
             mask = mask.to(dev)
             outs = branches + [final]
             loss = sum(((o - y) ** 2 * mask).sum() / mask.sum() for o in outs) / len(outs)
         else:
             loss = multi_supervised_loss(final, branches, y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        mp.step(loss, opt)
         step += 1
         loss_acc += loss.item()
         n_acc += 1
@@ -292,7 +288,8 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
                 bad += 1
             _save(model, weights, cfg, info, meta, step, history)
             torch.save({"optimizer": opt.state_dict(), "step": step, "best": best, "bad": bad,
-                        "history": torch.tensor(history, dtype=torch.float64)}, ckpt)
+                        "history": torch.tensor(history, dtype=torch.float64),
+                        "scaler": mp.scaler.state_dict()}, ckpt)
             log(f"step {step}/{cfg.steps}  loss {history[-1][1]:.5f}  validation PSNR {val:.2f} dB")
             if bad >= cfg.patience:
                 log(f"early stop: no improvement in {cfg.patience} validations")

@@ -219,6 +219,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     torch.manual_seed(cfg.seed)
     dev = torch.device(cfg.device)
     state_path, last_path, best_path = out / "state.pt", out / "last.safetensors", out / "best.safetensors"
+    mp = MixedPrecision(cfg.amp, dev)  # before loading data: a bad value fails at once
 
     clean, pairs = _load_data(cfg)
     # Hold out ~5% of images for validation when no validation set is given.
@@ -244,10 +245,6 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     else:  # the paper: divide by 10 every 1/4 of the run (their 20 epochs of 80)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.steps // 4), gamma=0.1)
 
-    amp_dtype = _amp_dtype(cfg.amp, dev)
-    # fp16 needs loss scaling against underflowing gradients; bf16 has fp32's range and does not.
-    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
-
     step, best, hours_before, history = 0, -math.inf, 0.0, []
     if resume and state_path.exists() and last_path.exists():
         model_l, _ = load_model(last_path)
@@ -256,7 +253,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         if st.get("scaler"):
-            scaler.load_state_dict(st["scaler"])
+            mp.scaler.load_state_dict(st["scaler"])
         step, best = int(st["step"]), float(st["best"])
         hours_before = float(st.get("hours", 0.0))
         history = json.loads(st.get("history", "[]"))
@@ -279,7 +276,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
                    metadata={**meta_base, "training": t, "metrics": metrics})
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "best": best,
                     "hours": hours_before + (time.time() - t0) / 3600, "history": json.dumps(history),
-                    "scaler": scaler.state_dict()},
+                    "scaler": mp.scaler.state_dict()},
                    state_path.with_suffix(".tmp"))
         state_path.with_suffix(".tmp").replace(state_path)
 
@@ -291,17 +288,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         x, y = sampler.batch(cfg.batch)
         x = x.to(dev).contiguous(memory_format=torch.channels_last)
         y = y.to(dev).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            final, branches = model(x, branches=True)
-        # The loss in fp32: the residuals it compares are small next to the image.
-        loss = multi_supervised_loss(final.float(), [b.float() for b in branches], y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.optimizer == "sgd":
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        scaler.step(opt)
-        scaler.update()
+        final, branches = mp.forward(model, x)
+        loss = multi_supervised_loss(final, branches, y)
+        mp.step(loss, opt, clip if cfg.optimizer == "sgd" else None)
         sched.step()
         step += 1
         loss_acc += loss.item()
@@ -334,16 +323,36 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     return best_path
 
 
-def _amp_dtype(amp: str, dev: torch.device):
-    """Autocast dtype for training, or None for fp32."""
-    if amp not in ("auto", "on", "off"):
-        raise ValueError(f"amp must be 'auto', 'on' or 'off', got {amp!r}")
-    if amp == "off" or (amp == "auto" and dev.type != "cuda"):
-        return None
-    if dev.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # CPU: bf16 autocast (oneDNN); about 2x faster where the CPU has native bf16 (AVX512-BF16/AMX).
-    return torch.bfloat16
+class MixedPrecision:
+    """The forward/backward of one training step under ``amp`` ("auto": on for CUDA; "on": also bf16 on
+    CPU; "off"), shared by training and fine-tuning."""
+
+    def __init__(self, amp: str, dev: torch.device):
+        if amp not in ("auto", "on", "off"):
+            raise ValueError(f"amp must be 'auto', 'on' or 'off', got {amp!r}")
+        self.dev, self.dtype = dev, None
+        if amp == "on" or (amp == "auto" and dev.type == "cuda"):
+            # CPU: bf16 via oneDNN, about 2x faster where the CPU has native bf16 (AVX512-BF16/AMX).
+            cuda_fp16 = dev.type == "cuda" and not torch.cuda.is_bf16_supported()
+            self.dtype = torch.float16 if cuda_fp16 else torch.bfloat16
+        # fp16 needs loss scaling against underflowing gradients; bf16 has fp32's range and does not.
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=self.dtype == torch.float16)
+
+    def forward(self, model, x):
+        """``model(x, branches=True)`` with outputs in fp32: the residuals the loss compares are small
+        next to the image."""
+        with torch.autocast(self.dev.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            final, branches = model(x, branches=True)
+        return final.float(), [b.float() for b in branches]
+
+    def step(self, loss, opt, clip: float | None = None):
+        opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if clip is not None:
+            self.scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
+        self.scaler.step(opt)
+        self.scaler.update()
 
 
 def _hardware(dev: torch.device) -> str:
