@@ -2,6 +2,11 @@
 full validation set with the published conventions. Refuses to replace a shipped model of the same
 name unless the new one validates better (quality accrues across sessions).
 
+``--progress`` keeps a model that is not yet ahead of its classical peer in ``training/`` (in git, not in
+the package, not listed by ``memnet models``), so the next session continues from it with
+``memnet train --init training/NAME.safetensors`` instead of starting again; the same
+"only if validation improves" rule applies.
+
   python scripts/ship_model.py runs/microscopy-m4r4c32/best.safetensors --name microscopy-M4R4C32 \
       --data-root ../shared/data --rank 10
 """
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -42,6 +48,7 @@ PEERS = {
     "jpeg": ("the JPEG itself", None),
 }
 MARGIN_DB = 0.1  # "clearly ahead"
+PROGRESS_DIR = Path(__file__).resolve().parent.parent / "training"
 
 
 def main() -> None:
@@ -50,6 +57,8 @@ def main() -> None:
     ap.add_argument("--name", required=True)
     ap.add_argument("--data-root", required=True)
     ap.add_argument("--rank", type=float, default=10.0, help="higher wins when a task name picks a model")
+    ap.add_argument("--progress", action="store_true",
+                    help="not ready to ship: keep it in training/ (outside the package) for the next session")
     ap.add_argument("--force", action="store_true",
                     help="ship even if not ahead of the classical peer or of the shipped model")
     args = ap.parse_args()
@@ -60,23 +69,26 @@ def main() -> None:
     if peer is None:
         peer = evaluate_task(info.task, identity, args.data_root)
     behind = {k: (round(metrics[k], 2), round(v, 2)) for k, v in peer.items() if metrics[k] < v + MARGIN_DB}
-    if behind and not args.force:
-        raise SystemExit(f"not shipped: not clearly ahead of {peer_name} on {behind} (model, peer) dB")
-    dest = shipped_model_dir() / f"{args.name}.safetensors"
+    if behind and not (args.force or args.progress):
+        raise SystemExit(f"not shipped: not clearly ahead of {peer_name} on {behind} (model, peer) dB; "
+                         f"--progress keeps it in training/ for the next session")
+    if args.progress:
+        PROGRESS_DIR.mkdir(exist_ok=True)
+    dest = (PROGRESS_DIR if args.progress else shipped_model_dir()) / f"{args.name}.safetensors"
     previous = read_info(dest, source="shipped").metadata.get("training", {}) if dest.exists() else {}
     if dest.exists() and not args.force:
         old = read_info(dest, source="shipped").metrics
         common = [k for k in metrics if k in old and isinstance(old[k], (int, float))]
         if common and np.mean([metrics[k] for k in common]) <= np.mean([old[k] for k in common]):
-            raise SystemExit(f"not better than the shipped {dest.name} ({old}): keeping it")
+            raise SystemExit(f"not better than the existing {dest} ({old}): keeping it")
     meta = dict(info.metadata)
     for k in ("format", "name", "task", "config", "created"):
         meta.pop(k, None)
     training = dict(meta.get("training", {}))
     training.pop("history", None)
     training["data"] = DATA[info.task]
-    if (training.get("config") or {}).get("init") and previous:
-        # Continued from the shipped weights: the card keeps the cumulative recipe.
+    if (training.get("config") or {}).get("init") and previous and "total_steps" not in training:
+        # Continued from the shipped weights by an older `memnet train` that did not keep the totals itself.
         training["continued_from"] = {k: previous.get(k) for k in ("steps", "hours", "total_steps", "total_hours")}
         training["total_steps"] = previous.get("total_steps", previous.get("steps", 0)) + training.get("steps", 0)
         training["total_hours"] = round(previous.get("total_hours", previous.get("hours", 0))
@@ -88,9 +100,12 @@ def main() -> None:
         metrics={k: round(v, 3) for k, v in metrics.items()},
         validation=VALIDATION[info.task],
         rank=args.rank,
+        **({"status": f"in training: not yet clearly ahead of {peer_name} on {behind} (model, peer) dB"}
+           if behind else {}),
     )
     memnet.save_model(model, dest, name=args.name, task=info.task, metadata=meta)
-    print(f"shipped {dest} ({dest.stat().st_size / 1e6:.2f} MB)")
+    what = "kept for the next session" if args.progress else "shipped"
+    print(f"{what}: {dest} ({dest.stat().st_size / 1e6:.2f} MB)")
 
 
 if __name__ == "__main__":

@@ -87,3 +87,21 @@ def test_train_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="unknown architecture 'Big'"):
         train(TrainConfig(task="denoise", out=str(tmp_path / "r"), data=[str(_smooth_images(tmp_path / "d"))],
                           arch="Big"))
+
+
+def test_continued_training_keeps_cumulative_steps_and_hours(tmp_path):
+    data = _smooth_images(tmp_path / "clean")
+    first = train(TrainConfig(task="denoise", out=str(tmp_path / "a"), data=[str(data)], arch="M2R2C8", patch=24,
+                              batch=4, steps=6, val_every=6, name="stage-a"), log=lambda s: None)
+    _, a = memnet.load_model(first)
+    second = train(TrainConfig(task="denoise", out=str(tmp_path / "b"), data=[str(data)], patch=24, batch=4,
+                               steps=4, val_every=4, init=str(first), name="stage-b"), log=lambda s: None)
+    _, b = memnet.load_model(second)
+    t = b.metadata["training"]
+    assert t["steps"] == 4 and t["total_steps"] == 10
+    assert t["continued_from"]["name"] == "stage-a" and t["continued_from"]["steps"] == 6
+    assert t["total_hours"] >= a.metadata["training"]["hours"]
+    # A third stage adds to the running totals, not to the second stage's own steps.
+    third = train(TrainConfig(task="denoise", out=str(tmp_path / "c"), data=[str(data)], patch=24, batch=4,
+                              steps=3, val_every=3, init=str(second)), log=lambda s: None)
+    assert memnet.load_model(third)[1].metadata["training"]["total_steps"] == 13

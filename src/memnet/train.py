@@ -186,10 +186,11 @@ def _load_data(cfg: TrainConfig):
     return clean, pairs
 
 
-def _build_model(cfg: TrainConfig) -> MemNet:
+def _build_model(cfg: TrainConfig) -> tuple[MemNet, dict]:
+    """The model to train and, when continuing from weights, their training record."""
     if cfg.init:
         model, info = load_model(cfg.init)
-        return model
+        return model, {**(info.metadata.get("training") or {}), "name": info.name}
     if cfg.arch not in CONFIGS:
         m = re.fullmatch(r"M(\d+)R(\d+)C(\d+)", cfg.arch)
         if not m:
@@ -197,7 +198,7 @@ def _build_model(cfg: TrainConfig) -> MemNet:
         c = MemNetConfig(int(m[1]), int(m[2]), int(m[3]))
     else:
         c = CONFIGS[cfg.arch]
-    return MemNet(**c.as_dict())
+    return MemNet(**c.as_dict()), {}
 
 
 def _validate(model, cfg: TrainConfig, sampler_val) -> dict[str, float]:
@@ -232,7 +233,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         pairs = pairs[max(1, len(pairs) // 20):] or pairs
     sampler = PatchSampler(cfg.task, clean, pairs, cfg.patch, seed=cfg.seed)
 
-    model = _build_model(cfg).to(dev).to(memory_format=torch.channels_last)
+    model, previous = _build_model(cfg)
+    model = model.to(dev).to(memory_format=torch.channels_last)
     if cfg.optimizer == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     elif cfg.optimizer == "sgd":
@@ -270,8 +272,15 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     }
 
     def save(path, metrics):
-        t = {**meta_base["training"], "steps": step, "hours": round(hours_before + (time.time() - t0) / 3600, 3),
-             "hardware": _hardware(dev), "history": history[-50:]}
+        hours = round(hours_before + (time.time() - t0) / 3600, 3)
+        t = {**meta_base["training"], "steps": step, "hours": hours, "hardware": _hardware(dev),
+             "history": history[-50:]}
+        if previous:
+            # Continued from trained weights: the record keeps the cumulative recipe across runs/sessions.
+            t["continued_from"] = {k: previous.get(k) for k in ("name", "steps", "hours", "total_steps",
+                                                                "total_hours", "hardware") if k in previous}
+            t["total_steps"] = int(previous.get("total_steps", previous.get("steps", 0))) + step
+            t["total_hours"] = round(float(previous.get("total_hours", previous.get("hours", 0))) + hours, 3)
         save_model(model, path, name=cfg.name or f"{cfg.task}-{cfg.arch}", task=cfg.task,
                    metadata={**meta_base, "training": t, "metrics": metrics})
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "best": best,
