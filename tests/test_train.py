@@ -105,3 +105,31 @@ def test_continued_training_keeps_cumulative_steps_and_hours(tmp_path):
     third = train(TrainConfig(task="denoise", out=str(tmp_path / "c"), data=[str(data)], patch=24, batch=4,
                               steps=3, val_every=3, init=str(second)), log=lambda s: None)
     assert memnet.load_model(third)[1].metadata["training"]["total_steps"] == 13
+
+
+def test_paired_targets_are_mapped_onto_the_noisy_images_intensity_frame(tmp_path):
+    # A clean image stored at another gain and offset than its noisy capture (as W2S's 8-bit copies):
+    # after normalisation the target must sit in the noisy image's frame, not at its own percentiles.
+    import tifffile
+
+    from memnet.train import _load_data
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:64, 0:64] / 64
+    signal = 0.2 + 0.6 * (np.sin(6 * xx) * np.cos(4 * yy)) ** 2
+    noisy = np.clip(signal + rng.normal(0, 0.15, signal.shape), 0, 1.2)
+    (tmp_path / "n").mkdir()
+    (tmp_path / "c").mkdir()
+    tifffile.imwrite(tmp_path / "n" / "a.tif", (noisy * 180).astype(np.uint8))
+    tifffile.imwrite(tmp_path / "c" / "a.tif", (signal * 250 + 3).astype(np.uint8))
+    cfg = TrainConfig(task="microscopy", out=str(tmp_path / "r"), pairs=[str(tmp_path / "n"), str(tmp_path / "c")])
+    (x, y), = _load_data(cfg)[1]
+    # Regressing the noisy input on the target gives gain 1, offset 0 (noise aside).
+    a, b = np.polyfit(y.ravel(), x.ravel(), 1)
+    assert abs(a - 1) < 0.02 and abs(b) < 0.01
+    # Each normalised by its own percentiles, the gain would be far from 1 (the noise widens the
+    # noisy image's percentile range).
+    from memnet.evaluate import percentile_normalize
+
+    a_own, _ = np.polyfit(percentile_normalize((signal * 250 + 3).astype(np.uint8)).ravel(), x.ravel(), 1)
+    assert abs(a_own - 1) > 0.1

@@ -26,7 +26,7 @@ from .degrade import psnr
 from .engine import Cancelled, resolve_device
 from .io import is_zarr_path, open_input
 from .normalize import Normalizer
-from .train import MixedPrecision, PatchSampler, _list, multi_supervised_loss
+from .train import MixedPrecision, PatchSampler, _list, multi_supervised_loss, paired_target_frame
 from .zoo import load_model, save_model, user_model_dir
 
 __all__ = ["FinetuneConfig", "FinetuneProgress", "finetune", "MODES", "fit_noise_model"]
@@ -200,7 +200,10 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
         if len(others) != len(planes) or any(a.shape != b.shape for a, b in zip(planes, others)):
             raise ValueError(f"the {cfg.mode} data do not match the noisy data plane for plane "
                              f"({len(planes)} planes of {planes[0].shape} vs {len(others)} of {others[0].shape})")
-        items = list(zip(planes, others))
+        # paired: the clean target in the noisy plane's intensity frame (see paired_target_frame). Not for
+        # n2n: fitting one noisy image to another shrinks the gain (noise on both sides of the fit).
+        items = [paired_target_frame(p, q) for p, q in zip(planes, others)] if cfg.mode == "paired" \
+            else list(zip(planes, others))
     elif cfg.mode == "synthetic":
         pred = [_predict(model, p, dev) for p in planes]
         a, b = fit_noise_model(np.concatenate([p.ravel() for p in planes]), np.concatenate([q.ravel() for q in pred]))

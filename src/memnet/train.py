@@ -13,12 +13,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .degrade import bicubic_degrade, gaussian_noise, jpeg_degrade, poisson_gaussian_noise, psnr
+from .degrade import (
+    affine_fit,
+    bicubic_degrade,
+    gaussian_noise,
+    jpeg_degrade,
+    poisson_gaussian_noise,
+    psnr,
+)
 from .evaluate import evaluate_task, percentile_normalize, predictor
 from .model import CONFIGS, MemNet, MemNetConfig
 from .zoo import load_model, save_model
 
-__all__ = ["TrainConfig", "train", "PatchSampler", "multi_supervised_loss", "DEGRADATIONS"]
+__all__ = ["TrainConfig", "train", "PatchSampler", "multi_supervised_loss", "paired_target_frame", "DEGRADATIONS"]
 
 # What each task is trained on (also written into the model's metadata).
 DEGRADATIONS = {
@@ -42,6 +49,18 @@ def multi_supervised_loss(final: torch.Tensor, branches: list[torch.Tensor], tar
     """The paper's loss: MSE of every branch output and of the final output, weights 1/(M+1) each."""
     outs = branches + [final]
     return sum(torch.mean((o - target) ** 2) for o in outs) / len(outs)
+
+
+def paired_target_frame(noisy: np.ndarray, clean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A (noisy, clean) training pair with the clean target mapped onto the noisy image's intensity frame.
+
+    Percentiles of a noisy image are inflated by its noise, so the two images of a pair normalised
+    each by its own percentiles differ in gain by a factor that varies from image to image (W2S:
+    0.53-0.94). A network trained on that must guess the gain from local content, which it cannot,
+    and learns a content-dependent brightness change. The least-squares affine map of clean onto
+    noisy (noise only in the regressand, so unbiased) puts the target where restore's output belongs:
+    the input's own normalised range."""
+    return noisy, affine_fit(clean, noisy).astype(np.float32)
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -177,8 +196,7 @@ def _load_data(cfg: TrainConfig):
         for n, c in zip(noisy_files, clean_files):
             a = tifffile.imread(n) if n.suffix.lower() in (".tif", ".tiff") else np.asarray(_read_image(n))
             b = tifffile.imread(c) if c.suffix.lower() in (".tif", ".tiff") else np.asarray(_read_image(c))
-            # Each image by its own percentiles: W2S noisy/clean differ in scale and offset.
-            pairs.append((percentile_normalize(a), percentile_normalize(b)))
+            pairs.append(paired_target_frame(percentile_normalize(a), percentile_normalize(b)))
         if cfg.task == "microscopy" and not cfg.data:
             clean = [p[1] for p in pairs]  # also synthesise Poisson-Gaussian noise on the clean targets
     if not clean and not pairs:
