@@ -144,3 +144,75 @@ def test_cli_paired_from_folders_with_include(base_model, tmp_path, rng, capsys)
     bad = [{"_00[0-4]": "_999_", "lab-folders": "lab-none"}.get(a, a) for a in args]
     assert main(bad) != 0
     assert re.search(r"no TIFF or Zarr images in .*noisy matching '_999_'", capsys.readouterr().err)
+
+
+def test_single_images_hold_out_a_strip_at_least_one_patch_tall(rng):
+    from memnet.finetune import _split
+
+    img = rng.random((100, 64)).astype(np.float32)
+    train, val = _split([(img, img)], 0.1, rng, patch=24)
+    assert train[0][0].shape == (76, 64) and val[0][0].shape == (24, 64)  # 10% would be 10 rows
+    np.testing.assert_array_equal(np.concatenate([train[0][0], val[0][0]]), img)  # disjoint, complete
+    with pytest.raises(ValueError, match="too small to hold out a validation strip"):
+        _split([(img[:40], img[:40])], 0.1, rng, patch=24)
+
+
+def test_synthetic_adds_the_fitted_noise_to_given_clean_images(base_model, rng, _isolated_user_models):
+    clean = _scene(rng)
+    cfg = FinetuneConfig(model=base_model, mode="synthetic", name="lab-s", steps=20, patch=24, batch=4,
+                         val_every=10, patience=100, device="cpu")
+    logs = []
+    finetune(cfg, _noisy(clean, rng, photons=20), target=clean, log=logs.append)
+    ft = memnet.load_model("lab-s")[1].metadata["finetune"]
+    assert ft["data"]["target"] == {"array": [4, 64, 64], "dtype": "float32"}
+    nm = ft["noise_model"]
+    assert nm["a"] > 0 and nm["b"] > 0 and any("noise model: variance" in s for s in logs)
+    with pytest.raises(ValueError, match="used only by 'paired' and 'synthetic'"):
+        finetune(FinetuneConfig(model=base_model, mode="n2v", name="x", device="cpu"), clean, target=clean)
+
+
+def test_cancel_checkpoints_and_resume_continues_and_only_the_end_publishes(base_model, tmp_path, rng):
+    """Cancel saves weights and optimizer state together; the model appears only when a run ends; the
+    finished model records data, hardware, hours and how the run ended."""
+    from memnet.engine import Cancelled
+
+    noisy = _noisy(_scene(rng), rng)
+    tifffile.imwrite(tmp_path / "n.tif", noisy)
+    cfg = FinetuneConfig(model=base_model, mode="n2v", name="lab-c", steps=30, patch=24, batch=4, val_every=10,
+                         patience=100, device="cpu")
+    seen = []
+
+    def cancel():
+        return len(seen) >= 15
+
+    with pytest.raises(Cancelled, match="stopped at step 15"):
+        finetune(cfg, str(tmp_path / "n.tif"), progress=seen.append, cancel=cancel)
+    assert "lab-c" not in [m.name for m in memnet.list_models()]  # not published half-trained
+    logs = []
+    finetune(cfg, str(tmp_path / "n.tif"), resume=True, log=logs.append)
+    assert logs[0] == "resumed at step 15"
+    ft = memnet.load_model("lab-c")[1].metadata["finetune"]
+    assert ft["steps_run"] == 30 and ft["early_stopped"] is False and ft["hours"] > 0
+    assert ft["data"]["noisy"] == str((tmp_path / "n.tif").resolve()) and "CPU" in ft["hardware"]
+    assert [h[0] for h in ft["history"]] == [10.0, 20.0, 30.0]
+
+
+def test_resume_without_a_checkpoint_never_overwrites_a_model(base_model, rng, tiny_model, _isolated_user_models):
+    memnet.save_model(tiny_model, _isolated_user_models / "mine.safetensors", name="mine", task="microscopy")
+    logs = []
+    with pytest.raises(FileExistsError, match="'mine' already exists"):
+        finetune(FinetuneConfig(model=base_model, mode="n2v", name="mine", steps=2, patch=24, device="cpu"),
+                 _scene(rng), resume=True, log=logs.append)
+    assert logs == ["nothing to resume for 'mine': starting from base-micro"]
+
+
+def test_early_stopping_ends_a_run_that_stopped_improving(base_model, rng):
+    cfg = FinetuneConfig(model=base_model, mode="paired", name="lab-e", steps=200, patch=24, batch=4, lr=0.0,
+                         val_every=5, patience=2, device="cpu")
+    logs = []
+    clean = _scene(rng)
+    finetune(cfg, _noisy(clean, rng), target=clean, log=logs.append)
+    ft = memnet.load_model("lab-e")[1].metadata["finetune"]
+    # lr 0: the first validation is the best and never beaten; two more rounds and it stops.
+    assert ft["early_stopped"] is True and ft["steps_run"] == 15
+    assert any(s.startswith("early stop: no improvement in 2 validations") for s in logs)

@@ -133,3 +133,101 @@ def test_paired_targets_are_mapped_onto_the_noisy_images_intensity_frame(tmp_pat
 
     a_own, _ = np.polyfit(percentile_normalize((signal * 250 + 3).astype(np.uint8)).ravel(), x.ravel(), 1)
     assert abs(a_own - 1) > 0.1
+
+
+def test_stacks_are_training_data_read_lazily_one_patch_at_a_time(tmp_path):
+    """A folder may hold stacks (TIFF, Zarr) beside 2-D images; every plane is a training image, read
+    only where a patch is cropped and mapped by one normaliser per stack (the model's policy)."""
+    import tifffile
+    import zarr
+
+    from memnet.normalize import Normalizer
+    from memnet.train import LazyPlane, _training_images
+
+    rng = np.random.default_rng(1)
+    folder = _smooth_images(tmp_path / "mixed", n=1)
+    tif = (rng.random((3, 64, 80)) * 4000 + 100).astype(np.uint16)
+    tifffile.imwrite(folder / "stack.tif", tif, imagej=True, metadata={"axes": "ZYX"})
+    z = zarr.open(str(folder / "stack.zarr"), mode="w", shape=(2, 64, 64), chunks=(1, 32, 32), dtype="uint16")
+    z[:] = (rng.random((2, 64, 64)) * 1000).astype(np.uint16)
+
+    planes = _training_images(folder, None, "microscopy")
+    lazy = [p for p in planes if isinstance(p, LazyPlane)]
+    assert len(planes) == 6 and len(lazy) == 5
+    assert sorted(p.shape for p in lazy) == [(64, 64)] * 2 + [(64, 80)] * 3
+    # A crop is the stack's normalised plane at that place (percentiles over the stack, not the patch).
+    norm = Normalizer.for_data(tif, {"mode": "percentile", "low": 1.0, "high": 99.8})
+    stack_planes = [p for p in lazy if p.shape == (64, 80)]
+    crop = stack_planes[1][10:34, 20:44]
+    assert crop.dtype == np.float32 and crop.shape == (24, 24)
+    np.testing.assert_allclose(crop, norm.forward(tif[1, 10:34, 20:44]), atol=0.02)
+
+    best = train(TrainConfig(task="microscopy", out=str(tmp_path / "run"), data=[str(folder)], arch="M2R2C8",
+                             patch=24, batch=4, steps=4, val_every=4), log=lambda s: None)
+    assert memnet.load_model(best)[1].task == "microscopy"
+
+
+def test_paired_stacks_pair_plane_for_plane(tmp_path):
+    import tifffile
+
+    from memnet.train import _load_data
+
+    rng = np.random.default_rng(2)
+    clean = (rng.random((3, 48, 48)) * 200 + 20).astype(np.uint8)
+    noisy = np.clip(clean + rng.normal(0, 20, clean.shape), 0, 255).astype(np.uint8)
+    for d, a in (("n", noisy), ("c", clean)):
+        (tmp_path / d).mkdir()
+        tifffile.imwrite(tmp_path / d / "s.tif", a, imagej=True, metadata={"axes": "ZYX"})
+    cfg = TrainConfig(task="microscopy", out=str(tmp_path / "r"), pairs=[str(tmp_path / "n"), str(tmp_path / "c")])
+    _, pairs = _load_data(cfg)
+    assert len(pairs) == 3 and all(x.shape == y.shape == (48, 48) for x, y in pairs)
+    # Each pair is the same plane: the target correlates with its own noisy plane, not a neighbour's.
+    assert np.corrcoef(pairs[1][0].ravel(), pairs[1][1].ravel())[0, 1] > 0.8
+    assert abs(np.corrcoef(pairs[1][0].ravel(), pairs[2][1].ravel())[0, 1]) < 0.2
+
+    tifffile.imwrite(tmp_path / "c" / "s.tif", clean[:2], imagej=True, metadata={"axes": "ZYX"})
+    with pytest.raises(ValueError, match="do not match plane for plane"):
+        _load_data(cfg)
+
+
+def test_sgd_is_the_papers_recipe(tmp_path):
+    """--optimizer sgd without --lr starts at the paper's 0.1 and clips at 0.01 / (current lr)."""
+    data = _smooth_images(tmp_path / "clean")
+    logs = []
+    best = train(TrainConfig(task="denoise", out=str(tmp_path / "r"), data=[str(data)], arch="M2R2C8", patch=24,
+                             batch=4, steps=8, val_every=8, log_every=2, optimizer="sgd"), log=logs.append)
+    info = memnet.load_model(best)[1]
+    assert info.metadata["training"]["config"]["lr"] == 0.1
+    lrs = [float(m[1]) for line in logs if (m := re.search(r"lr ([0-9.e+-]+)", line))]
+    # Divided by 10 every quarter of the run (the lr logged after step 2 is the one for steps 3-4).
+    assert lrs == pytest.approx([1e-2, 1e-3, 1e-4, 1e-5])
+    losses = [float(m[1]) for line in logs if (m := re.search(r"loss ([0-9.]+)", line))]
+    assert all(np.isfinite(losses))
+
+
+def test_recalibrated_bn_statistics_are_the_exact_average_of_the_data(tiny_model):
+    """After recalibration the eval-mode model computes what training mode computes on that data
+    (BN statistics = the data's, not a running average of other batches); weights are untouched."""
+    from memnet.train import recalibrate_bn
+
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 32, 32)
+
+    class Fixed:  # a sampler that always returns the same batch
+        def batch(self, n):
+            return x, x
+
+    model = tiny_model
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    with torch.no_grad():
+        train_out = model.train()(x)
+        stale = model.eval()(x)
+    assert (stale - train_out).abs().max() > 1e-3  # the fixture's statistics are not this data's
+    recalibrate_bn(model, Fixed(), batches=3, batch=16)
+    assert not model.training
+    with torch.no_grad():
+        recal = model(x)
+    # Equal up to the unbiased (running) vs biased (batch) variance, n = 16*32*32.
+    assert (recal - train_out).abs().max() < 1e-3
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))

@@ -14,6 +14,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_root=args.val_root, arch=args.arch, patch=args.patch, batch=args.batch, steps=args.steps,
         hours=args.hours, lr=args.lr, optimizer=args.optimizer, val_every=args.val_every, seed=args.seed,
         device=args.device, threads=args.threads, amp=args.amp, init=args.init, name=args.name,
+        bn_batches=args.bn_batches,
     )
     best = train(cfg, resume=args.resume, log=lambda s: print(s, flush=True))
     print(f"best model: {best}")
@@ -67,7 +68,10 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--hours", type=float, help="stop and checkpoint after this wall time")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help="learning rate [1e-3 for adam, 0.1 for sgd]")
+    p.add_argument("--bn-batches", type=int, default=50,
+                   help="training batches that re-estimate the BatchNorm statistics before each validation and "
+                        "checkpoint (0: keep the running averages) [50]")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
                    help="adam: Adam + cosine (default); sgd: the paper's SGD 0.9, wd 1e-4, step LR, clip 0.01/lr")
     p.add_argument("--val-every", type=int, default=500)

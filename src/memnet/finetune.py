@@ -26,7 +26,7 @@ from .degrade import psnr
 from .engine import Cancelled, resolve_device
 from .io import is_zarr_path, open_input
 from .normalize import Normalizer
-from .train import MixedPrecision, PatchSampler, _list, multi_supervised_loss, paired_target_frame
+from .train import MixedPrecision, PatchSampler, _hardware, _list, multi_supervised_loss, paired_target_frame
 from .zoo import load_model, save_model, user_model_dir
 
 __all__ = ["FinetuneConfig", "FinetuneProgress", "finetune", "MODES", "fit_noise_model"]
@@ -140,8 +140,9 @@ def _n2v_mask(x: torch.Tensor, fraction: float, rng: np.random.Generator) -> tup
     return xi, mask
 
 
-def _split(items: list, fraction: float, rng) -> tuple[list, list]:
-    """Hold out whole planes when there are several; else the bottom strip of each plane."""
+def _split(items: list, fraction: float, rng, patch: int) -> tuple[list, list]:
+    """Hold out whole planes when there are several; else the bottom strip of each plane, at least one
+    patch tall (validation must never see training pixels, or early stopping measures memorisation)."""
     if len(items) >= 4:
         k = max(1, int(round(fraction * len(items))))
         order = rng.permutation(len(items))
@@ -152,7 +153,11 @@ def _split(items: list, fraction: float, rng) -> tuple[list, list]:
     for it in items:
         arrs = it if isinstance(it, tuple) else (it,)
         h = arrs[0].shape[0]
-        cut = int(h * (1 - fraction))
+        cut = min(int(h * (1 - fraction)), h - patch)
+        if cut < patch:
+            raise ValueError(f"a {h}-row image is too small to hold out a validation strip: with --patch {patch} "
+                             f"it needs at least {2 * patch} rows; give more images (4 or more hold out whole "
+                             "ones) or a smaller --patch")
         tr = tuple(a[:cut] for a in arrs)
         va = tuple(a[cut:] for a in arrs)
         train.append(tr if isinstance(it, tuple) else tr[0])
@@ -174,11 +179,19 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
         raise ValueError("mode 'paired' needs clean targets (--target)")
     if cfg.mode == "n2n" and noisy2 is None:
         raise ValueError("mode 'n2n' needs a second noisy acquisition of the same field (--data2)")
+    if target is not None and cfg.mode not in ("paired", "synthetic"):
+        raise ValueError(f"mode {cfg.mode!r} learns from the noisy data alone: --target is used only by "
+                         "'paired' and 'synthetic' (clean images to add the fitted noise to)")
     if not cfg.name or any(c in cfg.name for c in "/\\:"):
         raise ValueError(f"invalid model name {cfg.name!r}: use letters, digits, '-' or '_'")
     log = log or (lambda s: None)
     existing = user_model_dir() / f"{cfg.name}.safetensors"
-    if existing.exists() and not (resume or cfg.overwrite):
+    run_dir = user_model_dir() / ".runs" / cfg.name
+    ckpt, weights, best_path = run_dir / "state.pt", run_dir / "last.safetensors", run_dir / "best.safetensors"
+    resuming = resume and ckpt.exists() and weights.exists()
+    if resume and not resuming:
+        log(f"nothing to resume for {cfg.name!r}: starting from {cfg.model}")
+    if existing.exists() and not (resuming or cfg.overwrite):
         raise FileExistsError(f"a user model named {cfg.name!r} already exists ({existing}): choose another name, "
                               "or overwrite it explicitly")
     rng = np.random.default_rng(cfg.seed)
@@ -208,16 +221,17 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
         pred = [_predict(model, p, dev) for p in planes]
         a, b = fit_noise_model(np.concatenate([p.ravel() for p in planes]), np.concatenate([q.ravel() for q in pred]))
         log(f"noise model: variance = {a:.4g}·signal + {b:.4g} (normalised units)")
-        items = [(q, q) for q in pred]  # inputs are synthesised per batch below
+        # The fitted noise is added per batch (below) to clean images when given, else to the denoised data.
+        clean = _planes(target, cfg.axes, cfg.max_planes, policy, cfg.include) if target is not None else pred
+        items = [(q, q) for q in clean]
         noise_ab = (a, b)
     else:  # n2v
         items = [(p, p) for p in planes]
     if min(min(it[0].shape) for it in items) < cfg.patch:
         raise ValueError(f"images are smaller than the patch size {cfg.patch}: use a smaller --patch")
-    train_items, val_items = _split(items, cfg.val_fraction, rng)
+    train_items, val_items = _split(items, cfg.val_fraction, rng, cfg.patch)
     sampler = PatchSampler(info.task, [], train_items, cfg.patch, seed=cfg.seed, pairs_only=True)
-    val_sampler = PatchSampler(info.task, [], [v for v in val_items if min(v[0].shape) >= cfg.patch] or
-                               train_items, cfg.patch, seed=cfg.seed + 1, pairs_only=True)
+    val_sampler = PatchSampler(info.task, [], val_items, cfg.patch, seed=cfg.seed + 1, pairs_only=True)
     vx, vy = val_sampler.batch(32)
     vmask = None
     if cfg.mode == "n2v":
@@ -225,14 +239,15 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
     elif cfg.mode == "synthetic":
         vx = _synth(vy, noise_ab, np.random.default_rng(7))
 
-    run_dir = user_model_dir() / ".runs" / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not resuming:  # a fresh run: nothing of an earlier run of this name may end up in the result
+        for f in (ckpt, weights, best_path):
+            f.unlink(missing_ok=True)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     mp = MixedPrecision(cfg.amp, dev)
     step, best, bad, history = 0, -math.inf, 0, []
-    ckpt = run_dir / "state.pt"
-    weights = run_dir / "last.safetensors"
-    if resume and ckpt.exists() and weights.exists():
+    hours_before, early_stopped = 0.0, False
+    if resuming:
         m2, _ = load_model(weights, device=dev)
         model.load_state_dict(m2.state_dict())
         st = torch.load(ckpt, weights_only=True)
@@ -241,6 +256,8 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
             mp.scaler.load_state_dict(st["scaler"])
         step, best, bad = int(st["step"]), float(st["best"]), int(st["bad"])
         history = [tuple(h) for h in st["history"].tolist()] if st["history"].numel() else []
+        hours_before = float(st.get("hours", 0.0))
+        sampler.rng = np.random.default_rng(cfg.seed + step)  # new patches, not a replay of the first ones
         log(f"resumed at step {step}")
     out_path = user_model_dir() / f"{cfg.name}.safetensors"
     meta = {
@@ -248,15 +265,30 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
         "normalization": policy,
         "degradation": info.metadata.get("degradation", {}),
         "finetune": {"base_model": info.name, "base_metadata_training": info.metadata.get("training", {}),
-                     "config": asdict(cfg)},
+                     "config": asdict(cfg), "data": {k: _describe(v) for k, v in
+                                                     (("noisy", noisy), ("target", target), ("noisy2", noisy2))
+                                                     if v is not None},
+                     "hardware": _hardware(dev)},
         "rank": info.rank - 0.5,  # a user model never silently replaces the shipped default
     }
+    if cfg.mode == "synthetic":
+        meta["finetune"]["noise_model"] = {"variance": "a*signal + b (normalised units)", "a": a, "b": b}
     t0 = time.time()
+
+    def checkpoint():
+        # Weights and optimizer state together, so a resume continues exactly where this left off.
+        meta["finetune"]["hours"] = round(hours_before + (time.time() - t0) / 3600, 4)
+        _save(model, weights, cfg, info, meta, step, history)
+        torch.save({"optimizer": opt.state_dict(), "step": step, "best": best, "bad": bad,
+                    "history": torch.tensor(history, dtype=torch.float64), "scaler": mp.scaler.state_dict(),
+                    "hours": hours_before + (time.time() - t0) / 3600}, ckpt.with_suffix(".tmp"))
+        ckpt.with_suffix(".tmp").replace(ckpt)
+
     model.train()
     loss_acc, n_acc = 0.0, 0
     while step < cfg.steps:
         if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
-            _save(model, weights, cfg, info, meta, step, history)
+            checkpoint()
             raise Cancelled(f"fine-tuning stopped at step {step}; resume to continue")
         x, y = sampler.batch(cfg.batch)
         mask = None
@@ -286,21 +318,28 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
             loss_acc, n_acc = 0.0, 0
             if val > best + 1e-3:
                 best, bad = val, 0
-                _save(model, out_path, cfg, info, {**meta, "metrics": {"val_psnr": val}}, step, history)
+                # The best so far stays in the run folder: the user's model appears only when the run ends.
+                meta["finetune"]["hours"] = round(hours_before + (time.time() - t0) / 3600, 4)
+                _save(model, best_path, cfg, info, {**meta, "metrics": {"val_psnr": val}}, step, history)
             else:
                 bad += 1
-            _save(model, weights, cfg, info, meta, step, history)
-            torch.save({"optimizer": opt.state_dict(), "step": step, "best": best, "bad": bad,
-                        "history": torch.tensor(history, dtype=torch.float64),
-                        "scaler": mp.scaler.state_dict()}, ckpt)
+            checkpoint()
             log(f"step {step}/{cfg.steps}  loss {history[-1][1]:.5f}  validation PSNR {val:.2f} dB")
             if bad >= cfg.patience:
                 log(f"early stop: no improvement in {cfg.patience} validations")
+                early_stopped = True
                 break
         if progress is not None:
             progress(FinetuneProgress(step, cfg.steps, loss.item(), val, time.time() - t0, list(history)))
-    if not out_path.exists():
-        _save(model, out_path, cfg, info, {**meta, "metrics": {"val_psnr": best}}, step, history)
+    if not best_path.exists():
+        _save(model, best_path, cfg, info, {**meta, "metrics": {"val_psnr": best}}, step, history)
+    # The finished model: the best checkpoint, with the record of the whole run.
+    final, final_info = load_model(best_path)
+    fm = dict(final_info.metadata)
+    fm["finetune"] = {**fm["finetune"], "steps_run": step, "early_stopped": early_stopped,
+                      "history": [list(map(float, h)) for h in history[-100:]],
+                      "hours": round(hours_before + (time.time() - t0) / 3600, 4)}
+    save_model(final, out_path, name=cfg.name, task=info.task, metadata=fm)
     return out_path
 
 
@@ -311,6 +350,15 @@ def _save(model, path, cfg, info, meta, step, history):
                task=info.task, metadata=m)
 
 
+def _describe(data):
+    """Where fine-tuning data came from, for the model's provenance (paths, or an array's shape)."""
+    if isinstance(data, (list, tuple)):
+        return [_describe(d) for d in data]
+    if isinstance(data, (str, os.PathLike)):
+        return str(Path(data).resolve())
+    return {"array": list(map(int, data.shape)), "dtype": str(data.dtype)}
+
+
 def _synth(clean: torch.Tensor, ab: tuple[float, float], rng) -> torch.Tensor:
     a, b = ab
     var = np.clip(a * clean.numpy(), 0, None) + b
@@ -318,9 +366,12 @@ def _synth(clean: torch.Tensor, ab: tuple[float, float], rng) -> torch.Tensor:
 
 
 def _predict(model, plane: np.ndarray, dev) -> np.ndarray:
-    model.eval()
-    with torch.inference_mode():
-        return model(torch.from_numpy(np.ascontiguousarray(plane))[None, None].to(dev))[0, 0].cpu().numpy()
+    """The model's output on a normalised plane, tile by tile (exact halo: the same as whole-plane
+    inference, without its memory on large planes)."""
+    from .engine import restore
+
+    out = restore(np.ascontiguousarray(plane, dtype=np.float32), model, device=dev, halo="exact")
+    return np.asarray(out, dtype=np.float32)
 
 
 def _val_psnr(model, vx, vy, vmask, dev) -> float:
