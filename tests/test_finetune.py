@@ -172,8 +172,8 @@ def test_synthetic_adds_the_fitted_noise_to_given_clean_images(base_model, rng, 
 
 
 def test_cancel_checkpoints_and_resume_continues_and_only_the_end_publishes(base_model, tmp_path, rng):
-    """Cancel saves weights and optimizer state together; the model appears only when a run ends; the
-    finished model records data, hardware, hours and how the run ended."""
+    """Cancel saves weights and optimizer state together and publishes the best model so far (none
+    before the first validation); the model records data, hardware, hours and how the run ended."""
     from memnet.engine import Cancelled
 
     noisy = _noisy(_scene(rng), rng)
@@ -185,14 +185,19 @@ def test_cancel_checkpoints_and_resume_continues_and_only_the_end_publishes(base
     def cancel():
         return len(seen) >= 15
 
-    with pytest.raises(Cancelled, match="stopped at step 15"):
+    with pytest.raises(Cancelled, match="before its first validation: no model saved"):
+        finetune(cfg, str(tmp_path / "n.tif"), cancel=lambda: True)
+    assert "lab-c" not in [m.name for m in memnet.list_models()]
+
+    with pytest.raises(Cancelled, match="stopped at step 15: the best model so far is saved as 'lab-c'"):
         finetune(cfg, str(tmp_path / "n.tif"), progress=seen.append, cancel=cancel)
-    assert "lab-c" not in [m.name for m in memnet.list_models()]  # not published half-trained
+    stopped = memnet.load_model("lab-c")[1].metadata["finetune"]  # Stop keeps the best so far (step 10)
+    assert stopped["ended"] == "stopped" and stopped["steps"] == 10 and stopped["steps_run"] == 15
     logs = []
     finetune(cfg, str(tmp_path / "n.tif"), resume=True, log=logs.append)
     assert logs[0] == "resumed at step 15"
     ft = memnet.load_model("lab-c")[1].metadata["finetune"]
-    assert ft["steps_run"] == 30 and ft["early_stopped"] is False and ft["hours"] > 0
+    assert ft["steps_run"] == 30 and ft["ended"] == "completed" and ft["hours"] > 0
     assert ft["data"]["noisy"] == str((tmp_path / "n.tif").resolve()) and "CPU" in ft["hardware"]
     assert [h[0] for h in ft["history"]] == [10.0, 20.0, 30.0]
 

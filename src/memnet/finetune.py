@@ -284,12 +284,27 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
                     "hours": hours_before + (time.time() - t0) / 3600}, ckpt.with_suffix(".tmp"))
         ckpt.with_suffix(".tmp").replace(ckpt)
 
+    def publish(ended: str):
+        # The user's model: the best checkpoint, with the record of the whole run.
+        final, final_info = load_model(best_path)
+        fm = dict(final_info.metadata)
+        fm["finetune"] = {**fm["finetune"], "steps_run": step, "ended": ended,
+                          "early_stopped": ended == "early stop",
+                          "history": [list(map(float, h)) for h in history[-100:]],
+                          "hours": round(hours_before + (time.time() - t0) / 3600, 4)}
+        save_model(final, out_path, name=cfg.name, task=info.task, metadata=fm)
+
     model.train()
     loss_acc, n_acc = 0.0, 0
     while step < cfg.steps:
         if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
             checkpoint()
-            raise Cancelled(f"fine-tuning stopped at step {step}; resume to continue")
+            if best_path.exists():  # Stop means "enough": the best model so far becomes the user's model
+                publish("stopped")
+                raise Cancelled(f"fine-tuning stopped at step {step}: the best model so far is saved as "
+                                f"{cfg.name!r}; resume to continue training it")
+            raise Cancelled(f"fine-tuning stopped at step {step}, before its first validation: no model saved; "
+                            "resume to continue")
         x, y = sampler.batch(cfg.batch)
         mask = None
         if cfg.mode == "n2v":
@@ -333,13 +348,7 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
             progress(FinetuneProgress(step, cfg.steps, loss.item(), val, time.time() - t0, list(history)))
     if not best_path.exists():
         _save(model, best_path, cfg, info, {**meta, "metrics": {"val_psnr": best}}, step, history)
-    # The finished model: the best checkpoint, with the record of the whole run.
-    final, final_info = load_model(best_path)
-    fm = dict(final_info.metadata)
-    fm["finetune"] = {**fm["finetune"], "steps_run": step, "early_stopped": early_stopped,
-                      "history": [list(map(float, h)) for h in history[-100:]],
-                      "hours": round(hours_before + (time.time() - t0) / 3600, 4)}
-    save_model(final, out_path, name=cfg.name, task=info.task, metadata=fm)
+    publish("early stop" if early_stopped else "completed")
     return out_path
 
 
