@@ -221,3 +221,32 @@ def test_early_stopping_ends_a_run_that_stopped_improving(base_model, rng):
     # lr 0: the first validation is the best and never beaten; two more rounds and it stops.
     assert ft["early_stopped"] is True and ft["steps_run"] == 15
     assert any(s.startswith("early stop: no improvement in 2 validations") for s in logs)
+
+
+def test_cli_ctrl_c_stops_gracefully_and_keeps_the_best_model(base_model, tmp_path, rng, capsys):
+    import os
+    import signal
+
+    tifffile.imwrite(tmp_path / "noisy.tif", _noisy(_scene(rng), rng))
+    import memnet.finetune as ft
+
+    real_save = ft._save
+    calls = []
+
+    def save_then_interrupt(*a, **k):  # Ctrl-C right after the first validation's checkpoint
+        real_save(*a, **k)
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    ft._save = save_then_interrupt
+    try:
+        rc = main(["finetune", "--model", base_model, "--mode", "n2v", "--data", str(tmp_path / "noisy.tif"),
+                   "-o", "cli-stop", "--steps", "40", "--patch", "24", "--batch", "4", "--val-every", "10",
+                   "--device", "cpu"])
+    finally:
+        ft._save = real_save
+    out = capsys.readouterr().out
+    assert rc == 130 and "stopping after this step" in out and "best model so far is saved as 'cli-stop'" in out
+    assert memnet.load_model("cli-stop")[1].metadata["finetune"]["ended"] == "stopped"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored

@@ -28,8 +28,31 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                          batch=args.batch, lr=args.lr, val_fraction=args.val_fraction, val_every=args.val_every,
                          patience=args.patience, axes=args.axes, include=args.include, max_planes=args.max_planes,
                          device=args.device, amp=args.amp, seed=args.seed, overwrite=args.overwrite)
-    path = finetune(cfg, args.data, target=args.target, noisy2=args.data2, resume=args.resume,
-                    log=lambda s: print(s, flush=True))
+    import signal
+    import threading
+
+    from .engine import Cancelled
+
+    # The first Ctrl-C stops gracefully (checkpoint, best model so far saved); a second one aborts.
+    stop = threading.Event()
+
+    def on_sigint(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("stopping after this step (Ctrl-C again to abort)…", flush=True)
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        path = finetune(cfg, args.data, target=args.target, noisy2=args.data2, resume=args.resume,
+                        log=lambda s: print(s, flush=True), cancel=stop)
+    except Cancelled as e:
+        print(e, flush=True)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     print(f"saved {path} (listed by `memnet models` as {args.output!r})")
     return 0
 
