@@ -231,3 +231,19 @@ def test_recalibrated_bn_statistics_are_the_exact_average_of_the_data(tiny_model
     assert (recal - train_out).abs().max() < 1e-3
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
     assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("task", ["sr", "jpeg"])
+def test_cli_train_each_natural_task_end_to_end(tmp_path, task, capsys):
+    from memnet.cli import main
+
+    data = _smooth_images(tmp_path / "clean")
+    out = tmp_path / "run"
+    assert main(["train", "--task", task, "--data", str(data), "--arch", "M2R2C8", "--patch", "24", "--batch", "4",
+                 "--steps", "6", "--val-every", "3", "--bn-batches", "2", "--out", str(out),
+                 "--name", f"t-{task}"]) == 0
+    text = capsys.readouterr().out
+    assert "validation at step 6: holdout" in text and f"best model: {out / 'best.safetensors'}" in text
+    model, info = memnet.load_model(out / "best.safetensors")
+    assert info.task == task and info.name == f"t-{task}" and info.metadata["training"]["config"]["bn_batches"] == 2
+    assert info.metadata["degradation"] == memnet.train.DEGRADATIONS[task]
