@@ -28,6 +28,21 @@ def test_loss_is_mean_of_branches_and_final():
     assert multi_supervised_loss(f, b, t).item() == pytest.approx((1 + 4 + 9) / 3)
 
 
+
+def test_psnr_loss_weighs_each_patch_by_its_own_error():
+    t = torch.zeros(2, 1, 4, 4)
+    out = torch.cat([torch.full((1, 1, 4, 4), 0.01), torch.full((1, 1, 4, 4), 0.1)]).requires_grad_()
+    loss = multi_supervised_loss(out, [out], t, "psnr")
+    expect = 5e-4 * (np.log(1e-4 + 1e-4) + np.log(1e-2 + 1e-4)) / 2
+    assert loss.item() == pytest.approx(expect, rel=1e-5)
+    (g,) = torch.autograd.grad(loss, out)
+    # MSE pulls 10x harder on the patch with 10x the error; the log loss pulls harder on the small one
+    g_mse = torch.autograd.grad(multi_supervised_loss(out, [out], t), out)[0]
+    assert g_mse[1].abs().mean() / g_mse[0].abs().mean() == pytest.approx(10, rel=1e-4)
+    assert g[0].abs().mean() > 4 * g[1].abs().mean()
+    with pytest.raises(ValueError, match="mse or psnr"):
+        multi_supervised_loss(out, [out], t, "l1")
+
 @pytest.mark.parametrize("task", ["denoise", "sr", "jpeg", "microscopy"])
 def test_sampler_degrades_and_keeps_shapes(task):
     rng = np.random.default_rng(0)

@@ -14,7 +14,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_root=args.val_root, arch=args.arch, patch=args.patch, batch=args.batch, steps=args.steps,
         hours=args.hours, lr=args.lr, optimizer=args.optimizer, val_every=args.val_every, seed=args.seed,
         device=args.device, threads=args.threads, amp=args.amp, init=args.init, name=args.name,
-        bn_batches=args.bn_batches,
+        bn_batches=args.bn_batches, loss=args.loss,
     )
     best = train(cfg, resume=args.resume, log=lambda s: print(s, flush=True))
     print(f"best model: {best}")
@@ -97,6 +97,8 @@ def register(sub) -> None:
                         "checkpoint (0: keep the running averages) [50]")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
                    help="adam: Adam + cosine (default); sgd: the paper's SGD 0.9, wd 1e-4, step LR, clip 0.01/lr")
+    p.add_argument("--loss", choices=("mse", "psnr"), default="mse",
+                   help="mse (the paper's) or psnr: mean log MSE per patch, every noise level weighs alike [mse]")
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
