@@ -101,7 +101,7 @@ def register(sub) -> None:
                    help="mse (the paper's) or psnr: mean log MSE per patch, every noise level weighs alike [mse]")
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or cuda:N [auto]")
     p.add_argument("--threads", type=int)
     p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
                    help="mixed precision: auto = on for CUDA (bf16, else fp16 with loss scaling); "

@@ -21,6 +21,7 @@ from .degrade import (
     poisson_gaussian_noise,
     psnr,
 )
+from .engine import resolve_device
 from .evaluate import evaluate_task, percentile_normalize, predictor
 from .model import CONFIGS, MemNet, MemNetConfig
 from .zoo import load_model, save_model
@@ -287,7 +288,7 @@ class TrainConfig:
     val_every: int = 500
     log_every: int = 50
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA, then MPS, then CPU
     threads: int | None = None
     amp: str = "auto"  # mixed precision: "auto" (on for CUDA), "on" (also bf16 on CPU), "off"
     init: str | None = None  # start from these weights (e.g. the shipped model)
@@ -389,7 +390,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    dev = torch.device(cfg.device)
+    dev = resolve_device(cfg.device)
+    cfg = replace(cfg, device=str(dev))  # validation and the saved record use the device actually used
     state_path, last_path, best_path = out / "state.pt", out / "last.safetensors", out / "best.safetensors"
     mp = MixedPrecision(cfg.amp, dev)  # before loading data: a bad value fails at once
 

@@ -244,9 +244,11 @@ def _resolve(name_or_path: str | os.PathLike) -> ModelInfo:
     if s in TASKS:
         candidates = [m for m in models if m.task == s]
         if not candidates:
+            have = ", ".join(f"{m.name} ({m.task})" for m in models) or "none"
+            hint = " (for fluorescence microscopy use the task 'microscopy')" if s == "denoise" else ""
             raise LookupError(
-                f"no model for task {s!r} is installed; train one with `memnet train --task {s}` "
-                "or pass a .safetensors path"
+                f"no model for task {s!r} is installed{hint}; installed models: {have}. Pick one of them, "
+                f"train one with `memnet train --task {s}` or pass a .safetensors path"
             )
         # Best = highest rank; shipped beats user at equal rank (user models are opt-in by name).
         return max(candidates, key=lambda m: (m.rank, m.source == "shipped"))
