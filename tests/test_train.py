@@ -28,7 +28,6 @@ def test_loss_is_mean_of_branches_and_final():
     assert multi_supervised_loss(f, b, t).item() == pytest.approx((1 + 4 + 9) / 3)
 
 
-
 def test_psnr_loss_weighs_each_patch_by_its_own_error():
     t = torch.zeros(2, 1, 4, 4)
     out = torch.cat([torch.full((1, 1, 4, 4), 0.01), torch.full((1, 1, 4, 4), 0.1)]).requires_grad_()
@@ -42,6 +41,7 @@ def test_psnr_loss_weighs_each_patch_by_its_own_error():
     assert g[0].abs().mean() > 4 * g[1].abs().mean()
     with pytest.raises(ValueError, match="mse or psnr"):
         multi_supervised_loss(out, [out], t, "l1")
+
 
 @pytest.mark.parametrize("task", ["denoise", "sr", "jpeg", "microscopy"])
 def test_sampler_degrades_and_keeps_shapes(task):

@@ -59,7 +59,6 @@ def test_unknown_name_lists_what_exists():
         memnet.load_model("nope")
 
 
-
 def test_task_without_a_model_names_what_is_installed(tiny_model, _isolated_user_models, monkeypatch):
     from memnet import zoo
 
@@ -67,6 +66,7 @@ def test_task_without_a_model_names_what_is_installed(tiny_model, _isolated_user
     monkeypatch.setattr(zoo, "list_models", lambda: [mine])  # whatever ships, no denoise model here
     with pytest.raises(LookupError, match=r"task 'denoise'.*microscopy.*installed models: my-jpeg \(jpeg\)"):
         memnet.load_model("denoise")
+
 
 def test_missing_file_is_named(tmp_path):
     p = tmp_path / "missing.safetensors"

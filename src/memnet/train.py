@@ -47,6 +47,9 @@ NORMALIZATION = {
 }
 
 
+LOSSES = ("mse", "psnr")
+
+
 def multi_supervised_loss(final: torch.Tensor, branches: list[torch.Tensor], target: torch.Tensor,
                           kind: str = "mse") -> torch.Tensor:
     """The paper's loss over every branch output and the final output, weights 1/(M+1) each.
@@ -381,7 +384,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     """Train; returns the path of the best model (``OUT/best.safetensors``)."""
     if cfg.optimizer not in ("adam", "sgd"):
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}: adam or sgd")
-    if cfg.loss not in ("mse", "psnr"):
+    if cfg.loss not in LOSSES:  # fail before loading data, not at the first step
         raise ValueError(f"unknown loss {cfg.loss!r}: mse or psnr")
     if cfg.lr is None:
         cfg = replace(cfg, lr=0.1 if cfg.optimizer == "sgd" else 1e-3)
