@@ -262,3 +262,15 @@ def test_cli_train_each_natural_task_end_to_end(tmp_path, task, capsys):
     model, info = memnet.load_model(out / "best.safetensors")
     assert info.task == task and info.name == f"t-{task}" and info.metadata["training"]["config"]["bn_batches"] == 2
     assert info.metadata["degradation"] == memnet.train.DEGRADATIONS[task]
+
+
+def test_cli_loss_choices_match_the_losses_training_accepts():
+    import argparse
+
+    from memnet.cli import build_parser
+    from memnet.train import LOSSES
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    loss = next(a for a in sub.choices["train"]._actions if "--loss" in a.option_strings)
+    assert tuple(loss.choices) == LOSSES

@@ -97,7 +97,7 @@ def register(sub) -> None:
                         "checkpoint (0: keep the running averages) [50]")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
                    help="adam: Adam + cosine (default); sgd: the paper's SGD 0.9, wd 1e-4, step LR, clip 0.01/lr")
-    p.add_argument("--loss", choices=("mse", "psnr"), default="mse",
+    p.add_argument("--loss", choices=("mse", "psnr"), default="mse",  # train.LOSSES (not imported: keeps --help fast)
                    help="mse (the paper's) or psnr: mean log MSE per patch, every noise level weighs alike [mse]")
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)

@@ -64,7 +64,7 @@ def multi_supervised_loss(final: torch.Tensor, branches: list[torch.Tensor], tar
         return sum(torch.mean((o - target) ** 2) for o in outs) / len(outs)
     if kind == "psnr":
         return 5e-4 * sum(torch.log(((o - target) ** 2).mean(dim=(1, 2, 3)) + 1e-4).mean() for o in outs) / len(outs)
-    raise ValueError(f"unknown loss {kind!r}: mse or psnr")
+    raise ValueError(f"unknown loss {kind!r}: {' or '.join(LOSSES)}")
 
 
 def paired_target_frame(noisy: np.ndarray, clean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -385,7 +385,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     if cfg.optimizer not in ("adam", "sgd"):
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}: adam or sgd")
     if cfg.loss not in LOSSES:  # fail before loading data, not at the first step
-        raise ValueError(f"unknown loss {cfg.loss!r}: mse or psnr")
+        raise ValueError(f"unknown loss {cfg.loss!r}: {' or '.join(LOSSES)}")
     if cfg.lr is None:
         cfg = replace(cfg, lr=0.1 if cfg.optimizer == "sgd" else 1e-3)
     out = Path(cfg.out)
