@@ -145,3 +145,38 @@ def test_bad_config_errors(kwargs, msg):
 def test_receptive_field_rejects_other_modules():
     with pytest.raises(TypeError, match="needs a memnet.MemNet"):
         memnet.receptive_field(nn.Conv2d(1, 1, 3))
+
+
+def _randomised(model: memnet.MemNet) -> memnet.MemNet:
+    """A model whose every weight, bias and BN statistic is non-trivial (a fresh one outputs its input)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point():
+                r = torch.rand(t.shape, generator=g)
+                t.copy_(0.5 + r if "running_var" in name or name.endswith("bn.weight") else (r - 0.5) * 0.4)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_widen_computes_the_same_function_with_more_channels(mode):
+    narrow = _randomised(memnet.MemNet(2, 2, 8))
+    wide = memnet.widen(narrow, 12)
+    assert wide.config.channels == 12 and (wide.config.blocks, wide.config.recursions) == (2, 2)
+    assert wide.blocks[1].gate.conv.weight.shape == (12, (2 + 2) * 12, 1, 1)
+    x = torch.rand(2, 1, 20, 20)
+    getattr(narrow, mode)(), getattr(wide, mode)()
+    ref = narrow(x)
+    assert ref.std() > 1e-3  # a real function, not the identity
+    torch.testing.assert_close(wide(x), ref, atol=1e-5, rtol=1e-5)
+    # The new channels are live: their outgoing (zero) weights get gradients at once.
+    wide.train()
+    loss = (wide(x) - x).pow(2).mean()
+    loss.backward()
+    new_to_old = wide.blocks[0].conv_a.weight.grad[:8, 8:]
+    assert new_to_old.abs().sum() > 0
+
+
+def test_widen_refuses_to_shrink():
+    with pytest.raises(ValueError, match="channels must be an integer >= the model's 8"):
+        memnet.widen(memnet.MemNet(2, 2, 8), 4)

@@ -274,3 +274,19 @@ def test_cli_loss_choices_match_the_losses_training_accepts():
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     loss = next(a for a in sub.choices["train"]._actions if "--loss" in a.option_strings)
     assert tuple(loss.choices) == LOSSES
+
+
+def test_a_trained_model_grows_wider_and_keeps_training(tmp_path):
+    data = _smooth_images(tmp_path / "clean")
+    first = train(TrainConfig(task="denoise", out=str(tmp_path / "a"), data=[str(data)], arch="M2R2C8", patch=24,
+                              batch=4, steps=6, val_every=6), log=lambda s: None)
+    logs = []
+    grown = train(TrainConfig(task="denoise", out=str(tmp_path / "b"), data=[str(data)], arch="M2R2C12", patch=24,
+                              batch=4, steps=4, val_every=4, init=str(first)), log=logs.append)
+    model, info = memnet.load_model(grown)
+    assert model.config.channels == 12 and info.name == "denoise-M2R2C12"
+    assert info.metadata["training"]["total_steps"] == 10
+    assert any("widening denoise-M2R2C8 from 8 to 12 channels" in line for line in logs)
+    with pytest.raises(ValueError, match="--arch M3R2C8 does not fit --init denoise-M2R2C8"):
+        train(TrainConfig(task="denoise", out=str(tmp_path / "c"), data=[str(data)], arch="M3R2C8", patch=24,
+                          batch=4, steps=2, init=str(first)), log=lambda s: None)

@@ -7,7 +7,7 @@ try:
 except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0.0.0+unknown"
 
-from .model import CONFIGS, MemNet, MemNetConfig, conv_weight_count, macs_per_pixel, receptive_field
+from .model import CONFIGS, MemNet, MemNetConfig, conv_weight_count, macs_per_pixel, receptive_field, widen
 from .zoo import TASKS, ModelFileError, ModelInfo, list_models, load_model, save_model, user_model_dir
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "receptive_field",
     "save_model",
     "user_model_dir",
+    "widen",
 ]
 
 from .engine import Cancelled, Progress, restore, restore_lazy, upscaled_geometry  # noqa: E402

@@ -86,7 +86,8 @@ def register(sub) -> None:
     p.add_argument("--include", help="regex on file names, e.g. '_(0[0-2][0-9]|030)_' for W2S 001-030")
     p.add_argument("--val-root", help="folder with Set12/Set14/W2S_train_8bit for validation (else a held-out 5%%)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, best model)")
-    p.add_argument("--arch", default="M4R4C32", help="M6R6C64, M4R4C32, ... or MxRyCz [M4R4C32]")
+    p.add_argument("--arch", help="M6R6C64, M4R4C32, ... or MxRyCz [M4R4C32; with --init: the init model's, "
+                   "or a wider one grown from it, e.g. --init denoise-M4R4C32 --arch M4R4C48]")
     p.add_argument("--patch", type=int, default=48)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=20000)

@@ -14,12 +14,14 @@ Layout of the network (M memory blocks, R recursions, C channels):
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["MemNet", "MemNetConfig", "CONFIGS", "receptive_field", "conv_weight_count", "macs_per_pixel"]
+__all__ = ["MemNet", "MemNetConfig", "CONFIGS", "receptive_field", "conv_weight_count", "macs_per_pixel",
+           "parse_arch", "widen"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,16 @@ CONFIGS: dict[str, MemNetConfig] = {
     "M4R4C32": MemNetConfig(4, 4, 32),  # 38 layers, ~0.32 M MAC/px
     "M3R3C32": MemNetConfig(3, 3, 32),  # 23 layers, ~0.18 M MAC/px
 }
+
+
+def parse_arch(arch: str) -> MemNetConfig:
+    """A named configuration (``M4R4C32``) or any ``MxRyCz``."""
+    if arch in CONFIGS:
+        return CONFIGS[arch]
+    m = re.fullmatch(r"M(\d+)R(\d+)C(\d+)", arch)
+    if not m or min(int(g) for g in m.groups()) < 1:
+        raise ValueError(f"unknown architecture {arch!r}: one of {', '.join(CONFIGS)} or MxRyCz (e.g. M4R4C48)")
+    return MemNetConfig(int(m[1]), int(m[2]), int(m[3]))
 
 
 class _PreAct(nn.Module):
@@ -170,3 +182,45 @@ def macs_per_pixel(config: MemNetConfig) -> int:
     gates = sum((m + r) * c * c for m in range(1, m_ + 1))
     recon = m_ * c * config.out_channels * 9
     return fenet + recursions + gates + recon
+
+
+@torch.no_grad()
+def widen(model: MemNet, channels: int, seed: int = 0) -> MemNet:
+    """A copy of ``model`` with ``channels`` feature channels that computes exactly the same function.
+
+    Every C-wide feature map gets new channels after the old ones. Weights from old to new channels
+    (and between new ones) are freshly initialised, weights from new channels into old ones are zero,
+    so the old channels, and hence the output, are unchanged, in training and in eval mode (BN is per
+    channel). The zero weights receive gradients from the first step, so training can use the extra
+    capacity while starting from the trained model instead of from noise."""
+    c0 = model.config.channels
+    if not isinstance(channels, int) or channels < c0:
+        raise ValueError(f"widen: channels must be an integer >= the model's {c0}, got {channels!r}")
+    cfg = model.config
+    torch.manual_seed(seed)
+    new = MemNet(cfg.blocks, cfg.recursions, channels, cfg.in_channels, cfg.out_channels).to(
+        next(model.parameters()).device)
+    old_sd, new_sd = model.state_dict(), new.state_dict()
+
+    def index(n_old: int, n_new: int) -> torch.Tensor:
+        """Where the old channels of an n_old-wide tensor sit in the n_new-wide one (concats of C-wide maps
+        keep their order: piece i moves from i*c0 to i*channels)."""
+        if n_old == n_new:
+            return torch.arange(n_old)
+        pieces = n_old // c0
+        return torch.cat([torch.arange(c0) + i * channels for i in range(pieces)])
+
+    for key, old in old_sd.items():
+        dst = new_sd[key]
+        if old.shape == dst.shape:
+            dst.copy_(old)
+            continue
+        if old.dim() == 4:  # conv weight [out, in, k, k]
+            o, i = index(old.shape[0], dst.shape[0]), index(old.shape[1], dst.shape[1])
+            dst[o] = 0.0  # new inputs -> old outputs start at zero; new outputs keep their fresh init
+            dst[o[:, None], i[None, :]] = old
+        else:  # conv bias, BN weight/bias/running stats: per channel
+            dst[index(old.shape[0], dst.shape[0])] = old
+    new.load_state_dict(new_sd)
+    new.train(model.training)
+    return new

@@ -23,8 +23,10 @@ from .degrade import (
 )
 from .engine import resolve_device
 from .evaluate import evaluate_task, percentile_normalize, predictor
-from .model import CONFIGS, MemNet, MemNetConfig
+from .model import MemNet, parse_arch, widen
 from .zoo import load_model, save_model
+
+DEFAULT_ARCH = "M4R4C32"  # CPU-sized: see docs/models.md
 
 __all__ = ["TrainConfig", "train", "recalibrate_bn", "PatchSampler", "multi_supervised_loss", "paired_target_frame",
            "DEGRADATIONS"]
@@ -281,7 +283,7 @@ class TrainConfig:
     pairs: list[str] = field(default_factory=list)  # [NOISY_DIR, CLEAN_DIR] (microscopy)
     include: str | None = None  # regex on file names
     val_root: str | None = None  # ../shared/data: validate with the published conventions
-    arch: str = "M4R4C32"
+    arch: str | None = None  # default: M4R4C32, or the init model's (a wider one grows it)
     patch: int = 48
     batch: int = 32
     steps: int = 20000
@@ -324,19 +326,23 @@ def _load_data(cfg: TrainConfig):
     return clean, pairs
 
 
-def _build_model(cfg: TrainConfig) -> tuple[MemNet, dict]:
-    """The model to train and, when continuing from weights, their training record."""
+def _build_model(cfg: TrainConfig, log=print) -> tuple[MemNet, dict]:
+    """The model to train and, when continuing from weights, their training record. With ``init`` and a
+    wider ``arch`` (same blocks and recursions), the trained model is widened function-preservingly."""
     if cfg.init:
         model, info = load_model(cfg.init)
+        if cfg.arch:
+            want, have = parse_arch(cfg.arch), model.config
+            if (want.blocks, want.recursions) != (have.blocks, have.recursions) or want.channels < have.channels:
+                raise ValueError(
+                    f"--arch {cfg.arch} does not fit --init {info.name} (M{have.blocks}R{have.recursions}"
+                    f"C{have.channels}): only more channels can be grown from trained weights; "
+                    f"drop --arch to continue with the same architecture")
+            if want.channels > have.channels:
+                log(f"widening {info.name} from {have.channels} to {want.channels} channels (same outputs)")
+                model = widen(model, want.channels, seed=cfg.seed)
         return model, {**(info.metadata.get("training") or {}), "name": info.name}
-    if cfg.arch not in CONFIGS:
-        m = re.fullmatch(r"M(\d+)R(\d+)C(\d+)", cfg.arch)
-        if not m:
-            raise ValueError(f"unknown architecture {cfg.arch!r}: one of {', '.join(CONFIGS)} or MxRyCz")
-        c = MemNetConfig(int(m[1]), int(m[2]), int(m[3]))
-    else:
-        c = CONFIGS[cfg.arch]
-    return MemNet(**c.as_dict()), {}
+    return MemNet(**parse_arch(cfg.arch or DEFAULT_ARCH).as_dict()), {}
 
 
 def recalibrate_bn(model: MemNet, sampler: PatchSampler, batches: int = 50, batch: int = 32,
@@ -409,7 +415,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         pairs = pairs[max(1, len(pairs) // 20):] or pairs
     sampler = PatchSampler(cfg.task, clean, pairs, cfg.patch, seed=cfg.seed)
 
-    model, previous = _build_model(cfg)
+    model, previous = _build_model(cfg, log)
+    c = model.config
+    arch = f"M{c.blocks}R{c.recursions}C{c.channels}"
     model = model.to(dev).to(memory_format=torch.channels_last)
     if cfg.optimizer == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -439,7 +447,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         log(f"nothing to resume in {out}: starting from scratch")
 
     meta_base = {
-        "description": f"MemNet {cfg.arch} for {cfg.task}",
+        "description": f"MemNet {arch} for {cfg.task}",
         "normalization": NORMALIZATION[cfg.task],
         "degradation": DEGRADATIONS[cfg.task],
         "training": {"config": asdict(cfg)},
@@ -455,7 +463,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
                                                                 "total_hours", "hardware") if k in previous}
             t["total_steps"] = int(previous.get("total_steps", previous.get("steps", 0))) + step
             t["total_hours"] = round(float(previous.get("total_hours", previous.get("hours", 0))) + hours, 3)
-        save_model(model, path, name=cfg.name or f"{cfg.task}-{cfg.arch}", task=cfg.task,
+        save_model(model, path, name=cfg.name or f"{cfg.task}-{arch}", task=cfg.task,
                    metadata={**meta_base, "training": t, "metrics": metrics})
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "best": best,
                     "hours": hours_before + (time.time() - t0) / 3600, "history": json.dumps(history),
