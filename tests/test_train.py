@@ -290,3 +290,17 @@ def test_a_trained_model_grows_wider_and_keeps_training(tmp_path):
     with pytest.raises(ValueError, match="--arch M3R2C8 does not fit --init denoise-M2R2C8"):
         train(TrainConfig(task="denoise", out=str(tmp_path / "c"), data=[str(data)], arch="M3R2C8", patch=24,
                           batch=4, steps=2, init=str(first)), log=lambda s: None)
+
+
+def test_warmup_ramps_the_lr_linearly_into_the_cosine(tmp_path):
+    data = _smooth_images(tmp_path / "clean")
+    logs = []
+    train(TrainConfig(task="denoise", out=str(tmp_path / "r"), data=[str(data)], arch="M2R2C8", patch=24, batch=4,
+                      steps=8, val_every=8, log_every=1, lr=1e-3, warmup=3), log=logs.append)
+    lrs = [float(m[1]) for line in logs if (m := re.search(r"lr ([0-9.e+-]+)", line))]
+    cosine = [1e-3 * (0.5 * (1 + np.cos(np.pi * s / 8)) * 0.99 + 0.01) for s in range(1, 9)]
+    # The lr logged after step s is the one for step s+1: (s+1)/4 of the cosine until step 3, then the cosine.
+    expected = [min(1, (s + 1) / 4) * c for s, c in zip(range(1, 9), cosine)]
+    assert lrs == pytest.approx(expected, rel=2e-3)  # logged to 3 digits
+    with pytest.raises(ValueError, match="warmup must be between 0 and steps-1"):
+        train(TrainConfig(task="denoise", out=str(tmp_path / "r2"), data=[str(data)], steps=5, warmup=5))

@@ -12,8 +12,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         task=args.task, out=args.out, data=args.data or [], pairs=args.pairs or [], include=args.include,
         val_root=args.val_root, arch=args.arch, patch=args.patch, batch=args.batch, steps=args.steps,
-        hours=args.hours, lr=args.lr, optimizer=args.optimizer, val_every=args.val_every, seed=args.seed,
-        device=args.device, threads=args.threads, amp=args.amp, init=args.init, name=args.name,
+        warmup=args.warmup, hours=args.hours, lr=args.lr, optimizer=args.optimizer, val_every=args.val_every,
+        seed=args.seed, device=args.device, threads=args.threads, amp=args.amp, init=args.init, name=args.name,
         bn_batches=args.bn_batches, loss=args.loss,
     )
     best = train(cfg, resume=args.resume, log=lambda s: print(s, flush=True))
@@ -100,6 +100,8 @@ def register(sub) -> None:
                    help="adam: Adam + cosine (default); sgd: the paper's SGD 0.9, wd 1e-4, step LR, clip 0.01/lr")
     p.add_argument("--loss", choices=("mse", "psnr"), default="mse",  # train.LOSSES (not imported: keeps --help fast)
                    help="mse (the paper's) or psnr: mean log MSE per patch, every noise level weighs alike [mse]")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="steps of linear lr warm-up before the cosine (adam), e.g. 200 when growing a model [0]")
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or cuda:N [auto]")

@@ -298,6 +298,7 @@ class TrainConfig:
     amp: str = "auto"  # mixed precision: "auto" (on for CUDA), "on" (also bf16 on CPU), "off"
     init: str | None = None  # start from these weights (e.g. the shipped model)
     bn_batches: int = 50  # batches that re-estimate BN statistics before each validation (0: off)
+    warmup: int = 0  # linear lr warm-up steps (adam): spares trained weights the first big Adam steps
     loss: str = "mse"  # "mse" (the paper's) or "psnr" (mean log MSE per patch: balances noise levels)
     name: str | None = None
 
@@ -392,6 +393,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}: adam or sgd")
     if cfg.loss not in LOSSES:  # fail before loading data, not at the first step
         raise ValueError(f"unknown loss {cfg.loss!r}: {' or '.join(LOSSES)}")
+    if cfg.warmup < 0 or cfg.warmup >= cfg.steps:
+        raise ValueError(f"warmup must be between 0 and steps-1 ({cfg.steps - 1}), got {cfg.warmup}")
     if cfg.lr is None:
         cfg = replace(cfg, lr=0.1 if cfg.optimizer == "sgd" else 1e-3)
     out = Path(cfg.out)
@@ -425,7 +428,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
     if cfg.optimizer == "adam":
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)) * 0.99 + 0.01)
+            opt, lambda s: min(1.0, (s + 1) / (cfg.warmup + 1))
+            * (0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)) * 0.99 + 0.01))
     else:  # the paper: divide by 10 every 1/4 of the run (their 20 epochs of 80)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.steps // 4), gamma=0.1)
 
