@@ -448,7 +448,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         sampler.rng = np.random.default_rng(cfg.seed + step)
         log(f"resumed from step {step} (best validation {best:.2f} dB)")
     elif resume:
-        log(f"nothing to resume in {out}: starting from scratch")
+        log(f"nothing to resume in {out}: starting from " + (f"--init {cfg.init}" if cfg.init else "scratch"))
 
     meta_base = {
         "description": f"MemNet {arch} for {cfg.task}",
