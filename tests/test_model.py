@@ -180,3 +180,12 @@ def test_widen_computes_the_same_function_with_more_channels(mode):
 def test_widen_refuses_to_shrink():
     with pytest.raises(ValueError, match="channels must be an integer >= the model's 8"):
         memnet.widen(memnet.MemNet(2, 2, 8), 4)
+
+
+def test_widen_leaves_the_callers_random_state_alone():
+    narrow = memnet.MemNet(2, 2, 8)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    memnet.widen(narrow, 12, seed=1)
+    assert torch.equal(torch.rand(3), expected)

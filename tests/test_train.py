@@ -304,3 +304,5 @@ def test_warmup_ramps_the_lr_linearly_into_the_cosine(tmp_path):
     assert lrs == pytest.approx(expected, rel=2e-3)  # logged to 3 digits
     with pytest.raises(ValueError, match="warmup must be between 0 and steps-1"):
         train(TrainConfig(task="denoise", out=str(tmp_path / "r2"), data=[str(data)], steps=5, warmup=5))
+    with pytest.raises(ValueError, match="warmup applies to the adam cosine schedule"):
+        train(TrainConfig(task="denoise", out=str(tmp_path / "r3"), data=[str(data)], optimizer="sgd", warmup=2))

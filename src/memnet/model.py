@@ -197,9 +197,10 @@ def widen(model: MemNet, channels: int, seed: int = 0) -> MemNet:
     if not isinstance(channels, int) or channels < c0:
         raise ValueError(f"widen: channels must be an integer >= the model's {c0}, got {channels!r}")
     cfg = model.config
-    torch.manual_seed(seed)
-    new = MemNet(cfg.blocks, cfg.recursions, channels, cfg.in_channels, cfg.out_channels).to(
-        next(model.parameters()).device)
+    with torch.random.fork_rng(devices=[]):  # seeded fresh weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        new = MemNet(cfg.blocks, cfg.recursions, channels, cfg.in_channels, cfg.out_channels)
+    new = new.to(next(model.parameters()).device)
     old_sd, new_sd = model.state_dict(), new.state_dict()
 
     def index(n_old: int, n_new: int) -> torch.Tensor:

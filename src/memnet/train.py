@@ -395,6 +395,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         raise ValueError(f"unknown loss {cfg.loss!r}: {' or '.join(LOSSES)}")
     if cfg.warmup < 0 or cfg.warmup >= cfg.steps:
         raise ValueError(f"warmup must be between 0 and steps-1 ({cfg.steps - 1}), got {cfg.warmup}")
+    if cfg.warmup and cfg.optimizer != "adam":
+        raise ValueError("warmup applies to the adam cosine schedule; the paper's sgd recipe has none: drop --warmup")
     if cfg.lr is None:
         cfg = replace(cfg, lr=0.1 if cfg.optimizer == "sgd" else 1e-3)
     out = Path(cfg.out)
