@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from magicgui.widgets import (
+    CheckBox,
     ComboBox,
     Container,
     FileEdit,
@@ -94,6 +95,9 @@ class RestoreWidget(Container):
                                   tooltip="exact: seam-free, equal to whole-image inference; "
                                           "blended: a smaller halo, overlapping tiles blended (faster)")
         self._halo = SpinBox(label="Halo (px)", min=0, max=512, value=16, visible=False)
+        self._ensemble = CheckBox(text="Self-ensemble (8x slower)", value=False,
+                                  tooltip="average the model over the 8 flips/rotations of every tile: "
+                                          "a little better, still seam-free")
         self._dest = ComboBox(label="Result", choices=["memory", "zarr on disk"], value="memory")
         self._path = FileEdit(label="Zarr path", mode="w", filter="*.zarr", visible=False)
         self._preview_btn = PushButton(text="Preview current slice")
@@ -102,8 +106,9 @@ class RestoreWidget(Container):
         self._progress = ProgressBar(label="Progress", min=0, max=100, value=0)
         self._status = Label(value="")
         super().__init__(widgets=[
-            self._layer, self._model, self._scale, self._device, self._tile, self._mode, self._halo, self._dest,
-            self._path, self._preview_btn, self._run_btn, self._cancel_btn, self._progress, self._status,
+            self._layer, self._model, self._scale, self._device, self._tile, self._mode, self._halo,
+            self._ensemble, self._dest, self._path, self._preview_btn, self._run_btn, self._cancel_btn,
+            self._progress, self._status,
         ])
         self._model.changed.connect(self._on_model)
         self._mode.changed.connect(lambda v: setattr(self._halo, "visible", v == "blended"))
@@ -153,6 +158,8 @@ class RestoreWidget(Container):
     def _options(self) -> dict:
         opts = {"tile": int(self._tile.value), "device": self._device.value,
                 "halo": "exact" if self._mode.value == "exact" else int(self._halo.value)}
+        if self._ensemble.value:
+            opts["ensemble"] = True
         if self._model.value and _model_task(self._model.value) == "sr":
             opts["scale"] = int(self._scale.value)
         return opts

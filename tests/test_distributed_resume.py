@@ -161,3 +161,18 @@ def test_resume_skips_done_groups(stack, model_file, tmp_path):
     assert [p.done for p in seen] == [35, 36] and seen[-1].total == 36
     assert seen[0].skipped == 32  # the ETA is computed from the tiles this run did, not the skipped ones
     np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["0"][:], ref)
+
+
+def test_self_ensemble_on_workers_matches_single_process_and_resume_checks_it(stack, model_file, tmp_path):
+    from memnet.cli import main
+
+    out = tmp_path / "e.zarr"
+    assert main(["restore", str(stack), "-o", str(out), "--model", str(model_file), "--tile", "64",
+                 "--workers", "2", "--device", "cpu", "--ensemble", "-q"]) == 0
+    ref = _single_thread_reference(stack, model_file, tile=64, device="cpu", ensemble=True)
+    plain = _single_thread_reference(stack, model_file, tile=64, device="cpu")
+    got = zarr.open_group(str(out), mode="r")["0"][:]
+    np.testing.assert_array_equal(got, ref)
+    assert np.abs(got.astype(int) - plain).max() > 0
+    with pytest.raises(ValueError, match="cannot resume .*different parameters.*ensemble"):
+        memnet.restore(stack, model_file, output=out, tile=64, device="cpu", resume=True)

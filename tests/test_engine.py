@@ -225,3 +225,34 @@ def test_scale_needs_an_sr_model(tiny_model, tmp_path):
         memnet.restore(np.zeros((20, 20), np.float32), p, scale=2, device="cpu")
     with pytest.raises(ValueError, match="scale must be 2, 3 or 4"):
         memnet.restore(np.zeros((20, 20), np.float32), tiny_model, scale=5, device="cpu")
+
+
+@pytest.mark.parametrize("shape,tile", [((2, 150, 211), 64), ((1, 45, 61), 16)])
+def test_self_ensemble_tiling_is_exact(tiny_model, rng, shape, tile):
+    """Every flip/rotation of a tile is that member of the whole image, cropped: tiled self-ensemble
+    equals whole-image self-ensemble, also on rectangular tiles at the borders."""
+    x = rng.random(shape, dtype=np.float32)
+    with torch.no_grad():
+        ref = memnet.self_ensemble(tiny_model, torch.from_numpy(x)[:, None]).numpy()[:, 0]
+    out = memnet.restore(x, tiny_model, tile=tile, device="cpu", ensemble=True)
+    assert np.abs(out - ref).max() <= 1e-5 * (ref.max() - ref.min())
+    lazy = memnet.restore(x, tiny_model, tile=tile, device="cpu", ensemble=True, lazy=True).compute()
+    assert np.abs(lazy - ref).max() <= 1e-5 * (ref.max() - ref.min())
+    assert np.abs(memnet.restore(x, tiny_model, tile=tile, device="cpu") - ref).max() > 1e-3
+
+
+def test_self_ensemble_super_resolution_is_exact(tiny_model, rng):
+    from PIL import Image
+
+    x = rng.random((40, 52), dtype=np.float32)
+    up = np.array(Image.fromarray(x, mode="F").resize((156, 120), Image.BICUBIC))
+    with torch.no_grad():
+        ref = memnet.self_ensemble(tiny_model, torch.from_numpy(up)[None, None]).numpy()[0, 0]
+    out = memnet.restore(x, tiny_model, scale=3, tile=48, device="cpu", ensemble=True)
+    assert out.shape == (120, 156)
+    assert np.abs(out - ref).max() <= 1e-5 * (ref.max() - ref.min())
+
+
+def test_ensemble_must_be_a_bool(tiny_model, rng):
+    with pytest.raises(ValueError, match="ensemble must be True or False"):
+        memnet.restore(rng.random((20, 20), dtype=np.float32), tiny_model, device="cpu", ensemble="yes")

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -189,3 +190,31 @@ def test_widen_leaves_the_callers_random_state_alone():
     torch.manual_seed(7)
     memnet.widen(narrow, 12, seed=1)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_self_ensemble_is_the_mean_over_the_eight_flips_and_rotations(tiny_model):
+    x = torch.rand(2, 1, 23, 31, generator=torch.Generator().manual_seed(3))
+    xs = x.numpy()
+    members = []
+    with torch.no_grad():
+        for k in range(4):
+            for flip in (False, True):
+                t = np.rot90(xs, k, axes=(2, 3))
+                t = t[..., ::-1] if flip else t
+                y = tiny_model(torch.from_numpy(np.ascontiguousarray(t))).numpy()
+                y = y[..., ::-1] if flip else y
+                members.append(np.rot90(y, -k, axes=(2, 3)))
+        got = memnet.self_ensemble(tiny_model, x).numpy()
+        plain = tiny_model(x).numpy()
+    assert got.shape == plain.shape
+    np.testing.assert_allclose(got, np.mean(members, axis=0), atol=1e-6)
+    assert np.abs(got - plain).max() > 1e-3  # a random net is not flip/rotation-equivariant
+
+
+def test_validation_predictor_can_self_ensemble(tiny_model):
+    from memnet.evaluate import predictor
+
+    x = np.random.default_rng(1).random((30, 26), dtype=np.float32)
+    with torch.no_grad():
+        ref = memnet.self_ensemble(tiny_model, torch.from_numpy(x)[None, None]).numpy()[0, 0]
+    np.testing.assert_allclose(predictor(tiny_model, ensemble=True)(x), ref, atol=1e-6)

@@ -72,6 +72,21 @@ def test_preview_restores_only_the_displayed_slice(make_napari_viewer, qtbot, us
     assert "q=3" in w._status.value or "z=3" in w._status.value
 
 
+def test_self_ensemble_checkbox(make_napari_viewer, qtbot, user_model, rng):
+    viewer = make_napari_viewer()
+    data = (rng.random((50, 64)) * 3000).astype(np.uint16)
+    viewer.add_image(data, name="img")
+    w = _widget(viewer)
+    w._model.value = user_model
+    w._tile.value = 32
+    w._ensemble.value = True
+    _wait(qtbot, w.start())
+    out = viewer.layers["img [tiny-micro]"]
+    assert out.metadata["memnet_options"]["ensemble"] is True
+    expected = memnet.restore(data, user_model, tile=32, device="cpu", ensemble=True)
+    assert np.abs(np.asarray(out.data).astype(int) - expected).max() <= 1
+
+
 def test_cancel_leaves_no_half_layer(make_napari_viewer, qtbot, user_model, rng):
     viewer = make_napari_viewer()
     viewer.add_image(rng.random((40, 64, 64), dtype=np.float32), name="big")

@@ -7,7 +7,16 @@ try:
 except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0.0.0+unknown"
 
-from .model import CONFIGS, MemNet, MemNetConfig, conv_weight_count, macs_per_pixel, receptive_field, widen
+from .model import (
+    CONFIGS,
+    MemNet,
+    MemNetConfig,
+    conv_weight_count,
+    macs_per_pixel,
+    receptive_field,
+    self_ensemble,
+    widen,
+)
 from .zoo import TASKS, ModelFileError, ModelInfo, list_models, load_model, save_model, user_model_dir
 
 __all__ = [
@@ -24,6 +33,7 @@ __all__ = [
     "macs_per_pixel",
     "receptive_field",
     "save_model",
+    "self_ensemble",
     "user_model_dir",
     "widen",
 ]

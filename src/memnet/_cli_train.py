@@ -69,7 +69,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                              "(memnet eval baseline --task denoise|sr|jpeg|microscopy)")
     else:
         model, info = load_model(args.model)
-        pred, name, task = predictor(model), info.name, args.task or info.task
+        pred, name, task = predictor(model, ensemble=args.ensemble), info.name, args.task or info.task
+        if args.ensemble:
+            name += " (self-ensemble x8)"
     res = evaluate_task(task, pred, args.data_root, quick=args.quick)
     print(json.dumps({"model": name, "task": task, **{k: round(v, 2) for k, v in res.items()}}))
     return 0
@@ -148,5 +150,6 @@ def register(sub) -> None:
     e.add_argument("--task", choices=("denoise", "sr", "jpeg", "microscopy"))
     e.add_argument("--data-root", required=True, help="folder holding Set12, Set14, W2S_train_8bit")
     e.add_argument("--quick", action="store_true", help="a subset (as used during training)")
+    e.add_argument("--ensemble", action="store_true", help="with the x8 self-ensemble (as restore --ensemble)")
     e.set_defaults(func=cmd_eval)
 

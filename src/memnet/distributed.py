@@ -51,7 +51,9 @@ def _group_task(spec: dict, weights: bytes, key: str, lead: tuple, tiles: list[t
     import zarr
 
     dev = resolve_device(spec["device"])
-    runner = _cached(("model", spec["digest"], str(dev)), lambda: Runner(load_model_bytes(weights, dev), dev))
+    ens = bool(spec.get("ensemble", False))
+    runner = _cached(("model", spec["digest"], str(dev), ens),
+                     lambda: Runner(load_model_bytes(weights, dev), dev, ensemble=ens))
     src = _cached(("source", spec["input"], spec["axes"]), lambda: open_input(spec["input"], axes=spec["axes"]))
     out = _cached(("output", spec["output"]), lambda: zarr.open_group(spec["output"], mode="r+")["0"])
     norm = Normalizer(scale=spec["norm"]["scale"], offset=spec["norm"]["offset"],
@@ -106,7 +108,7 @@ def run_distributed(job: Job, output, *, client=None, workers=None, scheduler=No
     spec = {
         "input": str(job.source.path.resolve()), "axes": job.source.axes, "output": str(Path(output).resolve()),
         "digest": hashlib.sha256(weights).hexdigest()[:16], "device": job.device_request,
-        "radius": job.radius, "scale": job.scale, "batch": bs,
+        "radius": job.radius, "scale": job.scale, "batch": bs, "ensemble": job.runner.ensemble,
         "plan": (job.plan.height, job.plan.width, job.plan.tile, job.plan.halo, None),
         "norm": {"scale": job.norm.scale, "offset": job.norm.offset, "dtype": str(job.norm.out_dtype),
                  "clip": list(job.norm.clip) if job.norm.clip else None},

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from .degrade import affine_fit, bicubic_degrade, gaussian_noise, jpeg_degrade, psnr, rgb_to_y
+from .model import self_ensemble
 from .normalize import Normalizer
 
 Predictor = Callable[[np.ndarray], np.ndarray]
@@ -26,15 +27,17 @@ def identity(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def predictor(model: torch.nn.Module, device: str | torch.device = "cpu") -> Predictor:
-    """Whole-image inference (validation images are small); BN in eval mode."""
+def predictor(model: torch.nn.Module, device: str | torch.device = "cpu", ensemble: bool = False) -> Predictor:
+    """Whole-image inference (validation images are small); BN in eval mode. ``ensemble``: the mean
+    over the 8 flips/rotations (``memnet.self_ensemble``), as ``restore(ensemble=True)``."""
     dev = torch.device(device)
 
     def run(x: np.ndarray) -> np.ndarray:
         was_training = model.training
         model.eval()
         with torch.inference_mode():
-            y = model(torch.from_numpy(np.ascontiguousarray(x, np.float32))[None, None].to(dev))
+            t = torch.from_numpy(np.ascontiguousarray(x, np.float32))[None, None].to(dev)
+            y = self_ensemble(model, t) if ensemble else model(t)
         model.train(was_training)
         return y[0, 0].float().cpu().numpy()
 
