@@ -25,6 +25,8 @@ def main() -> None:
     ap.add_argument("--pairs", nargs=2, metavar=("NOISY_DIR", "CLEAN_DIR"))
     ap.add_argument("--include")
     ap.add_argument("--batches", type=int, default=100)
+    ap.add_argument("--patch", type=int, help="patch size [the model's training patch]")
+    ap.add_argument("--batch", type=int, help="patches per batch [the model's training batch]")
     ap.add_argument("--seed", type=int, default=4321)
     args = ap.parse_args()
     model, info = memnet.load_model(args.weights)
@@ -33,7 +35,7 @@ def main() -> None:
     pairs = args.pairs or ([] if args.data else cfg0.get("pairs") or [])
     include = args.include if args.include is not None else cfg0.get("include")
     cfg = TrainConfig(task=info.task, out="", data=data, pairs=pairs, include=include,
-                      patch=int(cfg0.get("patch", 48)), batch=int(cfg0.get("batch", 32)))
+                      patch=args.patch or int(cfg0.get("patch", 48)), batch=args.batch or int(cfg0.get("batch", 32)))
     clean, pair_list = _load_data(cfg)
     t = time.time()
     recalibrate_bn(model, PatchSampler(cfg.task, clean, pair_list, cfg.patch, seed=args.seed), args.batches, cfg.batch)
@@ -41,7 +43,8 @@ def main() -> None:
     for k in ("format", "name", "task", "config", "created"):
         meta.pop(k, None)
     meta["training"] = {**meta.get("training", {}), "bn_recalibrated": {
-        "batches": args.batches, "patches": args.batches * cfg.batch, "data": data or pairs, "include": include}}
+        "batches": args.batches, "patches": args.batches * cfg.batch, "patch": cfg.patch, "data": data or pairs,
+        "include": include}}
     meta.pop("metrics", None)  # measured again by ship_model
     memnet.save_model(model, args.output, name=info.name, task=info.task, metadata=meta)
     print(f"recalibrated {info.name} on {args.batches} x {cfg.batch} patches in {time.time() - t:.0f} s: {args.output}")

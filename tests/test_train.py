@@ -306,3 +306,43 @@ def test_warmup_ramps_the_lr_linearly_into_the_cosine(tmp_path):
         train(TrainConfig(task="denoise", out=str(tmp_path / "r2"), data=[str(data)], steps=5, warmup=5))
     with pytest.raises(ValueError, match="warmup applies to the adam cosine schedule"):
         train(TrainConfig(task="denoise", out=str(tmp_path / "r3"), data=[str(data)], optimizer="sgd", warmup=2))
+
+
+def test_stop_checkpoints_and_resume_finishes(tmp_path):
+    data = _smooth_images(tmp_path / "clean")
+    cfg = TrainConfig(task="denoise", out=str(tmp_path / "run"), data=[str(data)], arch="M2R2C8", patch=24,
+                      batch=4, steps=20, val_every=50, bn_batches=2, lr=3e-3)
+    calls = []
+    logs = []
+    train(cfg, log=logs.append, stop=lambda: calls.append(1) or len(calls) >= 7)
+    assert any("stopped at step 7: checkpoint saved" in line for line in logs)
+    assert any("validation at step 7" in line for line in logs)  # the checkpoint is validated
+    _, info = memnet.load_model(tmp_path / "run" / "last.safetensors")
+    assert info.metadata["training"]["steps"] == 7
+    logs2 = []
+    train(cfg, resume=True, log=logs2.append)
+    assert logs2[0].startswith("resumed from step 7") and any("validation at step 20" in line for line in logs2)
+
+
+def test_cli_train_sigterm_stops_gracefully(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    from memnet.cli import main
+
+    data = _smooth_images(tmp_path / "clean")
+    real_batch, n = PatchSampler.batch, []
+
+    def batch_then_sigterm(self, k):  # a scheduler's SIGTERM during the 4th training batch
+        n.append(1)
+        if len(n) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_batch(self, k)
+
+    monkeypatch.setattr(PatchSampler, "batch", batch_then_sigterm)
+    rc = main(["train", "--task", "denoise", "--data", str(data), "--arch", "M2R2C8", "--patch", "24", "--batch", "4",
+               "--steps", "50", "--val-every", "50", "--bn-batches", "2", "--out", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert rc == 130 and "stopping after this step" in out and "stopped at step" in out
+    assert memnet.load_model(tmp_path / "run" / "last.safetensors")[1].metadata["training"]["steps"] < 50
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored

@@ -4,6 +4,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import threading
+from contextlib import contextmanager
+
+
+@contextmanager
+def _graceful_stop(what: str):
+    """The first Ctrl-C (or SIGTERM, as batch schedulers send before killing a job) sets the yielded
+    event, so the run stops at its next step and saves; a second one aborts at once."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print(f"stopping after this step: {what} (Ctrl-C again to abort)…", flush=True)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -16,9 +42,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed, device=args.device, threads=args.threads, amp=args.amp, init=args.init, name=args.name,
         bn_batches=args.bn_batches, loss=args.loss,
     )
-    best = train(cfg, resume=args.resume, log=lambda s: print(s, flush=True))
+    with _graceful_stop("validation and a checkpoint first") as stop:
+        best = train(cfg, resume=args.resume, log=lambda s: print(s, flush=True), stop=stop)
     print(f"best model: {best}")
-    return 0
+    return 130 if stop.is_set() else 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -28,31 +55,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                          batch=args.batch, lr=args.lr, val_fraction=args.val_fraction, val_every=args.val_every,
                          patience=args.patience, axes=args.axes, include=args.include, max_planes=args.max_planes,
                          device=args.device, amp=args.amp, seed=args.seed, overwrite=args.overwrite)
-    import signal
-    import threading
-
     from .engine import Cancelled
 
-    # The first Ctrl-C stops gracefully (checkpoint, best model so far saved); a second one aborts.
-    stop = threading.Event()
-
-    def on_sigint(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        print("stopping after this step (Ctrl-C again to abort)…", flush=True)
-
-    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() \
-        else None
-    try:
-        path = finetune(cfg, args.data, target=args.target, noisy2=args.data2, resume=args.resume,
-                        log=lambda s: print(s, flush=True), cancel=stop)
-    except Cancelled as e:
-        print(e, flush=True)
-        return 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+    with _graceful_stop("the best model so far is saved") as stop:
+        try:
+            path = finetune(cfg, args.data, target=args.target, noisy2=args.data2, resume=args.resume,
+                            log=lambda s: print(s, flush=True), cancel=stop)
+        except Cancelled as e:
+            print(e, flush=True)
+            return 130
     print(f"saved {path} (listed by `memnet models` as {args.output!r})")
     return 0
 

@@ -387,8 +387,10 @@ def _validate(model, cfg: TrainConfig, sampler_val) -> dict[str, float]:
     return {"holdout": float(np.mean(vals))}
 
 
-def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
-    """Train; returns the path of the best model (``OUT/best.safetensors``)."""
+def train(cfg: TrainConfig, resume: bool = False, log=print, stop=None) -> Path:
+    """Train; returns the path of the best model (``OUT/best.safetensors``). ``stop``: a
+    ``threading.Event`` or a callable returning True; when it fires the run validates, saves a
+    checkpoint (as ``--hours`` does) and returns, to be continued with ``resume=True``."""
     if cfg.optimizer not in ("adam", "sgd"):
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}: adam or sgd")
     if cfg.loss not in LOSSES:  # fail before loading data, not at the first step
@@ -500,7 +502,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
                 f"lr {sched.get_last_lr()[0]:.2e}  elapsed {el / 60:.1f} min  ETA {eta / 60:.1f} min")
             t_log, n_log, loss_acc = time.time(), 0, 0.0
         out_of_time = cfg.hours is not None and (time.time() - t0) / 3600 >= cfg.hours
-        if step % cfg.val_every == 0 or step == cfg.steps or out_of_time:
+        stopped = stop is not None and bool(stop.is_set() if hasattr(stop, "is_set") else stop())
+        if step % cfg.val_every == 0 or step == cfg.steps or out_of_time or stopped:
             if cfg.bn_batches:
                 # Exact BN statistics for the checkpoint (own RNG: the training stream is unchanged).
                 recalibrate_bn(model, PatchSampler(cfg.task, clean, pairs, cfg.patch, seed=cfg.seed + 10**6 + step),
@@ -518,8 +521,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
                 last_path.with_suffix(".tmp").replace(best_path)
             log(f"validation at step {step}: " + ", ".join(f"{k} {v:.2f} dB" for k, v in metrics.items())
                 + ("  (best)" if improved else ""))
-        if out_of_time:
-            log(f"time budget of {cfg.hours} h reached at step {step}: checkpoint saved, resume with --resume")
+        if out_of_time or stopped:
+            why = f"time budget of {cfg.hours} h reached" if out_of_time else "stopped"
+            if step < cfg.steps:
+                log(f"{why} at step {step}: checkpoint saved, resume with --resume")
             break
     return best_path
 
