@@ -223,7 +223,7 @@ def test_early_stopping_ends_a_run_that_stopped_improving(base_model, rng):
     assert any(s.startswith("early stop: no improvement in 2 validations") for s in logs)
 
 
-def test_cli_ctrl_c_stops_gracefully_and_keeps_the_best_model(base_model, tmp_path, rng, capsys):
+def test_cli_ctrl_c_stops_gracefully_and_keeps_the_best_model(base_model, tmp_path, rng, capfd):
     import os
     import signal
 
@@ -246,7 +246,7 @@ def test_cli_ctrl_c_stops_gracefully_and_keeps_the_best_model(base_model, tmp_pa
                    "--device", "cpu"])
     finally:
         ft._save = real_save
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert rc == 130 and "stopping after this step" in out and "best model so far is saved as 'cli-stop'" in out
     assert memnet.load_model("cli-stop")[1].metadata["finetune"]["ended"] == "stopped"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored

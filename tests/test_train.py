@@ -312,9 +312,17 @@ def test_stop_checkpoints_and_resume_finishes(tmp_path):
     data = _smooth_images(tmp_path / "clean")
     cfg = TrainConfig(task="denoise", out=str(tmp_path / "run"), data=[str(data)], arch="M2R2C8", patch=24,
                       batch=4, steps=20, val_every=50, bn_batches=2, lr=3e-3)
-    calls = []
-    logs = []
-    train(cfg, log=logs.append, stop=lambda: calls.append(1) or len(calls) >= 7)
+    import threading
+
+    ev, logs = threading.Event(), []
+
+    def log(line):  # "stop" arrives while step 7 is being logged
+        logs.append(line)
+        if line.startswith("step 7/"):
+            ev.set()
+
+    cfg.log_every = 1
+    train(cfg, log=log, stop=ev)
     assert any("stopped at step 7: checkpoint saved" in line for line in logs)
     assert any("validation at step 7" in line for line in logs)  # the checkpoint is validated
     _, info = memnet.load_model(tmp_path / "run" / "last.safetensors")
@@ -324,7 +332,7 @@ def test_stop_checkpoints_and_resume_finishes(tmp_path):
     assert logs2[0].startswith("resumed from step 7") and any("validation at step 20" in line for line in logs2)
 
 
-def test_cli_train_sigterm_stops_gracefully(tmp_path, capsys, monkeypatch):
+def test_cli_train_sigterm_stops_gracefully(tmp_path, capfd, monkeypatch):
     import os
     import signal
 
@@ -340,9 +348,46 @@ def test_cli_train_sigterm_stops_gracefully(tmp_path, capsys, monkeypatch):
         return real_batch(self, k)
 
     monkeypatch.setattr(PatchSampler, "batch", batch_then_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
     rc = main(["train", "--task", "denoise", "--data", str(data), "--arch", "M2R2C8", "--patch", "24", "--batch", "4",
                "--steps", "50", "--val-every", "50", "--bn-batches", "2", "--out", str(tmp_path / "run")])
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert rc == 130 and "stopping after this step" in out and "stopped at step" in out
     assert memnet.load_model(tmp_path / "run" / "last.safetensors")[1].metadata["training"]["steps"] < 50
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
+
+
+def test_cli_train_stop_asked_on_the_last_step_is_a_finished_run(tmp_path, capfd, monkeypatch):
+    import os
+    import signal
+
+    from memnet.cli import main
+
+    data = _smooth_images(tmp_path / "clean")
+    real_recal = memnet.train.recalibrate_bn
+
+    def recal_then_sigint(*a, **k):  # Ctrl-C while the final checkpoint is being prepared
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_recal(*a, **k)
+
+    monkeypatch.setattr(memnet.train, "recalibrate_bn", recal_then_sigint)
+    rc = main(["train", "--task", "denoise", "--data", str(data), "--arch", "M2R2C8", "--patch", "24", "--batch", "4",
+               "--steps", "5", "--val-every", "50", "--bn-batches", "2", "--out", str(tmp_path / "run")])
+    assert rc == 0 and "validation at step 5" in capfd.readouterr().out
+
+
+def test_resume_refuses_weights_and_state_from_different_steps(tmp_path):
+    import shutil
+
+    data = _smooth_images(tmp_path / "clean")
+    cfg = TrainConfig(task="denoise", out=str(tmp_path / "run"), data=[str(data)], arch="M2R2C8", patch=24,
+                      batch=4, steps=6, val_every=3, bn_batches=0)
+    train(cfg, log=lambda s: None)
+    run = tmp_path / "run"
+    keep = tmp_path / "state6.pt"
+    shutil.copy(run / "state.pt", keep)
+    cfg.steps = 9
+    train(cfg, resume=True, log=lambda s: None)  # weights and state now at step 9
+    shutil.copy(keep, run / "state.pt")  # as if the save was interrupted between the two files
+    with pytest.raises(ValueError, match="last.safetensors is from step 9 but state.pt from step 6"):
+        train(cfg, resume=True, log=lambda s: None)

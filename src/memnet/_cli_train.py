@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 
 
 @contextmanager
@@ -22,14 +24,17 @@ def _graceful_stop(what: str):
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        print(f"stopping after this step: {what} (Ctrl-C again to abort)…", flush=True)
+        # os.write, not print: a handler that prints while the main thread is inside print() raises
+        # "reentrant call" and would kill the run instead of stopping it.
+        os.write(1, f"\nstopping after this step: {what} (Ctrl-C again to abort)…\n".encode())
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:
         for sig, h in previous.items():
-            signal.signal(sig, h)
+            if h is not None:  # None: a handler installed from C, which cannot be put back from Python
+                signal.signal(sig, h)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -45,7 +50,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     with _graceful_stop("validation and a checkpoint first") as stop:
         best = train(cfg, resume=args.resume, log=lambda s: print(s, flush=True), stop=stop)
     print(f"best model: {best}")
-    return 130 if stop.is_set() else 0
+    if stop.is_set():  # 130 only when the run really ended early (not when asked during its last step)
+        from .zoo import read_info
+
+        last = Path(cfg.out) / "last.safetensors"
+        done = last.exists() and (read_info(last).metadata.get("training") or {}).get("steps") == cfg.steps
+        return 0 if done else 130
+    return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -73,6 +84,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .zoo import load_model
 
     if args.model == "baseline":
+        if args.ensemble:
+            raise ValueError("--ensemble applies to a model, not to the 'baseline' (the degraded input itself)")
         pred, name = identity, "baseline (bicubic / JPEG / noisy input)"
         task = args.task
         if not task:

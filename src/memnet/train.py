@@ -439,9 +439,14 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop=None) -> Path:
 
     step, best, hours_before, history = 0, -math.inf, 0.0, []
     if resume and state_path.exists() and last_path.exists():
-        model_l, _ = load_model(last_path)
+        model_l, info_l = load_model(last_path)
         model.load_state_dict(model_l.state_dict())
         st = torch.load(state_path, weights_only=True)
+        w_step = (info_l.metadata.get("training") or {}).get("steps")
+        if w_step is not None and int(w_step) != int(st["step"]):
+            raise ValueError(f"cannot resume {out}: last.safetensors is from step {w_step} but state.pt from step "
+                             f"{st['step']} (a checkpoint save was interrupted). Start a new run from those weights "
+                             f"with --init {last_path} (new --out), or restore both files from a backup")
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         if st.get("scaler"):
@@ -479,9 +484,15 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop=None) -> Path:
                    state_path.with_suffix(".tmp"))
         state_path.with_suffix(".tmp").replace(state_path)
 
+    def stop_requested() -> bool:
+        return stop is not None and bool(stop.is_set() if hasattr(stop, "is_set") else stop())
+
     t0 = time.time()
     t_log, n_log, loss_acc = time.time(), 0, 0.0
     model.train()
+    if step < cfg.steps and stop_requested():
+        log(f"stopped before step {step + 1}: nothing new to save")
+        return best_path
     while step < cfg.steps:
         x, y = sampler.batch(cfg.batch)
         x = x.to(dev).contiguous(memory_format=torch.channels_last)
@@ -502,7 +513,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop=None) -> Path:
                 f"lr {sched.get_last_lr()[0]:.2e}  elapsed {el / 60:.1f} min  ETA {eta / 60:.1f} min")
             t_log, n_log, loss_acc = time.time(), 0, 0.0
         out_of_time = cfg.hours is not None and (time.time() - t0) / 3600 >= cfg.hours
-        stopped = stop is not None and bool(stop.is_set() if hasattr(stop, "is_set") else stop())
+        stopped = stop_requested()
         if step % cfg.val_every == 0 or step == cfg.steps or out_of_time or stopped:
             if cfg.bn_batches:
                 # Exact BN statistics for the checkpoint (own RNG: the training stream is unchanged).
@@ -521,6 +532,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop=None) -> Path:
                 last_path.with_suffix(".tmp").replace(best_path)
             log(f"validation at step {step}: " + ", ".join(f"{k} {v:.2f} dB" for k, v in metrics.items())
                 + ("  (best)" if improved else ""))
+            stopped = stopped or stop_requested()  # asked during the validation: this checkpoint will do
         if out_of_time or stopped:
             why = f"time budget of {cfg.hours} h reached" if out_of_time else "stopped"
             if step < cfg.steps:
