@@ -322,14 +322,19 @@ def test_stop_checkpoints_and_resume_finishes(tmp_path):
             ev.set()
 
     cfg.log_every = 1
-    train(cfg, log=log, stop=ev)
-    assert any("stopped at step 7: checkpoint saved" in line for line in logs)
+    from memnet.engine import Cancelled
+
+    with pytest.raises(Cancelled, match="stopped at step 7: checkpoint saved"):
+        train(cfg, log=log, stop=ev)
     assert any("validation at step 7" in line for line in logs)  # the checkpoint is validated
     _, info = memnet.load_model(tmp_path / "run" / "last.safetensors")
     assert info.metadata["training"]["steps"] == 7
     logs2 = []
-    train(cfg, resume=True, log=logs2.append)
+    train(cfg, resume=True, log=logs2.append, stop=lambda: False)
     assert logs2[0].startswith("resumed from step 7") and any("validation at step 20" in line for line in logs2)
+    with pytest.raises(Cancelled, match="stopped before step 21"):  # nothing left to do: no new checkpoint
+        cfg.steps = 30
+        train(cfg, resume=True, log=lambda s: None, stop=ev)
 
 
 def test_cli_train_sigterm_stops_gracefully(tmp_path, capfd, monkeypatch):

@@ -78,7 +78,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", default="auto", help="tiles per forward pass [auto]")
     p.add_argument("--ensemble", action="store_true",
                    help="self-ensemble: average over the 8 flips/rotations of each tile (8x slower, a little "
-                   "better; still exact)")
+                   "better; exact mode stays exact)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run into the same .zarr output (same parameters required)")

@@ -8,7 +8,6 @@ import os
 import signal
 import threading
 from contextlib import contextmanager
-from pathlib import Path
 
 
 @contextmanager
@@ -47,15 +46,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed, device=args.device, threads=args.threads, amp=args.amp, init=args.init, name=args.name,
         bn_batches=args.bn_batches, loss=args.loss,
     )
-    with _graceful_stop("validation and a checkpoint first") as stop:
-        best = train(cfg, resume=args.resume, log=lambda s: print(s, flush=True), stop=stop)
-    print(f"best model: {best}")
-    if stop.is_set():  # 130 only when the run really ended early (not when asked during its last step)
-        from .zoo import read_info
+    from .engine import Cancelled
 
-        last = Path(cfg.out) / "last.safetensors"
-        done = last.exists() and (read_info(last).metadata.get("training") or {}).get("steps") == cfg.steps
-        return 0 if done else 130
+    with _graceful_stop("validation and a checkpoint first") as stop:
+        try:
+            best = train(cfg, resume=args.resume, log=lambda s: print(s, flush=True), stop=stop)
+        except Cancelled as e:
+            print(e, flush=True)
+            return 130
+    print(f"best model: {best}")
     return 0
 
 

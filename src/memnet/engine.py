@@ -302,6 +302,8 @@ class Job:
 def prepare(data, model="denoise", *, axes=None, tile=256, halo="exact", blend="cosine", device="auto",
             scale=None, amp="auto", ensemble=False) -> Job:
     """Open the input, load the model, fix the intensity policy and the tiling plan."""
+    if not isinstance(ensemble, (bool, np.bool_)):
+        raise ValueError(f"ensemble must be True or False, got {ensemble!r}")
     dev = resolve_device(device)
     net, policy, info = _resolve_model(model, dev)
     sr_model = info is None or info.task == "sr"
@@ -341,8 +343,6 @@ def prepare(data, model="denoise", *, axes=None, tile=256, halo="exact", blend="
     H, W = src.shape[yi] * scale, src.shape[xi] * scale
     plan = TilePlan(H, W, tile=int(tile), halo=h, blend=blend_kind)
     norm = Normalizer.for_data(src.array, policy)
-    if not isinstance(ensemble, (bool, np.bool_)):
-        raise ValueError(f"ensemble must be True or False, got {ensemble!r}")
     runner = Runner(net, dev, amp=amp, ensemble=ensemble)
     return Job(src, runner, norm, plan, info, radius, leads, yi, xi, scale=int(scale), device_request=str(device))
 
@@ -576,10 +576,10 @@ def restore(data, model="denoise", *, output=None, axes=None, tile=256, halo="ex
     progress : callable receiving a ``Progress`` after every batch.
     cancel : a ``threading.Event`` or a callable returning True to stop; raises ``Cancelled``.
     ensemble : geometric self-ensemble: average the model over the 8 flips/rotations of every tile
-        (8x slower; still exact, seam-free; gains in docs/models.md).
+        (8x slower; in exact mode still equal to whole-image inference; gains in docs/models.md).
     lazy : return a lazy dask array instead (see ``restore_lazy``).
     resume : continue an interrupted run into the same ``.zarr`` output: groups with a done-marker
-        are skipped; the job (input, model, tiling, intensity mapping) must match or it is refused.
+        are skipped; the job (input, model, tiling, intensity mapping, ensemble) must match or it is refused.
     client / workers / scheduler : run on dask.distributed (an existing ``Client``, a LocalCluster
         of N worker processes, or a scheduler address); output must be a ``.zarr`` path.
 

@@ -21,7 +21,7 @@ from .degrade import (
     poisson_gaussian_noise,
     psnr,
 )
-from .engine import resolve_device
+from .engine import Cancelled, resolve_device
 from .evaluate import evaluate_task, percentile_normalize, predictor
 from .model import MemNet, parse_arch, widen
 from .zoo import load_model, save_model
@@ -389,8 +389,9 @@ def _validate(model, cfg: TrainConfig, sampler_val) -> dict[str, float]:
 
 def train(cfg: TrainConfig, resume: bool = False, log=print, stop=None) -> Path:
     """Train; returns the path of the best model (``OUT/best.safetensors``). ``stop``: a
-    ``threading.Event`` or a callable returning True; when it fires the run validates, saves a
-    checkpoint (as ``--hours`` does) and returns, to be continued with ``resume=True``."""
+    ``threading.Event`` or a callable returning True; when it fires before the last step the run
+    validates, saves a checkpoint (as ``--hours`` does) and raises ``Cancelled`` (as ``finetune``
+    does); ``resume=True`` continues it."""
     if cfg.optimizer not in ("adam", "sgd"):
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}: adam or sgd")
     if cfg.loss not in LOSSES:  # fail before loading data, not at the first step
@@ -491,8 +492,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop=None) -> Path:
     t_log, n_log, loss_acc = time.time(), 0, 0.0
     model.train()
     if step < cfg.steps and stop_requested():
-        log(f"stopped before step {step + 1}: nothing new to save")
-        return best_path
+        raise Cancelled(f"training stopped before step {step + 1}: nothing new to save")
     while step < cfg.steps:
         x, y = sampler.batch(cfg.batch)
         x = x.to(dev).contiguous(memory_format=torch.channels_last)
@@ -533,11 +533,11 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop=None) -> Path:
             log(f"validation at step {step}: " + ", ".join(f"{k} {v:.2f} dB" for k, v in metrics.items())
                 + ("  (best)" if improved else ""))
             stopped = stopped or stop_requested()  # asked during the validation: this checkpoint will do
-        if out_of_time or stopped:
-            why = f"time budget of {cfg.hours} h reached" if out_of_time else "stopped"
-            if step < cfg.steps:
-                log(f"{why} at step {step}: checkpoint saved, resume with --resume")
+        if step < cfg.steps and out_of_time:
+            log(f"time budget of {cfg.hours} h reached at step {step}: checkpoint saved, resume with --resume")
             break
+        if step < cfg.steps and stopped:
+            raise Cancelled(f"training stopped at step {step}: checkpoint saved, resume with --resume")
     return best_path
 
 
