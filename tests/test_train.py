@@ -332,8 +332,8 @@ def test_stop_checkpoints_and_resume_finishes(tmp_path):
     logs2 = []
     train(cfg, resume=True, log=logs2.append, stop=lambda: False)
     assert logs2[0].startswith("resumed from step 7") and any("validation at step 20" in line for line in logs2)
-    with pytest.raises(Cancelled, match="stopped before step 21"):  # nothing left to do: no new checkpoint
-        cfg.steps = 30
+    cfg.steps = 30  # resume with more steps, but stopped before the first: nothing new to save
+    with pytest.raises(Cancelled, match="stopped before step 21"):
         train(cfg, resume=True, log=lambda s: None, stop=ev)
 
 
