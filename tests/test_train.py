@@ -396,3 +396,43 @@ def test_resume_refuses_weights_and_state_from_different_steps(tmp_path):
     shutil.copy(keep, run / "state.pt")  # as if the save was interrupted between the two files
     with pytest.raises(ValueError, match="last.safetensors is from step 9 but state.pt from step 6"):
         train(cfg, resume=True, log=lambda s: None)
+
+
+def _dihedral(a):
+    return [np.rot90(b, k) for b in (a, a[:, ::-1]) for k in range(4)]
+
+
+def test_device_sampler_cuts_real_crops_in_all_8_orientations_with_blind_noise():
+    from memnet.train import DevicePatchSampler
+
+    rng = np.random.default_rng(3)
+    ims = [rng.random((40, 30), dtype=np.float32), rng.random((25, 52), dtype=np.float32),
+           rng.random((6, 6), dtype=np.float32)]  # the last is smaller than a patch: never used
+    s = DevicePatchSampler(ims, 8, "cpu", seed=1)
+    noisy, clean = s.batch(400)
+    assert noisy.shape == clean.shape == (400, 1, 8, 8) and noisy.dtype == torch.float32
+    seen = set()
+    for p in clean[:, 0].numpy()[:80]:
+        found = [(i, y, x, k) for i, im in enumerate(ims[:2]) for y in range(im.shape[0] - 7)
+                 for x in range(im.shape[1] - 7) for k, d in enumerate(_dihedral(im[y:y + 8, x:x + 8]))
+                 if np.array_equal(d, p)]
+        assert found, "every clean patch is a crop of an image, flipped/rotated"
+        seen.add(found[0][3])
+    assert seen == set(range(8))
+    sig = (noisy - clean).std(dim=(1, 2, 3)).numpy() * 255
+    assert sig.min() < 10 and 65 < sig.max() < 90 and 30 < np.median(sig) < 45  # sigma uniform in [0, 75]
+    again = DevicePatchSampler(ims, 8, "cpu", seed=1).batch(400)
+    assert torch.equal(again[0], noisy)  # seeded: a resumed run draws reproducible batches
+
+
+def test_training_with_the_device_sampler_learns_and_refuses_what_it_cannot_make(tmp_path):
+    data = _smooth_images(tmp_path / "d")
+    cfg = TrainConfig(task="denoise", out=str(tmp_path / "r"), data=[str(data)], arch="M2R2C8", patch=24,
+                      batch=8, steps=40, lr=3e-3, val_every=20, bn_batches=2, sampler="device")
+    train(cfg, log=lambda s: None)
+    hist = memnet.load_model(tmp_path / "r" / "last.safetensors")[1].metadata["training"]["history"]
+    assert hist[-1]["holdout"] > hist[0]["holdout"] - 0.5 and hist[-1]["holdout"] > 20
+    with pytest.raises(ValueError, match="sampler 'device'.*denoise"):
+        train(TrainConfig(task="jpeg", out=str(tmp_path / "j"), data=[str(data)], sampler="device"))
+    with pytest.raises(ValueError, match="sampler must be"):
+        train(TrainConfig(task="denoise", out=str(tmp_path / "k"), data=[str(data)], sampler="gpu"))

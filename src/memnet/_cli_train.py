@@ -44,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_root=args.val_root, arch=args.arch, patch=args.patch, batch=args.batch, steps=args.steps,
         warmup=args.warmup, hours=args.hours, lr=args.lr, optimizer=args.optimizer, val_every=args.val_every,
         seed=args.seed, device=args.device, threads=args.threads, amp=args.amp, init=args.init, name=args.name,
-        bn_batches=args.bn_batches, loss=args.loss,
+        bn_batches=args.bn_batches, loss=args.loss, sampler=args.sampler,
     )
     from .engine import Cancelled
 
@@ -134,6 +134,9 @@ def register(sub) -> None:
     p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
                    help="mixed precision: auto = on for CUDA (bf16, else fp16 with loss scaling); "
                    "on = also bf16 on CPU (about 2x faster on CPUs with AVX512-BF16/AMX) [auto]")
+    p.add_argument("--sampler", choices=("auto", "numpy", "device"), default="auto",
+                   help="where batches are made: device = on the training device (denoise from 2-D images; "
+                   "keeps a GPU fed), numpy = per patch on the CPU, auto = device for denoise on CUDA [auto]")
     p.add_argument("--init", help="start from these weights (name or .safetensors)")
     p.add_argument("--name", help="model name written into the metadata")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors + OUT/state.pt")
