@@ -278,7 +278,7 @@ class PatchSampler:
 class DevicePatchSampler:
     """Blind Gaussian-denoising batches made on the training device: the clean images are kept there,
     and cropping, the 8 flips/rotations and the noise are a few batched tensor operations. On a GPU the
-    per-patch Python of ``PatchSampler`` (~30 us a patch) would otherwise starve the model. The same
+    per-patch Python of ``PatchSampler`` would otherwise starve the model. The same
     distribution as ``PatchSampler`` for ``denoise``: uniform image, position, dihedral transform and
     sigma in [0, 75], noise unclipped."""
 
@@ -298,9 +298,6 @@ class DevicePatchSampler:
         self.offsets = torch.arange(patch, device=self.device)
         self.patch = patch
         self.gen = torch.Generator(device=self.device)
-        self.gen.manual_seed(seed)
-
-    def reseed(self, seed: int) -> None:
         self.gen.manual_seed(seed)
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
