@@ -423,6 +423,8 @@ def test_device_sampler_cuts_real_crops_in_all_8_orientations_with_blind_noise()
     assert sig.min() < 10 and 65 < sig.max() < 90 and 30 < np.median(sig) < 45  # sigma uniform in [0, 75]
     again = DevicePatchSampler(ims, 8, "cpu", seed=1).batch(400)
     assert torch.equal(again[0], noisy)  # seeded: a resumed run draws reproducible batches
+    with pytest.raises(TypeError, match="in-memory 2-D arrays"):
+        DevicePatchSampler([ims[0], [[0.0] * 30] * 40], 8, "cpu")  # not silently dropped
 
 
 def test_training_with_the_device_sampler_learns_and_refuses_what_it_cannot_make(tmp_path):

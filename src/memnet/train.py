@@ -41,6 +41,7 @@ DEGRADATIONS = {
         "poisson_gaussian": {"photons_at_1": [4, 400], "read_sigma": [0.0, 0.06]},
     },
 }
+_SIGMA_MAX_255 = DEGRADATIONS["denoise"]["gaussian_sigma_255"][1]  # both samplers draw sigma from [0, this]
 NORMALIZATION = {
     "denoise": {"mode": "natural"},
     "sr": {"mode": "natural"},
@@ -261,7 +262,7 @@ class PatchSampler:
             return noisy, clean
         (clean,) = self._crop([self._pick(self.clean)])
         if self.task == "denoise":
-            return gaussian_noise(clean, r.uniform(0, 75), r), clean
+            return gaussian_noise(clean, r.uniform(0, _SIGMA_MAX_255), r), clean
         if self.task == "sr":
             return bicubic_degrade(clean * 255.0, int(r.choice([2, 3, 4]))) / 255.0, clean
         if self.task == "jpeg":
@@ -283,8 +284,9 @@ class DevicePatchSampler:
     sigma in [0, 75], noise unclipped."""
 
     def __init__(self, clean: list[np.ndarray], patch: int, device, seed: int = 0):
-        ims = [np.asarray(im, dtype=np.float32) for im in clean
-               if isinstance(im, np.ndarray) and min(im.shape) >= patch]
+        if not all(isinstance(im, np.ndarray) for im in clean):
+            raise TypeError("DevicePatchSampler takes in-memory 2-D arrays; stacks read lazily need PatchSampler")
+        ims = [im.astype(np.float32, copy=False) for im in clean if min(im.shape) >= patch]
         if not ims:
             raise ValueError(f"no training image is at least {patch}x{patch} pixels")
         h, w = max(im.shape[0] for im in ims), max(im.shape[1] for im in ims)
@@ -311,7 +313,7 @@ class DevicePatchSampler:
         c = torch.where(t[:, 0], c.transpose(1, 2), c)
         c = torch.where(t[:, 1], c.flip(1), c)
         c = torch.where(t[:, 2], c.flip(2), c)
-        sigma = torch.rand(n, 1, 1, generator=g, device=dev) * (75.0 / 255.0)
+        sigma = torch.rand(n, 1, 1, generator=g, device=dev) * (_SIGMA_MAX_255 / 255.0)
         noisy = c + torch.randn(c.shape, generator=g, device=dev) * sigma
         return noisy[:, None].contiguous(), c[:, None].contiguous()
 
