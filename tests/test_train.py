@@ -438,3 +438,48 @@ def test_training_with_the_device_sampler_learns_and_refuses_what_it_cannot_make
         train(TrainConfig(task="jpeg", out=str(tmp_path / "j"), data=[str(data)], sampler="device"))
     with pytest.raises(ValueError, match="sampler must be"):
         train(TrainConfig(task="denoise", out=str(tmp_path / "k"), data=[str(data)], sampler="gpu"))
+
+
+@pytest.mark.parametrize("where", ["numpy", "device"])
+def test_sigma_ranges_mix_noise_levels_as_asked(where):
+    from memnet.train import DevicePatchSampler, PatchSampler
+
+    flat = [np.full((40, 40), 0.5, np.float32)]
+    ranges = [(0, 75), (10, 20)]
+    if where == "numpy":
+        s = PatchSampler("denoise", flat, [], 16, seed=2, sigma=ranges)
+        noisy = np.stack([s.sample()[0] for _ in range(1500)])
+    else:
+        noisy = DevicePatchSampler(flat, 16, "cpu", seed=2, sigma=ranges).batch(1500)[0][:, 0].numpy()
+    sig = (noisy - 0.5).std(axis=(1, 2)) * 255
+    # half the patches from 10-20 plus 10/75 of the other half: ~57% measured near 10-20
+    near = np.mean((sig > 8) & (sig < 22))
+    assert 0.5 < near < 0.68, near
+    assert sig.max() > 60  # still blind over 0-75
+    with pytest.raises(ValueError, match="0 <= LO < HI <= 255"):
+        PatchSampler("denoise", flat, [], 16, sigma=[(30, 20)])
+
+
+def test_train_records_its_sigma_mixture_and_refuses_it_for_other_tasks(tmp_path):
+    data = _smooth_images(tmp_path / "d")
+    cfg = TrainConfig(task="denoise", out=str(tmp_path / "r"), data=[str(data)], arch="M2R2C8", patch=24,
+                      batch=4, steps=2, val_every=2, bn_batches=1, sigma=[(0, 75), (5, 30)])
+    meta = memnet.load_model(train(cfg, log=lambda s: None))[1].metadata
+    assert meta["degradation"]["sigma_mixture_255"] == [[0, 75], [5, 30]]
+    assert meta["degradation"]["gaussian_sigma_255"] == [0, 75]
+    assert meta["training"]["config"]["sigma"] == [[0, 75], [5, 30]]
+    with pytest.raises(ValueError, match="apply to task denoise"):
+        train(TrainConfig(task="jpeg", out=str(tmp_path / "j"), data=[str(data)], sigma=[(0, 10)]))
+
+
+def test_cli_sigma_flag_parses_and_rejects_bad_ranges(tmp_path, capsys):
+    from memnet.cli import main
+
+    data = _smooth_images(tmp_path / "d")
+    base = ["train", "--task", "denoise", "--data", str(data), "--arch", "M2R2C8", "--patch", "24", "--batch", "4",
+            "--steps", "2", "--val-every", "2", "--bn-batches", "1"]
+    assert main(base + ["--out", str(tmp_path / "r"), "--sigma", "0:50", "--sigma", "15:25"]) == 0
+    meta = memnet.load_model(tmp_path / "r" / "best.safetensors")[1].metadata
+    assert meta["degradation"]["sigma_mixture_255"] == [[0.0, 50.0], [15.0, 25.0]]
+    assert main(base + ["--out", str(tmp_path / "s"), "--sigma", "25"]) != 0
+    assert "LO:HI" in capsys.readouterr().err

@@ -45,6 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         warmup=args.warmup, hours=args.hours, lr=args.lr, optimizer=args.optimizer, val_every=args.val_every,
         seed=args.seed, device=args.device, threads=args.threads, amp=args.amp, init=args.init, name=args.name,
         bn_batches=args.bn_batches, loss=args.loss, sampler=args.sampler,
+        sigma=[_sigma_range(r) for r in args.sigma] if args.sigma else None,
     )
     from .engine import Cancelled
 
@@ -100,6 +101,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sigma_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--sigma takes LO:HI on the 0-255 scale, e.g. 0:75, got {text!r}") from None
+    return lo, hi
+
+
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a model from scratch (or continue from weights)",
                        description="Train MemNet on random patches with on-the-fly degradations and the paper's "
@@ -137,6 +146,9 @@ def register(sub) -> None:
     p.add_argument("--sampler", choices=("auto", "numpy", "device"), default="auto",
                    help="where batches are made: device = on the training device (denoise from 2-D images; "
                    "keeps a GPU fed), numpy = per patch on the CPU, auto = device for denoise on CUDA [auto]")
+    p.add_argument("--sigma", action="append", metavar="LO:HI",
+                   help="denoise: a Gaussian sigma range on the 0-255 scale; repeat to mix, each patch picks one "
+                   "range, e.g. --sigma 0:75 --sigma 5:30 (blind, half the patches at 5-30) [0:75]")
     p.add_argument("--init", help="start from these weights (name or .safetensors)")
     p.add_argument("--name", help="model name written into the metadata")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors + OUT/state.pt")

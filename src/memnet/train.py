@@ -41,7 +41,25 @@ DEGRADATIONS = {
         "poisson_gaussian": {"photons_at_1": [4, 400], "read_sigma": [0.0, 0.06]},
     },
 }
-_SIGMA_MAX_255 = DEGRADATIONS["denoise"]["gaussian_sigma_255"][1]  # both samplers draw sigma from [0, this]
+_SIGMA_RANGES_255 = (tuple(DEGRADATIONS["denoise"]["gaussian_sigma_255"]),)  # both samplers' default
+
+
+def _sigma_ranges(ranges) -> tuple[tuple[float, float], ...]:
+    """Validated Gaussian sigma ranges (on the 0-255 scale). Each patch picks one range at random, then
+    sigma uniformly inside it: ``[(0, 75), (5, 30)]`` stays blind over 0-75 but puts half the patches
+    at 5-30."""
+    if not ranges:
+        return _SIGMA_RANGES_255
+    out = []
+    for r in ranges:
+        try:
+            lo, hi = (float(v) for v in r)
+        except (TypeError, ValueError):
+            raise ValueError(f"a sigma range is two numbers LO HI on the 0-255 scale, got {r!r}") from None
+        if not 0 <= lo < hi <= 255:
+            raise ValueError(f"sigma range {lo:g}:{hi:g} must satisfy 0 <= LO < HI <= 255 (0-255 scale)")
+        out.append((lo, hi))
+    return tuple(out)
 NORMALIZATION = {
     "denoise": {"mode": "natural"},
     "sr": {"mode": "natural"},
@@ -225,13 +243,14 @@ class PatchSampler:
     """Random patches with flips/rot90 and the task's degradation, as (input, target) batches."""
 
     def __init__(self, task: str, clean: list[np.ndarray], pairs: list[tuple[np.ndarray, np.ndarray]],
-                 patch: int, seed: int = 0, pairs_only: bool = False):
+                 patch: int, seed: int = 0, pairs_only: bool = False, sigma=None):
         if task not in DEGRADATIONS:
             raise ValueError(f"unknown task {task!r}: expected one of {', '.join(DEGRADATIONS)}")
         if task == "sr" and patch % 12:
             raise ValueError(f"sr training needs a patch size divisible by 12 (for x2/x3/x4), got {patch}")
         self.task, self.clean, self.pairs, self.patch = task, clean, pairs, patch
         self.pairs_only = pairs_only  # fine-tuning: (input, target) pairs as given, no synthetic degradation
+        self.sigma = _sigma_ranges(sigma)
         self.rng = np.random.default_rng(seed)
         usable = [im for im in clean if min(im.shape) >= patch] + [p for p in pairs if min(p[0].shape) >= patch]
         if not usable:
@@ -262,7 +281,8 @@ class PatchSampler:
             return noisy, clean
         (clean,) = self._crop([self._pick(self.clean)])
         if self.task == "denoise":
-            return gaussian_noise(clean, r.uniform(0, _SIGMA_MAX_255), r), clean
+            lo, hi = self.sigma[int(r.integers(len(self.sigma)))] if len(self.sigma) > 1 else self.sigma[0]
+            return gaussian_noise(clean, r.uniform(lo, hi), r), clean
         if self.task == "sr":
             return bicubic_degrade(clean * 255.0, int(r.choice([2, 3, 4]))) / 255.0, clean
         if self.task == "jpeg":
@@ -281,9 +301,9 @@ class DevicePatchSampler:
     and cropping, the 8 flips/rotations and the noise are a few batched tensor operations. On a GPU the
     per-patch Python of ``PatchSampler`` would otherwise starve the model. The same
     distribution as ``PatchSampler`` for ``denoise``: uniform image, position, dihedral transform and
-    sigma in [0, 75], noise unclipped."""
+    sigma in [0, 75] (or the ``sigma`` ranges), noise unclipped."""
 
-    def __init__(self, clean: list[np.ndarray], patch: int, device, seed: int = 0):
+    def __init__(self, clean: list[np.ndarray], patch: int, device, seed: int = 0, sigma=None):
         if not all(isinstance(im, np.ndarray) for im in clean):
             raise TypeError("DevicePatchSampler takes in-memory 2-D arrays; stacks read lazily need PatchSampler")
         ims = [im.astype(np.float32, copy=False) for im in clean if min(im.shape) >= patch]
@@ -299,6 +319,9 @@ class DevicePatchSampler:
                                    dtype=torch.float32, device=self.device)
         self.offsets = torch.arange(patch, device=self.device)
         self.patch = patch
+        ranges = _sigma_ranges(sigma)
+        self.sigma_lo = torch.tensor([r[0] / 255.0 for r in ranges], device=self.device)
+        self.sigma_span = torch.tensor([(r[1] - r[0]) / 255.0 for r in ranges], device=self.device)
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(seed)
 
@@ -313,7 +336,9 @@ class DevicePatchSampler:
         c = torch.where(t[:, 0], c.transpose(1, 2), c)
         c = torch.where(t[:, 1], c.flip(1), c)
         c = torch.where(t[:, 2], c.flip(2), c)
-        sigma = torch.rand(n, 1, 1, generator=g, device=dev) * (_SIGMA_MAX_255 / 255.0)
+        k = (torch.randint(len(self.sigma_lo), (n,), generator=g, device=dev) if len(self.sigma_lo) > 1
+             else torch.zeros(n, dtype=torch.long, device=dev))
+        sigma = (self.sigma_lo[k] + torch.rand(n, generator=g, device=dev) * self.sigma_span[k])[:, None, None]
         noisy = c + torch.randn(c.shape, generator=g, device=dev) * sigma
         return noisy[:, None].contiguous(), c[:, None].contiguous()
 
@@ -355,6 +380,7 @@ class TrainConfig:
     loss: str = "mse"  # "mse" (the paper's) or "psnr" (mean log MSE per patch: balances noise levels)
     name: str | None = None
     sampler: str = "auto"  # "auto" (on-device batches for denoise on CUDA), "numpy" or "device"
+    sigma: list[tuple[float, float]] | None = None  # denoise: sigma ranges (0-255), one picked per patch; None: 0-75
 
 
 def _load_data(cfg: TrainConfig):
@@ -454,6 +480,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop=None) -> Path:
         raise ValueError(f"warmup must be between 0 and steps-1 ({cfg.steps - 1}), got {cfg.warmup}")
     if cfg.warmup and cfg.optimizer != "adam":
         raise ValueError("warmup applies to the adam cosine schedule; the paper's sgd recipe has none: drop --warmup")
+    if cfg.sigma is not None:
+        if cfg.task != "denoise":
+            raise ValueError(f"sigma ranges apply to task denoise (Gaussian noise), not {cfg.task!r}: drop --sigma")
+        cfg = replace(cfg, sigma=[list(r) for r in _sigma_ranges(cfg.sigma)])
     if cfg.lr is None:
         cfg = replace(cfg, lr=0.1 if cfg.optimizer == "sgd" else 1e-3)
     out = Path(cfg.out)
@@ -479,8 +509,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop=None) -> Path:
 
     def make_sampler(seed: int):
         if on_device:
-            return DevicePatchSampler(clean, cfg.patch, dev, seed=seed)
-        return PatchSampler(cfg.task, clean, pairs, cfg.patch, seed=seed)
+            return DevicePatchSampler(clean, cfg.patch, dev, seed=seed, sigma=cfg.sigma)
+        return PatchSampler(cfg.task, clean, pairs, cfg.patch, seed=seed, sigma=cfg.sigma)
 
     sampler = make_sampler(cfg.seed)
     if dev.type == "cuda":
@@ -526,7 +556,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop=None) -> Path:
     meta_base = {
         "description": f"MemNet {arch} for {cfg.task}",
         "normalization": NORMALIZATION[cfg.task],
-        "degradation": DEGRADATIONS[cfg.task],
+        "degradation": DEGRADATIONS[cfg.task] if not cfg.sigma else {
+            **DEGRADATIONS[cfg.task], "sigma_mixture_255": cfg.sigma,
+            "gaussian_sigma_255": [min(r[0] for r in cfg.sigma), max(r[1] for r in cfg.sigma)]},
         "training": {"config": asdict(cfg)},
     }
 
