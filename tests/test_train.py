@@ -452,7 +452,7 @@ def test_sigma_ranges_mix_noise_levels_as_asked(where):
     else:
         noisy = DevicePatchSampler(flat, 16, "cpu", seed=2, sigma=ranges).batch(1500)[0][:, 0].numpy()
     sig = (noisy - 0.5).std(axis=(1, 2)) * 255
-    # half the patches from 10-20 plus 10/75 of the other half: ~57% measured near 10-20
+    # half the patches from 10-20 plus 10/75 of the other half: ~57% expected near 10-20
     near = np.mean((sig > 8) & (sig < 22))
     assert 0.5 < near < 0.68, near
     assert sig.max() > 60  # still blind over 0-75

@@ -148,7 +148,7 @@ def register(sub) -> None:
                    "keeps a GPU fed), numpy = per patch on the CPU, auto = device for denoise on CUDA [auto]")
     p.add_argument("--sigma", action="append", metavar="LO:HI",
                    help="denoise: a Gaussian sigma range on the 0-255 scale; repeat to mix, each patch picks one "
-                   "range, e.g. --sigma 0:75 --sigma 5:30 (blind, half the patches at 5-30) [0:75]")
+                   "range, e.g. --sigma 0:75 --sigma 5:30 (still blind; two thirds of the patches at 5-30) [0:75]")
     p.add_argument("--init", help="start from these weights (name or .safetensors)")
     p.add_argument("--name", help="model name written into the metadata")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors + OUT/state.pt")

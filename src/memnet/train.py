@@ -46,8 +46,8 @@ _SIGMA_RANGES_255 = (tuple(DEGRADATIONS["denoise"]["gaussian_sigma_255"]),)  # b
 
 def _sigma_ranges(ranges) -> tuple[tuple[float, float], ...]:
     """Validated Gaussian sigma ranges (on the 0-255 scale). Each patch picks one range at random, then
-    sigma uniformly inside it: ``[(0, 75), (5, 30)]`` stays blind over 0-75 but puts half the patches
-    at 5-30."""
+    sigma uniformly inside it: ``[(0, 75), (5, 30)]`` stays blind over 0-75 but draws half the patches
+    from 5-30 (two thirds of all patches land there)."""
     if not ranges:
         return _SIGMA_RANGES_255
     out = []
@@ -60,6 +60,8 @@ def _sigma_ranges(ranges) -> tuple[tuple[float, float], ...]:
             raise ValueError(f"sigma range {lo:g}:{hi:g} must satisfy 0 <= LO < HI <= 255 (0-255 scale)")
         out.append((lo, hi))
     return tuple(out)
+
+
 NORMALIZATION = {
     "denoise": {"mode": "natural"},
     "sr": {"mode": "natural"},
