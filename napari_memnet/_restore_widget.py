@@ -39,18 +39,24 @@ def refresh_all_restore_widgets() -> None:
             _RESTORE_WIDGETS.discard(w)
 
 
+# The plugin is for fluorescence microscopy: its task comes first, so it is what a new layer gets.
+TASK_ORDER = ("microscopy", "denoise", "sr", "jpeg")
+
+
 def model_choices(*_) -> list[tuple[str, str]]:
-    """Task names first (each picks the best installed model), then every model by name."""
+    """Task names first, microscopy leading (each picks the best installed model), then every model by
+    name, microscopy models first."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         models = memnet.list_models()
     out = []
-    for task in memnet.TASKS:
+    order = [t for t in TASK_ORDER if t in memnet.TASKS] + [t for t in memnet.TASKS if t not in TASK_ORDER]
+    for task in order:
         if any(m.task == task for m in models):
             out.append((f"{task} (best {task} model)", task))
-    for m in models:
+    for m in sorted(models, key=lambda m: order.index(m.task) if m.task in order else len(order)):
         out.append((f"{m.name}  [{m.task}, {m.source}]", m.name))
     return out
 

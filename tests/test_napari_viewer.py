@@ -122,6 +122,22 @@ def test_restore_to_disk_adds_a_lazy_layer(make_napari_viewer, qtbot, user_model
     assert zarr.open_group(str(tmp_path / "r.zarr"), mode="r").attrs["memnet"]["complete"] is True
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_widgets_open_on_the_microscopy_model(make_napari_viewer, rng, dtype):
+    from napari_memnet._finetune_widget import FinetuneWidget
+
+    viewer = make_napari_viewer()
+    w = _widget(viewer)
+    assert w._model.value == "microscopy"  # before any layer
+    viewer.add_image((rng.random((2, 40, 40)) * 200).astype(dtype), name="new")
+    assert w._layer.value is viewer.layers["new"]
+    assert w._model.value == "microscopy" and w._scale.native.isHidden()
+    assert "scale" not in w._options()
+    w._model.value = "sr"
+    assert not w._scale.native.isHidden() and w._options()["scale"] == 2
+    assert FinetuneWidget(viewer)._model.value == "microscopy"
+
+
 def test_model_list_refreshes_after_a_new_user_model(make_napari_viewer, tiny_model, user_model,
                                                      _isolated_user_models):
     viewer = make_napari_viewer()
