@@ -178,6 +178,27 @@ def test_widen_computes_the_same_function_with_more_channels(mode):
     assert new_to_old.abs().sum() > 0
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_deepen_computes_the_same_function_with_more_blocks_and_recursions(mode):
+    shallow = _randomised(memnet.MemNet(2, 2, 8))
+    deep = memnet.deepen(shallow, 3, 4)
+    assert (deep.config.blocks, deep.config.recursions, deep.config.channels) == (3, 4, 8)
+    assert deep.blocks[1].gate.conv.weight.shape == (8, (2 + 4) * 8, 1, 1)
+    x = torch.rand(2, 1, 20, 20)
+    getattr(shallow, mode)(), getattr(deep, mode)()
+    ref = shallow(x)
+    assert ref.std() > 1e-3
+    torch.testing.assert_close(deep(x), ref, atol=1e-5, rtol=1e-5)
+    # The new parts are live: the new branch weight and the new recursions' gate weights get gradients.
+    deep.train()
+    final, branches = deep(x, branches=True)
+    (sum((b - x).pow(2).mean() for b in branches) + (final - x).pow(2).mean()).backward()
+    assert deep.branch_weights.grad[2].abs() > 0
+    assert deep.blocks[0].gate.conv.weight.grad[:, 3 * 8:].abs().sum() > 0
+    with pytest.raises(ValueError, match="blocks must be an integer >= the model's 2"):
+        memnet.deepen(shallow, 1, 2)
+
+
 def test_widen_refuses_to_shrink():
     with pytest.raises(ValueError, match="channels must be an integer >= the model's 8"):
         memnet.widen(memnet.MemNet(2, 2, 8), 4)

@@ -287,9 +287,15 @@ def test_a_trained_model_grows_wider_and_keeps_training(tmp_path):
     assert model.config.channels == 12 and info.name == "denoise-M2R2C12"
     assert info.metadata["training"]["total_steps"] == 10
     assert any("widening denoise-M2R2C8 from 8 to 12 channels" in line for line in logs)
-    with pytest.raises(ValueError, match="--arch M3R2C8 does not fit --init denoise-M2R2C8"):
-        train(TrainConfig(task="denoise", out=str(tmp_path / "c"), data=[str(data)], arch="M3R2C8", patch=24,
+    with pytest.raises(ValueError, match="--arch M1R2C8 does not fit --init denoise-M2R2C8.*can only grow"):
+        train(TrainConfig(task="denoise", out=str(tmp_path / "c"), data=[str(data)], arch="M1R2C8", patch=24,
                           batch=4, steps=2, init=str(first)), log=lambda s: None)
+    logs = []
+    deep = train(TrainConfig(task="denoise", out=str(tmp_path / "d"), data=[str(data)], arch="M3R3C12", patch=24,
+                             batch=4, steps=2, val_every=2, init=str(first)), log=logs.append)
+    model, _ = memnet.load_model(deep)
+    assert (model.config.blocks, model.config.recursions, model.config.channels) == (3, 3, 12)
+    assert any("deepening denoise-M2R2C8 from M2R2 to M3R3" in line for line in logs)
 
 
 def test_warmup_ramps_the_lr_linearly_into_the_cosine(tmp_path):
@@ -483,3 +489,59 @@ def test_cli_sigma_flag_parses_and_rejects_bad_ranges(tmp_path, capsys):
     assert meta["degradation"]["sigma_mixture_255"] == [[0.0, 50.0], [15.0, 25.0]]
     assert main(base + ["--out", str(tmp_path / "s"), "--sigma", "25"]) != 0
     assert "LO:HI" in capsys.readouterr().err
+
+
+def test_camera_noise_is_normalised_like_restore_and_targets_its_expectation():
+    from memnet.degrade import camera_noise
+
+    yy, xx = np.mgrid[0:96, 0:96] / 96
+    clean = 0.2 + 0.6 * (np.sin(8 * xx) * np.cos(5 * yy) > 0)
+    fixed = {"gamma": [1.0, 1.0], "blur_sigma_px": [0.0, 0.0], "clip_8bit": 0.0, "pixel_gain_cv": [0, 0],
+             "pixel_offset_adu": [0, 0], "read_noise_e": [1.0, 1.0], "adu_per_e": [1.0, 1.0]}
+    errors = {}
+    for photons in (3.0, 1000.0):
+        noisy, target = camera_noise(clean, np.random.default_rng(1), {**fixed, "photons_at_1": [photons, photons]})
+        lo, hi = np.percentile(noisy, [1.0, 99.8])  # the frame restore puts a microscopy input in
+        assert abs(lo) < 1e-6 and abs(hi - 1) < 1e-6
+        assert abs(float(np.mean(noisy - target))) < 0.02  # the target is the noise-free expectation
+        errors[photons] = float(np.std(noisy - target))
+    assert errors[3.0] > 5 * errors[1000.0]  # more photons, less noise
+    # Drawn at random: 8-bit renderings and sCMOS pixel variation included, always finite.
+    rng = np.random.default_rng(2)
+    for _ in range(30):
+        noisy, target = camera_noise(clean, rng)
+        assert np.isfinite(noisy).all() and np.isfinite(target).all() and noisy.shape == clean.shape
+
+
+def test_microscopy_training_with_camera_noise(tmp_path):
+    data = _smooth_images(tmp_path / "clean")
+    sampler = PatchSampler("microscopy", [np.asarray(Image.open(p), np.float32) / 255 for p in sorted(data.iterdir())],
+                           [], 24, seed=0, noise="camera")
+    x, y = sampler.batch(6)
+    assert x.shape == y.shape == (6, 1, 24, 24) and not torch.equal(x, y)
+    best = train(TrainConfig(task="microscopy", out=str(tmp_path / "r"), data=[str(data)], arch="M2R2C8", patch=24,
+                             batch=4, steps=4, val_every=4, noise="camera"), log=lambda s: None)
+    _, info = memnet.load_model(best)
+    assert info.metadata["degradation"]["camera"]["photons_at_1"] == [1.0, 1000.0]
+    with pytest.raises(ValueError, match="--noise camera applies to task microscopy, not 'denoise'"):
+        train(TrainConfig(task="denoise", out=str(tmp_path / "d"), data=[str(data)], noise="camera"))
+    with pytest.raises(ValueError, match="unknown noise model 'pink'.*camera"):
+        train(TrainConfig(task="microscopy", out=str(tmp_path / "m"), data=[str(data)], noise="pink"))
+
+
+def test_ood_evaluation_scores_each_microscope_with_the_affine_fit(tmp_path):
+    import tifffile
+
+    from memnet.evaluate import eval_ood, identity
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        clean = (rng.random((40, 40)) * 200).astype(np.uint8)
+        for folder, img in (("clean", clean), ("noisy", (clean * 0.5 + 20).astype(np.uint8))):
+            (tmp_path / folder).mkdir(exist_ok=True)
+            tifffile.imwrite(tmp_path / folder / f"{name}.tif", img)
+    out = eval_ood(identity, tmp_path, per_image=True)
+    assert set(out) == {"OOD", "a", "b"}
+    assert out["a"] > 40 and out["OOD"] == pytest.approx((out["a"] + out["b"]) / 2)  # scale/offset fitted away
+    with pytest.raises(FileNotFoundError, match="no microscopy_ood pairs"):
+        eval_ood(identity, tmp_path / "nothing")

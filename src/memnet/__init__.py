@@ -12,6 +12,7 @@ from .model import (
     MemNet,
     MemNetConfig,
     conv_weight_count,
+    deepen,
     macs_per_pixel,
     receptive_field,
     self_ensemble,
@@ -35,6 +36,7 @@ __all__ = [
     "save_model",
     "self_ensemble",
     "user_model_dir",
+    "deepen",
     "widen",
 ]
 

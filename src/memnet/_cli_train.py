@@ -45,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         warmup=args.warmup, hours=args.hours, lr=args.lr, optimizer=args.optimizer, val_every=args.val_every,
         seed=args.seed, device=args.device, threads=args.threads, amp=args.amp, init=args.init, name=args.name,
         bn_batches=args.bn_batches, loss=args.loss, sampler=args.sampler,
-        sigma=[_sigma_range(r) for r in args.sigma] if args.sigma else None,
+        sigma=[_sigma_range(r) for r in args.sigma] if args.sigma else None, noise=args.noise,
     )
     from .engine import Cancelled
 
@@ -149,6 +149,11 @@ def register(sub) -> None:
     p.add_argument("--sigma", action="append", metavar="LO:HI",
                    help="denoise: a Gaussian sigma range on the 0-255 scale; repeat to mix, each patch picks one "
                    "range, e.g. --sigma 0:75 --sigma 5:30 (still blind; two thirds of the patches at 5-30) [0:75]")
+    p.add_argument("--noise", choices=("poisson_gaussian", "camera"), default="poisson_gaussian",
+                   help="microscopy: synthetic noise on the clean images. poisson_gaussian = the narrow model "
+                   "(4-400 photons); camera = wide-range fluorescence cameras (1-1000 photons, background, read "
+                   "noise, quantisation, sCMOS pixel variation, blur, gamma, 8-bit renderings) for a generalist "
+                   "model [poisson_gaussian]")
     p.add_argument("--init", help="start from these weights (name or .safetensors)")
     p.add_argument("--name", help="model name written into the metadata")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors + OUT/state.pt")

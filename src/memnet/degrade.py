@@ -17,6 +17,8 @@ __all__ = [
     "jpeg_degrade",
     "psnr",
     "affine_fit",
+    "camera_noise",
+    "CAMERA_RANGES",
 ]
 
 
@@ -108,3 +110,67 @@ def bicubic_up_rows(n_in: int, scale: int, start: int, stop: int) -> tuple[np.nd
     for i, (x, w) in enumerate(spans):
         m[i, x - c0: x - c0 + len(w)] = w
     return m, c0, c1
+
+
+# Wide-range fluorescence camera model (the generalist microscopy model's synthetic noise). Ranges are
+# chosen to cover what labs' stacks look like after percentile normalisation, not one microscope.
+CAMERA_RANGES = {
+    "photons_at_1": [1.0, 1000.0],  # expected photo-electrons at clean intensity 1, log-uniform (3 decades)
+    "background": [0.0, 0.3],  # autofluorescence / out-of-focus light, in clean units, under the shot noise
+    "read_noise_e": [0.3, 6.0],  # Gaussian read noise (electrons), log-uniform
+    "adu_per_e": [0.3, 3.0],  # camera gain: ADU per electron (quantisation), log-uniform
+    "pixel_gain_cv": [0.0, 0.05],  # sCMOS pixel-to-pixel gain variation (std of the gain), half the time
+    "pixel_offset_adu": [0.0, 2.0],  # sCMOS pixel offset variation (std, ADU), half the time
+    "blur_sigma_px": [0.0, 1.2],  # mild optical blur of the content (input and target alike), a third of the time
+    "gamma": [0.6, 1.6],  # intensity gamma of the content, log-uniform
+    "clip_8bit": 0.3,  # fraction rendered to 8 bits with saturation, as exported 8-bit TIFFs are
+    "percentiles": [1.0, 99.8],  # then normalised as `memnet restore` does for microscopy models
+}
+
+
+def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+
+def _gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    if sigma < 0.3:
+        return x
+    r = int(np.ceil(3 * sigma))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    p = np.pad(x, r, mode="reflect")
+    p = np.apply_along_axis(lambda v: np.convolve(v, k, mode="valid"), 0, p)
+    return np.apply_along_axis(lambda v: np.convolve(v, k, mode="valid"), 1, p)
+
+
+def camera_noise(clean: np.ndarray, rng: np.random.Generator, ranges: dict | None = None) -> tuple[np.ndarray,
+                                                                                                       np.ndarray]:
+    """A fluorescence acquisition of ``clean`` (a 2-D crop, roughly [0, 1]) by a randomly drawn camera.
+
+    Returns ``(noisy, target)`` both normalised by the noisy crop's own 1 / 99.8 percentiles, the frame
+    `memnet restore` puts a microscopy input in: ``target`` is the noise-free expectation of the
+    acquisition in that frame, so the model learns to restore in the frame it will see at inference.
+    """
+    c = dict(CAMERA_RANGES, **(ranges or {}))
+    x = np.clip(np.asarray(clean, np.float64), 0, None)
+    x = x / max(float(np.percentile(x, 99.8)), 1e-6)  # content roughly in [0, 1] whatever its source
+    x = np.clip(x, 0, 1.5) ** _log_uniform(rng, *c["gamma"])
+    if rng.random() < 1 / 3:
+        x = _gaussian_blur(x, rng.uniform(*c["blur_sigma_px"]))
+    photons = _log_uniform(rng, *c["photons_at_1"])
+    electrons = photons * (x + rng.uniform(*c["background"]))  # expectation
+    adu = _log_uniform(rng, *c["adu_per_e"])
+    gain = 1.0 + (rng.standard_normal(x.shape) * rng.uniform(*c["pixel_gain_cv"]) if rng.random() < 0.5 else 0.0)
+    offset_map = rng.standard_normal(x.shape) * rng.uniform(*c["pixel_offset_adu"]) if rng.random() < 0.5 else 0.0
+    read = rng.standard_normal(x.shape) * _log_uniform(rng, *c["read_noise_e"])
+    counts = np.rint((rng.poisson(electrons) * gain + read) * adu + offset_map)
+    expected = electrons * adu
+    if rng.random() < c["clip_8bit"]:
+        # An 8-bit rendering with a display range set on the noisy image, saturating its brightest pixels.
+        lo, hi = np.percentile(counts, [rng.uniform(0, 2), rng.uniform(98, 100)])
+        s = 255.0 / max(hi - lo, 1e-6)
+        counts = np.clip(np.rint((counts - lo) * s), 0, 255)
+        expected = np.clip((expected - lo) * s, 0, 255)
+    lo, hi = np.percentile(counts, c["percentiles"])
+    span = max(hi - lo, 1e-6 * max(abs(hi), 1.0))
+    return ((counts - lo) / span).astype(np.float32), ((expected - lo) / span).astype(np.float32)

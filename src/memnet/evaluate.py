@@ -18,7 +18,8 @@ from .normalize import Normalizer
 
 Predictor = Callable[[np.ndarray], np.ndarray]
 
-__all__ = ["predictor", "identity", "eval_denoise", "eval_sr", "eval_jpeg", "eval_w2s", "evaluate_task"]
+__all__ = ["predictor", "identity", "eval_denoise", "eval_sr", "eval_jpeg", "eval_w2s", "eval_ood", "ood_pairs",
+           "evaluate_task"]
 
 _IMG = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -140,6 +141,30 @@ def eval_w2s(pred: Predictor, root, fovs=range(31, 41), channels=(0, 1, 2), low=
     return {"W2S": float(np.mean(vals))}
 
 
+def ood_pairs(root) -> list[tuple[Path, Path]]:
+    """The ``microscopy_ood`` pairs (noisy, clean), same file name in both folders."""
+    root = Path(root)
+    noisy = sorted((root / "noisy").glob("*.tif"))
+    if not noisy:
+        raise FileNotFoundError(f"no microscopy_ood pairs under {root} (expected noisy/*.tif and clean/*.tif)")
+    return [(n, root / "clean" / n.name) for n in noisy]
+
+
+def eval_ood(pred: Predictor, root, low=1.0, high=99.8, per_image: bool = False) -> dict[str, float]:
+    """Microscopes the models never saw (``microscopy_ood``): scored like W2S (percentile-normalised
+    input, affine fit of the result to the clean image, PSNR peak 255). ``OOD`` is the mean over images;
+    ``per_image`` adds one entry per file stem."""
+    import tifffile
+
+    out = {}
+    for n, t in ood_pairs(root):
+        noisy = tifffile.imread(n).astype(np.float64)
+        clean = tifffile.imread(t).astype(np.float64)
+        res = pred(percentile_normalize(noisy, low, high))
+        out[n.stem] = psnr(affine_fit(res, clean), clean)
+    return {"OOD": float(np.mean(list(out.values()))), **(out if per_image else {})}
+
+
 def evaluate_task(task: str, pred: Predictor, data_root, quick: bool = False) -> dict[str, float]:
     """The validation table of one task. ``quick`` uses a subset (for per-epoch validation)."""
     root = Path(data_root)
@@ -150,5 +175,8 @@ def evaluate_task(task: str, pred: Predictor, data_root, quick: bool = False) ->
     if task == "jpeg":
         return eval_jpeg(pred, root / "Set14", qualities=(10,) if quick else (10, 20), limit=6 if quick else None)
     if task == "microscopy":
-        return eval_w2s(pred, root / "W2S_train_8bit", channels=(1,) if quick else (0, 1, 2))
+        out = eval_w2s(pred, root / "W2S_train_8bit", channels=(1,) if quick else (0, 1, 2))
+        if (root / "microscopy_ood" / "noisy").is_dir():  # other microscopes: the generalisation check
+            out.update(eval_ood(pred, root / "microscopy_ood"))
+        return out
     raise ValueError(f"unknown task {task!r}")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 __all__ = ["MemNet", "MemNetConfig", "CONFIGS", "receptive_field", "conv_weight_count", "macs_per_pixel",
-           "parse_arch", "widen"]
+           "parse_arch", "widen", "deepen"]
 
 
 @dataclass(frozen=True)
@@ -222,6 +222,43 @@ def widen(model: MemNet, channels: int, seed: int = 0) -> MemNet:
             dst[o[:, None], i[None, :]] = old
         else:  # conv bias, BN weight/bias/running stats: per channel
             dst[index(old.shape[0], dst.shape[0])] = old
+    new.load_state_dict(new_sd)
+    new.train(model.training)
+    return new
+
+
+@torch.no_grad()
+def deepen(model: MemNet, blocks: int, recursions: int, seed: int = 0) -> MemNet:
+    """A copy of ``model`` with more memory blocks and/or recursions that computes exactly the same
+    function (grows M4R4C64 into the paper's M6R6C64 from trained weights).
+
+    New recursions append their short-term states at the end of each gate's input: their gate weights
+    start at zero. New blocks append branches whose multi-supervision weight starts at zero. Everything
+    else is copied; the new parts are freshly initialised and get gradients from the first step (the
+    multi-supervised loss trains every branch output, the zero weights included)."""
+    cfg = model.config
+    for name, v, have in (("blocks", blocks, cfg.blocks), ("recursions", recursions, cfg.recursions)):
+        if not isinstance(v, int) or v < have:
+            raise ValueError(f"deepen: {name} must be an integer >= the model's {have}, got {v!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        new = MemNet(blocks, recursions, cfg.channels, cfg.in_channels, cfg.out_channels)
+    new = new.to(next(model.parameters()).device)
+    old_sd, new_sd = model.state_dict(), new.state_dict()
+    c, r0 = cfg.channels, cfg.recursions
+    for key, old in old_sd.items():
+        dst = new_sd[key]
+        if key.endswith("gate.conv.weight"):  # [C, (m + R) C, 1, 1]: long-term maps, then H1..HR
+            m = old.shape[1] // c - r0
+            dst.zero_()
+            dst[:, : (m + r0) * c] = old
+        elif ".gate.bn." in key and old.dim() == 1:  # BN over the gate's input: old channels first
+            dst[: old.shape[0]] = old
+        elif key == "branch_weights":
+            dst.zero_()
+            dst[: old.shape[0]] = old
+        else:
+            dst.copy_(old)
     new.load_state_dict(new_sd)
     new.train(model.training)
     return new

@@ -14,8 +14,10 @@ import numpy as np
 import torch
 
 from .degrade import (
+    CAMERA_RANGES,
     affine_fit,
     bicubic_degrade,
+    camera_noise,
     gaussian_noise,
     jpeg_degrade,
     poisson_gaussian_noise,
@@ -23,7 +25,7 @@ from .degrade import (
 )
 from .engine import Cancelled, resolve_device
 from .evaluate import evaluate_task, percentile_normalize, predictor
-from .model import MemNet, parse_arch, widen
+from .model import MemNet, deepen, parse_arch, widen
 from .zoo import load_model, save_model
 
 DEFAULT_ARCH = "M4R4C32"  # CPU-sized: see docs/models.md
@@ -41,6 +43,10 @@ DEGRADATIONS = {
         "poisson_gaussian": {"photons_at_1": [4, 400], "read_sigma": [0.0, 0.06]},
     },
 }
+# Synthetic noise for microscopy: the original narrow Poisson-Gaussian model, or "camera": the wide-range
+# fluorescence camera model (gain over three decades, background, read noise, quantisation, sCMOS pixel
+# variation, blur, gamma, 8-bit renderings) normalised as restore does, for a generalist model.
+NOISE_MODELS = ("poisson_gaussian", "camera")
 _SIGMA_RANGES_255 = (tuple(DEGRADATIONS["denoise"]["gaussian_sigma_255"]),)  # both samplers' default
 
 
@@ -245,7 +251,7 @@ class PatchSampler:
     """Random patches with flips/rot90 and the task's degradation, as (input, target) batches."""
 
     def __init__(self, task: str, clean: list[np.ndarray], pairs: list[tuple[np.ndarray, np.ndarray]],
-                 patch: int, seed: int = 0, pairs_only: bool = False, sigma=None):
+                 patch: int, seed: int = 0, pairs_only: bool = False, sigma=None, noise: str = "poisson_gaussian"):
         if task not in DEGRADATIONS:
             raise ValueError(f"unknown task {task!r}: expected one of {', '.join(DEGRADATIONS)}")
         if task == "sr" and patch % 12:
@@ -253,6 +259,9 @@ class PatchSampler:
         self.task, self.clean, self.pairs, self.patch = task, clean, pairs, patch
         self.pairs_only = pairs_only  # fine-tuning: (input, target) pairs as given, no synthetic degradation
         self.sigma = _sigma_ranges(sigma)
+        if noise not in NOISE_MODELS:
+            raise ValueError(f"unknown noise model {noise!r}: expected one of {', '.join(NOISE_MODELS)}")
+        self.noise = noise
         self.rng = np.random.default_rng(seed)
         usable = [im for im in clean if min(im.shape) >= patch] + [p for p in pairs if min(p[0].shape) >= patch]
         if not usable:
@@ -281,6 +290,8 @@ class PatchSampler:
         if self.pairs_only or (self.task == "microscopy" and self.pairs and (not self.clean or r.random() < 0.5)):
             noisy, clean = self._crop(self._pick(self.pairs))
             return noisy, clean
+        if self.task == "microscopy" and self.noise == "camera":
+            return self._camera_sample()
         (clean,) = self._crop([self._pick(self.clean)])
         if self.task == "denoise":
             lo, hi = self.sigma[int(r.integers(len(self.sigma)))] if len(self.sigma) > 1 else self.sigma[0]
@@ -291,6 +302,21 @@ class PatchSampler:
             return jpeg_degrade(clean, int(r.integers(10, 41))), clean
         photons = float(np.exp(r.uniform(np.log(4), np.log(400))))
         return poisson_gaussian_noise(clean, photons, r.uniform(0, 0.06), r), clean
+
+    def _camera_sample(self) -> tuple[np.ndarray, np.ndarray]:
+        # Percentiles are taken over a context twice the patch (closer to the whole-stack statistics
+        # `restore` uses than the patch alone), then a patch is cut from it.
+        img = self._pick(self.clean)
+        ctx = min(2 * self.patch, *img.shape)
+        saved, self.patch = self.patch, ctx
+        try:
+            (region,) = self._crop([img])
+        finally:
+            self.patch = saved
+        noisy, target = camera_noise(region, self.rng)
+        y, x = self.rng.integers(0, ctx - self.patch + 1, size=2)
+        sl = (slice(y, y + self.patch), slice(x, x + self.patch))
+        return np.ascontiguousarray(noisy[sl]), np.ascontiguousarray(target[sl])
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = zip(*(self.sample() for _ in range(n)))
@@ -383,6 +409,13 @@ class TrainConfig:
     name: str | None = None
     sampler: str = "auto"  # "auto" (on-device batches for denoise on CUDA), "numpy" or "device"
     sigma: list[tuple[float, float]] | None = None  # denoise: sigma ranges (0-255), one picked per patch; None: 0-75
+    noise: str = "poisson_gaussian"  # microscopy synthetic noise: "poisson_gaussian" or "camera" (NOISE_MODELS)
+
+
+def _degradation_record(cfg: TrainConfig) -> dict:
+    if cfg.task == "microscopy" and cfg.noise == "camera":
+        return {"pairs": DEGRADATIONS["microscopy"]["pairs"], "camera": CAMERA_RANGES}
+    return DEGRADATIONS[cfg.task]
 
 
 def _load_data(cfg: TrainConfig):
@@ -416,14 +449,18 @@ def _build_model(cfg: TrainConfig, log=print) -> tuple[MemNet, dict]:
         model, info = load_model(cfg.init)
         if cfg.arch:
             want, have = parse_arch(cfg.arch), model.config
-            if (want.blocks, want.recursions) != (have.blocks, have.recursions) or want.channels < have.channels:
+            if want.blocks < have.blocks or want.recursions < have.recursions or want.channels < have.channels:
                 raise ValueError(
                     f"--arch {cfg.arch} does not fit --init {info.name} (M{have.blocks}R{have.recursions}"
-                    f"C{have.channels}): only more channels can be grown from trained weights; "
+                    f"C{have.channels}): trained weights can only grow (more blocks, recursions or channels); "
                     f"drop --arch to continue with the same architecture")
             if want.channels > have.channels:
                 log(f"widening {info.name} from {have.channels} to {want.channels} channels (same outputs)")
                 model = widen(model, want.channels, seed=cfg.seed)
+            if (want.blocks, want.recursions) != (have.blocks, have.recursions):
+                log(f"deepening {info.name} from M{have.blocks}R{have.recursions} to M{want.blocks}R{want.recursions}"
+                    f" (same outputs)")
+                model = deepen(model, want.blocks, want.recursions, seed=cfg.seed)
         return model, {**(info.metadata.get("training") or {}), "name": info.name}
     return MemNet(**parse_arch(cfg.arch or DEFAULT_ARCH).as_dict()), {}
 
@@ -486,6 +523,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop=None) -> Path:
         if cfg.task != "denoise":
             raise ValueError(f"sigma ranges apply to task denoise (Gaussian noise), not {cfg.task!r}: drop --sigma")
         cfg = replace(cfg, sigma=[list(r) for r in _sigma_ranges(cfg.sigma)])
+    if cfg.noise not in NOISE_MODELS:
+        raise ValueError(f"unknown noise model {cfg.noise!r}: expected one of {', '.join(NOISE_MODELS)}")
+    if cfg.noise != "poisson_gaussian" and cfg.task != "microscopy":
+        raise ValueError(f"--noise {cfg.noise} applies to task microscopy, not {cfg.task!r}: drop --noise")
     if cfg.lr is None:
         cfg = replace(cfg, lr=0.1 if cfg.optimizer == "sgd" else 1e-3)
     out = Path(cfg.out)
@@ -512,7 +553,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop=None) -> Path:
     def make_sampler(seed: int):
         if on_device:
             return DevicePatchSampler(clean, cfg.patch, dev, seed=seed, sigma=cfg.sigma)
-        return PatchSampler(cfg.task, clean, pairs, cfg.patch, seed=seed, sigma=cfg.sigma)
+        return PatchSampler(cfg.task, clean, pairs, cfg.patch, seed=seed, sigma=cfg.sigma, noise=cfg.noise)
 
     sampler = make_sampler(cfg.seed)
     if dev.type == "cuda":
@@ -558,7 +599,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop=None) -> Path:
     meta_base = {
         "description": f"MemNet {arch} for {cfg.task}",
         "normalization": NORMALIZATION[cfg.task],
-        "degradation": DEGRADATIONS[cfg.task] if not cfg.sigma else {
+        "degradation": _degradation_record(cfg) if not cfg.sigma else {
             **DEGRADATIONS[cfg.task], "sigma_mixture_255": cfg.sigma,
             "gaussian_sigma_255": [min(r[0] for r in cfg.sigma), max(r[1] for r in cfg.sigma)]},
         "training": {"config": asdict(cfg)},
