@@ -1,5 +1,6 @@
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -178,3 +179,47 @@ def test_every_task_has_a_shipped_model_that_beats_its_peer():
     x = (np.random.default_rng(0).random((40, 48)) * 255).astype(np.uint8)
     out = memnet.restore(x, "denoise", device="cpu")
     assert out.shape == x.shape and out.dtype == np.uint8
+
+
+def _rewrite(tiny_model, path, config=None, tensors=None):
+    from safetensors.torch import save_file
+
+    t = tensors or {k: v.contiguous() for k, v in tiny_model.state_dict().items()}
+    meta = {"format": 1, "name": "evil", "task": "denoise", "config": {**tiny_model.config.as_dict(), **(config or {})}}
+    save_file(t, str(path), metadata={"memnet": json.dumps(meta)})
+    return path
+
+
+@pytest.mark.parametrize("config, what", [({"blocks": 100000}, "blocks=100000"),
+                                          ({"channels": 200000}, "channels=200000"),
+                                          ({"recursions": "6"}, "recursions='6'")])
+def test_a_metadata_bomb_is_refused_before_anything_is_built(tiny_model, tmp_path, config, what):
+    import time
+
+    p = _rewrite(tiny_model, tmp_path / "bomb.safetensors", config)
+    t0 = time.perf_counter()
+    with pytest.raises(ModelFileError, match=f"bomb.safetensors: metadata claims {re.escape(what)}"):
+        memnet.load_model(p)
+    assert time.perf_counter() - t0 < 5  # refused from the header, not after building 100,000 blocks
+    from memnet.zoo import load_model_bytes
+
+    with pytest.raises(ModelFileError, match="model bytes: metadata claims"):
+        load_model_bytes(p.read_bytes())
+
+
+def test_a_plausible_architecture_that_does_not_match_the_tensors_is_refused(tiny_model, tmp_path):
+    p = _rewrite(tiny_model, tmp_path / "liar.safetensors", {"blocks": 40, "channels": 512})
+    with pytest.raises(ModelFileError, match=r"liar.safetensors: weights do not match .*M40R2C512.*missing"):
+        memnet.load_model(p)
+
+
+def test_non_finite_weights_are_refused_at_load(tiny_model, tmp_path):
+    t = {k: v.clone().contiguous() for k, v in tiny_model.state_dict().items()}
+    t["recon_conv.weight"].view(-1)[3] = float("nan")
+    p = _rewrite(tiny_model, tmp_path / "nan.safetensors", tensors=t)
+    with pytest.raises(ModelFileError, match=r"nan.safetensors: 1 tensors hold NaN or Inf \(e.g. recon_conv.weight\)"):
+        memnet.load_model(p)
+    from memnet.zoo import load_model_bytes
+
+    with pytest.raises(ModelFileError, match="NaN or Inf"):
+        load_model_bytes(p.read_bytes())

@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from . import _cli_types as T
+
 
 def _fmt_time(s: float | None) -> str:
     if s is None:
@@ -38,13 +40,12 @@ class ProgressBar:
 def cmd_restore(args: argparse.Namespace) -> int:
     from .engine import Cancelled, restore
 
-    halo = args.halo if args.halo == "exact" else int(args.halo)
     bar = None if args.quiet else ProgressBar()
     t0 = time.perf_counter()
     try:
         restore(
-            args.input, args.model, output=args.output, axes=args.axes, tile=args.tile, halo=halo,
-            blend=args.blend, batch_size=args.batch_size if args.batch_size == "auto" else int(args.batch_size),
+            args.input, args.model, output=args.output, axes=args.axes, tile=args.tile, halo=args.halo,
+            blend=args.blend, batch_size=args.batch_size,
             device=args.device, scale=args.scale, progress=bar, overwrite=args.overwrite, resume=args.resume,
             workers=args.workers, scheduler=args.scheduler, ensemble=args.ensemble,
         )
@@ -67,15 +68,16 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="output .zarr (OME-Zarr) or .tif")
     p.add_argument("--model", default="denoise",
                    help="task (denoise, sr, jpeg, microscopy), model name (see `memnet models`) or .safetensors path")
-    p.add_argument("--scale", type=int, default=None, help="super-resolution factor (2, 3 or 4) for sr models")
-    p.add_argument("--tile", type=int, default=256, help="output tile (= Zarr chunk) size in pixels [256]")
-    p.add_argument("--halo", default="exact",
+    p.add_argument("--scale", type=T.sr_scale, default=None, help="super-resolution factor (2, 3 or 4) for sr models")
+    p.add_argument("--tile", type=T.count(16, "a tile size in pixels"), default=256,
+        help="output tile (= Zarr chunk) size in pixels [256]")
+    p.add_argument("--halo", type=T.halo, default="exact",
                    help="'exact' (receptive field: seam-free, equal to whole-image inference) or pixels [exact]")
     p.add_argument("--blend", choices=("cosine", "linear"), default="cosine",
                    help="ramp for blended mode (halo below the receptive field) [cosine]")
     p.add_argument("--axes", default=None, help="axis letters, e.g. TZCYX (default: from file metadata)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
-    p.add_argument("--batch-size", default="auto", help="tiles per forward pass [auto]")
+    p.add_argument("--batch-size", type=T.batch_size, default="auto", help="tiles per forward pass [auto]")
     p.add_argument("--ensemble", action="store_true",
                    help="self-ensemble: average over the 8 flips/rotations of each tile (8x slower, a little "
                    "better; exact mode stays exact)")
@@ -83,7 +85,8 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run into the same .zarr output (same parameters required)")
     dist = p.add_mutually_exclusive_group()
-    dist.add_argument("--workers", type=int, help="run on a local dask cluster of N worker processes")
+    dist.add_argument("--workers", type=T.count(1, "a number of workers"),
+        help="run on a local dask cluster of N worker processes")
     dist.add_argument("--scheduler", help="run on an existing dask.distributed scheduler (ADDRESS)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_restore)

@@ -9,6 +9,8 @@ import signal
 import threading
 from contextlib import contextmanager
 
+from . import _cli_types as T
+
 
 @contextmanager
 def _graceful_stop(what: str):
@@ -122,11 +124,11 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="run folder (checkpoints, best model)")
     p.add_argument("--arch", help="M6R6C64, M4R4C32, ... or MxRyCz [M4R4C32; with --init: the init model's, "
                    "or a wider one grown from it, e.g. --init denoise-M4R4C32 --arch M4R4C48]")
-    p.add_argument("--patch", type=int, default=48)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=20000)
-    p.add_argument("--hours", type=float, help="stop and checkpoint after this wall time")
-    p.add_argument("--lr", type=float, default=None, help="learning rate [1e-3 for adam, 0.1 for sgd]")
+    p.add_argument("--patch", type=T.count(8, "a patch size in pixels"), default=48)
+    p.add_argument("--batch", type=T.count(1, "a batch size"), default=32)
+    p.add_argument("--steps", type=T.count(1, "a number of steps"), default=20000)
+    p.add_argument("--hours", type=T.positive_float, help="stop and checkpoint after this wall time")
+    p.add_argument("--lr", type=T.positive_float, default=None, help="learning rate [1e-3 for adam, 0.1 for sgd]")
     p.add_argument("--bn-batches", type=int, default=50,
                    help="training batches that re-estimate the BatchNorm statistics before each validation and "
                         "checkpoint (0: keep the running averages) [50]")
@@ -136,10 +138,10 @@ def register(sub) -> None:
                    help="mse (the paper's) or psnr: mean log MSE per patch, every noise level weighs alike [mse]")
     p.add_argument("--warmup", type=int, default=0,
                    help="steps of linear lr warm-up before the cosine (adam), e.g. 200 when growing a model [0]")
-    p.add_argument("--val-every", type=int, default=500)
+    p.add_argument("--val-every", type=T.count(1, "a number of steps"), default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or cuda:N [auto]")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=T.count(1, "a number of threads"))
     p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
                    help="mixed precision: auto = on for CUDA (bf16, else fp16 with loss scaling); "
                    "on = also bf16 on CPU (about 2x faster on CPUs with AVX512-BF16/AMX) [auto]")
@@ -169,15 +171,17 @@ def register(sub) -> None:
     f.add_argument("--target", help="clean counterpart of --data (paired; folders match in sorted order)")
     f.add_argument("--data2", help="second noisy acquisition of the same field (n2n)")
     f.add_argument("--include", help="regex on file names when the data are folders, e.g. '_(03[1-9]|040)_'")
-    f.add_argument("--max-planes", type=int, default=64, help="planes sampled from large stacks/folders [64]")
+    f.add_argument("--max-planes", type=T.count(1, "a number of planes"), default=64,
+        help="planes sampled from large stacks/folders [64]")
     f.add_argument("-o", "--output", required=True, help="name of the new model")
-    f.add_argument("--steps", type=int, default=1000)
-    f.add_argument("--patch", type=int, default=48)
-    f.add_argument("--batch", type=int, default=16)
-    f.add_argument("--lr", type=float, default=2e-4)
-    f.add_argument("--val-fraction", type=float, default=0.1)
-    f.add_argument("--val-every", type=int, default=100)
-    f.add_argument("--patience", type=int, default=5, help="validations without improvement before stopping")
+    f.add_argument("--steps", type=T.count(1, "a number of steps"), default=1000)
+    f.add_argument("--patch", type=T.count(8, "a patch size in pixels"), default=48)
+    f.add_argument("--batch", type=T.count(1, "a batch size"), default=16)
+    f.add_argument("--lr", type=T.positive_float, default=2e-4)
+    f.add_argument("--val-fraction", type=T.fraction, default=0.1)
+    f.add_argument("--val-every", type=T.count(1, "a number of steps"), default=100)
+    f.add_argument("--patience", type=T.count(1, "a number of validations"), default=5,
+        help="validations without improvement before stopping")
     f.add_argument("--axes", help="axis letters of the data, e.g. ZYX")
     f.add_argument("--device", default="auto")
     f.add_argument("--amp", choices=("auto", "on", "off"), default="auto",

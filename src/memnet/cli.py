@@ -10,10 +10,6 @@ import warnings
 from . import __version__
 
 
-class CliError(Exception):
-    """An error already phrased for the user."""
-
-
 def _table(rows: list[dict]) -> str:
     if not rows:
         return ""
@@ -81,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (CliError, LookupError, FileNotFoundError, ValueError, TypeError, OSError) as e:
+    except (LookupError, FileNotFoundError, ValueError, TypeError, OSError, ArithmeticError) as e:
         print(f"memnet {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -68,7 +68,7 @@ def _group_task(spec: dict, weights: bytes, key: str, lead: tuple, tiles: list[t
         chunk = tl[i: i + bs]
         preds = runner(np.stack([job.read_window(tuple(lead), t) for t in chunk]))
         for t, pred in zip(chunk, preds):
-            out[job.out_index(tuple(lead), *t.core)] = job.to_output(pred[t.crop])
+            out[job.out_index(tuple(lead), *t.core)] = job.to_output(pred[t.crop], tuple(lead), t.core)
     marker_dir = Path(spec["output"]) / ".memnet_done"
     marker_dir.mkdir(exist_ok=True)
     tmp = marker_dir / f"{key}.{threading.get_ident()}.tmp"

@@ -72,12 +72,30 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}: expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here: use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) found")
+        raise ValueError(f"unknown device {device!r}: expected auto, cpu, cuda or cuda:N; "
+                         f"available here: {', '.join(available_devices())}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda" and dev.index is not None and 0 < torch.cuda.device_count() <= dev.index:
+        raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) found; "
+                         f"available here: {', '.join(available_devices())}")
+    if str(dev) not in available_devices() and dev.type not in {d.split(":")[0] for d in available_devices()}:
+        raise ValueError(f"device {device!r} requested but {dev.type.upper()} is not available here; "
+                         f"available: {', '.join(available_devices())} (e.g. --device cpu)")
     return dev
+
+
+def available_devices() -> list[str]:
+    """The devices this machine can run on, as --device accepts them."""
+    out = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        out += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        out.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        out.append("xpu")
+    return out
 
 
 _MODEL_CACHE: dict = {}
@@ -258,7 +276,16 @@ class Job:
     def out_index(self, lead: tuple, ys: slice, xs: slice) -> tuple:
         return _full_index(lead, self.yi, self.xi, ys, xs, len(self.out_shape))
 
-    def to_output(self, block: np.ndarray) -> np.ndarray:
+    def to_output(self, block: np.ndarray, lead: tuple = (), core: tuple | None = None) -> np.ndarray:
+        """A model result (one tile's core) mapped back to the output's range and dtype. A NaN or Inf
+        fails the run here, before it is written: nothing non-finite is ever marked complete."""
+        if not np.isfinite(block).all():
+            where = f"plane {tuple(lead)}, rows {core[0].start}:{core[0].stop}, columns {core[1].start}:" \
+                    f"{core[1].stop}" if core is not None else "a tile"
+            raise FloatingPointError(
+                f"the model produced NaN or Inf in {where}: the weights may be broken (non-finite or diverged) "
+                "or the input overflows the model (float input is taken as already in the model's range, e.g. "
+                "[0, 1] for natural-image models: rescale it); nothing was marked complete")
         out = self.norm.inverse(block)
         return out.T if self.yi > self.xi else out
 
@@ -498,7 +525,7 @@ def run_job(job: Job, sink, *, batch_size="auto", progress: Callable[[Progress],
     def flush(lead, iy, ix):
         t = job.plan.tile_at(iy, ix)
         block = acc.pop((lead, iy, ix))
-        writer.put(job.out_index(lead, *t.core), job.to_output(block))
+        writer.put(job.out_index(lead, *t.core), job.to_output(block, lead, t.core))
 
     try:
         for key, batch in _batches(job, todo, bs, readers):
@@ -507,7 +534,7 @@ def run_job(job: Job, sink, *, batch_size="auto", progress: Callable[[Progress],
             preds = job.runner(np.stack([w for _, _, w in batch]))
             for (lead, t, _), pred in zip(batch, preds):
                 if not blended:
-                    writer.put(job.out_index(lead, *t.core), job.to_output(pred[t.crop]))
+                    writer.put(job.out_index(lead, *t.core), job.to_output(pred[t.crop], lead, t.core))
                 else:
                     _accumulate(job.plan, acc, lead, t, pred)
                     # Core row iy-1 has received every contribution once row iy is done.
@@ -637,7 +664,7 @@ def restore_lazy(data, model="denoise", *, axes=None, tile=256, halo="exact", de
 def _lazy_block(job: Job, lead: tuple, iy: int, ix: int, ndim: int) -> np.ndarray:
     t = job.plan.tile_at(iy, ix)
     pred = job.runner(job.read_window(lead, t)[None])[0]
-    block = job.to_output(pred[t.crop])  # 2-D, in storage order of the Y and X axes
+    block = job.to_output(pred[t.crop], lead, t.core)  # 2-D, in storage order of the Y and X axes
     shape = [1] * ndim
     a, b = sorted((job.yi, job.xi))
     shape[a], shape[b] = block.shape

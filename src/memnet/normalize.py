@@ -73,9 +73,12 @@ class Normalizer:
         clip = (float(np.iinfo(dtype).min), float(np.iinfo(dtype).max)) if dtype.kind in "iu" else None
         if mode == "percentile":
             lo, hi = sample_percentiles(data, float(policy.get("low", 1.0)), float(policy.get("high", 99.8)))
-            if hi - lo <= 0:
-                hi = lo + 1.0  # a flat image: avoid dividing by zero, keep it flat
-            return cls(scale=hi - lo, offset=lo, out_dtype=out_dtype, clip=clip)
+            span = hi - lo
+            # A flat image (or one whose spread is below float64 resolution at its magnitude): any
+            # positive scale keeps it flat; one relative to the magnitude keeps 1e30 finite.
+            if not span > 1e-12 * max(abs(lo), abs(hi), 1.0):
+                span = max(abs(lo), abs(hi), 1.0)
+            return cls(scale=span, offset=lo, out_dtype=out_dtype, clip=clip)
         if mode in ("natural", "range"):
             if dtype.kind == "f":
                 return cls(scale=1.0, offset=0.0, out_dtype=out_dtype, clip=None)

@@ -190,12 +190,50 @@ def _open_header(path: Path) -> dict:
     return doc
 
 
-def _config_from(doc: dict, path: Path) -> MemNetConfig:
+# What a weights file may claim before anything is built: far above any useful MemNet (the paper's
+# largest is M10R10C64), far below what would exhaust memory while building it.
+_ARCH_LIMITS = {"blocks": 64, "recursions": 64, "channels": 1024, "in_channels": 4, "out_channels": 4}
+
+
+def _config_from(doc: dict, path) -> MemNetConfig:
     try:
         cfg = MemNetConfig(**doc["config"])
     except (KeyError, TypeError) as e:
         raise ModelFileError(f"{path}: metadata has no valid architecture config ({e})") from None
+    for k, limit in _ARCH_LIMITS.items():
+        v = getattr(cfg, k)
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= limit:
+            raise ModelFileError(f"{path}: metadata claims {k}={v!r}; a MemNet has 1 to {limit}: "
+                                 "the file is corrupt or not a napari-memnet model")
     return cfg
+
+
+def _check_tensors(label, cfg: MemNetConfig, shapes: dict[str, tuple]) -> None:
+    """The tensors a file holds against the architecture its metadata claims, before anything real is
+    built (the model is laid out on the meta device: no memory)."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in MemNet(**cfg.as_dict()).state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [f"{k}: file {shapes[k]} vs model {v}" for k, v in expected.items() if k in shapes and shapes[k] != v]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing tensors (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {'; '.join(wrong[:3])})")
+        raise ModelFileError(
+            f"{label}: weights do not match the architecture in its metadata "
+            f"(M{cfg.blocks}R{cfg.recursions}C{cfg.channels}): " + ", ".join(parts))
+
+
+def _check_finite(label, tensors: dict) -> None:
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ModelFileError(f"{label}: {len(bad)} tensors hold NaN or Inf (e.g. {', '.join(bad[:3])}): the "
+                             "weights are corrupt (a diverged training run?); use another file")
 
 
 def read_info(path: str | os.PathLike, source: str = "user") -> ModelInfo:
@@ -266,34 +304,20 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
     from safetensors.torch import load_file
 
     try:
+        with safe_open(str(info.path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelFileError(f"{info.path}: cannot read tensors ({e})") from None
+    _check_tensors(info.path, info.config, shapes)
+    try:
         tensors = load_file(str(info.path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelFileError(f"{info.path}: cannot read tensors ({e})") from None
+    _check_finite(info.path, tensors)
     try:
         model = MemNet(**info.config.as_dict())
     except ValueError as e:
         raise ModelFileError(f"{info.path}: invalid architecture in metadata: {e}") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [
-        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing tensors (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatches (e.g. {'; '.join(wrong[:3])})")
-        cfg = info.config
-        raise ModelFileError(
-            f"{info.path}: weights do not match the architecture in its metadata "
-            f"(M{cfg.blocks}R{cfg.recursions}C{cfg.channels}): " + ", ".join(parts)
-        )
     model.load_state_dict(tensors, strict=True)
     model.eval()
     return model.to(device), info
@@ -321,10 +345,13 @@ def load_model_bytes(data: bytes, device: str | torch.device = "cpu") -> MemNet:
     try:
         header = json.loads(data[8: 8 + n])
         doc = json.loads(header["__metadata__"][_META_KEY])
-        cfg = MemNetConfig(**doc["config"])
-        tensors = load(data)
+        shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
     except Exception as e:
         raise ModelFileError(f"model bytes: not a napari-memnet .safetensors payload ({e})") from None
+    cfg = _config_from(doc, "model bytes")
+    _check_tensors("model bytes", cfg, shapes)
+    tensors = load(data)
+    _check_finite("model bytes", tensors)
     model = MemNet(**cfg.as_dict())
     model.load_state_dict(tensors, strict=True)
     return model.eval().to(device)
