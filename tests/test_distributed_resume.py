@@ -101,7 +101,7 @@ def test_kill_9_and_resume_many_times_is_byte_identical(tmp_path, rng, tiny_mode
     t_full = time.perf_counter() - t0
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "out.zarr"
-    markers = out / ".memnet_done"
+    markers = tmp_path / "out.zarr.memnet" / "done"  # beside the store, where readers do not trip on it
 
     def n_done():
         return len(list(markers.glob("*"))) if markers.is_dir() else 0
@@ -147,12 +147,18 @@ def test_resume_refuses_a_different_job(stack, model_file, tmp_path, tiny_model)
 
 def test_resume_skips_done_groups(stack, model_file, tmp_path):
     out = tmp_path / "o.zarr"
+    from memnet.outputs import write_marker
+
     ref = memnet.restore(stack, model_file, output=out, tile=48, device="cpu", batch_size=3)[:]
-    markers = sorted(os.listdir(out / ".memnet_done"))
-    assert len(markers) == 3 * 3  # 3 planes x 3 tile rows (one row of 4 tiles fills a batch of 3)
-    # Remove one group's marker and zero its chunks: resume redoes exactly that group.
-    (out / ".memnet_done" / markers[0]).unlink()
-    arr = zarr.open_group(str(out), mode="r+")["0"]
+    done = tmp_path / "o.zarr.memnet" / "done"
+    assert not done.parent.exists()  # a complete run leaves nothing beside its output
+    # A run interrupted after all groups but one (3 planes x 3 tile rows; one row of 4 tiles fills a
+    # batch of 3), that group's chunks zeroed: resume redoes exactly that group.
+    for key in [f"{p}-{r}" for p in range(3) for r in range(3)][1:]:
+        write_marker(done, key)
+    root = zarr.open_group(str(out), mode="r+")
+    root.attrs["memnet"] = {**root.attrs["memnet"], "complete": False}
+    arr = root["0"]
     arr[0, :48, :] = 0
     seen = []
     memnet.restore(stack, model_file, output=out, tile=48, device="cpu", batch_size=3, resume=True,
@@ -161,6 +167,12 @@ def test_resume_skips_done_groups(stack, model_file, tmp_path):
     assert [p.done for p in seen] == [35, 36] and seen[-1].total == 36
     assert seen[0].skipped == 32  # the ETA is computed from the tiles this run did, not the skipped ones
     np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["0"][:], ref)
+    assert not done.parent.exists()
+    # Resuming a complete output is a no-op.
+    seen.clear()
+    memnet.restore(stack, model_file, output=out, tile=48, device="cpu", batch_size=3, resume=True,
+                   progress=seen.append)
+    assert seen == [] or seen[-1].skipped == 36
 
 
 def test_self_ensemble_on_workers_matches_single_process_and_resume_checks_it(stack, model_file, tmp_path):

@@ -55,7 +55,8 @@ def test_restore_options_name_themselves_and_what_they_accept(option, value, mes
 def test_finetune_refuses_a_negative_step_count(capsys):
     with pytest.raises(SystemExit) as e:
         main(["finetune", "--model", "microscopy", "--mode", "n2v", "--data", "x.tif", "-o", "m", "--steps", "-3"])
-    assert e.value.code == 2 and "argument --steps: expected a number of steps >= 1, got '-3'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --steps: expected a number of steps >= 1, got '-3'" in err
 
 
 @pytest.mark.parametrize("device", ["mps", "xpu", "cuda:7"])
@@ -101,3 +102,170 @@ def test_constant_float_images_of_any_magnitude_stay_finite(micro_file, value):
     # At its level: the span is the magnitude, so the (random) tiny model's response to a flat 0 input,
     # about 1 % of the span, is all that moves it.
     np.testing.assert_allclose(out, value, rtol=0.05, atol=0.05)
+
+
+@pytest.fixture
+def ome_input(tmp_path, rng):
+    x = (rng.random((2, 40, 50)) * 3000).astype(np.uint16)
+    p = tmp_path / "x.ome.zarr"
+    memnet.save_image(x, p, axes="ZYX")
+    return p
+
+
+@pytest.mark.parametrize("case", ["level inside the input", "zarr inside the input", "symlink to the input"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_output_overlapping_the_input_is_refused_and_the_input_untouched(case, overwrite, ome_input, micro_file,
+                                                                           tmp_path, capsys):
+    out = {"level inside the input": ome_input / "0", "zarr inside the input": ome_input / "out.zarr",
+           "symlink to the input": tmp_path / "link.zarr"}[case]
+    if case == "symlink to the input":
+        out.symlink_to(ome_input, target_is_directory=True)
+    before = _digest(ome_input)
+    rc, err = _restore([ome_input, "-o", out, "--model", micro_file, *(["--overwrite"] if overwrite else [])],
+                       capsys)
+    assert rc == 2 and ("lies inside the input" in err or "is the input" in err), err
+    assert _digest(ome_input) == before
+
+
+def test_an_output_containing_the_input_is_refused(micro_file, tmp_path, rng, capsys):
+    exp = tmp_path / "exp.zarr"
+    exp.mkdir()
+    img = exp / "img.tif"
+    tifffile.imwrite(img, (rng.random((30, 30)) * 255).astype(np.uint8))
+    before = _digest(img)
+    rc, err = _restore([img, "-o", exp, "--model", micro_file, "--overwrite"], capsys)
+    assert rc == 2 and "contains the input" in err and _digest(img) == before
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".zarr"])
+def test_a_held_output_is_refused_naming_its_holder_and_a_stale_lock_is_taken_over(suffix, micro_file, tmp_path,
+                                                                                   rng, capsys):
+    import json
+    import os
+    import socket
+
+    from memnet.outputs import OutputLock, sidecar
+
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, (rng.random((40, 40)) * 3000).astype(np.uint16))
+    out = tmp_path / f"o{suffix}"
+    with OutputLock(out):  # another run, alive, writing this output
+        rc, err = _restore([src, "-o", out, "--model", micro_file, "--overwrite"], capsys)
+        assert rc == 2 and f"being written by another run (pid {os.getpid()} on {socket.gethostname()}" in err
+        assert not out.exists()
+    # A lock left by a process that died: taken over, the run completes, nothing is left beside it.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    sidecar(out).mkdir()
+    (sidecar(out) / "lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(),
+                                                   "started": "then"}))
+    rc, err = _restore([src, "-o", out, "--model", micro_file], capsys)
+    assert rc == 0, err
+    assert not sidecar(out).exists()
+
+
+def _slow_run(src, out, model, *extra):
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "memnet", "restore", str(src), "-o", str(out), "--model",
+                             str(model), "--tile", "32", "--batch-size", "1", "--device", "cpu", "-q", *extra],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("suffix, extra", [(".tif", []), (".zarr", ["--overwrite"])])
+def test_two_concurrent_runs_one_output(suffix, extra, micro_file, tmp_path, rng):
+    import time
+
+    from memnet.outputs import sidecar
+
+    x = (rng.random((40, 256, 256)) * 3000).astype(np.uint16)
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, x, imagej=True, metadata={"axes": "ZYX"})
+    out = tmp_path / f"o{suffix}"
+    first = _slow_run(src, out, micro_file)
+    t0 = time.monotonic()
+    while not (sidecar(out) / "lock").exists() and first.poll() is None and time.monotonic() - t0 < 60:
+        time.sleep(0.01)
+    second = _slow_run(src, out, micro_file, *extra)
+    rc = second.wait(120)
+    assert first.poll() is None, "the first run ended before the second was refused: make the image larger"
+    assert rc == 2 and "being written by another run" in second.stderr.read()
+    assert first.wait(300) == 0, first.stderr.read()
+    expected = memnet.restore(x, micro_file, tile=32, device="cpu")
+    got = tifffile.imread(out) if suffix == ".tif" else zarr.open_group(str(out), mode="r")["0"][:]
+    # Readable and complete, not a mix of two runs (1 count: float rounding of other batch shapes/threads).
+    assert got.shape == expected.shape and np.abs(got.astype(int) - expected).max() <= 1
+
+
+def test_a_failed_overwrite_keeps_the_old_output(micro_file, tmp_path, rng):
+    x = (rng.random((3, 64, 64)) * 3000).astype(np.uint16)
+    out = tmp_path / "o.zarr"
+    memnet.restore(x, micro_file, output=out, tile=32, device="cpu")
+    before = _digest(out)
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(memnet.engine.Cancelled):
+        memnet.restore(x + 7, micro_file, output=out, tile=32, device="cpu", batch_size=1, overwrite=True,
+                       cancel=cancel)
+    assert _digest(out) == before  # untouched until the new one is complete
+    assert zarr.open_group(str(out), mode="r").attrs["memnet"]["complete"] is True
+    memnet.restore(x + 7, micro_file, output=out, tile=32, device="cpu", overwrite=True)
+    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["0"][:],
+                                  memnet.restore(x + 7, micro_file, tile=32, device="cpu"))
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".zarr"])
+def test_sigterm_mid_run_cleans_up_like_ctrl_c(suffix, micro_file, tmp_path, rng):
+    import signal
+    import time
+
+    from memnet.outputs import sidecar
+
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, (rng.random((20, 128, 128)) * 3000).astype(np.uint16), imagej=True,
+                     metadata={"axes": "ZYX"})
+    out = tmp_path / f"o{suffix}"
+    proc = _slow_run(src, out, micro_file)
+    t0 = time.monotonic()
+    while not (sidecar(out) / "lock").exists() and time.monotonic() - t0 < 60:
+        time.sleep(0.01)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 143
+    err = proc.stderr.read()
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err
+    if suffix == ".tif":
+        assert not out.exists() and not (tmp_path / "o.tif.partial").exists() and "removed" in err
+    else:
+        assert zarr.open_group(str(out), mode="r").attrs["memnet"]["complete"] is False and "--resume" in err
+    assert not (sidecar(out) / "lock").exists()  # released: --resume can take it
+
+
+def test_zarr_output_puts_imagej_tzcyx_axes_in_ngff_order(micro_file, tmp_path, rng):
+    x = (rng.random((2, 3, 2, 40, 40)) * 3000).astype(np.uint16)  # T Z C Y X
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, x, imagej=True, metadata={"axes": "TZCYX"})
+    out = tmp_path / "o.zarr"
+    memnet.restore(src, micro_file, output=out, tile=32, device="cpu")
+    root = zarr.open_group(str(out), mode="r")
+    assert [a["name"] for a in root.attrs["multiscales"][0]["axes"]] == ["t", "c", "z", "y", "x"]
+    expected = memnet.restore(x, micro_file, axes="TZCYX", tile=32, device="cpu")
+    np.testing.assert_array_equal(root["0"][:], expected.transpose(0, 2, 1, 3, 4))
+    back = memnet.open_input(out)
+    assert back.axes == "TCZYX"
+
+
+@pytest.mark.parametrize("shape", [(100, 1000), (520, 50), (1, 20000)])
+def test_narrow_images_write_as_tiff(shape, micro_file, tmp_path, rng):
+    x = (rng.random(shape) * 3000).astype(np.uint16)
+    out = tmp_path / "o.tif"
+    memnet.restore(x, micro_file, output=out, device="cpu")
+    np.testing.assert_array_equal(tifffile.imread(out), memnet.restore(x, micro_file, device="cpu"))
+
+
+def test_a_tiff_tile_that_cannot_be_is_named_with_valid_ones(micro_file, tmp_path):
+    with pytest.raises(ValueError, match="multiple of 16, got --tile 100: use 96 or 112, or write a .zarr"):
+        memnet.restore(np.zeros((300, 300), np.uint16), micro_file, output=tmp_path / "o.tif", tile=100,
+                       device="cpu")

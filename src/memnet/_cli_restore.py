@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
@@ -37,11 +38,27 @@ class ProgressBar:
         self.stream.flush()
 
 
+class Terminated(BaseException):
+    """SIGTERM (what `timeout` and batch schedulers send), raised in the main thread like Ctrl-C, so the
+    run cleans up as it does for SIGINT: a TIFF's partial file is removed, a Zarr stays incomplete."""
+
+
+def _on_sigterm():
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (called from a GUI or a worker): leave signals alone
+        return None
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
     from .engine import Cancelled, restore
 
     bar = None if args.quiet else ProgressBar()
     t0 = time.perf_counter()
+    previous = _on_sigterm()
     try:
         restore(
             args.input, args.model, output=args.output, axes=args.axes, tile=args.tile, halo=args.halo,
@@ -52,6 +69,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
     except Cancelled:
         print("cancelled: the output is not marked complete", file=sys.stderr)
         return 130
+    except Terminated:
+        what = "left marked incomplete (continue with --resume)" if str(args.output).rstrip("/").endswith(
+            ".zarr") else "removed"
+        print(f"\nterminated (SIGTERM): the partial output was {what}", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if not args.quiet:
         print(f"wrote {args.output} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0

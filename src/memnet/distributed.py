@@ -28,8 +28,9 @@ from .engine import (
     resolve_device,
     rows_per_group,
 )
-from .io import open_input
+from .io import ngff_index, open_input
 from .normalize import Normalizer
+from .outputs import write_marker
 from .tiling import TilePlan
 from .zoo import load_model_bytes, model_bytes
 
@@ -56,6 +57,7 @@ def _group_task(spec: dict, weights: bytes, key: str, lead: tuple, tiles: list[t
                      lambda: Runner(load_model_bytes(weights, dev), dev, ensemble=ens))
     src = _cached(("source", spec["input"], spec["axes"]), lambda: open_input(spec["input"], axes=spec["axes"]))
     out = _cached(("output", spec["output"]), lambda: zarr.open_group(spec["output"], mode="r+")["0"])
+    perm = spec["perm"]
     norm = Normalizer(scale=spec["norm"]["scale"], offset=spec["norm"]["offset"],
                       out_dtype=np.dtype(spec["norm"]["dtype"]),
                       clip=tuple(spec["norm"]["clip"]) if spec["norm"]["clip"] else None)
@@ -68,12 +70,9 @@ def _group_task(spec: dict, weights: bytes, key: str, lead: tuple, tiles: list[t
         chunk = tl[i: i + bs]
         preds = runner(np.stack([job.read_window(tuple(lead), t) for t in chunk]))
         for t, pred in zip(chunk, preds):
-            out[job.out_index(tuple(lead), *t.core)] = job.to_output(pred[t.crop], tuple(lead), t.core)
-    marker_dir = Path(spec["output"]) / ".memnet_done"
-    marker_dir.mkdir(exist_ok=True)
-    tmp = marker_dir / f"{key}.{threading.get_ident()}.tmp"
-    tmp.write_text("done\n")
-    tmp.replace(marker_dir / key)
+            out[ngff_index(job.out_index(tuple(lead), *t.core), perm)] = job.to_output(pred[t.crop], tuple(lead),
+                                                                                      t.core)
+    write_marker(Path(spec["done_dir"]), key)
     return key
 
 
@@ -106,7 +105,10 @@ def run_distributed(job: Job, output, *, client=None, workers=None, scheduler=No
     rows = sink.job.get("rows_per_group") or rows
     weights = model_bytes(job.runner.model, job.info)
     spec = {
-        "input": str(job.source.path.resolve()), "axes": job.source.axes, "output": str(Path(output).resolve()),
+        "input": str(job.source.path.resolve()), "axes": job.source.axes,
+        # Where the chunks go (the staging copy of an overwrite) and where the resume markers go.
+        "output": str(Path(sink.write_path).resolve()), "done_dir": str(Path(sink.done_dir).resolve()),
+        "perm": list(sink.perm),
         "digest": hashlib.sha256(weights).hexdigest()[:16], "device": job.device_request,
         "radius": job.radius, "scale": job.scale, "batch": bs, "ensemble": job.runner.ensemble,
         "plan": (job.plan.height, job.plan.width, job.plan.tile, job.plan.halo, None),
@@ -117,11 +119,12 @@ def run_distributed(job: Job, output, *, client=None, workers=None, scheduler=No
     total = sum(len(g[2]) for g in groups)
     todo = [g for g in groups if g[0] not in done]
     n_done = skipped = total - sum(len(g[2]) for g in todo)
-    cl, cluster = _client(client, workers, scheduler)
     from distributed import as_completed
 
     t0, pixels = time.perf_counter(), 0
+    cluster = None
     try:
+        cl, cluster = _client(client, workers, scheduler)
         w = cl.scatter(weights, broadcast=True, hash=False)
         futures = {}
         for key, lead, tiles in todo:
@@ -139,6 +142,9 @@ def run_distributed(job: Job, output, *, client=None, workers=None, scheduler=No
             if _is_cancelled(cancel):
                 cl.cancel(list(futures))
                 raise Cancelled("restore cancelled")
+    except BaseException:
+        sink.abort()  # not complete; the lock is released for --resume
+        raise
     finally:
         if cluster is not None:
             cl.close()

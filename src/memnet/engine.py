@@ -396,16 +396,21 @@ def _make_sink(job: Job, output, overwrite: bool, rows: int | None = None, resum
         if resume and out.exists():
             if job.plan.blend is not None:
                 raise ValueError("resume works in exact mode only (blended tiles depend on their neighbours)")
-            sink = ZarrSink.reopen(out, signature, src=src, ignore=("rows_per_group",))
+            sink = ZarrSink.reopen(out, signature, src=src, ignore=("rows_per_group",), overwrite=overwrite)
+            if sink.complete:  # finished before: nothing to redo (its markers were cleaned up)
+                return sink, {g[0] for g in job.groups(sink.job.get("rows_per_group") or rows or 1)}
             return sink, sink.done_keys()
         return ZarrSink(out, job.out_shape, job.norm.out_dtype, chunks, src.axes, job.out_scale, src.units,
                         job.out_translate, signature, overwrite=overwrite, src=src), set()
     if resume:
         raise ValueError(f"resume needs a .zarr output (a TIFF is written sequentially): got {out.name!r}")
     if out.suffix.lower() in (".tif", ".tiff"):
-        if ch % 16 or cw % 16:
-            if not (ch == job.plan.height and cw == job.plan.width):
-                raise ValueError(f"TIFF output needs a tile size that is a multiple of 16, got {job.plan.tile}")
+        # TIFF tiles are multiples of 16: each axis's core is one, or spans the whole axis (one tile,
+        # padded), so narrow images (100x1000, 1x20000) need nothing from the user.
+        if (ch % 16 and ch != job.plan.height) or (cw % 16 and cw != job.plan.width):
+            t = job.plan.tile
+            raise ValueError(f"TIFF output needs a tile size that is a multiple of 16, got --tile {t}: use "
+                             f"{max(16, t // 16 * 16)} or {-(-t // 16) * 16}, or write a .zarr output")
         ty, tx = -(-ch // 16) * 16, -(-cw // 16) * 16
         return TiffSink(out, job.out_shape, job.norm.out_dtype, (ty, tx), src.axes, job.out_scale, src.units,
                         overwrite=overwrite, src=src), set()

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .outputs import OutputLock, check_output_path, read_markers, remove_tree, sidecar, write_marker
 
 __all__ = ["Source", "open_input", "save_image", "normalize_axes", "ZarrSink", "TiffSink", "MemorySink", "is_zarr_path"]
 
@@ -250,20 +251,8 @@ class MemorySink:
         pass
 
 
-def _refuse_input_as_output(out: Path, src: Source | None) -> None:
-    if src is not None and src.path is not None:
-        try:
-            same = out.resolve() == src.path.resolve()
-        except OSError:
-            same = False
-        if same:
-            raise ValueError(
-                f"the output {out} is the input: choose another output path (inputs are never overwritten)"
-            )
-
-
 def _check_output_path(out: Path, src: Source | None, overwrite: bool) -> None:
-    _refuse_input_as_output(out, src)
+    check_output_path(out, [src.path] if src is not None else [])
     if out.exists() and not overwrite:
         raise FileExistsError(f"output {out} already exists: pass overwrite=True (--overwrite) or choose another path")
     parent = out.parent if str(out.parent) else Path(".")
@@ -271,6 +260,21 @@ def _check_output_path(out: Path, src: Source | None, overwrite: bool) -> None:
         raise FileNotFoundError(f"the output's folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"cannot write to {parent}: the folder is read-only")
+
+
+_NGFF_RANK = {"time": 0, "channel": 1, "custom": 1, "space": 2}
+
+
+def ngff_order(axes: str) -> list[int]:
+    """The permutation that puts ``axes`` in the order NGFF requires (time, then channel, then space;
+    each group in its own order), e.g. ImageJ's TZCYX -> TCZYX. Y and X keep their order, so a 2-D
+    block written at a permuted index needs no transpose."""
+    return sorted(range(len(axes)), key=lambda d: _NGFF_RANK[_AXIS_NAMES.get(axes[d].lower(), "custom")])
+
+
+def ngff_index(index: tuple, perm: list[int]) -> tuple:
+    """An index in the source's axis order, as an index into the NGFF-ordered output."""
+    return tuple(index[d] for d in perm) if perm and len(perm) == len(index) else index
 
 
 def _ome_axes(axes: str, units: dict) -> list[dict]:
@@ -292,7 +296,10 @@ class ZarrSink:
     """OME-Zarr 0.4 (Zarr v2 format, the most widely readable) with one multiscale level.
 
     The store carries ``memnet: {"complete": false}`` until every block is written; only then is it
-    set to true. Chunks are the tiling's core blocks, so each chunk has exactly one writer.
+    set to true. Chunks are the tiling's core blocks, so each chunk has exactly one writer. The run
+    holds the output's lock from start to finish; resume markers live in ``NAME.memnet/done``. An
+    overwrite is written beside the old output (``NAME.memnet/staging.zarr``) and swapped in only
+    when complete, so a failed or interrupted overwrite keeps the old output.
     """
 
     def __init__(self, path: Path, shape, dtype, chunks, axes: str, scale: dict, units: dict,
@@ -300,76 +307,116 @@ class ZarrSink:
         import zarr
 
         _check_output_path(path, src, overwrite)
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
         self.path, self.job = path, job
-        self.root = zarr.open_group(str(path), mode="w", zarr_format=2)
-        self.array = self.root.create_array(
-            "0", shape=shape, dtype=dtype, chunks=chunks, fill_value=0,
-            chunk_key_encoding={"name": "v2", "separator": "/"},
-        )
-        sc = [float(scale.get(a, 1.0)) for a in axes]
-        transforms = [{"type": "scale", "scale": sc}]
-        if any(translate.get(a) for a in axes):
-            transforms.append({"type": "translation", "translation": [float(translate.get(a, 0.0)) for a in axes]})
-        self.root.attrs.update({
-            "multiscales": [{
-                "version": "0.4",
-                "name": path.stem,
-                "axes": _ome_axes(axes, units),
-                "datasets": [{"path": "0", "coordinateTransformations": transforms}],
-            }],
-            "memnet": {"complete": False, "job": job},
-        })
+        self.perm = ngff_order(axes)  # stored in NGFF's axis order: time, channel, then space
+        axes = "".join(axes[d] for d in self.perm)
+        shape, chunks = tuple(shape[d] for d in self.perm), tuple(chunks[d] for d in self.perm)
+        self.lock = OutputLock(path).acquire()
+        try:
+            remove_tree(self._staging())  # a failed earlier overwrite
+            remove_tree(self.done_dir)
+            self.write_path = self._staging() if path.exists() else path
+            self.root = zarr.open_group(str(self.write_path), mode="w", zarr_format=2)
+            self.array = self.root.create_array(
+                "0", shape=shape, dtype=dtype, chunks=chunks, fill_value=0,
+                chunk_key_encoding={"name": "v2", "separator": "/"},
+            )
+            sc = [float(scale.get(a, 1.0)) for a in axes]
+            transforms = [{"type": "scale", "scale": sc}]
+            if any(translate.get(a) for a in axes):
+                transforms.append({"type": "translation",
+                                   "translation": [float(translate.get(a, 0.0)) for a in axes]})
+            self.root.attrs.update({
+                "multiscales": [{
+                    "version": "0.4",
+                    "name": path.stem,
+                    "axes": _ome_axes(axes, units),
+                    "datasets": [{"path": "0", "coordinateTransformations": transforms}],
+                }],
+                "memnet": {"complete": False, "job": job},
+            })
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _staging(self) -> Path:
+        return sidecar(self.path) / "staging.zarr"
+
+    @property
+    def done_dir(self) -> Path:
+        return sidecar(self.path) / "done"
 
     @classmethod
-    def reopen(cls, path: Path, job: dict, src: Source | None = None, ignore=()) -> ZarrSink:
-        """Open an existing output to resume it, after checking it belongs to the same job."""
+    def reopen(cls, path: Path, job: dict, src: Source | None = None, ignore=(), overwrite: bool = False) -> ZarrSink:
+        """Open an existing output to resume it, after checking it belongs to the same job (an
+        interrupted overwrite resumes into its staging copy)."""
         import zarr
 
-        _refuse_input_as_output(path, src)
-        try:
-            root = zarr.open_group(str(path), mode="r+")
-            stored = dict(root.attrs)["memnet"]["job"]
-            array = root["0"]
-        except Exception:
-            raise ValueError(f"cannot resume {path}: it is not an output of `memnet restore` "
-                             "(no job record); choose another output or pass --overwrite") from None
-        diff = sorted(k for k in set(stored) | set(job) if k not in ignore and stored.get(k) != job.get(k))
-        if diff:
-            detail = "; ".join(f"{k}: {stored.get(k)!r} then, {job.get(k)!r} now" for k in diff[:4])
-            raise ValueError(f"cannot resume {path}: it was started with different parameters ({detail}); "
-                             "rerun with the original parameters or start over with --overwrite")
+        check_output_path(path, [src.path] if src is not None else [])
         self = cls.__new__(cls)
-        self.path, self.root, self.array, self.job = path, root, array, stored
+        self.path = path
+        self.lock = OutputLock(path).acquire()
+        try:
+            staging = self._staging()
+            self.write_path = staging if (staging / ".zgroup").exists() else path
+            try:
+                root = zarr.open_group(str(self.write_path), mode="r+")
+                stored = dict(root.attrs)["memnet"]["job"]
+                array = root["0"]
+            except Exception:
+                raise ValueError(f"cannot resume {path}: it is not an output of `memnet restore` "
+                                 "(no job record); choose another output or pass --overwrite") from None
+            diff = sorted(k for k in set(stored) | set(job) if k not in ignore and stored.get(k) != job.get(k))
+            if diff:
+                detail = "; ".join(f"{k}: {stored.get(k)!r} then, {job.get(k)!r} now" for k in diff[:4])
+                again = ("drop --resume to start over (with --overwrite)" if overwrite
+                         else "start over with --overwrite (without --resume)")
+                raise ValueError(f"cannot resume {path}: it was started with different parameters ({detail}); "
+                                 f"rerun with the original parameters, or {again}")
+        except BaseException:
+            self.lock.release()
+            raise
+        self.root, self.array, self.job = root, array, stored
+        self.perm = ngff_order(stored.get("axes") or "")
         return self
 
-    def _done_dir(self) -> Path:
-        return self.path / ".memnet_done"
+    @property
+    def complete(self) -> bool:
+        return bool(dict(self.root.attrs).get("memnet", {}).get("complete"))
 
     def done_keys(self) -> set[str]:
-        d = self._done_dir()
-        return {p.name for p in d.iterdir() if not p.name.endswith(".tmp")} if d.is_dir() else set()
+        # Markers of earlier versions lived inside the store (.memnet_done): still honoured.
+        return read_markers(self.done_dir, self.write_path / ".memnet_done")
 
     def mark_done(self, key: str) -> None:
         """A group's done-marker, written (atomically) after all of the group's chunks."""
-        d = self._done_dir()
-        d.mkdir(exist_ok=True)
-        tmp = d / f"{key}.tmp"
-        tmp.write_text("done\n")
-        os.replace(tmp, d / key)
+        write_marker(self.done_dir, key)
 
     def write(self, index: tuple, block: np.ndarray) -> None:
-        self.array[index] = block
+        self.array[ngff_index(index, self.perm)] = block
 
     def finish(self):
+        import zarr
+
         attrs = dict(self.root.attrs)
         attrs["memnet"] = {**attrs["memnet"], "complete": True}
         self.root.attrs.update(attrs)
+        if self.write_path != self.path:  # an overwrite: swap the complete result in, then drop the old one
+            old = sidecar(self.path) / "old"
+            remove_tree(old)
+            os.replace(self.path, old)
+            os.replace(self.write_path, self.path)
+            remove_tree(old)
+            self.write_path = self.path
+            self.root = zarr.open_group(str(self.path), mode="r")
+            self.array = self.root["0"]
+        remove_tree(self.done_dir)
+        remove_tree(self.path / ".memnet_done")
+        self.lock.release()
         return self.array
 
     def abort(self) -> None:
-        pass  # "complete" stays false: a reader (and --resume) can tell
+        self.lock.release()  # "complete" stays false: a reader (and --resume) can tell
 
 
 class TiffSink:
@@ -385,6 +432,7 @@ class TiffSink:
 
         _check_output_path(path, src, overwrite)
         self.path = path
+        self.lock = OutputLock(path).acquire()  # also keeps two runs off the same NAME.partial
         self.tmp = path.with_name(path.name + ".partial")
         self.shape, self.dtype, self.tile = tuple(shape), np.dtype(dtype), tile
         self.axes = axes
@@ -393,6 +441,7 @@ class TiffSink:
         nbytes = int(np.prod(shape)) * self.dtype.itemsize
         yx = axes.index("Y"), axes.index("X")
         if yx != (len(axes) - 2, len(axes) - 1):
+            self.lock.release()
             raise ValueError(f"TIFF output needs Y and X as the last axes, got {axes!r}: write to .zarr instead")
         kwargs = dict(
             shape=self.shape, dtype=self.dtype, tile=tile, bigtiff=nbytes > 2**31, compression="zlib",
@@ -442,10 +491,13 @@ class TiffSink:
     def finish(self):
         self.q.put(self._DONE)
         self.thread.join()
-        if self.error is not None:
-            self.tmp.unlink(missing_ok=True)
-            raise OSError(f"writing {self.path} failed: {self.error}")
-        os.replace(self.tmp, self.path)
+        try:
+            if self.error is not None:
+                self.tmp.unlink(missing_ok=True)
+                raise OSError(f"writing {self.path} failed: {self.error}")
+            os.replace(self.tmp, self.path)  # atomic: an overwritten TIFF is replaced only when complete
+        finally:
+            self.lock.release()
         return self.path
 
     def abort(self) -> None:
@@ -459,6 +511,7 @@ class TiffSink:
         self.q.put(self._DONE)
         self.thread.join(timeout=30)
         self.tmp.unlink(missing_ok=True)
+        self.lock.release()
 
 
 def _ome_tiff_unit(u: str) -> str:
