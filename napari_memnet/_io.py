@@ -49,14 +49,25 @@ def _napari_unit(u):
 
 
 def read_layers(path):
+    import warnings
+
     import dask.array as da
 
-    src = memnet.open_input(path)
-    arr = src.array
-    chunks = getattr(arr, "chunks", None)
-    data = da.from_array(arr, chunks=chunks if chunks else "auto", lock=src.path is not None and
-                         str(src.path).lower().endswith((".tif", ".tiff")))
-    return [(data, layer_kwargs(src, Path(path).name.split(".")[0]), "image")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # several series: each becomes its own layer below
+        first = memnet.open_input(path)
+    name = Path(path).name.split(".")[0]
+    layers = []
+    for i in range(first.n_series):
+        src = first if i == 0 else memnet.open_input(path, series=i)
+        arr = src.array
+        chunks = getattr(arr, "chunks", None)
+        data = da.from_array(arr, chunks=chunks if chunks else "auto", lock=src.path is not None and
+                             str(src.path).lower().endswith((".tif", ".tiff")))
+        kw = layer_kwargs(src, name if first.n_series == 1 else f"{name} [series {i}]")
+        kw["metadata"]["memnet_series"] = i
+        layers.append((data, kw, "image"))
+    return layers
 
 
 def write_image(path: str, data, meta: dict) -> list[str]:
@@ -71,8 +82,7 @@ def write_image(path: str, data, meta: dict) -> list[str]:
     translate = dict(zip(src.axes, meta.get("translate", [0.0] * ndim)))
     units = {a: str(u) for a, u in zip(src.axes, meta.get("units") or []) if str(u) not in ("pixel", "None")}
     source = (meta.get("metadata") or {}).get("source")
-    if source and Path(source).resolve() == Path(path).resolve():
-        raise ValueError(f"refusing to overwrite the layer's own source file {source}: choose another path")
+    memnet.check_output_path(path, [source])  # never the layer's own source, nor inside or around it
     memnet.save_image(data, path, axes=src.axes, scale=scale, units=units, translate=translate, overwrite=True)
     return [str(path)]
 

@@ -269,3 +269,39 @@ def test_a_tiff_tile_that_cannot_be_is_named_with_valid_ones(micro_file, tmp_pat
     with pytest.raises(ValueError, match="multiple of 16, got --tile 100: use 96 or 112, or write a .zarr"):
         memnet.restore(np.zeros((300, 300), np.uint16), micro_file, output=tmp_path / "o.tif", tile=100,
                        device="cpu")
+
+
+@pytest.fixture
+def two_series(tmp_path, rng):
+    a = (rng.random((2, 30, 40)) * 3000).astype(np.uint16)
+    b = (rng.random((50, 20)) * 3000).astype(np.uint16)
+    p = tmp_path / "two.ome.tif"
+    with tifffile.TiffWriter(p, ome=True) as tw:
+        tw.write(a, metadata={"axes": "ZYX"})
+        tw.write(b, metadata={"axes": "YX"})
+    return p, a, b
+
+
+def test_a_second_series_is_never_dropped_silently(two_series, micro_file, tmp_path, capsys):
+    p, a, b = two_series
+    with pytest.warns(UserWarning, match=r"two.ome.tif holds 2 series \(0: \(2, 30, 40\), 1: \(50, 20\)\); using "
+                                         r"series 0: pick another with --series N"):
+        src = memnet.open_input(p)
+    np.testing.assert_array_equal(np.asarray(src.array[:]), a)
+    second = memnet.open_input(p, series=1)
+    assert second.axes == "YX" and second.n_series == 2
+    out = tmp_path / "b.tif"
+    rc, err = _restore([p, "-o", out, "--model", micro_file, "--series", "1"], capsys)
+    assert rc == 0, err
+    np.testing.assert_array_equal(tifffile.imread(out), memnet.restore(b, micro_file, device="cpu"))
+    with pytest.raises(ValueError, match=r"series 5 does not exist: .*two.ome.tif holds 2 series \(0 to 1\)"):
+        memnet.open_input(p, series=5)
+
+
+def test_the_plugin_reader_opens_each_series_as_its_own_layer(two_series):
+    from napari_memnet._io import read_layers
+
+    p, a, b = two_series
+    layers = read_layers(str(p))
+    assert [kw["name"] for _, kw, _ in layers] == ["two [series 0]", "two [series 1]"]
+    np.testing.assert_array_equal(np.asarray(layers[1][0]), b)

@@ -45,3 +45,6 @@ from .io import Source, open_input, save_image  # noqa: E402
 
 __all__ += ["Cancelled", "Progress", "Source", "open_input", "restore", "restore_lazy", "save_image",
             "upscaled_geometry"]
+from .outputs import OutputLocked, check_output_path  # noqa: E402
+
+__all__ += ["OutputLocked", "check_output_path"]

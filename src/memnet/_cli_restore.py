@@ -64,7 +64,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             args.input, args.model, output=args.output, axes=args.axes, tile=args.tile, halo=args.halo,
             blend=args.blend, batch_size=args.batch_size,
             device=args.device, scale=args.scale, progress=bar, overwrite=args.overwrite, resume=args.resume,
-            workers=args.workers, scheduler=args.scheduler, ensemble=args.ensemble,
+            workers=args.workers, scheduler=args.scheduler, ensemble=args.ensemble, series=args.series,
         )
     except Cancelled:
         print("cancelled: the output is not marked complete", file=sys.stderr)
@@ -100,6 +100,8 @@ def register(sub) -> None:
                    help="'exact' (receptive field: seam-free, equal to whole-image inference) or pixels [exact]")
     p.add_argument("--blend", choices=("cosine", "linear"), default="cosine",
                    help="ramp for blended mode (halo below the receptive field) [cosine]")
+    p.add_argument("--series", type=T.count(0, "a series index"), default=None,
+                   help="which series of a multi-series (OME-)TIFF to restore; a warning lists the others [0]")
     p.add_argument("--axes", default=None, help="axis letters, e.g. TZCYX (default: from file metadata)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
     p.add_argument("--batch-size", type=T.batch_size, default="auto", help="tiles per forward pass [auto]")

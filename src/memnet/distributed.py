@@ -55,7 +55,8 @@ def _group_task(spec: dict, weights: bytes, key: str, lead: tuple, tiles: list[t
     ens = bool(spec.get("ensemble", False))
     runner = _cached(("model", spec["digest"], str(dev), ens),
                      lambda: Runner(load_model_bytes(weights, dev), dev, ensemble=ens))
-    src = _cached(("source", spec["input"], spec["axes"]), lambda: open_input(spec["input"], axes=spec["axes"]))
+    src = _cached(("source", spec["input"], spec["axes"], spec["series"]),
+                  lambda: open_input(spec["input"], axes=spec["axes"], series=spec["series"]))
     out = _cached(("output", spec["output"]), lambda: zarr.open_group(spec["output"], mode="r+")["0"])
     perm = spec["perm"]
     norm = Normalizer(scale=spec["norm"]["scale"], offset=spec["norm"]["offset"],
@@ -105,7 +106,7 @@ def run_distributed(job: Job, output, *, client=None, workers=None, scheduler=No
     rows = sink.job.get("rows_per_group") or rows
     weights = model_bytes(job.runner.model, job.info)
     spec = {
-        "input": str(job.source.path.resolve()), "axes": job.source.axes,
+        "input": str(job.source.path.resolve()), "axes": job.source.axes, "series": job.source.series,
         # Where the chunks go (the staging copy of an overwrite) and where the resume markers go.
         "output": str(Path(sink.write_path).resolve()), "done_dir": str(Path(sink.done_dir).resolve()),
         "perm": list(sink.perm),

@@ -323,11 +323,12 @@ class Job:
             scale=self.scale,
             # Only when on, so outputs of earlier versions (no such key) still resume.
             **({"ensemble": True} if self.runner.ensemble else {}),
+            **({"series": self.source.series} if self.source.series else {}),
         )
 
 
 def prepare(data, model="denoise", *, axes=None, tile=256, halo="exact", blend="cosine", device="auto",
-            scale=None, amp="auto", ensemble=False) -> Job:
+            scale=None, amp="auto", ensemble=False, series=None) -> Job:
     """Open the input, load the model, fix the intensity policy and the tiling plan."""
     if not isinstance(ensemble, (bool, np.bool_)):
         raise ValueError(f"ensemble must be True or False, got {ensemble!r}")
@@ -346,7 +347,7 @@ def prepare(data, model="denoise", *, axes=None, tile=256, halo="exact", blend="
     if net.config.in_channels != 1:
         raise ValueError(f"the tiled engine runs single-channel models (each channel separately); this model "
                          f"takes {net.config.in_channels} channels")
-    src = open_input(data, axes=axes)
+    src = open_input(data, axes=axes, series=series)
     radius = receptive_field(net)
     if not isinstance(tile, (int, np.integer)) or tile < 16:
         raise ValueError(f"tile must be an integer ≥ 16 pixels, got {tile!r}")
@@ -587,7 +588,7 @@ def _accumulate(plan: TilePlan, acc: dict, lead, t: Tile, pred: np.ndarray) -> N
 def restore(data, model="denoise", *, output=None, axes=None, tile=256, halo="exact", blend="cosine",
             batch_size="auto", device="auto", scale=None, progress=None, cancel=None, overwrite=False,
             amp="auto", memory_budget=None, lazy=False, resume=False, client=None, workers=None, scheduler=None,
-            ensemble=False):
+            ensemble=False, series=None):
     """Restore an image or stack, tile by tile.
 
     Parameters
@@ -609,6 +610,7 @@ def restore(data, model="denoise", *, output=None, axes=None, tile=256, halo="ex
     cancel : a ``threading.Event`` or a callable returning True to stop; raises ``Cancelled``.
     ensemble : geometric self-ensemble: average the model over the 8 flips/rotations of every tile
         (8x slower; in exact mode still equal to whole-image inference; gains in docs/models.md).
+    series : which series of a multi-series TIFF (default: the first, with a warning naming the others).
     lazy : return a lazy dask array instead (see ``restore_lazy``).
     resume : continue an interrupted run into the same ``.zarr`` output: groups with a done-marker
         are skipped; the job (input, model, tiling, intensity mapping, ensemble) must match or it is refused.
@@ -623,7 +625,7 @@ def restore(data, model="denoise", *, output=None, axes=None, tile=256, halo="ex
         return restore_lazy(data, model, axes=axes, tile=tile, halo=halo, device=device, scale=scale, amp=amp,
                             ensemble=ensemble)
     job = prepare(data, model, axes=axes, tile=tile, halo=halo, blend=blend, device=device, scale=scale, amp=amp,
-                  ensemble=ensemble)
+                  ensemble=ensemble, series=series)
     try:
         if client is not None or workers or scheduler:
             from .distributed import run_distributed

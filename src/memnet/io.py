@@ -27,6 +27,8 @@ class Source:
     units: dict[str, str] = field(default_factory=dict)
     translate: dict[str, float] = field(default_factory=dict)
     path: Path | None = None
+    series: int = 0  # which series of a multi-series TIFF (OME-TIFF with several images)
+    n_series: int = 1
     _closers: list = field(default_factory=list, repr=False)
 
     @property
@@ -80,7 +82,7 @@ def _is_tiff(p: Path) -> bool:
     return p.suffix.lower() in (".tif", ".tiff", ".btf", ".tf8", ".tf2")
 
 
-def open_input(data, axes: str | None = None) -> Source:
+def open_input(data, axes: str | None = None, series: int | None = None) -> Source:
     """Open ``data`` lazily: a path to a TIFF / Zarr / OME-Zarr, or a numpy / dask / zarr array.
 
     Axes come from the file's metadata (OME, ImageJ, OME-Zarr) when present, else from ``axes``,
@@ -91,7 +93,9 @@ def open_input(data, axes: str | None = None) -> Source:
         if not path.exists():
             raise FileNotFoundError(f"input not found: {path}")
         if _is_tiff(path):
-            src = _open_tiff(path)
+            src = _open_tiff(path, series)
+        elif series:
+            raise ValueError(f"series={series}: only TIFF files hold several series; {path.name!r} has one")
         elif is_zarr_path(path):
             src = _open_zarr(path)
         else:
@@ -126,7 +130,7 @@ def open_input(data, axes: str | None = None) -> Source:
     return src
 
 
-def _open_tiff(path: Path) -> Source:
+def _open_tiff(path: Path, index: int | None = None) -> Source:
     import tifffile
     import zarr
 
@@ -137,10 +141,21 @@ def _open_tiff(path: Path) -> Source:
     if not tif.series or len(tif.pages) == 0:
         tif.close()
         raise ValueError(f"{path}: not a readable TIFF (no image found: the file is truncated or corrupt)")
+    n = len(tif.series)
+    asked, index = index is not None, 0 if index is None else index
+    if not isinstance(index, (int, np.integer)) or not 0 <= index < n:
+        tif.close()
+        raise ValueError(f"series {index!r} does not exist: {path} holds {n} series (0 to {n - 1})")
+    if n > 1 and not asked:
+        import warnings
+
+        shapes = ", ".join(f"{i}: {tuple(s.shape)}" for i, s in enumerate(tif.series[:6]))
+        warnings.warn(f"{path.name} holds {n} series ({shapes}); using series {index}: pick another with "
+                      "--series N (series=N)", stacklevel=3)
     try:
-        series = tif.series[0]
+        series = tif.series[index]
         axes = series.axes.upper()
-        store = tif.aszarr(series=0, level=0)
+        store = tif.aszarr(series=int(index), level=0)
         arr = zarr.open(store, mode="r")
     except Exception as e:
         tif.close()
@@ -150,7 +165,8 @@ def _open_tiff(path: Path) -> Source:
     if len(set(axes)) != len(axes):  # e.g. two unknown axes: fall back to generic letters
         axes = ""
     scale, units = _tiff_scale(tif, series, axes)
-    return Source(array=arr, axes=axes, scale=scale, units=units, _closers=[store.close, tif.close])
+    return Source(array=arr, axes=axes, scale=scale, units=units, series=int(index), n_series=n,
+                  _closers=[store.close, tif.close])
 
 
 def _tiff_scale(tif, series, axes: str) -> tuple[dict, dict]:
