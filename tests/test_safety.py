@@ -305,3 +305,17 @@ def test_the_plugin_reader_opens_each_series_as_its_own_layer(two_series):
     layers = read_layers(str(p))
     assert [kw["name"] for _, kw, _ in layers] == ["two [series 0]", "two [series 1]"]
     np.testing.assert_array_equal(np.asarray(layers[1][0]), b)
+
+
+def test_finetune_never_writes_its_model_over_its_data(tmp_path, monkeypatch, micro_file, rng):
+    from memnet.finetune import FinetuneConfig, finetune
+
+    models = tmp_path / "models"
+    models.mkdir()
+    monkeypatch.setenv("MEMNET_MODEL_DIR", str(models))
+    data = models / "lab.safetensors"  # a user who keeps an image where the model would go
+    tifffile.imwrite(data, (rng.random((40, 40)) * 3000).astype(np.uint16))
+    before = _digest(data)
+    with pytest.raises(ValueError, match="is the input"):
+        finetune(FinetuneConfig(model=str(micro_file), mode="n2v", name="lab", overwrite=True, steps=2), str(data))
+    assert _digest(data) == before

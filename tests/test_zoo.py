@@ -223,3 +223,18 @@ def test_non_finite_weights_are_refused_at_load(tiny_model, tmp_path):
 
     with pytest.raises(ModelFileError, match="NaN or Inf"):
         load_model_bytes(p.read_bytes())
+
+
+@pytest.mark.parametrize("policy, what", [({"mode": "wavelet"}, "is not one of natural, range or percentile"),
+                                          ({"mode": "percentile", "low": "a", "high": 99}, "low='a'"),
+                                          ({"mode": "percentile", "low": 60, "high": 40}, "0 <= low < high")])
+def test_bad_intensity_policy_in_metadata_names_the_file(tiny_model, tmp_path, policy, what):
+    from safetensors.torch import save_file
+
+    p = tmp_path / "policy.safetensors"
+    meta = {"format": 1, "name": "p", "task": "microscopy", "config": tiny_model.config.as_dict(),
+            "normalization": policy}
+    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(p),
+              metadata={"memnet": json.dumps(meta)})
+    with pytest.raises(ModelFileError, match=f"policy.safetensors: metadata .*{re.escape(what)}"):
+        memnet.load_model(p)

@@ -26,6 +26,7 @@ from .degrade import psnr
 from .engine import Cancelled, resolve_device
 from .io import is_zarr_path, open_input
 from .normalize import Normalizer
+from .outputs import check_output_path
 from .train import MixedPrecision, PatchSampler, _hardware, _list, multi_supervised_loss, paired_target_frame
 from .zoo import load_model, save_model, user_model_dir
 
@@ -186,6 +187,8 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
         raise ValueError(f"invalid model name {cfg.name!r}: use letters, digits, '-' or '_'")
     log = log or (lambda s: None)
     existing = user_model_dir() / f"{cfg.name}.safetensors"
+    inputs = [p for d in (noisy, target, noisy2) for p in (d if isinstance(d, (list, tuple)) else [d])]
+    check_output_path(existing, [p for p in inputs if isinstance(p, (str, os.PathLike))])  # never over the data
     run_dir = user_model_dir() / ".runs" / cfg.name
     ckpt, weights, best_path = run_dir / "state.pt", run_dir / "last.safetensors", run_dir / "best.safetensors"
     resuming = resume and ckpt.exists() and weights.exists()

@@ -236,6 +236,22 @@ def _check_finite(label, tensors: dict) -> None:
                              "weights are corrupt (a diverged training run?); use another file")
 
 
+def _check_policy(policy, path) -> None:
+    """The intensity policy in a file's metadata, checked where the file can be named."""
+    if policy is None:
+        return
+    mode = policy.get("mode") if isinstance(policy, dict) else None
+    if mode not in ("natural", "range", "percentile"):
+        raise ModelFileError(f"{path}: metadata normalization {policy!r} is not one of natural, range or "
+                             "percentile: the file is corrupt or from an incompatible tool")
+    if mode == "percentile":
+        lo, hi = policy.get("low", 1.0), policy.get("high", 99.8)
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi))
+        if not numbers or not 0 <= lo < hi <= 100:
+            raise ModelFileError(f"{path}: metadata percentiles low={lo!r}, high={hi!r} must be numbers with "
+                                 "0 <= low < high <= 100")
+
+
 def read_info(path: str | os.PathLike, source: str = "user") -> ModelInfo:
     """Read a weights file's metadata without loading its tensors."""
     path = Path(path)
@@ -243,6 +259,7 @@ def read_info(path: str | os.PathLike, source: str = "user") -> ModelInfo:
     task = doc.get("task")
     if task not in TASKS:
         raise ModelFileError(f"{path}: metadata names unknown task {task!r} (expected one of {TASKS})")
+    _check_policy(doc.get("normalization"), path)
     return ModelInfo(
         name=str(doc.get("name") or path.stem),
         task=task,
