@@ -90,7 +90,7 @@ def main() -> None:
         if common and np.mean([metrics[k] for k in common]) <= np.mean([old[k] for k in common]):
             raise SystemExit(f"not better than the existing {dest} ({old}): keeping it")
     meta = dict(info.metadata)
-    for k in ("format", "name", "task", "config", "created"):
+    for k in ("format", "name", "task", "config", "created", "status"):  # status: set below, never carried over
         meta.pop(k, None)
     training = dict(meta.get("training", {}))
     training.pop("history", None)

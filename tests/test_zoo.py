@@ -173,6 +173,8 @@ def test_every_task_has_a_shipped_model_that_beats_its_peer():
     assert set(shipped) == set(memnet.TASKS)
     model, info = memnet.load_model("denoise")
     assert info.source == "shipped" and info.config.channels == 64
+    # A shipped card never keeps the "in training" status of the progress copy it was promoted from.
+    assert not [s.name for s in shipped.values() if "in training" in str(s.metadata.get("status", ""))]
     # Its card: Set12 figures ahead of BM3D's published 32.37 / 29.97 / 26.72 on every sigma.
     m = info.metrics
     assert m["sigma15"] > 32.37 and m["sigma25"] > 29.97 and m["sigma50"] > 26.72

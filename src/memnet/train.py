@@ -28,7 +28,7 @@ from .evaluate import evaluate_task, percentile_normalize, predictor
 from .model import MemNet, deepen, parse_arch, widen
 from .zoo import load_model, save_model
 
-DEFAULT_ARCH = "M4R4C32"  # CPU-sized: see docs/models.md
+DEFAULT_ARCH = "M4R4C32"  # CPU-sized: see training/README.md
 
 __all__ = ["TrainConfig", "train", "recalibrate_bn", "PatchSampler", "multi_supervised_loss", "paired_target_frame",
            "DEGRADATIONS", "DevicePatchSampler"]
