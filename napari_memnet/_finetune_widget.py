@@ -1,5 +1,7 @@
-"""The Fine-tune dock widget: train a model on the user's own layers (paired, n2n, n2v, synthetic)
-in a background thread, with a live loss / validation-PSNR plot; the result appears in Restore."""
+"""The Fine-tune dock widget: adapt a model to the user's own layers (the modes of
+``memnet.finetune_modes``, self-supervised ones first) within a budget in minutes, in a background thread,
+with a live loss / held-out score plot; afterwards a before/after preview of the current slice. The
+result appears in Restore (only when it beat the starting model on held-out data)."""
 
 from __future__ import annotations
 
@@ -20,10 +22,25 @@ from qtpy.QtCore import QPointF
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
+from memnet.finetune import DEFAULT_MINUTES
+from memnet.finetune_modes import MODES, self_supervised_modes
+
 from ._restore_widget import _axes_of, model_choices, refresh_all_restore_widgets
+from ._slices import current_slice, plane_geometry
 from ._worker import CANCELLED, progress_worker
 
-_NEEDS_SECOND = {"paired": "Clean layer", "n2n": "Second noisy layer"}
+_SECOND_LABEL = {"target": "Clean layer", "noisy2": "Second noisy layer"}
+_NEEDS_SECOND = {n: _SECOND_LABEL[m.needs] for n, m in MODES.items() if m.needs}
+# What a user with one noisy layer can run comes first; the default is the first of them.
+_MODE_ORDER = self_supervised_modes() + [n for n in MODES if n not in self_supervised_modes()]
+
+
+class _NotPublished:
+    """The run ended without beating the starting model (returned, not raised: a worker that returns
+    an exception is reported as failed)."""
+
+    def __init__(self, message: str):
+        self.message = message
 
 
 class LossPlot(QWidget):
@@ -82,32 +99,37 @@ class FinetuneWidget(Container):
     def __init__(self, napari_viewer):
         self.viewer = napari_viewer
         self._noisy = ComboBox(label="Noisy layer", choices=self._image_layers)
-        self._mode = ComboBox(label="Mode", choices=["n2v", "paired", "n2n", "synthetic"], value="n2v",
-                              tooltip="n2v: noisy data only; paired: noisy + clean; n2n: two noisy "
-                                      "acquisitions; synthetic: a noise model fitted on the noisy data")
+        self._mode = ComboBox(label="Mode", choices=_MODE_ORDER, value=_MODE_ORDER[0],
+                              tooltip="\n".join(f"{n}: {MODES[n].help}" for n in _MODE_ORDER))
         self._second = ComboBox(label="Clean layer", choices=self._image_layers, visible=False)
         self._model = ComboBox(label="Start from", choices=model_choices)
         self._name = LineEdit(label="Save as", value="my-finetuned")
-        self._steps = SpinBox(label="Steps", min=10, max=100_000, step=50, value=500)
+        self._minutes = FloatSpinBox(label="Budget (minutes)", min=0.5, max=600, step=0.5, value=DEFAULT_MINUTES,
+                                     tooltip="the run stops after this time (or earlier, when it stops improving)")
+        self._steps = SpinBox(label="Max steps (0: none)", min=0, max=100_000, step=50, value=0)
         self._patch = SpinBox(label="Patch", min=16, max=256, step=8, value=48)
         self._val = FloatSpinBox(label="Validation fraction", min=0.05, max=0.5, step=0.05, value=0.1)
         self._start_btn = PushButton(text="Start")
         self._stop_btn = PushButton(text="Stop", enabled=False)
+        self._compare_btn = PushButton(text="Before / after on current slice", enabled=False,
+                                       tooltip="restore the slice on screen with the starting model and the new one")
         self._progress = ProgressBar(label="Progress", min=0, max=100, value=0)
         self._status = Label(value="")
         self.plot = LossPlot()
-        super().__init__(widgets=[self._noisy, self._mode, self._second, self._model, self._name, self._steps,
-                                  self._patch, self._val, self._start_btn, self._stop_btn, self._progress,
-                                  self._status])
+        super().__init__(widgets=[self._noisy, self._mode, self._second, self._model, self._name, self._minutes,
+                                  self._steps, self._patch, self._val, self._start_btn, self._stop_btn,
+                                  self._progress, self._status, self._compare_btn])
         self.native.layout().addWidget(self.plot)
         self._mode.changed.connect(self._on_mode)
         self._start_btn.clicked.connect(self.start)
         self._stop_btn.clicked.connect(self.stop)
+        self._compare_btn.clicked.connect(self.compare)
         self.viewer.layers.events.inserted.connect(self.reset_choices)
         self.viewer.layers.events.removed.connect(self.reset_choices)
         self._stop_event: threading.Event | None = None
         self.worker = None
         self.saved_path = None
+        self._trained: tuple | None = None  # (layer, base model, new model) of the last published run
 
     def _image_layers(self, *_):
         from napari.layers import Image
@@ -120,7 +142,7 @@ class FinetuneWidget(Container):
             self._second.label = _NEEDS_SECOND[mode]
 
     def start(self):
-        from memnet.finetune import FinetuneConfig, finetune
+        from memnet.finetune import FinetuneConfig, NotImproved, finetune
 
         noisy = self._noisy.value
         if noisy is None:
@@ -131,22 +153,28 @@ class FinetuneWidget(Container):
         if mode in _NEEDS_SECOND and (second is None or second is noisy):
             self._status.value = f"mode {mode} needs a {_NEEDS_SECOND[mode].lower()} (a different layer)"
             return None
+        steps = int(self._steps.value) or None
         cfg = FinetuneConfig(model=self._model.value, mode=mode, name=self._name.value.strip(),
-                             steps=int(self._steps.value), patch=int(self._patch.value),
-                             val_fraction=float(self._val.value), val_every=max(10, int(self._steps.value) // 20),
-                             axes=_axes_of(noisy))
+                             minutes=float(self._minutes.value), steps=steps, patch=int(self._patch.value),
+                             val_fraction=float(self._val.value),
+                             val_every=max(10, steps // 20) if steps else 50, axes=_axes_of(noisy))
         data = noisy.data[0] if noisy.multiscale else noisy.data
         other = None if second is None else (second.data[0] if second.multiscale else second.data)
         self._stop_event = stop = threading.Event()
-        self.worker = progress_worker(lambda progress: finetune(
-            cfg, data, target=other if mode == "paired" else None, noisy2=other if mode == "n2n" else None,
-            progress=progress, cancel=stop))
+        def run(progress):
+            try:
+                return finetune(cfg, data, target=other if mode == "paired" else None,
+                                noisy2=other if mode == "n2n" else None, progress=progress, cancel=stop)
+            except NotImproved as e:  # a normal outcome, not an error: the starting model stays the better one
+                return _NotPublished(str(e))
+
+        self.worker = progress_worker(run)
         self.worker.yielded.connect(self._on_progress)
-        self.worker.returned.connect(self._on_done)
-        self.worker.errored.connect(lambda e: setattr(self._status, "value", f"error: {e}"))
+        self.worker.returned.connect(lambda res: self._on_done(res, noisy, cfg.model))
+        self.worker.errored.connect(self._on_error)
         self.worker.finished.connect(self._on_finished)
-        self._start_btn.enabled, self._stop_btn.enabled = False, True
-        self._status.value = f"fine-tuning {cfg.model} ({mode})…"
+        self._start_btn.enabled, self._stop_btn.enabled, self._compare_btn.enabled = False, True, False
+        self._status.value = f"fine-tuning {cfg.model} ({mode}) for up to {cfg.minutes:g} min…"
         self._t0 = time.monotonic()
         self.plot.set_history([])
         self.worker.start()
@@ -158,22 +186,62 @@ class FinetuneWidget(Container):
             self._status.value = "stopping…"
 
     def _on_progress(self, p) -> None:
-        self._progress.value = int(100 * p.step / max(p.total, 1))
-        val = f"  val PSNR {p.history[-1][2]:.2f} dB" if p.history else ""
-        self._status.value = f"step {p.step}/{p.total}  loss {p.loss:.4g}{val}"
+        fractions = [p.step / p.total if p.total else 0.0, p.elapsed / p.budget_s if p.budget_s else 0.0]
+        self._progress.value = int(100 * min(1.0, max(fractions)))
+        val = f"  held-out {p.history[-1][2]:.2f} dB" if p.history else ""
+        base = f" (start {p.baseline:.2f})" if p.baseline is not None and p.history else ""
+        self._status.value = f"step {p.step}  {p.elapsed / 60:.1f} min  loss {p.loss:.4g}{val}{base}"
         if p.val_psnr is not None:
             self.plot.set_history(p.history)
 
-    def _on_done(self, result) -> None:
+    def _on_done(self, result, layer, base) -> None:
         name = self._name.value.strip()
         refresh_all_restore_widgets()
         self._model.reset_choices()
         if result is CANCELLED:
-            self._status.value = f"stopped; the best model so far (if any) is saved as {name!r}"
+            self._status.value = f"stopped; the best model so far (if it beat {base}) is saved as {name!r}"
+            return
+        if isinstance(result, _NotPublished):
+            self._progress.value = 100
+            self._status.value = result.message.split(". Try")[0]
             return
         self.saved_path = result
+        self._trained = (layer, base, name)
+        self._compare_btn.enabled = True
         self._progress.value = 100
         self._status.value = f"saved {name!r} in {time.monotonic() - self._t0:.0f} s: pick it in Restore"
+
+    def _on_error(self, err) -> None:
+        self._status.value = f"error: {err}"
+
+    def compare(self):
+        """Restore the slice on screen with the starting and the new model; add both as layers."""
+        if self._trained is None:
+            return None
+        import memnet
+
+        layer, base, new = self._trained
+        if layer not in self.viewer.layers:
+            self._status.value = f"layer {layer.name!r} is gone: nothing to compare on"
+            return None
+        axes = _axes_of(layer)
+        data = layer.data[0] if layer.multiscale else layer.data
+        plane, plane_axes, where = current_slice(self.viewer, layer, data, axes)
+        self.worker = progress_worker(lambda progress: [memnet.restore(plane, m, axes=plane_axes) for m in (base, new)])
+        self.worker.returned.connect(lambda res: self._show_comparison(layer, axes, (base, new), res, where))
+        self.worker.errored.connect(self._on_error)
+        self._status.value = f"restoring {where or 'the image'} with {base} and {new}…"
+        self.worker.start()
+        return self.worker
+
+    def _show_comparison(self, layer, axes, names, results, where) -> None:
+        geometry = plane_geometry(layer, axes)
+        for label, model, img in zip(("before", "after"), names, results):
+            name = f"{layer.name} [{model}] {label}"
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+            self.viewer.add_image(img, name=name, colormap=layer.colormap.name, **geometry)
+        self._status.value = f"before/after on {where or 'the image'}: toggle the two layers to compare"
 
     def _on_finished(self) -> None:
         self._start_btn.enabled, self._stop_btn.enabled = True, False

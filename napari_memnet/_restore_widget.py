@@ -24,6 +24,7 @@ from magicgui.widgets import (
 
 import memnet
 
+from ._slices import current_slice
 from ._worker import CANCELLED, progress_worker
 
 DISK_THRESHOLD_BYTES = 1 << 30  # inputs above 1 GiB default to an on-disk Zarr result
@@ -212,19 +213,7 @@ class RestoreWidget(Container):
 
     def _current_slice(self, layer, data):
         """The slice the viewer shows: every non-YX axis at its current position."""
-        axes = _axes_of(layer) or ("Q" * (layer.ndim - 2) + "YX")
-        world = [self.viewer.dims.point[-layer.ndim:][d] for d in range(layer.ndim)]
-        idx, where = [], []
-        for d, a in enumerate(axes):
-            if a in "YX":
-                idx.append(slice(None))
-            else:
-                i = int(np.clip(round((world[d] - layer.translate[d]) / layer.scale[d]), 0, data.shape[d] - 1))
-                idx.append(i)
-                where.append(f"{a.lower()}={i}")
-        sub = np.asarray(data[tuple(idx)])
-        sub_axes = "".join(a for a in axes if a in "YX")
-        return sub, sub_axes, ", ".join(where)
+        return current_slice(self.viewer, layer, data, _axes_of(layer))
 
     def _on_progress(self, p: memnet.Progress) -> None:
         self._progress.value = int(100 * p.fraction)

@@ -8,7 +8,8 @@ import tifffile
 
 import memnet
 from memnet.cli import main
-from memnet.finetune import FinetuneConfig, _n2v_mask, finetune, fit_noise_model
+from memnet.finetune import FinetuneConfig, NotImproved, _n2v_mask, finetune, fit_noise_model
+from memnet.finetune_modes import MODES, blind_spot, subsample_pairs
 
 
 def _scene(rng, shape=(4, 64, 64)):
@@ -28,12 +29,12 @@ def base_model(tiny_model, _isolated_user_models):
     return "base-micro"
 
 
-@pytest.mark.parametrize("mode", ["paired", "n2n", "n2v", "synthetic"])
+@pytest.mark.parametrize("mode", list(MODES))
 def test_each_mode_trains_saves_and_is_listed(base_model, tmp_path, rng, mode):
     clean = _scene(rng)
     noisy, noisy2 = _noisy(clean, rng), _noisy(clean, rng)
     cfg = FinetuneConfig(model=base_model, mode=mode, name=f"lab-{mode}", steps=40, patch=24, batch=8, lr=2e-3,
-                         val_every=10, patience=100, device="cpu")
+                         val_every=10, patience=100, device="cpu", publish="always")
     seen = []
     path = finetune(cfg, noisy, target=clean if mode == "paired" else None,
                     noisy2=noisy2 if mode == "n2n" else None, progress=seen.append)
@@ -82,7 +83,8 @@ def test_noise_model_fit_recovers_poisson_gaussian(rng):
 def test_cli_finetune_and_resume(base_model, tmp_path, rng, capsys):
     clean = _scene(rng)
     tifffile.imwrite(tmp_path / "noisy.tif", _noisy(clean, rng))
-    args = ["finetune", "--model", base_model, "--mode", "n2v", "--data", str(tmp_path / "noisy.tif"), "-o",
+    args = ["finetune", "--model", base_model, "--mode", "n2v", "--data", str(tmp_path / "noisy.tif"),
+            "--publish", "always", "-o",
             "cli-n2v", "--steps", "20", "--patch", "24", "--batch", "4", "--val-every", "10", "--device", "cpu"]
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -179,7 +181,7 @@ def test_cancel_checkpoints_and_resume_continues_and_only_the_end_publishes(base
     noisy = _noisy(_scene(rng), rng)
     tifffile.imwrite(tmp_path / "n.tif", noisy)
     cfg = FinetuneConfig(model=base_model, mode="n2v", name="lab-c", steps=30, patch=24, batch=4, val_every=10,
-                         patience=100, device="cpu")
+                         patience=100, device="cpu", publish="always")
     seen = []
 
     def cancel():
@@ -213,7 +215,7 @@ def test_resume_without_a_checkpoint_never_overwrites_a_model(base_model, rng, t
 
 def test_early_stopping_ends_a_run_that_stopped_improving(base_model, rng):
     cfg = FinetuneConfig(model=base_model, mode="paired", name="lab-e", steps=200, patch=24, batch=4, lr=0.0,
-                         val_every=5, patience=2, device="cpu")
+                         val_every=5, patience=2, device="cpu", publish="always")
     logs = []
     clean = _scene(rng)
     finetune(cfg, _noisy(clean, rng), target=clean, log=logs.append)
@@ -244,10 +246,82 @@ def test_cli_ctrl_c_stops_gracefully_and_keeps_the_best_model(base_model, tmp_pa
     try:
         rc = main(["finetune", "--model", base_model, "--mode", "n2v", "--data", str(tmp_path / "noisy.tif"),
                    "-o", "cli-stop", "--steps", "40", "--patch", "24", "--batch", "4", "--val-every", "10",
-                   "--device", "cpu"])
+                   "--device", "cpu", "--publish", "always"])
     finally:
         ft._save = real_save
     out = capfd.readouterr().out
     assert rc == 130 and "stopping after this step" in out and "best model so far is saved as 'cli-stop'" in out
     assert memnet.load_model("cli-stop")[1].metadata["finetune"]["ended"] == "stopped"
     assert signal.getsignal(signal.SIGINT) is before  # the caller's handler restored
+
+
+def test_blind_spot_median_replaces_by_the_median_of_the_24_neighbours(rng):
+    import torch
+
+    x = torch.from_numpy(rng.random((1, 1, 20, 20)).astype(np.float32))
+    xi, mask = blind_spot(x, 0.05, rng, "median")
+    pad = np.pad(x[0, 0].numpy(), 2, mode="reflect")
+    for y, xx in zip(*np.nonzero(mask[0, 0].numpy())):
+        win = pad[y: y + 5, xx: xx + 5].ravel()
+        neighbours = np.delete(win, 12)  # without the pixel itself
+        assert xi[0, 0, y, xx].item() == pytest.approx(np.sort(neighbours)[11])  # torch's lower median
+    assert torch.equal(xi[mask == 0], x[mask == 0])
+
+
+def test_subsample_pairs_take_two_different_neighbours_of_each_cell(rng):
+    import torch
+
+    x = torch.arange(8 * 10, dtype=torch.float32).reshape(1, 1, 8, 10)  # value = 10 * row + column
+    g1, g2, _ = subsample_pairs(x, rng)
+    assert g1.shape == g2.shape == (1, 1, 4, 5)
+    r1, c1 = g1 // 10, g1 % 10
+    r2, c2 = g2 // 10, g2 % 10
+    rows, cols = torch.meshgrid(torch.arange(4), torch.arange(5), indexing="ij")
+    assert torch.all(r1 // 2 == rows) and torch.all(c1 // 2 == cols)  # from their own 2x2 cell
+    assert torch.all(r2 // 2 == rows) and torch.all(c2 // 2 == cols)
+    assert torch.all((r1 - r2).abs() + (c1 - c2).abs() == 1)  # different, edge-adjacent pixels
+
+
+def test_nothing_is_published_unless_it_beats_the_starting_model(base_model, rng, tmp_path, capsys):
+    """lr 0 cannot improve on the starting model: the run ends without a model, says why, and the
+    CLI exits 3; the held-out scores before and after are in the message."""
+    clean = _scene(rng)
+    cfg = FinetuneConfig(model=base_model, mode="nbr2nbr", name="lab-same", steps=10, patch=16, batch=4, lr=0.0,
+                         val_every=5, device="cpu")
+    with pytest.raises(NotImproved, match=r"not published: .* scored .* against .* for base-micro \(\+0\.000 dB\)"):
+        finetune(cfg, _noisy(clean, rng))
+    assert "lab-same" not in [m.name for m in memnet.list_models()]
+    tifffile.imwrite(tmp_path / "n.tif", _noisy(clean, rng))
+    rc = main(["finetune", "--model", base_model, "--data", str(tmp_path / "n.tif"), "-o", "lab-same", "--steps", "10",
+               "--patch", "16", "--batch", "4", "--lr", "1e-12", "--val-every", "5", "--device", "cpu"])
+    assert rc == 3 and "not published" in capsys.readouterr().out
+    assert "lab-same" not in [m.name for m in memnet.list_models()]
+
+
+@pytest.mark.parametrize("mode", ["nbr2nbr", "adjacent"])
+def test_self_supervised_modes_learn_and_publish_when_they_improve(base_model, rng, mode):
+    """From the noisy data alone: the loss goes down and the held-out score rises above the starting
+    model's, so the model is published with both scores on record."""
+    clean = _scene(rng, (6, 64, 64))
+    cfg = FinetuneConfig(model=base_model, mode=mode, name=f"lab-{mode}", steps=60, patch=16, batch=8, lr=3e-3,
+                         val_every=20, patience=100, device="cpu", minutes=None)
+    seen = []
+    finetune(cfg, _noisy(clean, rng, photons=10), progress=seen.append)
+    losses = [h[1] for h in seen[-1].history]
+    assert losses[-1] < losses[0]
+    crit = memnet.load_model(f"lab-{mode}")[1].metadata["finetune"]["criterion"]
+    assert crit["best"] > crit["baseline"] and crit["kind"] == ("target" if mode == "adjacent" else "subsample")
+
+
+def test_adjacent_needs_a_stack(base_model, rng):
+    cfg = FinetuneConfig(model=base_model, mode="adjacent", name="lab-a", steps=2, device="cpu")
+    with pytest.raises(ValueError, match="needs stacks with at least two planes along Z or T"):
+        finetune(cfg, _scene(rng)[0])
+
+
+def test_a_time_budget_ends_the_run(base_model, rng):
+    cfg = FinetuneConfig(model=base_model, mode="nbr2nbr", name="lab-t", minutes=0.03, steps=None, patch=16,
+                         batch=4, lr=3e-3, val_every=5, patience=1000, device="cpu", publish="always")
+    finetune(cfg, _noisy(_scene(rng), rng))
+    ft = memnet.load_model("lab-t")[1].metadata["finetune"]
+    assert ft["ended"] == "time budget" and ft["steps_run"] >= 1 and ft["hours"] < 0.01

@@ -204,6 +204,53 @@ def test_finetune_widget_trains_and_the_model_appears_in_restore(make_napari_vie
     assert len(ft.plot.history) >= 2
     assert "from-widget" in [c for c in restore._model.choices]
     restore._model.value = "from-widget"
+    # Before/after on the slice on screen: the starting model and the new one, each as a 2-D layer.
+    viewer.dims.set_point(0, 2)
+    assert ft._compare_btn.enabled
+    _wait(qtbot, ft.compare())
+    before, after = viewer.layers[f"noisy [{user_model}] before"], viewer.layers["noisy [from-widget] after"]
+    assert before.data.shape == after.data.shape == (64, 64)
+    np.testing.assert_allclose(before.data, memnet.restore(noisy[2], user_model), atol=1e-6)
+    np.testing.assert_allclose(after.data, memnet.restore(noisy[2], "from-widget"), atol=1e-6)
+    assert not np.allclose(before.data, after.data)
+
+
+def test_finetune_widget_offers_self_supervised_modes_with_a_minutes_budget(make_napari_viewer, user_model, rng):
+    from memnet.finetune_modes import MODES
+    from napari_memnet._finetune_widget import FinetuneWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(rng.random((3, 64, 64), dtype=np.float32), name="stack")
+    ft = FinetuneWidget(viewer)
+    assert ft._mode.value == "nbr2nbr" and set(ft._mode.choices) == set(MODES)
+    assert list(ft._mode.choices)[:2] == ["nbr2nbr", "n2v2"]  # one noisy layer is enough for the first ones
+    assert ft._minutes.value == 5.0 and ft._steps.value == 0  # a time budget; steps only if asked
+    for mode in ("nbr2nbr", "n2v2", "n2v", "adjacent", "synthetic"):
+        ft._mode.value = mode
+        assert ft._second.native.isHidden()
+    ft._mode.value = "n2n"
+    assert not ft._second.native.isHidden() and ft._second.label == "Second noisy layer"
+
+
+def test_finetune_widget_reports_when_the_starting_model_stays_better(make_napari_viewer, qtbot, user_model, rng):
+    viewer = make_napari_viewer()
+    viewer.add_image(rng.random((3, 64, 64), dtype=np.float32), name="noise")
+    _, ft = viewer.window.add_plugin_dock_widget("napari-memnet", "Fine-tune")
+    ft._model.value = user_model
+    ft._name.value = "no-gain"
+    ft._steps.value = 10
+    ft._patch.value = 16
+    import memnet.finetune as mf
+
+    real = mf.FinetuneConfig
+    mf.FinetuneConfig = lambda **k: real(**{**k, "lr": 1e-12})  # cannot improve: nothing may be published
+    try:
+        worker = ft.start()
+    finally:
+        mf.FinetuneConfig = real
+    _wait(qtbot, worker, timeout=120_000)
+    assert ft._status.value.startswith("not published") and "no-gain" not in [m.name for m in memnet.list_models()]
+    assert not ft._compare_btn.enabled
 
 
 def test_finetune_widget_needs_a_second_layer_for_paired(make_napari_viewer, user_model, rng):

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import signal
+import textwrap
 import threading
 from contextlib import contextmanager
 
@@ -62,14 +63,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .finetune import FinetuneConfig, finetune
-
-    cfg = FinetuneConfig(model=args.model, mode=args.mode, name=args.output, steps=args.steps, patch=args.patch,
-                         batch=args.batch, lr=args.lr, val_fraction=args.val_fraction, val_every=args.val_every,
-                         patience=args.patience, axes=args.axes, include=args.include, max_planes=args.max_planes,
-                         device=args.device, amp=args.amp, seed=args.seed, overwrite=args.overwrite)
     from .engine import Cancelled
+    from .finetune import FinetuneConfig, NotImproved, finetune
 
+    cfg = FinetuneConfig(model=args.model, mode=args.mode, name=args.output, minutes=args.minutes or None,
+                         steps=args.steps, patch=args.patch, batch=args.batch, lr=args.lr,
+                         val_fraction=args.val_fraction, val_every=args.val_every, patience=args.patience,
+                         mask_fraction=args.mask_fraction, bn=args.bn, publish=args.publish, axes=args.axes,
+                         include=args.include, max_planes=args.max_planes, device=args.device, amp=args.amp,
+                         seed=args.seed, overwrite=args.overwrite)
     with _graceful_stop("the best model so far is saved") as stop:
         try:
             path = finetune(cfg, args.data, target=args.target, noisy2=args.data2, resume=args.resume,
@@ -77,6 +79,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         except Cancelled as e:
             print(e, flush=True)
             return 130
+        except NotImproved:
+            return 3  # the reason is already printed
     print(f"saved {path} (listed by `memnet models` as {args.output!r})")
     return 0
 
@@ -161,12 +165,18 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors + OUT/state.pt")
     p.set_defaults(func=cmd_train)
 
-    f = sub.add_parser("finetune", help="fine-tune a model on your own data (paired, n2n, n2v, synthetic)",
-                       description="Fine-tune a model on your data. paired: noisy + clean; n2n: two noisy "
-                       "acquisitions; n2v: the noisy data alone (blind-spot); synthetic: a noise model fitted "
-                       "on your data. The result goes to the user model directory.")
+    from .finetune import DEFAULT_MINUTES
+    from .finetune_modes import MODES
+
+    f = sub.add_parser("finetune", help=f"fine-tune a model on your own data ({', '.join(MODES)})",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Fine-tune a model on your data; the result goes to the user model directory, "
+                       "and only if it beats the starting model on a held-out part of your data (exit 3 when it "
+                       "does not: nothing is published). Modes:\n" + "\n".join(
+                           textwrap.fill(m.help, 100, initial_indent=f"  {n:11s}", subsequent_indent=" " * 13)
+                           for n, m in MODES.items()))
     f.add_argument("--model", default="microscopy", help="model to start from [microscopy]")
-    f.add_argument("--mode", required=True, choices=("paired", "n2n", "n2v", "synthetic"))
+    f.add_argument("--mode", default="nbr2nbr", choices=tuple(MODES), help="see above [nbr2nbr]")
     f.add_argument("--data", required=True, help="noisy image, stack (TIFF/Zarr) or folder of them")
     f.add_argument("--target", help="clean counterpart of --data (paired; folders match in sorted order)")
     f.add_argument("--data2", help="second noisy acquisition of the same field (n2n)")
@@ -174,14 +184,24 @@ def register(sub) -> None:
     f.add_argument("--max-planes", type=T.count(1, "a number of planes"), default=64,
         help="planes sampled from large stacks/folders [64]")
     f.add_argument("-o", "--output", required=True, help="name of the new model")
-    f.add_argument("--steps", type=T.count(1, "a number of steps"), default=1000)
+    f.add_argument("--minutes", type=T.non_negative_float, default=DEFAULT_MINUTES,
+                   help=f"time budget of this run in minutes; 0 = none (then --steps) [{DEFAULT_MINUTES:g}]")
+    f.add_argument("--steps", type=T.count(1, "a number of steps"), default=None,
+                   help="stop after this many steps (with or without --minutes) [none]")
     f.add_argument("--patch", type=T.count(8, "a patch size in pixels"), default=48)
     f.add_argument("--batch", type=T.count(1, "a batch size"), default=16)
-    f.add_argument("--lr", type=T.positive_float, default=2e-4)
+    f.add_argument("--lr", type=T.positive_float, default=1e-4,
+                   help="learning rate; low keeps what the pretrained model knows [1e-4]")
     f.add_argument("--val-fraction", type=T.fraction, default=0.1)
-    f.add_argument("--val-every", type=T.count(1, "a number of steps"), default=100)
+    f.add_argument("--val-every", type=T.count(1, "a number of steps"), default=50)
     f.add_argument("--patience", type=T.count(1, "a number of validations"), default=5,
         help="validations without improvement before stopping")
+    f.add_argument("--mask-fraction", type=T.fraction, default=None,
+                   help="n2v/n2v2: share of pixels masked per patch [n2v 0.015, n2v2 0.005]")
+    f.add_argument("--bn", choices=("frozen", "train"), default="frozen",
+                   help="frozen: BatchNorm keeps the pretrained statistics; train: batch statistics [frozen]")
+    f.add_argument("--publish", choices=("improved", "always"), default="improved",
+                   help="improved: save the model only if it beats the starting model on held-out data [improved]")
     f.add_argument("--axes", help="axis letters of the data, e.g. ZYX")
     f.add_argument("--device", default="auto")
     f.add_argument("--amp", choices=("auto", "on", "off"), default="auto",

@@ -1,19 +1,14 @@
 """Fine-tuning a model on a lab's own data (``memnet finetune`` and the Fine-tune widget).
 
-Modes:
-- ``paired``: noisy/clean pairs;
-- ``n2n``: two independent noisy acquisitions of the same field (Noise2Noise; each predicts the other);
-- ``n2v``: the noisy data alone, blind-spot masking (Noise2Void style): a few pixels per patch are
-  replaced by a random neighbour and the loss is taken on those pixels only;
-- ``synthetic``: a Poisson-Gaussian noise model (variance = a·signal + b) is fitted on the noisy data
-  against the current model's prediction; training pairs are that prediction plus calibrated noise.
-
-The result is a .safetensors model in the user model directory, with its provenance in the metadata.
+The modes (``memnet.finetune_modes.MODES``) range from clean pairs to the noisy data alone. Whatever the
+mode, a held-out part of the user's data scores the starting model first; the fine-tuned model is
+published to the user model directory only if it beats that score (``publish="improved"``, the
+default), so fine-tuning never leaves a user with a model worse than the one they started from on their
+own data. A time budget in minutes bounds the run (``minutes``); steps are optional.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,40 +19,51 @@ import torch
 
 from .degrade import psnr
 from .engine import Cancelled, resolve_device
+from .finetune_modes import MODES, Mode, blind_spot, get_mode, subsample_pairs
+from .fitloop import FitState, atomic_save, fit
 from .io import is_zarr_path, open_input
 from .normalize import Normalizer
 from .outputs import check_output_path
-from .train import MixedPrecision, PatchSampler, _hardware, _list, multi_supervised_loss, paired_target_frame
+from .train import MixedPrecision, PatchSampler, hardware_name, list_files
 from .zoo import load_model, save_model, user_model_dir
 
-__all__ = ["FinetuneConfig", "FinetuneProgress", "finetune", "MODES", "fit_noise_model"]
+__all__ = ["FinetuneConfig", "FinetuneProgress", "finetune", "MODES", "fit_noise_model", "NotImproved"]
 
-MODES = ("paired", "n2n", "n2v", "synthetic")
+DEFAULT_MINUTES = 5.0  # a CPU default: a few hundred steps of an M4R4C32 on 2 cores
+
+
+class NotImproved(Exception):
+    """The fine-tuned model did not beat the starting model on the held-out data: nothing was published."""
 
 
 @dataclass
 class FinetuneProgress:
     step: int
-    total: int
+    total: int | None  # None when only the time budget bounds the run
     loss: float
     val_psnr: float | None
     elapsed: float
-    history: list = field(default_factory=list)  # [(step, train loss, val psnr)]
+    history: list = field(default_factory=list)  # [(step, train loss, held-out score)]
+    budget_s: float | None = None
+    baseline: float | None = None  # the starting model's held-out score
 
 
 @dataclass
 class FinetuneConfig:
     model: str = "microscopy"
-    mode: str = "n2v"
+    mode: str = "nbr2nbr"
     name: str = "finetuned"
-    steps: int = 1000
+    minutes: float | None = DEFAULT_MINUTES  # time budget of this session; None: steps only
+    steps: int | None = None  # a step limit (with or without the time budget)
     patch: int = 48
     batch: int = 16
-    lr: float = 2e-4
+    lr: float = 1e-4  # low: keep what the pretrained model knows
     val_fraction: float = 0.1
-    val_every: int = 100
+    val_every: int = 50
     patience: int = 5  # validation rounds without improvement before stopping
-    mask_fraction: float = 0.015  # n2v: blind-spot pixels per patch
+    mask_fraction: float | None = None  # blind-spot modes: masked pixels per patch (None: the mode's default)
+    bn: str = "frozen"  # "frozen": BatchNorm keeps the pretrained statistics; "train": batch statistics
+    publish: str = "improved"  # "improved": only a model that beats the starting one; "always"
     axes: str | None = None
     include: str | None = None  # regex on file names when the data are folders
     device: str = "auto"
@@ -73,8 +79,8 @@ def _sources(data, include: str | None) -> list:
     if isinstance(data, (list, tuple)):
         items = list(data)
     elif isinstance(data, (str, os.PathLike)) and Path(data).is_dir() and not is_zarr_path(data):
-        items = _list(Path(data), include, what="TIFF or Zarr images",
-                      keep=lambda p: p.suffix.lower() in (".tif", ".tiff") or (p.is_dir() and is_zarr_path(p)))
+        items = list_files(Path(data), include, what="TIFF or Zarr images",
+                           keep=lambda p: p.suffix.lower() in (".tif", ".tiff") or (p.is_dir() and is_zarr_path(p)))
     else:
         items = [data]
     if not items:
@@ -82,9 +88,18 @@ def _sources(data, include: str | None) -> list:
     return items
 
 
-def _planes(data, axes, max_planes: int, policy: dict, include: str | None = None) -> list[np.ndarray]:
+def _read_plane(src, yi: int, xi: int, lead: tuple) -> np.ndarray:
+    it = iter(lead)
+    idx = tuple(slice(None) if d in (yi, xi) else int(next(it)) for d in range(len(src.shape)))
+    p = np.asarray(src.array[idx])
+    return p.T if yi > xi else p
+
+
+def _planes(data, axes, max_planes: int, policy: dict, include: str | None = None,
+            neighbours: bool = False) -> list:
     """Normalised 2-D planes (Y, X) from the images in ``data``: at most ``max_planes`` in all, a regular
-    sample. Each image is normalised on its own with the model's policy, as `restore` would."""
+    sample. Each image is normalised on its own with the model's policy, as `restore` would.
+    ``neighbours``: (plane, next plane) pairs along Z (else T, else the first other axis) instead."""
     sources = _sources(data, include)
     if len(sources) > max_planes:
         sources = [sources[i] for i in np.unique(np.linspace(0, len(sources) - 1, max_planes).round().astype(int))]
@@ -93,17 +108,30 @@ def _planes(data, axes, max_planes: int, policy: dict, include: str | None = Non
     for item in sources:
         src = open_input(item, axes=axes)
         yi, xi = src.axes.index("Y"), src.axes.index("X")
-        lead_shape = [n for d, n in enumerate(src.shape) if d not in (yi, xi)]
-        n = int(np.prod(lead_shape)) if lead_shape else 1
+        lead_dims = [d for d in range(len(src.shape)) if d not in (yi, xi)]
+        lead_shape = [src.shape[d] for d in lead_dims]
+        if neighbours:
+            step_dim = next((lead_dims.index(src.axes.index(a)) for a in "ZT" if a in src.axes), 0) \
+                if lead_dims else None
+            if step_dim is None or lead_shape[step_dim] < 2:
+                raise ValueError(f"mode 'adjacent' needs stacks with at least two planes along Z or T; "
+                                 f"{_describe(item)} has axes {src.axes} and shape {tuple(src.shape)}")
+            first_shape = list(lead_shape)
+            first_shape[step_dim] -= 1  # each pair is (k, k+1) along that axis
+        else:
+            first_shape = lead_shape
+        n = int(np.prod(first_shape)) if first_shape else 1
         picks = np.unique(np.linspace(0, n - 1, min(n, per_source)).round().astype(int))
-        planes = []
-        for flat in picks:
-            lead = iter(np.unravel_index(flat, lead_shape) if lead_shape else ())
-            idx = tuple(slice(None) if d in (yi, xi) else int(next(lead)) for d in range(len(src.shape)))
-            p = np.asarray(src.array[idx])
-            planes.append(p.T if yi > xi else p)
-        stack = np.stack(planes)
-        out.extend(Normalizer.for_data(stack, policy).forward(stack))
+        leads = [tuple(np.unravel_index(f, first_shape)) if first_shape else () for f in picks]
+        planes = [_read_plane(src, yi, xi, lead) for lead in leads]
+        if neighbours:
+            nexts = [tuple(v + (d == step_dim) for d, v in enumerate(lead)) for lead in leads]
+            seconds = [_read_plane(src, yi, xi, lead) for lead in nexts]
+            norm = Normalizer.for_data(np.stack(planes + seconds), policy)  # one frame for both views
+            out.extend(zip(norm.forward(np.stack(planes)), norm.forward(np.stack(seconds))))
+        else:
+            stack = np.stack(planes)
+            out.extend(Normalizer.for_data(stack, policy).forward(stack))
     return out
 
 
@@ -125,20 +153,8 @@ def fit_noise_model(noisy: np.ndarray, signal: np.ndarray, bins: int = 32) -> tu
 
 
 def _n2v_mask(x: torch.Tensor, fraction: float, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replace ~fraction of pixels by a random neighbour (5x5, not itself); return input and mask."""
-    b, _, h, w = x.shape
-    n = max(1, int(round(fraction * h * w)))
-    xi = x.clone()
-    mask = torch.zeros_like(x)
-    for i in range(b):
-        ys, xs = rng.integers(0, h, n), rng.integers(0, w, n)
-        dy, dx = rng.integers(-2, 3, n), rng.integers(-2, 3, n)
-        same = (dy == 0) & (dx == 0)
-        dx[same] = 1  # never the pixel itself
-        ny, nx = np.clip(ys + dy, 0, h - 1), np.clip(xs + dx, 0, w - 1)
-        xi[i, 0, ys, xs] = x[i, 0, ny, nx]
-        mask[i, 0, ys, xs] = 1.0
-    return xi, mask
+    """Noise2Void's masking (kept for callers of the earlier name): see ``finetune_modes.blind_spot``."""
+    return blind_spot(x, fraction, rng, "random")
 
 
 def _split(items: list, fraction: float, rng, patch: int) -> tuple[list, list]:
@@ -166,36 +182,109 @@ def _split(items: list, fraction: float, rng, patch: int) -> tuple[list, list]:
     return train, val
 
 
+class _Context:
+    """What a mode may need besides its batch: the starting model's output and the fitted noise model."""
+
+    def __init__(self, model, dev, log):
+        self.model, self.dev, self.log = model, dev, log
+        self.noise_model: tuple[float, float] | None = None
+
+    def predictions(self, planes: list[np.ndarray]) -> list[np.ndarray]:
+        return [_predict(self.model, p, self.dev) for p in planes]
+
+
+def _check(cfg: FinetuneConfig, mode: Mode, target, noisy2) -> None:
+    if mode.needs == "target" and target is None:
+        raise ValueError(f"mode {mode.name!r} needs clean targets (--target)")
+    if mode.needs == "noisy2" and noisy2 is None:
+        raise ValueError(f"mode {mode.name!r} needs a second noisy acquisition of the same field (--data2)")
+    if target is not None and mode.name not in ("paired", "synthetic"):
+        raise ValueError(f"mode {mode.name!r} learns from the noisy data alone: --target is used only by "
+                         "'paired' and 'synthetic' (clean images to add the fitted noise to)")
+    if noisy2 is not None and mode.needs != "noisy2":
+        raise ValueError(f"mode {mode.name!r} does not use a second acquisition (--data2): that is mode 'n2n'")
+    if not cfg.name or any(c in cfg.name for c in "/\\:"):
+        raise ValueError(f"invalid model name {cfg.name!r}: use letters, digits, '-' or '_'")
+    if cfg.minutes is None and cfg.steps is None:
+        raise ValueError("a fine-tune needs a time budget (minutes) or a number of steps")
+    if cfg.minutes is not None and not cfg.minutes > 0:
+        raise ValueError(f"minutes must be positive, got {cfg.minutes}")
+    if cfg.bn not in ("frozen", "train"):
+        raise ValueError(f"bn must be 'frozen' or 'train', got {cfg.bn!r}")
+    if cfg.publish not in ("improved", "always"):
+        raise ValueError(f"publish must be 'improved' or 'always', got {cfg.publish!r}")
+
+
+def _items(cfg, mode: Mode, ctx: _Context, policy, noisy, target, noisy2) -> tuple[list, dict]:
+    """Training items of the mode, and what goes into the model's record about them."""
+    record = {}
+    if mode.stack_pairs:
+        return _planes(noisy, cfg.axes, cfg.max_planes, policy, cfg.include, neighbours=True), record
+    planes = _planes(noisy, cfg.axes, cfg.max_planes, policy, cfg.include)
+    second = target if mode.needs == "target" else noisy2 if mode.needs == "noisy2" else None
+    others = _planes(second, cfg.axes, cfg.max_planes, policy, cfg.include) if second is not None else None
+    if others is not None and (len(others) != len(planes) or any(a.shape != b.shape for a, b in zip(planes, others))):
+        raise ValueError(f"the {mode.name} data do not match the noisy data plane for plane "
+                         f"({len(planes)} planes of {planes[0].shape} vs {len(others)} of {others[0].shape})")
+    if mode.name == "synthetic":
+        pred = ctx.predictions(planes)
+        a, b = fit_noise_model(np.concatenate([p.ravel() for p in planes]), np.concatenate([q.ravel() for q in pred]))
+        ctx.log(f"noise model: variance = {a:.4g}·signal + {b:.4g} (normalised units)")
+        ctx.noise_model = (a, b)
+        record["noise_model"] = {"variance": "a*signal + b (normalised units)", "a": a, "b": b}
+        clean = _planes(target, cfg.axes, cfg.max_planes, policy, cfg.include) if target is not None else pred
+        return mode.items(None, clean, ctx), record
+    return mode.items(planes, others, ctx), record
+
+
+class _HeldOut:
+    """The held-out score: PSNR (peak 1, normalised units) of the model on data it never trains on.
+    ``target`` modes: against the held-out target (clean image or second noisy view). ``subsample``: one
+    neighbour sub-image predicted from the other (the noise in the target only adds a constant, so the
+    score ranks models by their error on the signal)."""
+
+    def __init__(self, mode: Mode, val_items: list, patch: int, task: str, seed: int):
+        big = patch * 2 if mode.criterion == "subsample" else patch
+        sampler = PatchSampler(task, [], val_items, min(big, min(min(it[0].shape) for it in val_items)),
+                               seed=seed + 1, pairs_only=True)
+        x, y = sampler.batch(32)
+        if mode.criterion == "subsample":
+            rng = np.random.default_rng(7)
+            a, b = zip(*(subsample_pairs(x, rng)[:2] for _ in range(2)))
+            x, y = torch.cat(a), torch.cat(b)
+        self.x, self.y = x, y
+
+    def score(self, model, dev) -> float:
+        was = model.training
+        model.eval()
+        with torch.inference_mode():
+            out = torch.cat([model(self.x[i: i + 16].to(dev)).float().cpu() for i in range(0, len(self.x), 16)])
+        model.train(was)
+        return psnr(out.numpy(), self.y.numpy(), peak=1.0)
+
+
 def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=None, cancel=None,
              resume: bool = False, log=None) -> Path:
     """Fine-tune ``cfg.model`` on the user's data; returns the saved model's path.
 
     ``noisy``: image/stack (array or path), a folder of images, or a list of paths. ``target``: clean
-    counterpart (``paired``, matched image for image in sorted order).
-    ``noisy2``: second noisy acquisition (``n2n``). A checkpoint is kept under the user model
-    directory (``.runs/NAME``) so ``resume=True`` continues an interrupted run."""
-    if cfg.mode not in MODES:
-        raise ValueError(f"unknown fine-tuning mode {cfg.mode!r}: expected one of {', '.join(MODES)}")
-    if cfg.mode == "paired" and target is None:
-        raise ValueError("mode 'paired' needs clean targets (--target)")
-    if cfg.mode == "n2n" and noisy2 is None:
-        raise ValueError("mode 'n2n' needs a second noisy acquisition of the same field (--data2)")
-    if target is not None and cfg.mode not in ("paired", "synthetic"):
-        raise ValueError(f"mode {cfg.mode!r} learns from the noisy data alone: --target is used only by "
-                         "'paired' and 'synthetic' (clean images to add the fitted noise to)")
-    if not cfg.name or any(c in cfg.name for c in "/\\:"):
-        raise ValueError(f"invalid model name {cfg.name!r}: use letters, digits, '-' or '_'")
+    counterpart (``paired``, matched image for image in sorted order; ``synthetic``: clean images to add
+    the fitted noise to). ``noisy2``: second noisy acquisition (``n2n``). A checkpoint is kept under the
+    user model directory (``.runs/NAME``) so ``resume=True`` continues an interrupted run.
+    Raises ``NotImproved`` (nothing published) when the result does not beat the starting model on the
+    held-out data, and ``Cancelled`` when ``cancel`` fires (the best model so far is published)."""
+    mode = get_mode(cfg.mode)
+    _check(cfg, mode, target, noisy2)
     log = log or (lambda s: None)
-    existing = user_model_dir() / f"{cfg.name}.safetensors"
+    out_path = user_model_dir() / f"{cfg.name}.safetensors"
     inputs = [p for d in (noisy, target, noisy2) for p in (d if isinstance(d, (list, tuple)) else [d])]
-    check_output_path(existing, [p for p in inputs if isinstance(p, (str, os.PathLike))])  # never over the data
-    run_dir = user_model_dir() / ".runs" / cfg.name
-    ckpt, weights, best_path = run_dir / "state.pt", run_dir / "last.safetensors", run_dir / "best.safetensors"
-    resuming = resume and ckpt.exists() and weights.exists()
+    check_output_path(out_path, [p for p in inputs if isinstance(p, (str, os.PathLike))])  # never over the data
+    run = _RunFiles(user_model_dir() / ".runs" / cfg.name)
+    resuming = resume and run.state.exists() and run.last.exists()
     if resume and not resuming:
         log(f"nothing to resume for {cfg.name!r}: starting from {cfg.model}")
-    if existing.exists() and not (resuming or cfg.overwrite):
-        raise FileExistsError(f"a user model named {cfg.name!r} already exists ({existing}): choose another name, "
+    if out_path.exists() and not (resuming or cfg.overwrite):
+        raise FileExistsError(f"a user model named {cfg.name!r} already exists ({out_path}): choose another name, "
                               "or overwrite it explicitly")
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -203,161 +292,141 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
     model, info = load_model(cfg.model, device=dev)
     if info.name == cfg.name:
         raise ValueError(f"the new model needs a name different from the model it starts from ({cfg.name!r})")
-    policy = info.normalization
+    if cfg.mask_fraction is not None and hasattr(mode, "fraction"):
+        mode = type(mode)()
+        mode.fraction = cfg.mask_fraction
+    ctx = _Context(model, dev, log)
+    items, record = _items(cfg, mode, ctx, info.normalization, noisy, target, noisy2)
+    patch = cfg.patch * mode.patch_scale
+    if min(min(it[0].shape) for it in items) < patch:
+        raise ValueError(f"images are smaller than the patch size {patch}: use a smaller --patch")
+    train_items, val_items = _split(items, cfg.val_fraction, rng, patch)
+    sampler = PatchSampler(info.task, [], train_items, patch, seed=cfg.seed, pairs_only=True)
+    held_out = _HeldOut(mode, val_items, cfg.patch, info.task, cfg.seed)
 
-    planes = _planes(noisy, cfg.axes, cfg.max_planes, policy, cfg.include)
-    if cfg.mode == "paired":
-        others = _planes(target, cfg.axes, cfg.max_planes, policy, cfg.include)
-    elif cfg.mode == "n2n":
-        others = _planes(noisy2, cfg.axes, cfg.max_planes, policy, cfg.include)
-    else:
-        others = None
-    if others is not None:
-        if len(others) != len(planes) or any(a.shape != b.shape for a, b in zip(planes, others)):
-            raise ValueError(f"the {cfg.mode} data do not match the noisy data plane for plane "
-                             f"({len(planes)} planes of {planes[0].shape} vs {len(others)} of {others[0].shape})")
-        # paired: the clean target in the noisy plane's intensity frame (see paired_target_frame). Not for
-        # n2n: fitting one noisy image to another shrinks the gain (noise on both sides of the fit).
-        items = [paired_target_frame(p, q) for p, q in zip(planes, others)] if cfg.mode == "paired" \
-            else list(zip(planes, others))
-    elif cfg.mode == "synthetic":
-        pred = [_predict(model, p, dev) for p in planes]
-        a, b = fit_noise_model(np.concatenate([p.ravel() for p in planes]), np.concatenate([q.ravel() for q in pred]))
-        log(f"noise model: variance = {a:.4g}·signal + {b:.4g} (normalised units)")
-        # The fitted noise is added per batch (below) to clean images when given, else to the denoised data.
-        clean = _planes(target, cfg.axes, cfg.max_planes, policy, cfg.include) if target is not None else pred
-        items = [(q, q) for q in clean]
-        noise_ab = (a, b)
-    else:  # n2v
-        items = [(p, p) for p in planes]
-    if min(min(it[0].shape) for it in items) < cfg.patch:
-        raise ValueError(f"images are smaller than the patch size {cfg.patch}: use a smaller --patch")
-    train_items, val_items = _split(items, cfg.val_fraction, rng, cfg.patch)
-    sampler = PatchSampler(info.task, [], train_items, cfg.patch, seed=cfg.seed, pairs_only=True)
-    val_sampler = PatchSampler(info.task, [], val_items, cfg.patch, seed=cfg.seed + 1, pairs_only=True)
-    vx, vy = val_sampler.batch(32)
-    vmask = None
-    if cfg.mode == "n2v":
-        vx, vmask = _n2v_mask(vx, cfg.mask_fraction * 4, np.random.default_rng(7))
-    elif cfg.mode == "synthetic":
-        vx = _synth(vy, noise_ab, np.random.default_rng(7))
-
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run.dir.mkdir(parents=True, exist_ok=True)
     if not resuming:  # a fresh run: nothing of an earlier run of this name may end up in the result
-        for f in (ckpt, weights, best_path):
-            f.unlink(missing_ok=True)
+        run.clear()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     mp = MixedPrecision(cfg.amp, dev)
-    step, best, bad, history = 0, -math.inf, 0, []
-    hours_before, early_stopped = 0.0, False
+    state = FitState()
     if resuming:
-        m2, _ = load_model(weights, device=dev)
-        model.load_state_dict(m2.state_dict())
-        st = torch.load(ckpt, weights_only=True)
-        opt.load_state_dict(st["optimizer"])
-        if st.get("scaler"):
-            mp.scaler.load_state_dict(st["scaler"])
-        step, best, bad = int(st["step"]), float(st["best"]), int(st["bad"])
-        history = [tuple(h) for h in st["history"].tolist()] if st["history"].numel() else []
-        hours_before = float(st.get("hours", 0.0))
-        sampler.rng = np.random.default_rng(cfg.seed + step)  # new patches, not a replay of the first ones
-        log(f"resumed at step {step}")
-    out_path = user_model_dir() / f"{cfg.name}.safetensors"
+        baseline = run.load(model, opt, mp, state)
+        sampler.rng = np.random.default_rng(cfg.seed + state.step)  # new patches, not a replay of the first ones
+        log(f"resumed at step {state.step}")
+    else:
+        baseline = held_out.score(model, dev)
+        log(f"held-out score of {info.name} before fine-tuning: {baseline:.3f} dB ({mode.criterion})")
     meta = {
         "description": f"{info.name} fine-tuned ({cfg.mode}) on user data",
-        "normalization": policy,
+        "normalization": info.normalization,
         "degradation": info.metadata.get("degradation", {}),
         "finetune": {"base_model": info.name, "base_metadata_training": info.metadata.get("training", {}),
                      "config": asdict(cfg), "data": {k: _describe(v) for k, v in
                                                      (("noisy", noisy), ("target", target), ("noisy2", noisy2))
                                                      if v is not None},
-                     "hardware": _hardware(dev)},
+                     "hardware": hardware_name(dev), "criterion": {"kind": mode.criterion, "baseline": baseline},
+                     **record},
         "rank": info.rank - 0.5,  # a user model never silently replaces the shipped default
     }
-    if cfg.mode == "synthetic":
-        meta["finetune"]["noise_model"] = {"variance": "a*signal + b (normalised units)", "a": a, "b": b}
-    t0 = time.time()
+    session_t0 = time.time()
 
-    def checkpoint():
-        # Weights and optimizer state together, so a resume continues exactly where this left off.
-        meta["finetune"]["hours"] = round(hours_before + (time.time() - t0) / 3600, 4)
-        _save(model, weights, cfg, info, meta, step, history)
-        torch.save({"optimizer": opt.state_dict(), "step": step, "best": best, "bad": bad,
-                    "history": torch.tensor(history, dtype=torch.float64), "scaler": mp.scaler.state_dict(),
-                    "hours": hours_before + (time.time() - t0) / 3600}, ckpt.with_suffix(".tmp"))
-        ckpt.with_suffix(".tmp").replace(ckpt)
-
-    def publish(ended: str):
-        # The user's model: the best checkpoint, with the record of the whole run.
-        final, final_info = load_model(best_path)
-        fm = dict(final_info.metadata)
-        fm["finetune"] = {**fm["finetune"], "steps_run": step, "ended": ended,
-                          "early_stopped": ended == "early stop",
-                          "history": [list(map(float, h)) for h in history[-100:]],
-                          "hours": round(hours_before + (time.time() - t0) / 3600, 4)}
-        save_model(final, out_path, name=cfg.name, task=info.task, metadata=fm)
-
-    model.train()
-    loss_acc, n_acc = 0.0, 0
-    while step < cfg.steps:
-        if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
-            checkpoint()
-            if best_path.exists():  # Stop means "enough": the best model so far becomes the user's model
-                publish("stopped")
-                raise Cancelled(f"fine-tuning stopped at step {step}: the best model so far is saved as "
-                                f"{cfg.name!r}; resume to continue training it")
-            raise Cancelled(f"fine-tuning stopped at step {step}, before its first validation: no model saved; "
-                            "resume to continue")
+    def train_step(step: int):
+        model.train(cfg.bn == "train")  # frozen: BN keeps the pretrained statistics (small, correlated batches)
         x, y = sampler.batch(cfg.batch)
-        mask = None
-        if cfg.mode == "n2v":
-            x, mask = _n2v_mask(x, cfg.mask_fraction, sampler.rng)
-        elif cfg.mode == "synthetic":
-            x = _synth(y, noise_ab, sampler.rng)
-        elif cfg.mode == "n2n" and sampler.rng.random() < 0.5:
-            x, y = y, x
-        x, y = x.to(dev), y.to(dev)
-        final, branches = mp.forward(model, x)
-        if mask is not None:
-            mask = mask.to(dev)
-            outs = branches + [final]
-            loss = sum(((o - y) ** 2 * mask).sum() / mask.sum() for o in outs) / len(outs)
-        else:
-            loss = multi_supervised_loss(final, branches, y)
+        x, y, extra = mode.batch(x, y, sampler.rng, ctx)
+        loss = mode.loss(model, mp, x.to(dev), y.to(dev), extra)
         mp.step(loss, opt)
-        step += 1
-        loss_acc += loss.item()
-        n_acc += 1
-        val = None
-        if step % cfg.val_every == 0 or step == cfg.steps:
-            val = _val_psnr(model, vx, vy, vmask, dev)
-            model.train()
-            history.append((step, loss_acc / n_acc, val))
-            loss_acc, n_acc = 0.0, 0
-            if val > best + 1e-3:
-                best, bad = val, 0
-                # The best so far stays in the run folder: the user's model appears only when the run ends.
-                meta["finetune"]["hours"] = round(hours_before + (time.time() - t0) / 3600, 4)
-                _save(model, best_path, cfg, info, {**meta, "metrics": {"val_psnr": val}}, step, history)
-            else:
-                bad += 1
-            checkpoint()
-            log(f"step {step}/{cfg.steps}  loss {history[-1][1]:.5f}  validation PSNR {val:.2f} dB")
-            if bad >= cfg.patience:
-                log(f"early stop: no improvement in {cfg.patience} validations")
-                early_stopped = True
-                break
+        return float(loss.detach())
+
+    def save_state(st: FitState):
+        _save(model, run.last, cfg, info, meta, st)
+        atomic_save({"fit": st.as_dict(), "optimizer": opt.state_dict(), "scaler": mp.scaler.state_dict(),
+                     "baseline": baseline}, run.state)
+
+    def checkpoint(st: FitState, improved: bool):
+        meta["finetune"]["hours"] = round(st.hours, 4)
+        if improved:  # the best so far stays in the run folder: the user's model appears only when the run ends
+            _save(model, run.best, cfg, info, {**meta, "metrics": {"val_psnr": st.best}}, st)
+        save_state(st)
+        h = st.history[-1]
+        log(f"step {st.step}/{cfg.steps or '-'}  loss {h['loss']:.5f}  validation PSNR {h['score']:.2f} dB"
+            + ("  (best)" if improved else ""))
+
+    def on_step(st: FitState, loss, score):
         if progress is not None:
-            progress(FinetuneProgress(step, cfg.steps, loss.item(), val, time.time() - t0, list(history)))
-    if not best_path.exists():
-        _save(model, best_path, cfg, info, {**meta, "metrics": {"val_psnr": best}}, step, history)
-    publish("early stop" if early_stopped else "completed")
+            progress(FinetuneProgress(st.step, cfg.steps, float(loss), score, time.time() - session_t0,
+                                      [tuple(h) for h in _history(st)],
+                                      None if cfg.minutes is None else cfg.minutes * 60, baseline))
+
+    fit(state, steps=cfg.steps, seconds=None if cfg.minutes is None else cfg.minutes * 60, val_every=cfg.val_every,
+        train_step=train_step, validate=lambda: {"score": held_out.score(model, dev)}, checkpoint=checkpoint,
+        patience=cfg.patience, stop=cancel, log=log, min_delta=1e-3, validate_on_stop=False, on_step=on_step)
+    if state.ended == "stopped" and state.step:
+        save_state(state)  # weights and optimizer as they are: resume continues from here
+    return _publish(cfg, state, run, out_path, info, baseline, log)
+
+
+def _publish(cfg, state: FitState, run, out_path: Path, info, baseline: float, log) -> Path:
+    stopped = state.ended == "stopped"
+    if not run.best.exists():
+        if stopped:
+            raise Cancelled(f"fine-tuning stopped at step {state.step}, before its first validation: no model "
+                            "saved; resume to continue")
+        raise NotImproved("the run ended before its first validation: no model saved; give it more time or steps")
+    final, final_info = load_model(run.best)
+    fm = dict(final_info.metadata)
+    best = float(fm.get("metrics", {}).get("val_psnr", state.best))
+    fm["finetune"] = {**fm["finetune"], "steps_run": state.step, "ended": state.ended,
+                      "early_stopped": state.ended == "early stop", "history": _history(state)[-100:],
+                      "hours": round(state.hours, 4),
+                      "criterion": {**fm["finetune"].get("criterion", {}), "best": best}}
+    gain = best - baseline
+    if cfg.publish == "improved" and not gain > 1e-3:
+        msg = (f"not published: on the held-out part of your data the fine-tuned model scored {best:.3f} dB against "
+               f"{baseline:.3f} dB for {info.name} ({gain:+.3f} dB), so {info.name} stays the better model for these "
+               "data. Try another mode, more data or time, or publish anyway (--publish always)")
+        log(msg)
+        raise NotImproved(msg)
+    save_model(final, out_path, name=cfg.name, task=info.task, metadata=fm)
+    log(f"held-out score {baseline:.3f} -> {best:.3f} dB ({gain:+.3f}): saved as {cfg.name!r}")
+    if stopped:
+        raise Cancelled(f"fine-tuning stopped at step {state.step}: the best model so far is saved as "
+                        f"{cfg.name!r}; resume to continue training it")
     return out_path
 
 
-def _save(model, path, cfg, info, meta, step, history):
-    m = {**meta, "finetune": {**meta["finetune"], "steps": step,
-                              "history": [list(map(float, h)) for h in history[-100:]]}}
+class _RunFiles:
+    """A fine-tune's checkpoint folder: weights and optimizer state together, so a resume continues
+    exactly where the run left off."""
+
+    def __init__(self, folder: Path):
+        self.dir = folder
+        self.state, self.last, self.best = folder / "state.pt", folder / "last.safetensors", folder / "best.safetensors"
+
+    def clear(self) -> None:
+        for f in (self.state, self.last, self.best):
+            f.unlink(missing_ok=True)
+
+    def load(self, model, opt, mp, state: FitState) -> float:
+        m2, _ = load_model(self.last, device=next(model.parameters()).device)
+        model.load_state_dict(m2.state_dict())
+        st = torch.load(self.state, weights_only=True)
+        opt.load_state_dict(st["optimizer"])
+        if st.get("scaler"):
+            mp.scaler.load_state_dict(st["scaler"])
+        restored = FitState.from_dict(st["fit"])
+        state.step, state.best, state.bad = restored.step, restored.best, restored.bad
+        state.history, state.hours_before = restored.history, restored.hours_before
+        return float(st["baseline"])
+
+
+def _history(state: FitState) -> list:
+    return [[float(h["step"]), float(h["loss"]), float(h["score"])] for h in state.history]
+
+
+def _save(model, path, cfg, info, meta, state: FitState):
+    m = {**meta, "finetune": {**meta["finetune"], "steps": state.step, "history": _history(state)[-100:]}}
     save_model(model, path, name=cfg.name if path.parent == user_model_dir() else f"{cfg.name}-last",
                task=info.task, metadata=m)
 
@@ -371,12 +440,6 @@ def _describe(data):
     return {"array": list(map(int, data.shape)), "dtype": str(data.dtype)}
 
 
-def _synth(clean: torch.Tensor, ab: tuple[float, float], rng) -> torch.Tensor:
-    a, b = ab
-    var = np.clip(a * clean.numpy(), 0, None) + b
-    return clean + torch.from_numpy((rng.standard_normal(clean.shape) * np.sqrt(var)).astype(np.float32))
-
-
 def _predict(model, plane: np.ndarray, dev) -> np.ndarray:
     """The model's output on a normalised plane, tile by tile (exact halo: the same as whole-plane
     inference, without its memory on large planes)."""
@@ -384,15 +447,3 @@ def _predict(model, plane: np.ndarray, dev) -> np.ndarray:
 
     out = restore(np.ascontiguousarray(plane, dtype=np.float32), model, device=dev, halo="exact")
     return np.asarray(out, dtype=np.float32)
-
-
-def _val_psnr(model, vx, vy, vmask, dev) -> float:
-    """PSNR (peak 1, normalised units) on the held-out batch; for n2v on the masked pixels against
-    the noisy values, which tracks the true PSNR up to a constant offset."""
-    model.eval()
-    with torch.inference_mode():
-        out = model(vx.to(dev)).cpu()
-    if vmask is not None:
-        m = vmask.bool()
-        return psnr(out[m].numpy(), vy[m].numpy(), peak=1.0)
-    return psnr(out.numpy(), vy.numpy(), peak=1.0)

@@ -222,7 +222,7 @@ def _training_file(p: Path) -> bool:
 
 def _training_images(folder: Path, include: str | None, task: str) -> list:
     """The training planes in ``folder``: 2-D images read at once (small), stacks read lazily."""
-    files = _list(folder, include, keep=_training_file, what="images or stacks")
+    files = list_files(folder, include, keep=_training_file, what="images or stacks")
     out = []
     for f in files:
         out.extend(_stack_planes(f, task) if _is_stack(f) else [_read_image(f, task)])
@@ -232,7 +232,7 @@ def _training_images(folder: Path, include: str | None, task: str) -> list:
 _IMG = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
-def _list(folder: Path, include: str | None, keep=None, what: str = "images") -> list[Path]:
+def list_files(folder: Path, include: str | None, keep=None, what: str = "images") -> list[Path]:
     """The entries of ``folder`` that ``keep`` accepts (default: image files), sorted by name and
     filtered by the ``include`` regex; training and fine-tuning select their files the same way."""
     if not folder.is_dir():
@@ -425,8 +425,8 @@ def _load_data(cfg: TrainConfig):
         if len(cfg.pairs) != 2:
             raise ValueError("pairs needs two folders: NOISY_DIR CLEAN_DIR")
         keep = _training_file
-        noisy_files = _list(Path(cfg.pairs[0]), cfg.include, keep=keep, what="images or stacks")
-        clean_files = _list(Path(cfg.pairs[1]), cfg.include, keep=keep, what="images or stacks")
+        noisy_files = list_files(Path(cfg.pairs[0]), cfg.include, keep=keep, what="images or stacks")
+        clean_files = list_files(Path(cfg.pairs[1]), cfg.include, keep=keep, what="images or stacks")
         if len(noisy_files) != len(clean_files):
             raise ValueError(f"{len(noisy_files)} noisy vs {len(clean_files)} clean images: pairs must match 1:1")
         for n, c in zip(noisy_files, clean_files):
@@ -607,7 +607,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop=None) -> Path:
 
     def save(path, metrics):
         hours = round(hours_before + (time.time() - t0) / 3600, 3)
-        t = {**meta_base["training"], "steps": step, "hours": hours, "hardware": _hardware(dev),
+        t = {**meta_base["training"], "steps": step, "hours": hours, "hardware": hardware_name(dev),
              "history": history[-50:]}
         if previous:
             # Continued from trained weights: the record keeps the cumulative recipe across runs/sessions.
@@ -711,7 +711,7 @@ class MixedPrecision:
         self.scaler.update()
 
 
-def _hardware(dev: torch.device) -> str:
+def hardware_name(dev: torch.device) -> str:
     import os
     import platform
 

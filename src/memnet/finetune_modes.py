@@ -1,0 +1,220 @@
+"""Fine-tuning modes: one small object each, read by the fit loop, the CLI and the widget.
+
+A mode says what data it needs, turns normalised planes into (input, target) training items, turns a
+sampled batch into what the network sees, and gives the loss. Its ``criterion`` says how a held-out part
+of the user's data judges a model: ``"target"`` (PSNR against the held-out clean or second noisy view)
+or ``"subsample"`` (noisy data alone: predict one neighbour sub-image from the other, see
+``subsample_pairs``). The same criterion scores the starting model, so a fine-tune is published only when
+it beats the model it started from on the user's own data.
+
+To add a mode: subclass ``Mode``, register it with ``@register``, add its test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Mode", "MODES", "register", "get_mode", "subsample_pairs", "self_supervised_modes"]
+
+MODES: dict[str, Mode] = {}
+
+
+def register(cls):
+    MODES[cls.name] = cls()
+    return cls
+
+
+def get_mode(name: str) -> Mode:
+    if name not in MODES:
+        raise ValueError(f"unknown fine-tuning mode {name!r}: expected one of {', '.join(MODES)}")
+    return MODES[name]
+
+
+def self_supervised_modes() -> list[str]:
+    """Modes that learn from the noisy data alone (what the widget offers first)."""
+    return [n for n, m in MODES.items() if m.needs is None]
+
+
+class Mode:
+    name = ""
+    help = ""
+    needs: str | None = None  # None (the noisy data alone), "target" (clean images) or "noisy2"
+    criterion = "subsample"
+    stack_pairs = False  # items are neighbouring planes of the user's stacks
+    patch_scale = 1  # training patches are this many times --patch (sub-sampling modes halve them)
+
+    def items(self, planes: list[np.ndarray], others: list[np.ndarray] | None, ctx) -> list[tuple]:
+        """(input, target) arrays the sampler crops patches from."""
+        return [(p, p) for p in planes]
+
+    def batch(self, x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, ctx):
+        """What the network is trained on: (input, target, extra), from a sampled (input, target) batch."""
+        return x, y, None
+
+    def loss(self, model, mp, x, y, extra) -> torch.Tensor:
+        from .train import multi_supervised_loss
+
+        final, branches = mp.forward(model, x)
+        return multi_supervised_loss(final, branches, y)
+
+
+@register
+class Paired(Mode):
+    name = "paired"
+    help = "noisy images with clean references of the same fields"
+    needs = "target"
+    criterion = "target"
+
+    def items(self, planes, others, ctx):
+        from .train import paired_target_frame
+
+        # The clean target in the noisy plane's intensity frame (see paired_target_frame).
+        return [paired_target_frame(p, q) for p, q in zip(planes, others)]
+
+
+@register
+class N2N(Mode):
+    name = "n2n"
+    help = "two independent noisy acquisitions of the same fields (Noise2Noise)"
+    needs = "noisy2"
+    criterion = "target"
+
+    def items(self, planes, others, ctx):
+        # No affine fit between two noisy images: noise on both sides of the fit shrinks the gain.
+        return list(zip(planes, others))
+
+    def batch(self, x, y, rng, ctx):
+        return (y, x, None) if rng.random() < 0.5 else (x, y, None)
+
+
+@register
+class Adjacent(N2N):
+    name = "adjacent"
+    help = ("a stack alone: neighbouring planes (Z, else T) as the two noisy views (Noise2Noise without a "
+            "second acquisition; for stacks whose planes change little from one to the next)")
+    needs = None
+    criterion = "target"
+    stack_pairs = True
+
+
+@register
+class Nbr2Nbr(Mode):
+    name = "nbr2nbr"
+    help = ("the noisy data alone: two sub-images from neighbouring pixels of each 2x2 cell predict each "
+            "other (Neighbor2Neighbor), with a consistency term against the full-resolution output; "
+            "keeps the centre pixel, so it refines a pretrained model instead of blinding it")
+    gamma = 1.0  # weight of the consistency term (Huang et al., CVPR 2021)
+    patch_scale = 2
+
+    def batch(self, x, y, rng, ctx):
+        g1, g2, idx = subsample_pairs(x, rng)
+        return g1, g2, (x, idx)
+
+    def loss(self, model, mp, x, y, extra):
+        full, idx = extra
+        final, branches = mp.forward(model, x)
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            f1, f2 = _gather(model(full), idx)
+            model.train(was)
+        outs = branches + [final]
+        rec = sum(torch.mean((o - y) ** 2) for o in outs) / len(outs)
+        return rec + self.gamma * torch.mean((final - y - (f1 - f2)) ** 2)
+
+
+@register
+class N2V(Mode):
+    name = "n2v"
+    help = "the noisy data alone, blind-spot masking (Noise2Void: masked pixels replaced by a random neighbour)"
+    fraction = 0.015
+
+    def batch(self, x, y, rng, ctx):
+        xi, mask = blind_spot(x, self.fraction, rng, "random")
+        return xi, y, mask
+
+    def loss(self, model, mp, x, y, mask):
+        final, branches = mp.forward(model, x)
+        mask = mask.to(final.device)
+        outs = branches + [final]
+        return sum(((o - y) ** 2 * mask).sum() / mask.sum() for o in outs) / len(outs)
+
+
+@register
+class N2V2(N2V):
+    name = "n2v2"
+    help = ("the noisy data alone, blind-spot masking with the N2V2 fix against checkerboard artefacts: "
+            "masked pixels replaced by the median of their 5x5 neighbourhood without the pixel itself")
+    fraction = 0.005
+
+    def batch(self, x, y, rng, ctx):
+        xi, mask = blind_spot(x, self.fraction, rng, "median")
+        return xi, y, mask
+
+
+@register
+class Synthetic(Mode):
+    name = "synthetic"
+    help = ("a Poisson-Gaussian noise model fitted on the noisy data against the starting model's output; "
+            "trains on that output (or on given clean images) with calibrated noise added")
+
+    def items(self, planes, others, ctx):
+        return [(q, q) for q in (others if others is not None else ctx.predictions(planes))]
+
+    def batch(self, x, y, rng, ctx):
+        a, b = ctx.noise_model
+        var = np.clip(a * y.numpy(), 0, None) + b
+        return y + torch.from_numpy((rng.standard_normal(y.shape) * np.sqrt(var)).astype(np.float32)), y, None
+
+
+# The order the CLI lists and the widget offers: single-image self-supervised modes first, best first.
+MODES.update({n: MODES.pop(n) for n in ("nbr2nbr", "n2v2", "n2v", "adjacent", "synthetic", "paired", "n2n")})
+
+
+def blind_spot(x: torch.Tensor, fraction: float, rng: np.random.Generator, replace: str = "random"):
+    """Mask ~``fraction`` of the pixels of each patch: replaced by a random 5x5 neighbour (never the pixel
+    itself) or by the median of the 24 neighbours. Returns the masked input and the mask."""
+    b, _, h, w = x.shape
+    n = max(1, int(round(fraction * h * w)))
+    xi, mask = x.clone(), torch.zeros_like(x)
+    xp = F.pad(x, (2, 2, 2, 2), mode="reflect") if replace == "median" else None
+    for i in range(b):
+        ys, xs = rng.integers(0, h, n), rng.integers(0, w, n)
+        if replace == "median":
+            win = torch.stack([xp[i, 0, ys + dy, xs + dx] for dy in range(5) for dx in range(5)
+                               if (dy, dx) != (2, 2)])
+            xi[i, 0, ys, xs] = win.median(dim=0).values
+        else:
+            dy, dx = rng.integers(-2, 3, n), rng.integers(-2, 3, n)
+            dx[(dy == 0) & (dx == 0)] = 1  # never the pixel itself
+            xi[i, 0, ys, xs] = x[i, 0, np.clip(ys + dy, 0, h - 1), np.clip(xs + dx, 0, w - 1)]
+        mask[i, 0, ys, xs] = 1.0
+    return xi, mask
+
+
+_PAIRS = torch.tensor([[0, 1], [1, 0], [2, 3], [3, 2], [0, 2], [2, 0], [1, 3], [3, 1]])  # neighbours in a 2x2 cell
+
+
+def _cells(x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    x = x[:, :, : h // 2 * 2, : w // 2 * 2]
+    return x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(b, c, h // 2, w // 2, 4)
+
+
+def _gather(x: torch.Tensor, idx) -> tuple[torch.Tensor, torch.Tensor]:
+    cells = _cells(x)
+    i1, i2 = (i.to(x.device) for i in idx)
+    return torch.gather(cells, 4, i1[..., None])[..., 0], torch.gather(cells, 4, i2[..., None])[..., 0]
+
+
+def subsample_pairs(x: torch.Tensor, rng: np.random.Generator):
+    """Neighbour sub-sampling: from each 2x2 cell two different, adjacent pixels, one into each of two
+    half-size images. Their signals nearly agree and their noises are independent, so predicting one from
+    the other trains (and, held out, scores) a denoiser from the noisy data alone."""
+    b, c, h, w = x.shape
+    k = torch.from_numpy(rng.integers(0, len(_PAIRS), (b, c, h // 2, w // 2)))
+    idx = (_PAIRS[k, 0], _PAIRS[k, 1])
+    g1, g2 = _gather(x, idx)
+    return g1, g2, idx
