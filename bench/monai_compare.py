@@ -36,7 +36,7 @@ def main() -> None:
     rng_out = float(whole.max() - whole.min())
     n = x.size
     roi = min(args.size, args.tile + 2 * r)  # the same window shape our engine feeds the model
-    bs = memnet.engine._auto_batch(model, (roi, roi), torch.device("cpu"), None)
+    bs = memnet.runner.auto_batch(model, (roi, roi), torch.device("cpu"), None)
 
     ours = {}
 

@@ -39,7 +39,7 @@ def main() -> None:
     z, h, w = args.shape
     plan = TilePlan(h, w, tile=args.tile, halo=r)
     runner = memnet.engine.Runner(model, dev)
-    bs = memnet.engine._auto_batch(model, plan.window_shape, dev, None) if args.batch_size == "auto" \
+    bs = memnet.runner.auto_batch(model, plan.window_shape, dev, None) if args.batch_size == "auto" \
         else int(args.batch_size)
     n_out = z * h * w
     print(f"# {machine()}; device {dev}; model {args.model} (radius {r}); stack {z}x{h}x{w} uint16; "

@@ -188,3 +188,57 @@ def test_self_ensemble_on_workers_matches_single_process_and_resume_checks_it(st
     assert np.abs(got.astype(int) - plain).max() > 0
     with pytest.raises(ValueError, match="cannot resume .*different parameters.*ensemble"):
         memnet.restore(stack, model_file, output=out, tile=64, device="cpu", resume=True)
+
+
+def test_distributed_workers_run_with_the_callers_amp_and_memory_budget(stack, model_file, tmp_path):
+    """Every restore option reaches the workers: amp as asked (not the default), and the memory budget
+    sets the batch they run (a 1-byte budget: one tile per forward pass)."""
+    from distributed import Client, LocalCluster
+
+    out = tmp_path / "d.zarr"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        got = memnet.restore(stack, model_file, output=out, tile=48, device="cpu", amp="on", memory_budget=1,
+                             client=client)[:]
+        reports = [r for rs in client.run(memnet.distributed.worker_report).values() for r in rs]
+    [r] = reports
+    assert r["amp"] == "on" and r["options"]["amp"] == "on"
+    assert r["options"]["memory_budget"] == 1 and r["batch"] == 1
+    assert r["groups"] == 3 * 3  # 3 planes x 3 tile rows, one row per group at batch 1
+    assert r["amp_dtype"] == "None"  # AMP runs on CUDA only: on CPU workers, fp32
+    job = zarr.open_group(str(out), mode="r").attrs["memnet"]["job"]
+    assert job["amp"] == "on" and job["memory_budget"] == 1
+    ref = _single_thread_reference(stack, model_file, tile=48, device="cpu", amp="on", memory_budget=1)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_resume_refuses_a_different_amp_and_allows_a_different_speed(stack, model_file, tmp_path, capsys):
+    from memnet.cli import main
+
+    out = tmp_path / "o.zarr"
+    memnet.restore(stack, model_file, output=out, tile=48, device="cpu", amp="off", batch_size=3)
+    root = zarr.open_group(str(out), mode="r+")
+    root.attrs["memnet"] = {**root.attrs["memnet"], "complete": False}  # as if interrupted
+    rc = main(["restore", str(stack), "-o", str(out), "--model", str(model_file), "--tile", "48", "--device", "cpu",
+               "--resume", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot resume" in err and "amp: 'off' then, 'auto' now" in err
+    # Device, batch size and memory budget change the speed, not the result: a resume may change them.
+    memnet.restore(stack, model_file, output=out, tile=48, device="cpu", amp="off", batch_size=2,
+                   memory_budget=10**9, resume=True)
+    assert zarr.open_group(str(out), mode="r").attrs["memnet"]["complete"] is True
+
+
+def test_an_older_job_record_without_the_newer_options_still_resumes(stack, model_file, tmp_path):
+    """Outputs written before amp (and ensemble, when off) were recorded: a missing option had its
+    default, so a resume with the defaults continues and one with another amp is refused."""
+    out = tmp_path / "o.zarr"
+    ref = memnet.restore(stack, model_file, output=out, tile=48, device="cpu", batch_size=3)[:]
+    root = zarr.open_group(str(out), mode="r+")
+    job = {k: v for k, v in root.attrs["memnet"]["job"].items()
+           if k not in ("amp", "ensemble", "device", "batch_size", "memory_budget")}
+    root.attrs["memnet"] = {"complete": False, "job": job}
+    with pytest.raises(ValueError, match="cannot resume .*amp: 'auto' then, 'on' now"):
+        memnet.restore(stack, model_file, output=out, tile=48, device="cpu", amp="on", resume=True)
+    got = memnet.restore(stack, model_file, output=out, tile=48, device="cpu", batch_size=3, resume=True)[:]
+    np.testing.assert_array_equal(got, ref)

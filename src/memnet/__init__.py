@@ -42,9 +42,10 @@ __all__ = [
 
 from .engine import Cancelled, Progress, restore, restore_lazy, upscaled_geometry  # noqa: E402
 from .io import Source, open_input, save_image  # noqa: E402
+from .options import RestoreOptions  # noqa: E402
 
-__all__ += ["Cancelled", "Progress", "Source", "open_input", "restore", "restore_lazy", "save_image",
-            "upscaled_geometry"]
+__all__ += ["Cancelled", "Progress", "RestoreOptions", "Source", "open_input", "restore", "restore_lazy",
+            "save_image", "upscaled_geometry"]
 from .outputs import OutputLocked, check_output_path  # noqa: E402
 
 __all__ += ["OutputLocked", "check_output_path"]

@@ -8,6 +8,7 @@ import sys
 import time
 
 from . import _cli_types as T
+from .options import RestoreOptions
 
 
 def _fmt_time(s: float | None) -> str:
@@ -58,14 +59,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     bar = None if args.quiet else ProgressBar()
     t0 = time.perf_counter()
+    options = RestoreOptions(**{f: getattr(args, f) for f in _OPTIONS})
     previous = _on_sigterm()
     try:
-        restore(
-            args.input, args.model, output=args.output, axes=args.axes, tile=args.tile, halo=args.halo,
-            blend=args.blend, batch_size=args.batch_size,
-            device=args.device, scale=args.scale, progress=bar, overwrite=args.overwrite, resume=args.resume,
-            workers=args.workers, scheduler=args.scheduler, ensemble=args.ensemble, series=args.series,
-        )
+        restore(args.input, args.model, output=args.output, axes=args.axes, series=args.series, options=options,
+                progress=bar, overwrite=args.overwrite, resume=args.resume, workers=args.workers,
+                scheduler=args.scheduler)
     except Cancelled:
         print("cancelled: the output is not marked complete", file=sys.stderr)
         return 130
@@ -82,6 +81,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+# The RestoreOptions fields set on the command line (the others keep their defaults).
+_OPTIONS = ("tile", "halo", "blend", "scale", "amp", "ensemble", "device", "batch_size")
+_D = RestoreOptions()  # the defaults, shown in --help
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "restore",
@@ -93,19 +97,23 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="output .zarr (OME-Zarr) or .tif")
     p.add_argument("--model", default="denoise",
                    help="task (denoise, sr, jpeg, microscopy), model name (see `memnet models`) or .safetensors path")
-    p.add_argument("--scale", type=T.sr_scale, default=None, help="super-resolution factor (2, 3 or 4) for sr models")
-    p.add_argument("--tile", type=T.count(16, "a tile size in pixels"), default=256,
-        help="output tile (= Zarr chunk) size in pixels [256]")
-    p.add_argument("--halo", type=T.halo, default="exact",
-                   help="'exact' (receptive field: seam-free, equal to whole-image inference) or pixels [exact]")
-    p.add_argument("--blend", choices=("cosine", "linear"), default="cosine",
-                   help="ramp for blended mode (halo below the receptive field) [cosine]")
+    p.add_argument("--scale", type=T.sr_scale, default=_D.scale,
+                   help="super-resolution factor (2, 3 or 4) for sr models")
+    p.add_argument("--tile", type=T.count(16, "a tile size in pixels"), default=_D.tile,
+                   help=f"output tile (= Zarr chunk) size in pixels [{_D.tile}]")
+    p.add_argument("--halo", type=T.halo, default=_D.halo,
+                   help=f"'exact' (receptive field: seam-free, equal to whole-image inference) or pixels [{_D.halo}]")
+    p.add_argument("--blend", choices=("cosine", "linear"), default=_D.blend,
+                   help=f"ramp for blended mode (halo below the receptive field) [{_D.blend}]")
     p.add_argument("--series", type=T.count(0, "a series index"), default=None,
                    help="which series of a multi-series (OME-)TIFF to restore; a warning lists the others [0]")
     p.add_argument("--axes", default=None, help="axis letters, e.g. TZCYX (default: from file metadata)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
-    p.add_argument("--batch-size", type=T.batch_size, default="auto", help="tiles per forward pass [auto]")
-    p.add_argument("--ensemble", action="store_true",
+    p.add_argument("--device", default=_D.device, help=f"auto, cpu, cuda or cuda:N [{_D.device}]")
+    p.add_argument("--batch-size", type=T.batch_size, default=_D.batch_size,
+                   help=f"tiles per forward pass [{_D.batch_size}]")
+    p.add_argument("--amp", choices=("auto", "on", "off"), default=_D.amp,
+                   help=f"mixed precision (bf16/fp16) on CUDA; auto: on for CUDA [{_D.amp}]")
+    p.add_argument("--ensemble", action="store_true", default=_D.ensemble,
                    help="self-ensemble: average over the 8 flips/rotations of each tile (8x slower, a little "
                    "better; exact mode stays exact)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")

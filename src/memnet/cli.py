@@ -22,7 +22,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .zoo import TASKS, _resolve, describe, list_models, user_model_dir
+    from .zoo import TASKS, describe, find_model, list_models, user_model_dir
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -36,7 +36,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     defaults = []
     for task in TASKS:
         try:
-            defaults.append(f"{task} -> {_resolve(task).name}")
+            defaults.append(f"{task} -> {find_model(task).name}")
         except LookupError:
             defaults.append(f"{task} -> (none)")
     print("\ntask names pick: " + ", ".join(defaults))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .options import RestoreOptions
 from .outputs import OutputLock, check_output_path, read_markers, remove_tree, sidecar, write_marker
 
 __all__ = ["Source", "open_input", "save_image", "normalize_axes", "ZarrSink", "TiffSink", "MemorySink", "is_zarr_path"]
@@ -363,9 +364,11 @@ class ZarrSink:
         return sidecar(self.path) / "done"
 
     @classmethod
-    def reopen(cls, path: Path, job: dict, src: Source | None = None, ignore=(), overwrite: bool = False) -> ZarrSink:
+    def reopen(cls, path: Path, job: dict, src: Source | None = None, ignore=(), overwrite: bool = False,
+               defaults: dict | None = None) -> ZarrSink:
         """Open an existing output to resume it, after checking it belongs to the same job (an
-        interrupted overwrite resumes into its staging copy)."""
+        interrupted overwrite resumes into its staging copy). Keys in ``ignore`` are not compared;
+        a key of ``defaults`` missing from the stored record (an older version's) stands for its default."""
         import zarr
 
         check_output_path(path, [src.path] if src is not None else [])
@@ -382,9 +385,10 @@ class ZarrSink:
             except Exception:
                 raise ValueError(f"cannot resume {path}: it is not an output of `memnet restore` "
                                  "(no job record); choose another output or pass --overwrite") from None
-            diff = sorted(k for k in set(stored) | set(job) if k not in ignore and stored.get(k) != job.get(k))
+            then = {**(defaults or {}), **stored}
+            diff = sorted(k for k in set(then) | set(job) if k not in ignore and then.get(k) != job.get(k))
             if diff:
-                detail = "; ".join(f"{k}: {stored.get(k)!r} then, {job.get(k)!r} now" for k in diff[:4])
+                detail = "; ".join(f"{k}: {then.get(k)!r} then, {job.get(k)!r} now" for k in diff[:4])
                 again = ("drop --resume to start over (with --overwrite)" if overwrite
                          else "start over with --overwrite (without --resume)")
                 raise ValueError(f"cannot resume {path}: it was started with different parameters ({detail}); "
@@ -394,6 +398,18 @@ class ZarrSink:
             raise
         self.root, self.array, self.job = root, array, stored
         self.perm = ngff_order(stored.get("axes") or "")
+        return self
+
+    @classmethod
+    def attach(cls, path, write_path, perm) -> ZarrSink:
+        """An output opened (locked, checked) by another process, e.g. the client of a distributed
+        run, for a worker to write its chunks and done-markers into."""
+        import zarr
+
+        self = cls.__new__(cls)
+        self.path, self.write_path, self.perm = Path(path), Path(write_path), list(perm)
+        self.root = zarr.open_group(str(self.write_path), mode="r+")
+        self.array, self.job, self.lock = self.root["0"], None, None
         return self
 
     @property
@@ -540,11 +556,13 @@ def job_signature(**kw) -> dict:
 
 
 def save_image(data, path, *, axes: str | None = None, scale: dict | None = None, units: dict | None = None,
-               translate: dict | None = None, tile: int = 256, overwrite: bool = False):
+               translate: dict | None = None, tile: int | None = None, overwrite: bool = False):
     """Write an array (numpy or dask) to OME-Zarr (``.zarr``) or tiled OME-TIFF (``.tif``), one
-    plane-tile at a time (a dask array is never computed whole). Marked complete only at the end."""
+    plane-tile at a time (a dask array is never computed whole), in chunks of ``tile`` pixels (default:
+    the restore default). Marked complete only at the end."""
     from .tiling import TilePlan
 
+    tile = RestoreOptions.tile if tile is None else tile
     src = open_input(data, axes=axes)
     path = Path(path)
     yi, xi = src.axes.index("Y"), src.axes.index("X")

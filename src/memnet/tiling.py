@@ -112,7 +112,7 @@ class TilePlan:
 
     height: int
     width: int
-    tile: int = 256
+    tile: int  # core size in pixels (memnet.RestoreOptions holds the default)
     halo: int = 0
     blend: str | None = None  # None for exact (disjoint cores); "cosine"/"linear" for blended
 

@@ -32,6 +32,7 @@ __all__ = [
     "ModelInfo",
     "ModelFileError",
     "list_models",
+    "find_model",
     "load_model",
     "save_model",
     "read_info",
@@ -287,7 +288,8 @@ def list_models() -> list[ModelInfo]:
     return _scan(shipped_model_dir(), "shipped") + _scan(user_model_dir(), "user")
 
 
-def _resolve(name_or_path: str | os.PathLike) -> ModelInfo:
+def find_model(name_or_path: str | os.PathLike) -> ModelInfo:
+    """The model a task name, model name or .safetensors path stands for (its info; nothing loaded)."""
     s = str(name_or_path)
     p = Path(s).expanduser()
     if s.endswith(".safetensors") or p.exists() or os.sep in s:
@@ -317,7 +319,7 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
 
     Returns ``(model, info)``; the model is in eval mode on ``device``.
     """
-    info = _resolve(name_or_path)
+    info = find_model(name_or_path)
     from safetensors.torch import load_file
 
     try:

@@ -1,0 +1,359 @@
+"""The job kernel: a prepared `Job` (input, model runner, intensity mapping, options, tiling plan),
+its output, and `run_group`, the one read → run → crop → write loop of exact mode.
+
+Every executor is built on this module: the local one (`local.py`, read-ahead and write-behind
+threads), the lazy dask array (`lazy.py`) and dask.distributed (`distributed.py`). They do not
+import each other; `engine.restore` picks one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+
+from .degrade import bicubic_up_rows
+from .io import MemorySink, Source, TiffSink, ZarrSink, is_zarr_path, job_signature, open_input
+from .model import receptive_field
+from .normalize import Normalizer
+from .options import RestoreOptions
+from .runner import Runner, auto_batch, resolve_device, resolve_model
+from .tiling import Tile, TilePlan
+from .zoo import ModelInfo
+
+__all__ = ["Cancelled", "Job", "Progress", "ProgressTally", "is_cancelled", "open_output", "prepare",
+           "resolve_batch", "rows_per_group", "run_group", "upscaled_geometry", "zarr_target"]
+
+
+class Cancelled(Exception):
+    """Raised when a run is cancelled; the output is left marked incomplete (or removed).
+    Not a RuntimeError on purpose: Qt worker threads treat RuntimeError as a deleted worker."""
+
+
+def is_cancelled(cancel) -> bool:
+    """``cancel``: None, a ``threading.Event`` or a callable returning True to stop."""
+    if cancel is None:
+        return False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set()
+    return bool(cancel())
+
+
+@dataclass
+class Progress:
+    done: int
+    total: int
+    elapsed: float
+    pixels: int  # output pixels written so far
+    skipped: int = 0  # tiles already done before this run (resume): not counted in the rate
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+    @property
+    def mpx_per_s(self) -> float:
+        return self.pixels / self.elapsed / 1e6 if self.elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        ran = self.done - self.skipped
+        if ran <= 0:
+            return None
+        return self.elapsed * (self.total - self.done) / ran
+
+
+class ProgressTally:
+    """Counts the tiles of a run and reports a `Progress` after each step; the groups skipped on
+    resume count as done but not in the rate."""
+
+    def __init__(self, groups: list, todo: list, progress: Callable[[Progress], None] | None):
+        self.total = sum(len(g[2]) for g in groups)
+        self.done = self.skipped = self.total - sum(len(g[2]) for g in todo)
+        self.pixels, self.t0, self.progress = 0, time.perf_counter(), progress
+
+    def add(self, tiles: list[Tile]) -> None:
+        self.done += len(tiles)
+        self.pixels += sum((t.core[0].stop - t.core[0].start) * (t.core[1].stop - t.core[1].start) for t in tiles)
+        if self.progress is not None:
+            self.progress(Progress(self.done, self.total, time.perf_counter() - self.t0, self.pixels, self.skipped))
+
+
+def upscaled_geometry(scale: dict, translate: dict, factor: int) -> tuple[dict, dict]:
+    """Pixel size and origin of a super-resolved output, per axis letter: YX pixel sizes divided by
+    the factor, and the first pixel centre moved (1/s - 1)/2 input pixels (the upscaled grid starts
+    before the input's first pixel centre). Identity for factor 1."""
+    if factor == 1:
+        return dict(scale), dict(translate)
+    out_s = {a: v / factor if a in "YX" else v for a, v in scale.items()}
+    out_t = dict(translate)
+    for a in "YX":
+        out_t[a] = out_t.get(a, 0.0) + scale.get(a, 1.0) * (0.5 / factor - 0.5)
+    return out_s, out_t
+
+
+def _lead_indices(shape: tuple[int, ...], axes: str) -> tuple[list[tuple], int, int]:
+    """All index tuples over the non-YX axes, plus the positions of Y and X."""
+    yi, xi = axes.index("Y"), axes.index("X")
+    lead_dims = [range(n) for i, n in enumerate(shape) if i not in (yi, xi)]
+    return [tuple(p) for p in product(*lead_dims)], yi, xi
+
+
+def _full_index(lead: tuple, yi: int, xi: int, ys: slice, xs: slice, ndim: int) -> tuple:
+    it = iter(lead)
+    return tuple(ys if d == yi else xs if d == xi else next(it) for d in range(ndim))
+
+
+@dataclass
+class Job:
+    """Everything a run needs, prepared once: shared by every executor. ``options`` are resolved
+    (`RestoreOptions.resolved`): the tiling plan is made from them."""
+
+    source: Source
+    runner: Runner
+    norm: Normalizer
+    options: RestoreOptions
+    info: ModelInfo | None = None
+    plan: TilePlan = field(init=False)  # in output (upscaled) pixels
+    leads: list[tuple] = field(init=False)
+    yi: int = field(init=False)
+    xi: int = field(init=False)
+
+    def __post_init__(self):
+        o = self.options
+        if o.halo == "exact":
+            raise ValueError("a Job needs resolved options (RestoreOptions.resolved)")
+        self.leads, self.yi, self.xi = _lead_indices(self.source.shape, self.source.axes)
+        h, w = self.source.shape[self.yi] * o.scale, self.source.shape[self.xi] * o.scale
+        self.plan = TilePlan(h, w, tile=o.tile, halo=o.halo, blend=o.blend)
+
+    @property
+    def scale(self) -> int:
+        """The super-resolution factor."""
+        return self.options.scale
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        s = self.source.shape
+        return tuple(n * self.scale if d in (self.yi, self.xi) else n for d, n in enumerate(s))
+
+    @property
+    def out_scale(self) -> dict:
+        return upscaled_geometry(self.source.scale, self.source.translate, self.scale)[0]
+
+    @property
+    def out_translate(self) -> dict:
+        return upscaled_geometry(self.source.scale, self.source.translate, self.scale)[1]
+
+    def read_window(self, lead: tuple, t: Tile) -> np.ndarray:
+        """A tile's input window, normalised (and upscaled for super-resolution), float32 (Y, X)."""
+        ys, xs = t.window
+        if self.scale > 1:
+            # Exact tiled bicubic: the rows of the whole-image upscaling matrix for this window,
+            # applied to the input pixels they touch.
+            h, w = self.source.shape[self.yi], self.source.shape[self.xi]
+            my, y0, y1 = bicubic_up_rows(h, self.scale, ys.start, ys.stop)
+            mx, x0, x1 = bicubic_up_rows(w, self.scale, xs.start, xs.stop)
+            ys, xs = slice(y0, y1), slice(x0, x1)
+        raw = self._read_raw(lead, ys, xs)
+        if self.yi > self.xi:  # X before Y in storage order
+            raw = raw.T
+        x = self.norm.forward(raw)
+        if self.scale > 1:
+            x = (my @ x.astype(np.float64) @ mx.T).astype(np.float32)
+        return x
+
+    def _read_raw(self, lead: tuple, ys: slice, xs: slice) -> np.ndarray:
+        idx = _full_index(lead, self.yi, self.xi, ys, xs, len(self.out_shape))
+        try:
+            raw = np.asarray(self.source.array[idx])
+        except Exception as e:
+            where = self.source.path or "the input array"
+            raise OSError(f"{where}: cannot read plane {lead}, rows {ys.start}:{ys.stop}, columns "
+                          f"{xs.start}:{xs.stop} ({type(e).__name__}: {e}); the file may be truncated or "
+                          "corrupt") from e
+        if raw.dtype.kind == "f" and not np.all(np.isfinite(raw)):
+            bad = np.argwhere(~np.isfinite(raw))[0]
+            raise ValueError(f"the input contains NaN or Inf (plane {lead}, near y={ys.start + bad[0]}, "
+                             f"x={xs.start + bad[1]}): replace them (e.g. numpy.nan_to_num) before restoring")
+        return raw
+
+    def out_index(self, lead: tuple, ys: slice, xs: slice) -> tuple:
+        return _full_index(lead, self.yi, self.xi, ys, xs, len(self.out_shape))
+
+    def to_output(self, block: np.ndarray, lead: tuple = (), core: tuple | None = None) -> np.ndarray:
+        """A model result (one tile's core) mapped back to the output's range and dtype. A NaN or Inf
+        fails the run here, before it is written: nothing non-finite is ever marked complete."""
+        if not np.isfinite(block).all():
+            where = f"plane {tuple(lead)}, rows {core[0].start}:{core[0].stop}, columns {core[1].start}:" \
+                    f"{core[1].stop}" if core is not None else "a tile"
+            raise FloatingPointError(
+                f"the model produced NaN or Inf in {where}: the weights may be broken (non-finite or diverged) "
+                "or the input overflows the model (float input is taken as already in the model's range, e.g. "
+                "[0, 1] for natural-image models: rescale it); nothing was marked complete")
+        out = self.norm.inverse(block)
+        return out.T if self.yi > self.xi else out
+
+    def run_tiles(self, lead: tuple, tiles: list[Tile], windows: list[np.ndarray]):
+        """Exact mode: run one batch of windows and yield each tile's (output index, output block):
+        the prediction cropped to the tile's core, mapped back to the output's range and dtype."""
+        preds = self.runner(np.stack(windows))
+        for t, pred in zip(tiles, preds):
+            yield self.out_index(lead, *t.core), self.to_output(pred[t.crop], lead, t.core)
+
+    def groups(self, rows: int) -> list[tuple[str, tuple, list[Tile]]]:
+        """Units of work and of resume: ``rows`` consecutive tile rows of one plane. Each group owns
+        its output chunks; a done-marker is written once all of them are written."""
+        ny, nx = self.plan.grid
+        out = []
+        for p, lead in enumerate(self.leads):
+            for r0 in range(0, ny, rows):
+                tiles = [self.plan.tile_at(iy, ix) for iy in range(r0, min(r0 + rows, ny)) for ix in range(nx)]
+                out.append((f"{p}-{r0}", lead, tiles))
+        return out
+
+    def model_digest(self) -> str:
+        """Identity of the weights (file content or tensors), so resume refuses a changed model."""
+        h = hashlib.sha256()
+        if self.info is not None:
+            h.update(self.info.path.read_bytes())
+        else:
+            for k, v in sorted(self.runner.model.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def describe(self, rows_per_group: int | None = None) -> dict:
+        """The job record (stored in a Zarr output, compared by resume): the input, the model, the
+        intensity mapping, the groups and every restore option."""
+        return job_signature(
+            input=str(self.source.path.resolve()) if self.source.path else None,
+            shape=self.source.shape, dtype=str(self.source.dtype), axes=self.source.axes,
+            model=str(self.info.path.name) if self.info else "module", model_sha256=self.model_digest(),
+            rows_per_group=rows_per_group, norm=self.norm.as_dict(),
+            **({"series": self.source.series} if self.source.series else {}),
+            **self.options.to_dict(),
+        )
+
+
+def prepare(data, model="denoise", *, axes=None, series=None, options: RestoreOptions | None = None,
+            **option_kw) -> Job:
+    """Open the input, load the model, fix the intensity policy and the tiling plan. The restore
+    options are ``options`` with any `RestoreOptions` field given as a keyword replacing its value."""
+    opts = RestoreOptions.build(options, "prepare", **option_kw)
+    dev = resolve_device(opts.device)
+    net, policy, info = resolve_model(model, dev)
+    if opts.scale > 1 and info is not None and info.task != "sr":
+        raise ValueError(f"scale={opts.scale} needs a super-resolution model (task 'sr'); {info.name!r} is a "
+                         f"{info.task!r} model: use model='sr'")
+    if info is not None and info.task == "sr" and opts.scale == 1:
+        raise ValueError(f"{info.name!r} is a super-resolution model: pass scale=2, 3 or 4 (--scale)")
+    if net.config.in_channels != 1:
+        raise ValueError(f"the tiled engine runs single-channel models (each channel separately); this model "
+                         f"takes {net.config.in_channels} channels")
+    src = open_input(data, axes=axes, series=series)
+    opts = opts.resolved(receptive_field(net))
+    norm = Normalizer.for_data(src.array, policy)
+    return Job(src, Runner(net, dev, amp=opts.amp, ensemble=opts.ensemble), norm, opts, info)
+
+
+def resolve_batch(job: Job) -> int:
+    """The batch size of a run: as asked, or "auto" from the memory budget on the job's device."""
+    o = job.options
+    if o.batch_size != "auto":
+        return o.batch_size
+    return auto_batch(job.runner.model, job.plan.window_shape, job.runner.device, o.memory_budget)
+
+
+def rows_per_group(job: Job, batch_size: int) -> int:
+    """Enough tile rows per group to fill a batch."""
+    return max(1, -(-batch_size // job.plan.grid[1]))
+
+
+def zarr_target(output) -> Path | None:
+    """``output`` as a Path when it names a Zarr store, else None."""
+    if output is None:
+        return None
+    out = Path(output)
+    return out if (is_zarr_path(out) or out.suffix == ".zarr") else None
+
+
+def open_output(job: Job, output, *, overwrite: bool = False, resume: bool = False, rows: int | None = None):
+    """The sink for a job's output, the groups already done (resume) and the tile rows per group (a
+    resumed job keeps those it started with). Only a Zarr output can resume."""
+    if output is None:
+        if resume:
+            raise ValueError("resume needs an on-disk .zarr output")
+        return MemorySink(job.out_shape, job.norm.out_dtype), set(), rows
+    out = Path(output)
+    if zarr_target(out) is not None:
+        return _zarr_output(job, out, overwrite, resume, rows)
+    if resume:
+        raise ValueError(f"resume needs a .zarr output (a TIFF is written sequentially): got {out.name!r}")
+    if out.suffix.lower() in (".tif", ".tiff"):
+        return _tiff_sink(job, out, overwrite), set(), rows
+    raise ValueError(f"unsupported output {out.name!r}: use a .zarr directory or a .tif file")
+
+
+def _zarr_output(job: Job, out: Path, overwrite: bool, resume: bool, rows: int | None):
+    src = job.source
+    signature = job.describe(rows)
+    if resume and out.exists():
+        if job.plan.blend is not None:
+            raise ValueError("resume works in exact mode only (blended tiles depend on their neighbours)")
+        # Options that change only the speed may differ; an option missing from an older record
+        # had its default then.
+        sink = ZarrSink.reopen(out, signature, src=src, ignore=("rows_per_group", *RestoreOptions.speed_only()),
+                               defaults=RestoreOptions().to_dict(), overwrite=overwrite)
+        rows = sink.job.get("rows_per_group") or rows
+        if sink.complete:  # finished before: nothing to redo (its markers were cleaned up)
+            return sink, {g[0] for g in job.groups(rows or 1)}, rows
+        return sink, sink.done_keys(), rows
+    ch, cw = job.plan.core_shape
+    chunks = tuple(ch if d == job.yi else cw if d == job.xi else 1 for d in range(len(job.out_shape)))
+    return ZarrSink(out, job.out_shape, job.norm.out_dtype, chunks, src.axes, job.out_scale, src.units,
+                    job.out_translate, signature, overwrite=overwrite, src=src), set(), rows
+
+
+def _tiff_sink(job: Job, out: Path, overwrite: bool) -> TiffSink:
+    # TIFF tiles are multiples of 16: each axis's core is one, or spans the whole axis (one tile,
+    # padded), so narrow images (100x1000, 1x20000) need nothing from the user.
+    ch, cw = job.plan.core_shape
+    if (ch % 16 and ch != job.plan.height) or (cw % 16 and cw != job.plan.width):
+        t = job.plan.tile
+        raise ValueError(f"TIFF output needs a tile size that is a multiple of 16, got --tile {t}: use "
+                         f"{max(16, t // 16 * 16)} or {-(-t // 16) * 16}, or write a .zarr output")
+    ty, tx = -(-ch // 16) * 16, -(-cw // 16) * 16
+    src = job.source
+    return TiffSink(out, job.out_shape, job.norm.out_dtype, (ty, tx), src.axes, job.out_scale, src.units,
+                    overwrite=overwrite, src=src)
+
+
+def run_group(job: Job, group: tuple[str, tuple, list[Tile]], sink, *, batch_size: int,
+              batches: Iterable[list[np.ndarray]] | None = None, cancel=None,
+              on_batch: Callable[[list[Tile]], None] | None = None) -> None:
+    """Exact mode: read, run, crop and write one group of tiles, batch by batch, then write the
+    group's done-marker (after all its blocks, so a marked group is complete).
+
+    ``sink`` has ``write(index, block)`` and, for a resumable output, ``mark_done(key)``.
+    ``batches`` are the group's windows when read ahead elsewhere; by default they are read here.
+    ``cancel`` is checked before each batch; ``on_batch(tiles)`` is called after each."""
+    key, lead, tiles = group
+    chunks = [tiles[i: i + batch_size] for i in range(0, len(tiles), batch_size)]
+    if batches is None:
+        batches = ([job.read_window(lead, t) for t in chunk] for chunk in chunks)
+    for n, (chunk, windows) in enumerate(zip(chunks, batches), 1):
+        if is_cancelled(cancel):
+            raise Cancelled("restore cancelled")
+        for index, block in job.run_tiles(lead, chunk, windows):
+            sink.write(index, block)
+        if n == len(chunks) and hasattr(sink, "mark_done"):
+            sink.mark_done(key)
+        if on_batch is not None:
+            on_batch(chunk)

@@ -1,0 +1,153 @@
+"""The local executor: one process, one device. A thread pool reads windows ahead (across groups),
+the main thread runs the model, one write-behind thread writes finished blocks and done-markers."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from itertools import islice
+
+import numpy as np
+
+from .kernel import Cancelled, Job, ProgressTally, is_cancelled, open_output, resolve_batch, rows_per_group, run_group
+from .tiling import Tile, TilePlan
+
+__all__ = ["run_local"]
+
+
+def run_local(job: Job, output=None, *, overwrite: bool = False, resume: bool = False, progress=None,
+              cancel=None, readers: int = 2):
+    """Run a prepared job into ``output`` (None: in memory, a .zarr or a .tif path), group by group,
+    skipping the groups already done on resume. Returns the result (``sink.finish()``)."""
+    bs = resolve_batch(job)
+    sink, done, rows = open_output(job, output, overwrite=overwrite, resume=resume, rows=rows_per_group(job, bs))
+    groups = job.groups(rows)
+    todo = [g for g in groups if g[0] not in done]
+    tally = ProgressTally(groups, todo, progress)
+    writer = _Writer(sink)
+    try:
+        with closing(_read_ahead(job, todo, bs, readers)) as batches:
+            if job.plan.blend is None:
+                for group in todo:
+                    n = -(-len(group[2]) // bs)
+                    run_group(job, group, writer, batch_size=bs, batches=(w for _, _, w in islice(batches, n)),
+                              cancel=cancel, on_batch=tally.add)
+            else:
+                _run_blended(job, batches, writer, cancel, tally)
+        writer.close()
+    except BaseException:
+        try:
+            writer.close()
+        except BaseException:
+            pass
+        sink.abort()
+        raise
+    return sink.finish()
+
+
+def _read_ahead(job: Job, groups, batch_size: int, readers: int):
+    """Batches of windows that never span two groups (so a group's results do not depend on where a
+    run was resumed), read ahead across groups by a thread pool. Yields (lead, tiles, windows)."""
+    plan = [(lead, tiles[i: i + batch_size]) for _, lead, tiles in groups for i in range(0, len(tiles), batch_size)]
+    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="memnet-read") as pool:
+        pending: list = []
+        it = iter(plan)
+
+        def fill():
+            for lead, chunk in islice(it, 3 - len(pending)):
+                pending.append((lead, chunk, [pool.submit(job.read_window, lead, t) for t in chunk]))
+
+        fill()
+        while pending:
+            lead, chunk, futures = pending.pop(0)
+            fill()
+            yield lead, chunk, [f.result() for f in futures]
+
+
+def _run_blended(job: Job, batches, writer: _Writer, cancel, tally: ProgressTally) -> None:
+    """Blended mode: every window's prediction, weighted by its ramps, accumulated in fp32 into the
+    cores it overlaps; a core row is written once the next tile row has been added to it."""
+    acc: dict = {}  # (lead, iy, ix) -> fp32 accumulator of a core
+    ny, nx = job.plan.grid
+
+    def flush(lead, iy):
+        for ix in range(nx):
+            t = job.plan.tile_at(iy, ix)
+            writer.write(job.out_index(lead, *t.core), job.to_output(acc.pop((lead, iy, ix)), lead, t.core))
+
+    for lead, tiles, windows in batches:
+        if is_cancelled(cancel):
+            raise Cancelled("restore cancelled")
+        for t, pred in zip(tiles, job.runner(np.stack(windows))):
+            _accumulate(job.plan, acc, lead, t, pred)
+            # Core row iy-1 has received every contribution once row iy is done.
+            if t.ix == nx - 1 and t.iy >= 1:
+                flush(lead, t.iy - 1)
+            if t.ix == nx - 1 and t.iy == ny - 1:
+                flush(lead, t.iy)
+        tally.add(tiles)
+
+
+def _accumulate(plan: TilePlan, acc: dict, lead, t: Tile, pred: np.ndarray) -> None:
+    sy, sx = plan.support(t)
+    w = plan.weights(t)
+    wy0, wx0 = t.window[0].start, t.window[1].start
+    for jy, jx in plan.tiles_touching_core(t.iy, t.ix):
+        c = plan.tile_at(jy, jx).core
+        oy0, oy1 = max(sy.start, c[0].start), min(sy.stop, c[0].stop)
+        ox0, ox1 = max(sx.start, c[1].start), min(sx.stop, c[1].stop)
+        if oy0 >= oy1 or ox0 >= ox1:
+            continue
+        key = (lead, jy, jx)
+        if key not in acc:
+            acc[key] = np.zeros((c[0].stop - c[0].start, c[1].stop - c[1].start), np.float32)
+        weight = w[oy0 - sy.start: oy1 - sy.start, ox0 - sx.start: ox1 - sx.start]
+        pred_part = pred[oy0 - wy0: oy1 - wy0, ox0 - wx0: ox1 - wx0]
+        acc[key][oy0 - c[0].start: oy1 - c[0].start, ox0 - c[1].start: ox1 - c[1].start] += pred_part * weight
+
+
+_MARK = object()
+
+
+class _Writer:
+    """Write-behind: one thread writes finished blocks and done-markers, in order; the queue bound
+    caps memory. Has the sink interface `run_group` writes to."""
+
+    def __init__(self, sink, maxsize: int = 32):
+        self.sink = sink
+        self.q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="memnet-write", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    if item[0] is _MARK:
+                        self.sink.mark_done(item[1])
+                    else:
+                        self.sink.write(*item)
+                except BaseException as e:
+                    self.error = e
+
+    def mark_done(self, key: str) -> None:
+        """Queued after the group's blocks: written only once they are all on disk."""
+        if hasattr(self.sink, "mark_done"):
+            self.write(_MARK, key)
+
+    def write(self, index, block):
+        if self.error is not None:
+            raise self.error
+        self.q.put((index, block))
+
+    def close(self):
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error

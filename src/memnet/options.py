@@ -1,0 +1,127 @@
+"""Restore options: every knob of a tiled restore, with its one default, checked once.
+
+A `RestoreOptions` is built by `memnet.restore` (from its keyword arguments), by the CLI and by the
+napari widget; it travels inside the `Job` and is serialised once (`to_dict`), into the job record
+that ``--resume`` compares and into the spec every distributed worker runs from. Standard library
+only, so the CLI and the widget can read the defaults without importing torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+__all__ = ["RestoreOptions"]
+
+_AMP = {"auto": "auto", "on": "on", "off": "off", True: "on", False: "off"}
+
+
+def _speed_only(default):
+    """An option that changes how fast a run goes, not its result: recorded, not compared on resume."""
+    return field(default=default, metadata={"resume": False})
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """How to restore. After `resolved` (done by `prepare`), ``halo`` is in pixels and ``blend`` is
+    None in exact mode: the values the tiling plan is made from."""
+
+    tile: int = 256  # output core size in pixels (the chunk size of a Zarr output)
+    halo: int | str = "exact"  # "exact" (the receptive field) or pixels; below the radius: blended
+    blend: str | None = "cosine"  # ramp of blended mode: "cosine" or "linear"
+    scale: int = 1  # super-resolution factor (1, or 2/3/4 with an sr model)
+    amp: str = "auto"  # mixed precision on CUDA: "auto" (on for CUDA), "on", "off"
+    ensemble: bool = False  # geometric self-ensemble (8 flips/rotations per tile, averaged)
+    device: str = _speed_only("auto")  # "auto", "cpu", "cuda", "cuda:N" ("auto": each worker its own)
+    batch_size: int | str = _speed_only("auto")  # tiles per forward pass, or "auto" from the memory budget
+    # Bytes for "auto" batches (None: half the free GPU memory, 2 GiB on CPU).
+    memory_budget: int | None = _speed_only(None)
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        if not isinstance(self.ensemble, bool) and type(self.ensemble).__name__ not in ("bool_", "bool"):
+            raise ValueError(f"ensemble must be True or False, got {self.ensemble!r}")
+        set_(self, "ensemble", bool(self.ensemble))
+        if not _is_int(self.tile) or self.tile < 16:
+            raise ValueError(f"tile must be an integer ≥ 16 pixels, got {self.tile!r}")
+        set_(self, "tile", int(self.tile))
+        set_(self, "halo", _check_halo(self.halo))
+        if self.blend not in ("cosine", "linear", None):
+            raise ValueError(f"blend must be 'cosine' or 'linear', got {self.blend!r}")
+        if self.scale is None:
+            set_(self, "scale", 1)
+        elif not _is_int(self.scale) or self.scale not in (1, 2, 3, 4):
+            raise ValueError(f"scale must be 2, 3 or 4 for super-resolution, got {self.scale!r}")
+        set_(self, "scale", int(self.scale))
+        if not isinstance(self.amp, (str, bool)) or self.amp not in _AMP:
+            raise ValueError(f"amp must be 'auto', 'on' or 'off', got {self.amp!r}")
+        set_(self, "amp", _AMP[self.amp])
+        set_(self, "device", str(self.device))
+        if self.batch_size != "auto":
+            bs = _as_int(self.batch_size)
+            if bs is None or bs < 1:
+                raise ValueError(f"batch_size must be ≥ 1 or 'auto', got {self.batch_size!r}")
+            set_(self, "batch_size", bs)
+        if self.memory_budget is not None:
+            if isinstance(self.memory_budget, bool) or not isinstance(self.memory_budget, (int, float)) \
+                    or not 1 <= self.memory_budget < float("inf"):
+                raise ValueError(f"memory_budget must be a number of bytes ≥ 1 or None, got {self.memory_budget!r}")
+            set_(self, "memory_budget", int(self.memory_budget))
+
+    @classmethod
+    def build(cls, options: RestoreOptions | None = None, where: str = "restore", **kw) -> RestoreOptions:
+        """``options`` (default: all defaults) with the keyword arguments ``kw`` replacing fields."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        for k in kw:
+            if k not in names:
+                raise TypeError(f"{where}() got an unexpected keyword argument {k!r}; the restore options "
+                                f"are {', '.join(sorted(names))}")
+        return dataclasses.replace(options or cls(), **kw)
+
+    def resolved(self, radius: int) -> RestoreOptions:
+        """The options for a model of receptive-field ``radius``: the halo in pixels, and the blend
+        only where tiles really are blended (halo below the radius)."""
+        if self.halo == "exact" or self.halo >= radius:
+            halo = radius if self.halo == "exact" else self.halo  # a wider halo is exact too
+            return dataclasses.replace(self, halo=halo, blend=None)
+        if 2 * self.halo > self.tile:
+            raise ValueError(f"a blended halo of {self.halo} px needs tile ≥ {2 * self.halo} (got {self.tile})")
+        return dataclasses.replace(self, blend=self.blend or "cosine")
+
+    def to_dict(self) -> dict:
+        """Every option, JSON-safe: the job record and the workers' spec."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RestoreOptions:
+        return cls(**d)
+
+    @classmethod
+    def speed_only(cls) -> tuple[str, ...]:
+        """The options a resumed run may change (they change the speed, not the result)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("resume") is False)
+
+
+def _is_int(v) -> bool:
+    return not isinstance(v, bool) and hasattr(v, "__index__")
+
+
+def _as_int(v) -> int | None:
+    """An int, a numpy integer or a string of digits as int; None for anything else."""
+    if isinstance(v, str):
+        try:
+            return int(v)
+        except ValueError:
+            return None
+    return int(v) if _is_int(v) else None
+
+
+def _check_halo(halo):
+    if halo == "exact" or halo is None:
+        return "exact"
+    if _as_int(halo) is None:
+        raise ValueError(f"halo must be 'exact' or a number of pixels, got {halo!r}")
+    halo = _as_int(halo)
+    if halo < 0:
+        raise ValueError(f"halo must be ≥ 0, got {halo}")
+    return int(halo)

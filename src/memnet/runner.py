@@ -1,0 +1,156 @@
+"""Running a model on batches of tiles: the device, the model cache, `Runner`, the automatic batch.
+
+One process-wide cache (`cached`) holds every loaded model (and whatever else a worker keeps between
+tasks), so lazy blocks, local runs and distributed workers load each model once per device.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .model import MemNet, self_ensemble
+from .zoo import ModelInfo, find_model, load_model
+
+__all__ = ["Runner", "auto_batch", "available_devices", "cached", "load_cached", "resolve_device",
+           "resolve_model"]
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: expected auto, cpu, cuda or cuda:N; "
+                         f"available here: {', '.join(available_devices())}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda" and dev.index is not None and 0 < torch.cuda.device_count() <= dev.index:
+        raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) found; "
+                         f"available here: {', '.join(available_devices())}")
+    if str(dev) not in available_devices() and dev.type not in {d.split(":")[0] for d in available_devices()}:
+        raise ValueError(f"device {device!r} requested but {dev.type.upper()} is not available here; "
+                         f"available: {', '.join(available_devices())} (e.g. --device cpu)")
+    return dev
+
+
+def available_devices() -> list[str]:
+    """The devices this machine can run on, as --device accepts them."""
+    out = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        out += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        out.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        out.append("xpu")
+    return out
+
+_CACHE: dict = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def cached(key, make: Callable):
+    """The process-wide cache: ``make()`` once per key, then the same object."""
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = make()
+        return _CACHE[key]
+
+
+def load_cached(path: Path, device: torch.device) -> tuple[MemNet, ModelInfo]:
+    """One copy of each model file per process and device (lazy blocks and workers reuse it)."""
+    key = ("model-file", str(path.resolve()), path.stat().st_mtime_ns, str(device))
+    return cached(key, lambda: load_model(path, device=device))
+
+
+def resolve_model(model, device: torch.device) -> tuple[MemNet, dict, ModelInfo | None]:
+    """A model (name, path or MemNet module) on ``device``, its intensity policy and its info."""
+    if isinstance(model, MemNet):
+        return model.to(device).eval(), {"mode": "natural"}, None
+    if isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"model must be a memnet.MemNet, a model name or a .safetensors path, got {type(model).__name__}"
+        )
+    net, info = load_cached(find_model(model).path, device)
+    return net, info.normalization, info
+
+
+class Runner:
+    """Runs batches of normalised float32 windows (B, H, W) through a model on one device:
+    inference_mode, channels_last, AMP (bf16, else fp16) on CUDA, halving the batch on OOM."""
+
+    def __init__(self, model: MemNet, device: torch.device, amp: bool | str = "auto", channels_last: bool = True,
+                 ensemble: bool = False):
+        self.model = model.to(device).eval()
+        self.device = device
+        self.ensemble = bool(ensemble)  # 8 flips/rotations per window, averaged (self_ensemble)
+        self.channels_last = channels_last  # 1.6x faster on CPU too (oneDNN), measured
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.amp = {True: "on", False: "off"}.get(amp, amp)  # as asked: "auto", "on" or "off"
+        if self.amp not in ("auto", "on", "off"):
+            raise ValueError(f"amp must be 'auto', 'on' or 'off', got {amp!r}")
+        if device.type == "cuda" and self.amp in ("auto", "on"):
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            self.amp_dtype = None
+        self.max_batch: int | None = None  # lowered after an OOM
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self.max_batch is not None and len(batch) > self.max_batch:
+            return np.concatenate([self(batch[i: i + self.max_batch]) for i in range(0, len(batch), self.max_batch)])
+        try:
+            return self._run(batch)
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise MemoryError("out of device memory with a single tile: use a smaller --tile") from None
+            torch.cuda.empty_cache()
+            self.max_batch = max(1, len(batch) // 2)
+            return self(batch)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(batch[:, None]))
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            if self.amp_dtype is not None:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype):
+                    y = self._forward(x)
+            else:
+                y = self._forward(x)
+        return y.float()[:, 0].cpu().numpy()
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self_ensemble(self.model, x) if self.ensemble else self.model(x)
+
+
+def auto_batch(model: MemNet, window: tuple[int, int], device: torch.device, budget: int | None) -> int:
+    """Windows per forward pass that fit ``budget`` bytes (None: half the free GPU memory, 2 GiB
+    on CPU), at most 32; on CPU about 0.25 Mpx per call."""
+    c = model.config
+    # Live feature maps in a forward pass: long-term list (M+1) + short-term (R) + a few temporaries.
+    per_window = (c.blocks + c.recursions + 6) * c.channels * window[0] * window[1] * 4
+    if budget is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = int(free * 0.5)
+        else:
+            budget = 2 * 1024**3
+    n = int(max(1, min(32, budget // max(per_window, 1))))
+    if device.type == "cpu":
+        # CPU convolutions run best on ~0.25 Mpx per call (cache-bound beyond; measured in bench/).
+        n = min(n, max(1, round(262_144 / (window[0] * window[1]))))
+    return n
+

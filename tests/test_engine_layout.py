@@ -1,0 +1,74 @@
+"""The restore engine's layout (issue #23): no import cycle in memnet, even through a deferred import;
+the executors do not import each other; the engine modules import no private names and keep their
+functions short; each restore default has one home."""
+
+import ast
+import re
+from pathlib import Path
+
+import memnet
+
+SRC = Path(memnet.__file__).parent
+ENGINE = ("options", "runner", "kernel", "local", "lazy", "distributed", "engine", "_cli_restore")
+EXECUTORS = ("local", "lazy", "distributed")
+
+
+def _imports(name: str) -> list[ast.ImportFrom]:
+    """Every relative import of a module, at the top or inside a function."""
+    tree = ast.parse((SRC / f"{name}.py").read_text())
+    return [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1]
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = {p.stem for p in SRC.glob("*.py")}
+    graph = {}
+    for m in mods:
+        targets = set()
+        for node in _imports(m):
+            targets |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+        graph[m] = {t for t in targets if t in mods and t != m}
+    return graph
+
+
+def test_no_import_cycle_in_memnet():
+    graph, done, path = _graph(), set(), []
+
+    def visit(m):
+        assert m not in path, f"import cycle: {' -> '.join(path[path.index(m):] + [m])}"
+        if m in done:
+            return
+        path.append(m)
+        for t in sorted(graph[m]):
+            visit(t)
+        path.pop()
+        done.add(m)
+
+    for m in sorted(graph):
+        visit(m)
+
+
+def test_executors_do_not_import_each_other_or_the_facade():
+    graph = _graph()
+    for m in EXECUTORS:
+        assert not graph[m] & {*EXECUTORS, "engine"}, f"{m} imports {graph[m] & {*EXECUTORS, 'engine'}}"
+
+
+def test_engine_modules_import_no_private_names_and_keep_functions_short():
+    for m in ENGINE:
+        for node in _imports(m):
+            private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")
+                       and node.module]  # `from . import _cli_types` is a module, not a name
+            assert not private, f"{m} imports private {node.module}.{private}"
+        tree = ast.parse((SRC / f"{m}.py").read_text())
+        for f in ast.walk(tree):
+            if isinstance(f, ast.FunctionDef):
+                assert f.end_lineno - f.lineno < 80, f"{m}.{f.name} is {f.end_lineno - f.lineno + 1} lines"
+
+
+def test_each_restore_default_has_one_home():
+    d = memnet.RestoreOptions()
+    assert (d.tile, d.halo, d.blend, d.scale, d.amp, d.ensemble, d.device, d.batch_size, d.memory_budget) == \
+        (256, "exact", "cosine", 1, "auto", False, "auto", "auto", None)
+    for m in ENGINE:
+        text = (SRC / f"{m}.py").read_text()
+        assert m == "options" or not re.search(r"(?<!sha)\b256\b", text), f"{m} restates the default tile"
