@@ -25,6 +25,7 @@ from .degrade import (
 )
 from .engine import Cancelled, resolve_device
 from .evaluate import evaluate_task, percentile_normalize, predictor
+from .fitloop import FitState, atomic_save, fit, stop_requested
 from .model import MemNet, deepen, parse_arch, widen
 from .zoo import load_model, save_model
 
@@ -506,14 +507,11 @@ def _validate(model, cfg: TrainConfig, sampler_val) -> dict[str, float]:
     return {"holdout": float(np.mean(vals))}
 
 
-def train(cfg: TrainConfig, resume: bool = False, log=print, stop=None) -> Path:
-    """Train; returns the path of the best model (``OUT/best.safetensors``). ``stop``: a
-    ``threading.Event`` or a callable returning True; when it fires before the last step the run
-    validates, saves a checkpoint (as ``--hours`` does) and raises ``Cancelled`` (as ``finetune``
-    does); ``resume=True`` continues it."""
+def _checked(cfg: TrainConfig) -> TrainConfig:
+    """The configuration with its defaults filled in; a bad value fails here, before any data is read."""
     if cfg.optimizer not in ("adam", "sgd"):
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}: adam or sgd")
-    if cfg.loss not in LOSSES:  # fail before loading data, not at the first step
+    if cfg.loss not in LOSSES:
         raise ValueError(f"unknown loss {cfg.loss!r}: {' or '.join(LOSSES)}")
     if cfg.warmup < 0 or cfg.warmup >= cfg.steps:
         raise ValueError(f"warmup must be between 0 and steps-1 ({cfg.steps - 1}), got {cfg.warmup}")
@@ -529,6 +527,78 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop=None) -> Path:
         raise ValueError(f"--noise {cfg.noise} applies to task microscopy, not {cfg.task!r}: drop --noise")
     if cfg.lr is None:
         cfg = replace(cfg, lr=0.1 if cfg.optimizer == "sgd" else 1e-3)
+    return cfg
+
+
+def _optimizer(cfg: TrainConfig, model):
+    if cfg.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / (cfg.warmup + 1))
+            * (0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)) * 0.99 + 0.01))
+    else:  # the paper: divide by 10 every 1/4 of the run (their 20 epochs of 80)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.steps // 4), gamma=0.1)
+    return opt, sched
+
+
+def _fit_state(st: dict) -> FitState:
+    """The run's state from a checkpoint (also those written before the shared fit loop)."""
+    if "fit" in st:
+        return FitState.from_dict(json.loads(st["fit"]))
+    return FitState(step=int(st["step"]), best=float(st["best"]), history=json.loads(st.get("history", "[]")),
+                    hours_before=float(st.get("hours", 0.0)))
+
+
+def _resume(out: Path, model, opt, sched, mp, log) -> FitState:
+    state_path, last_path = out / "state.pt", out / "last.safetensors"
+    model_l, info_l = load_model(last_path)
+    model.load_state_dict(model_l.state_dict())
+    st = torch.load(state_path, weights_only=True)
+    state = _fit_state(st)
+    w_step = (info_l.metadata.get("training") or {}).get("steps")
+    if w_step is not None and int(w_step) != state.step:
+        raise ValueError(f"cannot resume {out}: last.safetensors is from step {w_step} but state.pt from step "
+                         f"{state.step} (a checkpoint save was interrupted). Start a new run from those weights "
+                         f"with --init {last_path} (new --out), or restore both files from a backup")
+    opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    if st.get("scaler"):
+        mp.scaler.load_state_dict(st["scaler"])
+    log(f"resumed from step {state.step} (best validation {state.best:.2f} dB)")
+    return state
+
+
+def _record(cfg: TrainConfig, arch: str) -> dict:
+    return {
+        "description": f"MemNet {arch} for {cfg.task}",
+        "normalization": NORMALIZATION[cfg.task],
+        "degradation": _degradation_record(cfg) if not cfg.sigma else {
+            **DEGRADATIONS[cfg.task], "sigma_mixture_255": cfg.sigma,
+            "gaussian_sigma_255": [min(r[0] for r in cfg.sigma), max(r[1] for r in cfg.sigma)]},
+        "training": {"config": asdict(cfg)},
+    }
+
+
+def _training_record(meta_base: dict, state: FitState, previous: dict | None, dev) -> dict:
+    hours = round(state.hours, 3)
+    t = {**meta_base["training"], "steps": state.step, "hours": hours, "hardware": hardware_name(dev),
+         "history": state.history[-50:]}
+    if previous:
+        # Continued from trained weights: the record keeps the cumulative recipe across runs/sessions.
+        t["continued_from"] = {k: previous.get(k) for k in ("name", "steps", "hours", "total_steps",
+                                                            "total_hours", "hardware") if k in previous}
+        t["total_steps"] = int(previous.get("total_steps", previous.get("steps", 0))) + state.step
+        t["total_hours"] = round(float(previous.get("total_hours", previous.get("hours", 0))) + hours, 3)
+    return t
+
+
+def train(cfg: TrainConfig, resume: bool = False, log=print, stop=None) -> Path:
+    """Train; returns the path of the best model (``OUT/best.safetensors``). ``stop``: a
+    ``threading.Event`` or a callable returning True; when it fires before the last step the run
+    validates, saves a checkpoint (as ``--hours`` does) and raises ``Cancelled`` (as ``finetune``
+    does); ``resume=True`` continues it."""
+    cfg = _checked(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -538,9 +608,93 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop=None) -> Path:
     cfg = replace(cfg, device=str(dev))  # validation and the saved record use the device actually used
     state_path, last_path, best_path = out / "state.pt", out / "last.safetensors", out / "best.safetensors"
     mp = MixedPrecision(cfg.amp, dev)  # before loading data: a bad value fails at once
+    sampler, make_sampler, val_batch = _samplers(cfg, dev)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed patch shapes: let cuDNN pick its fastest kernels
+    model, previous = _build_model(cfg, log)
+    c = model.config
+    arch = f"M{c.blocks}R{c.recursions}C{c.channels}"
+    model = model.to(dev).to(memory_format=torch.channels_last)
+    opt, sched = _optimizer(cfg, model)
+    state = FitState()
+    if resume and state_path.exists() and last_path.exists():
+        state = _resume(out, model, opt, sched, mp, log)
+        sampler = make_sampler(cfg.seed + state.step)
+    elif resume:
+        log(f"nothing to resume in {out}: starting from " + (f"--init {cfg.init}" if cfg.init else "scratch"))
+    meta_base = _record(cfg, arch)
+    if state.step < cfg.steps and stop_requested(stop):
+        raise Cancelled(f"training stopped before step {state.step + 1}: nothing new to save")
+    rate = _RateLog(cfg, log, sched)
 
+    def train_step(step: int):
+        x, y = sampler.batch(cfg.batch)
+        x = x.to(dev).contiguous(memory_format=torch.channels_last)
+        y = y.to(dev).contiguous(memory_format=torch.channels_last)
+        final, branches = mp.forward(model, x)
+        loss = multi_supervised_loss(final, branches, y, cfg.loss)
+        # The paper's adjustable clipping: gradients bounded by theta / (current lr), theta = 0.01.
+        mp.step(loss, opt, 0.01 / sched.get_last_lr()[0] if cfg.optimizer == "sgd" else None)
+        sched.step()
+        rate.add(step + 1, loss)
+        return loss.detach()  # no .item() per step: a host sync each step would idle a GPU
+
+    def validate():
+        if cfg.bn_batches:  # exact BN statistics for the checkpoint (own RNG: the training stream is unchanged)
+            recalibrate_bn(model, make_sampler(cfg.seed + 10**6 + state.step), cfg.bn_batches, cfg.batch, dev)
+        metrics = _validate(model, cfg, val_batch)
+        model.train()
+        return {"score": float(np.mean(list(metrics.values()))), **metrics}
+
+    def checkpoint(st: FitState, improved: bool):
+        metrics = {k: v for k, v in st.history[-1].items() if k not in ("step", "loss", "score")}
+        save_model(model, last_path, name=cfg.name or f"{cfg.task}-{arch}", task=cfg.task,
+                   metadata={**meta_base, "training": _training_record(meta_base, st, previous, dev),
+                             "metrics": metrics})
+        atomic_save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": mp.scaler.state_dict(),
+                     "fit": json.dumps(st.as_dict())}, state_path)
+        if improved:
+            last_path.with_suffix(".tmp").write_bytes(last_path.read_bytes())
+            last_path.with_suffix(".tmp").replace(best_path)
+        log(f"validation at step {st.step}: " + ", ".join(f"{k} {v:.2f} dB" for k, v in metrics.items())
+            + ("  (best)" if improved else ""))
+
+    model.train()
+    fit(state, steps=cfg.steps, val_every=cfg.val_every, seconds=None if cfg.hours is None else cfg.hours * 3600,
+        train_step=train_step, validate=validate, checkpoint=checkpoint, stop=stop, log=log)
+    if state.ended == "time budget":
+        log(f"time budget of {cfg.hours} h reached at step {state.step}: checkpoint saved, resume with --resume")
+    elif state.ended == "stopped":
+        raise Cancelled(f"training stopped at step {state.step}: checkpoint saved, resume with --resume")
+    return best_path
+
+
+class _RateLog:
+    """The training log line every ``log_every`` steps: loss, patches/s, lr, elapsed, ETA."""
+
+    def __init__(self, cfg: TrainConfig, log, sched):
+        self.cfg, self.log, self.sched = cfg, log, sched
+        self.t0 = self.t_log = time.time()
+        self.n, self.acc = 0, 0.0
+
+    def add(self, step: int, loss) -> None:
+        cfg = self.cfg
+        self.acc += loss.detach()
+        self.n += 1
+        if step % cfg.log_every and step != cfg.steps:
+            return
+        rate = self.n * cfg.batch / max(time.time() - self.t_log, 1e-9)
+        eta = (cfg.steps - step) * cfg.batch / rate if rate > 0 else 0
+        self.log(f"step {step}/{cfg.steps}  loss {float(self.acc) / self.n:.5f}  {rate:.1f} patches/s  "
+                 f"lr {self.sched.get_last_lr()[0]:.2e}  elapsed {(time.time() - self.t0) / 60:.1f} min  "
+                 f"ETA {eta / 60:.1f} min")
+        self.t_log, self.n, self.acc = time.time(), 0, 0.0
+
+
+def _samplers(cfg: TrainConfig, dev):
+    """The training sampler, a factory for re-seeded ones, and the held-out batch (None with a validation
+    set: ~5% of the images are held out when none is given)."""
     clean, pairs = _load_data(cfg)
-    # Hold out ~5% of images for validation when no validation set is given.
     val_batch = None
     if not cfg.val_root:
         vs = PatchSampler(cfg.task, clean[: max(1, len(clean) // 20)], pairs[: max(1, len(pairs) // 20)] if pairs
@@ -555,128 +709,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop=None) -> Path:
             return DevicePatchSampler(clean, cfg.patch, dev, seed=seed, sigma=cfg.sigma)
         return PatchSampler(cfg.task, clean, pairs, cfg.patch, seed=seed, sigma=cfg.sigma, noise=cfg.noise)
 
-    sampler = make_sampler(cfg.seed)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed patch shapes: let cuDNN pick its fastest kernels
-
-    model, previous = _build_model(cfg, log)
-    c = model.config
-    arch = f"M{c.blocks}R{c.recursions}C{c.channels}"
-    model = model.to(dev).to(memory_format=torch.channels_last)
-    if cfg.optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
-    if cfg.optimizer == "adam":
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / (cfg.warmup + 1))
-            * (0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)) * 0.99 + 0.01))
-    else:  # the paper: divide by 10 every 1/4 of the run (their 20 epochs of 80)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.steps // 4), gamma=0.1)
-
-    step, best, hours_before, history = 0, -math.inf, 0.0, []
-    if resume and state_path.exists() and last_path.exists():
-        model_l, info_l = load_model(last_path)
-        model.load_state_dict(model_l.state_dict())
-        st = torch.load(state_path, weights_only=True)
-        w_step = (info_l.metadata.get("training") or {}).get("steps")
-        if w_step is not None and int(w_step) != int(st["step"]):
-            raise ValueError(f"cannot resume {out}: last.safetensors is from step {w_step} but state.pt from step "
-                             f"{st['step']} (a checkpoint save was interrupted). Start a new run from those weights "
-                             f"with --init {last_path} (new --out), or restore both files from a backup")
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        if st.get("scaler"):
-            mp.scaler.load_state_dict(st["scaler"])
-        step, best = int(st["step"]), float(st["best"])
-        hours_before = float(st.get("hours", 0.0))
-        history = json.loads(st.get("history", "[]"))
-        sampler = make_sampler(cfg.seed + step)
-        log(f"resumed from step {step} (best validation {best:.2f} dB)")
-    elif resume:
-        log(f"nothing to resume in {out}: starting from " + (f"--init {cfg.init}" if cfg.init else "scratch"))
-
-    meta_base = {
-        "description": f"MemNet {arch} for {cfg.task}",
-        "normalization": NORMALIZATION[cfg.task],
-        "degradation": _degradation_record(cfg) if not cfg.sigma else {
-            **DEGRADATIONS[cfg.task], "sigma_mixture_255": cfg.sigma,
-            "gaussian_sigma_255": [min(r[0] for r in cfg.sigma), max(r[1] for r in cfg.sigma)]},
-        "training": {"config": asdict(cfg)},
-    }
-
-    def save(path, metrics):
-        hours = round(hours_before + (time.time() - t0) / 3600, 3)
-        t = {**meta_base["training"], "steps": step, "hours": hours, "hardware": hardware_name(dev),
-             "history": history[-50:]}
-        if previous:
-            # Continued from trained weights: the record keeps the cumulative recipe across runs/sessions.
-            t["continued_from"] = {k: previous.get(k) for k in ("name", "steps", "hours", "total_steps",
-                                                                "total_hours", "hardware") if k in previous}
-            t["total_steps"] = int(previous.get("total_steps", previous.get("steps", 0))) + step
-            t["total_hours"] = round(float(previous.get("total_hours", previous.get("hours", 0))) + hours, 3)
-        save_model(model, path, name=cfg.name or f"{cfg.task}-{arch}", task=cfg.task,
-                   metadata={**meta_base, "training": t, "metrics": metrics})
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "best": best,
-                    "hours": hours_before + (time.time() - t0) / 3600, "history": json.dumps(history),
-                    "scaler": mp.scaler.state_dict()},
-                   state_path.with_suffix(".tmp"))
-        state_path.with_suffix(".tmp").replace(state_path)
-
-    def stop_requested() -> bool:
-        return stop is not None and bool(stop.is_set() if hasattr(stop, "is_set") else stop())
-
-    t0 = time.time()
-    t_log, n_log, loss_acc = time.time(), 0, 0.0
-    model.train()
-    if step < cfg.steps and stop_requested():
-        raise Cancelled(f"training stopped before step {step + 1}: nothing new to save")
-    while step < cfg.steps:
-        x, y = sampler.batch(cfg.batch)
-        x = x.to(dev).contiguous(memory_format=torch.channels_last)
-        y = y.to(dev).contiguous(memory_format=torch.channels_last)
-        final, branches = mp.forward(model, x)
-        loss = multi_supervised_loss(final, branches, y, cfg.loss)
-        # The paper's adjustable clipping: gradients bounded by theta / (current lr), theta = 0.01.
-        mp.step(loss, opt, 0.01 / sched.get_last_lr()[0] if cfg.optimizer == "sgd" else None)
-        sched.step()
-        step += 1
-        loss_acc += loss.detach()  # no .item() per step: a host sync each step would idle a GPU
-        n_log += 1
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            loss_acc = float(loss_acc)
-            el = time.time() - t0
-            rate = n_log * cfg.batch / (time.time() - t_log)
-            eta = (cfg.steps - step) * cfg.batch / rate if rate > 0 else 0
-            log(f"step {step}/{cfg.steps}  loss {loss_acc / n_log:.5f}  {rate:.1f} patches/s  "
-                f"lr {sched.get_last_lr()[0]:.2e}  elapsed {el / 60:.1f} min  ETA {eta / 60:.1f} min")
-            t_log, n_log, loss_acc = time.time(), 0, 0.0
-        out_of_time = cfg.hours is not None and (time.time() - t0) / 3600 >= cfg.hours
-        stopped = stop_requested()
-        if step % cfg.val_every == 0 or step == cfg.steps or out_of_time or stopped:
-            if cfg.bn_batches:
-                # Exact BN statistics for the checkpoint (own RNG: the training stream is unchanged).
-                recalibrate_bn(model, make_sampler(cfg.seed + 10**6 + step), cfg.bn_batches, cfg.batch, dev)
-            metrics = _validate(model, cfg, val_batch)
-            model.train()
-            score = float(np.mean(list(metrics.values())))
-            history.append({"step": step, **metrics})
-            improved = score > best
-            if improved:
-                best = score
-            save(last_path, metrics)
-            if improved:
-                last_path.with_suffix(".tmp").write_bytes(last_path.read_bytes())
-                last_path.with_suffix(".tmp").replace(best_path)
-            log(f"validation at step {step}: " + ", ".join(f"{k} {v:.2f} dB" for k, v in metrics.items())
-                + ("  (best)" if improved else ""))
-            stopped = stopped or stop_requested()  # asked during the validation: this checkpoint will do
-        if step < cfg.steps and out_of_time:
-            log(f"time budget of {cfg.hours} h reached at step {step}: checkpoint saved, resume with --resume")
-            break
-        if step < cfg.steps and stopped:
-            raise Cancelled(f"training stopped at step {step}: checkpoint saved, resume with --resume")
-    return best_path
+    return make_sampler(cfg.seed), make_sampler, val_batch
 
 
 class MixedPrecision:
