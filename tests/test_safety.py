@@ -319,3 +319,103 @@ def test_finetune_never_writes_its_model_over_its_data(tmp_path, monkeypatch, mi
     with pytest.raises(ValueError, match="is the input"):
         finetune(FinetuneConfig(model=str(micro_file), mode="n2v", name="lab", overwrite=True, steps=2), str(data))
     assert _digest(data) == before
+
+
+# A full disk, simulated through zarr's public store API: the array's metadata is the first write that
+# fails; the other writes of zarr's concurrent batch fail a moment later, while the error is on its way.
+_FULL_DISK_ZARR = r"""
+import asyncio, errno, sys
+from zarr.storage import LocalStore
+
+full, in_flight = [], set()
+
+def failing(real):
+    async def method(self, key, value):
+        if key.endswith(".zarray"):
+            full.append(key)
+        if not full:
+            return await real(self, key, value)
+        if key.endswith(".zarray"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        in_flight.add(key)
+        try:
+            await asyncio.sleep(0.5)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        finally:
+            in_flight.discard(key)
+    return method
+
+LocalStore.set = failing(LocalStore.set)
+LocalStore.set_if_not_exists = failing(LocalStore.set_if_not_exists)
+from memnet.cli import main
+rc = main(sys.argv[1:])
+print("zarr writes in flight after the run:", sorted(in_flight))
+sys.exit(rc)
+"""
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".tif"])
+def test_a_disk_full_at_start_is_one_clear_line(suffix, micro_file, tmp_path, rng):
+    from memnet.outputs import sidecar
+
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, (rng.random((64, 64)) * 3000).astype(np.uint16))
+    before = _digest(src)
+    out = tmp_path / f"o{suffix}"
+    args = ["restore", str(src), "-o", str(out), "--model", str(micro_file), "--tile", "64", "--device", "cpu", "-q"]
+    if suffix == ".zarr":
+        cmd = [sys.executable, "-c", _FULL_DISK_ZARR, *args]
+    else:  # a real ENOSPC, no root needed: the partial file leads to /dev/full
+        if not Path("/dev/full").exists():
+            pytest.skip("no /dev/full here")
+        (tmp_path / "o.tif.partial").symlink_to("/dev/full")
+        cmd = [sys.executable, "-m", "memnet", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [  # no asyncio "exception was never retrieved" traceback after it
+        f"memnet restore: error: no space left on device writing {out}: free space or choose another output"]
+    if suffix == ".zarr":
+        assert "in flight after the run: []" in proc.stdout  # settled before reporting, nothing races the cleanup
+    assert not out.exists() and not (tmp_path / "o.tif.partial").exists()  # nothing half-made, nothing complete
+    assert not sidecar(out).exists()  # no lock left to refuse the next run
+    assert _digest(src) == before
+
+
+def test_a_lock_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from memnet.outputs import OutputLock, sidecar
+
+    def onto_a_full_disk(fd, *a, **kw):  # the lock file is created, writing its holder fails
+        os.close(fd)
+        return open("/dev/full", *a, **kw)
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    out = tmp_path / "o.tif"
+    monkeypatch.setattr(os, "fdopen", onto_a_full_disk)
+    with pytest.raises(OSError) as e:
+        OutputLock(out).acquire()
+    monkeypatch.undo()
+    assert e.value.errno == errno.ENOSPC and not sidecar(out).exists()
+    with OutputLock(out):  # the next run is not refused by an empty lock of nobody's
+        pass
+
+
+def test_a_message_after_an_unfinished_progress_bar_gets_a_line_of_its_own():
+    import io
+    from types import SimpleNamespace
+
+    from memnet._cli_restore import ProgressBar
+
+    stream = io.StringIO()
+    bar = ProgressBar(stream)
+    bar(SimpleNamespace(done=3, total=48, fraction=3 / 48, mpx_per_s=0.5, elapsed=2.0, eta=30.0))
+    bar.end_line()
+    bar.end_line()
+    assert stream.getvalue().startswith("\r[#") and stream.getvalue().endswith("ETA 00:30\n")
+    stream.seek(0), stream.truncate()
+    bar(SimpleNamespace(done=48, total=48, fraction=1.0, mpx_per_s=0.5, elapsed=32.0, eta=0.0))
+    bar.end_line()  # a finished bar has ended its line already
+    assert stream.getvalue().endswith("ETA 00:00\n") and not stream.getvalue().endswith("\n\n")

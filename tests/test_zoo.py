@@ -1,6 +1,7 @@
 import json
 import pickle
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -207,6 +208,47 @@ def test_a_metadata_bomb_is_refused_before_anything_is_built(tiny_model, tmp_pat
 
     with pytest.raises(ModelFileError, match="model bytes: metadata claims"):
         load_model_bytes(p.read_bytes())
+
+
+# The CLI in a child whose address space is capped (RLIMIT_AS): one thread and two malloc arenas keep
+# torch's own footprint (about 0.9 GiB of address space, measured) independent of the core count.
+_UNDER_A_MEMORY_LIMIT = """
+import resource, sys
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from memnet.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS is enforced on Linux")
+def test_a_metadata_bomb_under_a_memory_limit_is_a_clean_refusal(tiny_model, tmp_path):
+    import os
+    import subprocess
+
+    import tifffile
+
+    src = tmp_path / "small.tif"
+    tifffile.imwrite(src, (np.random.default_rng(0).random((64, 64)) * 3000).astype(np.uint16))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2", "CUDA_VISIBLE_DEVICES": ""}
+
+    def restore(model, out):
+        cmd = [sys.executable, "-c", _UNDER_A_MEMORY_LIMIT, str(2 * 2**30), "restore", str(src), "-o", str(out),
+               "--model", str(model), "--device", "cpu", "-q"]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    # The limit leaves room for a real run: a refusal below is the check's, not the limit's.
+    fine = restore(_rewrite(tiny_model, tmp_path / "fine.safetensors"), tmp_path / "fine.tif")
+    assert fine.returncode == 0 and (tmp_path / "fine.tif").exists(), fine.stderr
+    # Built, either bomb exhausts these 2 GiB (a MemoryError / "can't allocate memory" traceback, exit 1).
+    for config, what in (({"blocks": 100000}, "blocks=100000"), ({"channels": 200000}, "channels=200000")):
+        bomb = _rewrite(tiny_model, tmp_path / "bomb.safetensors", config)
+        run = restore(bomb, tmp_path / "out.tif")
+        assert run.returncode == 2, run.stderr
+        assert run.stderr.splitlines() == [f"memnet restore: error: {bomb}: metadata claims {what}; a MemNet has "
+                                           f"1 to {1024 if 'channels' in what else 64}: the file is corrupt or "
+                                           "not a napari-memnet model"]
+        assert not (tmp_path / "out.tif").exists()
 
 
 def test_a_plausible_architecture_that_does_not_match_the_tensors_is_refused(tiny_model, tmp_path):

@@ -23,6 +23,14 @@ class ProgressBar:
 
     def __init__(self, stream=sys.stderr, width: int = 28):
         self.stream, self.width, self.last = stream, width, 0.0
+        self.open = False  # a line drawn and not yet ended
+
+    def end_line(self) -> None:
+        """End an unfinished bar, so a message that follows gets a line of its own."""
+        if self.open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open = False
 
     def __call__(self, p) -> None:
         now = time.monotonic()
@@ -34,7 +42,8 @@ class ProgressBar:
         line = (f"\r[{bar}] {p.done}/{p.total} tiles  {p.mpx_per_s:.2f} Mpx/s  "
                 f"elapsed {_fmt_time(p.elapsed)}  ETA {_fmt_time(p.eta)}")
         self.stream.write(line)
-        if p.done >= p.total:
+        self.open = p.done < p.total
+        if not self.open:
             self.stream.write("\n")
         self.stream.flush()
 
@@ -66,13 +75,21 @@ def cmd_restore(args: argparse.Namespace) -> int:
                 progress=bar, overwrite=args.overwrite, resume=args.resume, workers=args.workers,
                 scheduler=args.scheduler)
     except Cancelled:
+        if bar is not None:
+            bar.end_line()
         print("cancelled: the output is not marked complete", file=sys.stderr)
         return 130
     except Terminated:
+        if bar is not None:
+            bar.end_line()
         what = "left marked incomplete (continue with --resume)" if str(args.output).rstrip("/").endswith(
             ".zarr") else "removed"
-        print(f"\nterminated (SIGTERM): the partial output was {what}", file=sys.stderr)
+        print(f"terminated (SIGTERM): the partial output was {what}", file=sys.stderr)
         return 143
+    except BaseException:  # reported by main() on a line of its own
+        if bar is not None:
+            bar.end_line()
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -4,6 +4,7 @@ one line that says what is wrong."""
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import warnings
 
@@ -78,8 +79,19 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (LookupError, FileNotFoundError, ValueError, TypeError, OSError, ArithmeticError) as e:
-        print(f"memnet {args.command}: error: {e}", file=sys.stderr)
+        print(f"memnet {args.command}: error: {_no_space(e, getattr(args, 'output', None)) or e}", file=sys.stderr)
         return 2
+
+
+def _no_space(e: BaseException | None, output) -> str | None:
+    """The message for a full disk (or quota), found anywhere in the exception's chain."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            what = "no space left on device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+            where = f" writing {output}" if output else ""
+            return f"{what}{where}: free space or choose another output"
+        e = e.__cause__ or e.__context__
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

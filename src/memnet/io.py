@@ -329,10 +329,11 @@ class ZarrSink:
         axes = "".join(axes[d] for d in self.perm)
         shape, chunks = tuple(shape[d] for d in self.perm), tuple(chunks[d] for d in self.perm)
         self.lock = OutputLock(path).acquire()
+        created = None
         try:
             remove_tree(self._staging())  # a failed earlier overwrite
             remove_tree(self.done_dir)
-            self.write_path = self._staging() if path.exists() else path
+            self.write_path = created = self._staging() if path.exists() else path
             self.root = zarr.open_group(str(self.write_path), mode="w", zarr_format=2)
             self.array = self.root.create_array(
                 "0", shape=shape, dtype=dtype, chunks=chunks, fill_value=0,
@@ -353,6 +354,10 @@ class ZarrSink:
                 "memnet": {"complete": False, "job": job},
             })
         except BaseException:
+            # Nothing is written yet (e.g. a disk full from the start): leave no half-made store behind.
+            _settle_zarr()
+            if created is not None:
+                remove_tree(created)
             self.lock.release()
             raise
 
@@ -448,7 +453,27 @@ class ZarrSink:
         return self.array
 
     def abort(self) -> None:
+        _settle_zarr()
         self.lock.release()  # "complete" stays false: a reader (and --resume) can tell
+
+
+def _settle_zarr(timeout: float = 60.0) -> None:
+    """Wait for zarr's writes still in flight. When one write of a batch fails (a full disk), zarr raises
+    at once while the batch's other writes go on in its event-loop thread: a cleanup would race them, and a
+    process exiting meanwhile prints asyncio's "exception was never retrieved" tracebacks."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def settle():
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        if others:
+            await asyncio.wait(others, timeout=timeout)
+
+    try:
+        sync(settle())
+    except Exception:  # best effort: never hide the error being reported
+        pass
 
 
 class TiffSink:
@@ -512,7 +537,7 @@ class TiffSink:
 
     def write(self, index: tuple, block: np.ndarray) -> None:
         if self.error is not None:
-            raise OSError(f"writing {self.tmp} failed: {self.error}")
+            raise OSError(f"writing {self.tmp} failed: {self.error}") from self.error
         ty, tx = self.tile
         if block.shape[-2:] != (ty, tx):  # edge tiles are padded to the full TIFF tile
             pad = np.zeros(block.shape[:-2] + (ty, tx), dtype=block.dtype)
@@ -526,7 +551,7 @@ class TiffSink:
         try:
             if self.error is not None:
                 self.tmp.unlink(missing_ok=True)
-                raise OSError(f"writing {self.path} failed: {self.error}")
+                raise OSError(f"writing {self.path} failed: {self.error}") from self.error
             os.replace(self.tmp, self.path)  # atomic: an overwritten TIFF is replaced only when complete
         finally:
             self.lock.release()

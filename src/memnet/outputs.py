@@ -118,8 +118,16 @@ class OutputLock:
                     f"the output {self.out} is being written by another run ({who}): wait for it to finish, "
                     f"or choose another output. If that run is gone (e.g. another machine crashed), remove "
                     f"{self.path}") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+            except BaseException:  # e.g. a full disk: an empty lock would refuse every later run
+                self.path.unlink(missing_ok=True)
+                try:
+                    self.path.parent.rmdir()
+                except OSError:
+                    pass
+                raise
             self.held = True
             for stale in self.path.parent.glob("lock.stale.*"):
                 stale.unlink(missing_ok=True)
