@@ -545,3 +545,14 @@ def test_ood_evaluation_scores_each_microscope_with_the_affine_fit(tmp_path):
     assert out["a"] > 40 and out["OOD"] == pytest.approx((out["a"] + out["b"]) / 2)  # scale/offset fitted away
     with pytest.raises(FileNotFoundError, match="no microscopy_ood pairs"):
         eval_ood(identity, tmp_path / "nothing")
+
+
+def test_a_checkpoint_written_before_the_shared_fit_loop_still_resumes():
+    """state.pt files in training/ were written with step/best/hours/history at the top level."""
+    import json as _json
+
+    from memnet.train import _fit_state
+
+    old = {"step": 4000, "best": 29.68, "hours": 3.1, "history": _json.dumps([{"step": 4000, "sigma25": 29.68}])}
+    st = _fit_state(old)
+    assert (st.step, st.best, st.hours_before) == (4000, 29.68, 3.1) and st.history[0]["sigma25"] == 29.68

@@ -164,7 +164,11 @@ def register(sub) -> None:
     p.add_argument("--name", help="model name written into the metadata")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors + OUT/state.pt")
     p.set_defaults(func=cmd_train)
+    _register_finetune(sub)
+    _register_eval(sub)
 
+
+def _register_finetune(sub) -> None:
     from .finetune import DEFAULT_MINUTES
     from .finetune_modes import MODES
 
@@ -211,6 +215,8 @@ def register(sub) -> None:
     f.add_argument("--overwrite", action="store_true", help="replace an existing user model of the same name")
     f.set_defaults(func=cmd_finetune)
 
+
+def _register_eval(sub) -> None:
     e = sub.add_parser("eval", help="validation figures of a model (published conventions)",
                        description="PSNR on Set12 (denoise), Set14 (sr, jpeg) or W2S 031-040 (microscopy).")
     e.add_argument("model", help="model name, task, .safetensors path, or 'baseline'")

@@ -276,16 +276,7 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
     mode = get_mode(cfg.mode)
     _check(cfg, mode, target, noisy2)
     log = log or (lambda s: None)
-    out_path = user_model_dir() / f"{cfg.name}.safetensors"
-    inputs = [p for d in (noisy, target, noisy2) for p in (d if isinstance(d, (list, tuple)) else [d])]
-    check_output_path(out_path, [p for p in inputs if isinstance(p, (str, os.PathLike))])  # never over the data
-    run = _RunFiles(user_model_dir() / ".runs" / cfg.name)
-    resuming = resume and run.state.exists() and run.last.exists()
-    if resume and not resuming:
-        log(f"nothing to resume for {cfg.name!r}: starting from {cfg.model}")
-    if out_path.exists() and not (resuming or cfg.overwrite):
-        raise FileExistsError(f"a user model named {cfg.name!r} already exists ({out_path}): choose another name, "
-                              "or overwrite it explicitly")
+    out_path, run, resuming = _output(cfg, (noisy, target, noisy2), resume, log)
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     dev = resolve_device(cfg.device)
@@ -317,18 +308,7 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
     else:
         baseline = held_out.score(model, dev)
         log(f"held-out score of {info.name} before fine-tuning: {baseline:.3f} dB ({mode.criterion})")
-    meta = {
-        "description": f"{info.name} fine-tuned ({cfg.mode}) on user data",
-        "normalization": info.normalization,
-        "degradation": info.metadata.get("degradation", {}),
-        "finetune": {"base_model": info.name, "base_metadata_training": info.metadata.get("training", {}),
-                     "config": asdict(cfg), "data": {k: _describe(v) for k, v in
-                                                     (("noisy", noisy), ("target", target), ("noisy2", noisy2))
-                                                     if v is not None},
-                     "hardware": hardware_name(dev), "criterion": {"kind": mode.criterion, "baseline": baseline},
-                     **record},
-        "rank": info.rank - 0.5,  # a user model never silently replaces the shipped default
-    }
+    meta = _record(cfg, info, mode, dev, baseline, record, noisy=noisy, target=target, noisy2=noisy2)
     session_t0 = time.time()
 
     def train_step(step: int):
@@ -365,6 +345,36 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
     if state.ended == "stopped" and state.step:
         save_state(state)  # weights and optimizer as they are: resume continues from here
     return _publish(cfg, state, run, out_path, info, baseline, log)
+
+
+def _output(cfg: FinetuneConfig, data: tuple, resume: bool, log) -> tuple[Path, _RunFiles, bool]:
+    """The model's path (never over the data, never over another model unless asked), its checkpoint
+    folder, and whether this run resumes one."""
+    out_path = user_model_dir() / f"{cfg.name}.safetensors"
+    inputs = [p for d in data for p in (d if isinstance(d, (list, tuple)) else [d])]
+    check_output_path(out_path, [p for p in inputs if isinstance(p, (str, os.PathLike))])
+    run = _RunFiles(user_model_dir() / ".runs" / cfg.name)
+    resuming = resume and run.state.exists() and run.last.exists()
+    if resume and not resuming:
+        log(f"nothing to resume for {cfg.name!r}: starting from {cfg.model}")
+    if out_path.exists() and not (resuming or cfg.overwrite):
+        raise FileExistsError(f"a user model named {cfg.name!r} already exists ({out_path}): choose another name, "
+                              "or overwrite it explicitly")
+    return out_path, run, resuming
+
+
+def _record(cfg: FinetuneConfig, info, mode: Mode, dev, baseline: float, record: dict, **data) -> dict:
+    """The new model's card: where it came from, on what data, how it was judged."""
+    return {
+        "description": f"{info.name} fine-tuned ({cfg.mode}) on user data",
+        "normalization": info.normalization,
+        "degradation": info.metadata.get("degradation", {}),
+        "finetune": {"base_model": info.name, "base_metadata_training": info.metadata.get("training", {}),
+                     "config": asdict(cfg), "data": {k: _describe(v) for k, v in data.items() if v is not None},
+                     "hardware": hardware_name(dev), "criterion": {"kind": mode.criterion, "baseline": baseline},
+                     **record},
+        "rank": info.rank - 0.5,  # a user model never silently replaces the shipped default
+    }
 
 
 def _publish(cfg, state: FitState, run, out_path: Path, info, baseline: float, log) -> Path:
