@@ -1,0 +1,82 @@
+"""CAREamics Noise2Void trained on each image of ../shared/data/microscopy_ood alone, for a wall-clock budget:
+the self-supervised peer a lab would train on its own single image, at the same minutes and cores as our
+`memnet finetune` (bench/ood_microscopy.py --finetune). Prints one JSON line per image:
+{"image", "psnr", "train_s", "steps", "predict_s"}; bench/ood_microscopy.py --careamics FILE reads them.
+
+CAREamics' defaults for 2-D N2V (its UNet: depth 2, 32 initial filters; 64x64 patches; its masking and
+augmentations; batch 16 as the careamics-napari plugin), one thread, no dataloader workers; Lightning's
+`max_time` stops training after --minutes. The final weights predict the whole image. Scored like our
+models: least-squares affine fit of the result to the clean image, PSNR peak 255.
+
+Runs in its own venv (CAREamics needs torch <= 2.11; it must not share the project's .venv):
+
+  python3 -m venv /work/careamics-venv
+  /work/careamics-venv/bin/pip install torch==2.9.1 torchvision==0.24.1 careamics==0.3.5
+  /work/careamics-venv/bin/python bench/careamics_n2v.py --data-root ../shared/data --minutes 3 > careamics.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+sys.path.insert(0, str(Path(__file__).parent))
+from w2s_careamics import affine_fit, psnr  # noqa: E402  (numpy only: no memnet in this venv)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-root", required=True)
+    ap.add_argument("--minutes", type=float, default=3.0, help="wall-clock training budget per image")
+    ap.add_argument("--images", nargs="*", help="only these microscopy_ood names (default: all)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--work-dir", default="/tmp/careamics-ood")
+    args = ap.parse_args()
+
+    import tifffile
+    import torch
+    from careamics import CAREamist
+    from careamics.config import create_advanced_n2v_config
+
+    torch.set_num_threads(1)
+    torch.set_num_interop_threads(1)
+    root = Path(args.data_root) / "microscopy_ood"
+    names = sorted(p.stem for p in (root / "noisy").glob("*.tif"))
+    for name in args.images or names:
+        noisy = tifffile.imread(root / "noisy" / f"{name}.tif").astype(np.float32)
+        clean = tifffile.imread(root / "clean" / f"{name}.tif").astype(np.float64)
+        work = Path(args.work_dir) / name
+        shutil.rmtree(work, ignore_errors=True)
+        config = create_advanced_n2v_config(
+            experiment_name=f"ood_{name}", data_type="array", axes="YX", patch_size=[64, 64],
+            batch_size=args.batch_size, num_epochs=100_000,  # never reached: max_time ends training
+            num_workers=0, seed=args.seed,
+            trainer_params={"max_time": {"seconds": args.minutes * 60}, "accelerator": "cpu", "devices": 1})
+        careamist = CAREamist(config, work_dir=work, enable_progress_bar=False)
+        t0 = time.perf_counter()
+        careamist.train(train_data=noisy)
+        train_s = time.perf_counter() - t0
+        final = work / "final.ckpt"  # the weights as they were at the time limit
+        careamist.trainer.save_checkpoint(final)
+        t0 = time.perf_counter()
+        preds, _ = careamist.predict(noisy, axes="YX", data_type="array", batch_size=1, num_workers=0,
+                                     checkpoint=final)
+        pred = np.concatenate([np.asarray(p, np.float64).reshape(-1, *noisy.shape) for p in preds])[0]
+        print(json.dumps({"image": name, "psnr": round(psnr(affine_fit(pred, clean), clean), 3),
+                          "train_s": round(train_s, 1), "steps": careamist.trainer.global_step,
+                          "predict_s": round(time.perf_counter() - t0, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
