@@ -39,7 +39,9 @@ napari: install
 lint: install-test
 	$(BIN)/ruff check .
 
+# GUI tests need Xvfb and the Qt xcb libraries: installed here when possible, else one line names them.
 test: install-test lint
+	bash scripts/gui_test_deps.sh
 	$(BIN)/python -m pytest
 
 clean:
