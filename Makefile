@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 TORCH_SPEC ?= torch==$(TORCH_VERSION)
+# napari's Qt binding: PyQt6 (napari >= 0.7's default); e.g. make demo QT_SPEC=PySide6
+QT_SPEC ?= PyQt6
 BIN := $(VENV)/bin
 DEMO_OUT ?= out/demo
 
@@ -17,10 +19,10 @@ $(BIN)/python:
 # Core + napari plugin (what a user needs for the demo).
 $(VENV)/.installed: $(BIN)/python pyproject.toml setup.py napari.yaml
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[napari,distributed]"
+	$(BIN)/python -m pip install -q -e ".[napari,distributed]" "$(QT_SPEC)"
 	touch $@
 
-# Plus the test tools (pytest, pytest-xvfb, ruff, PyQt5, npe2, hypothesis).
+# Plus the test tools (pytest, pytest-qt, pytest-xvfb, ruff, npe2, hypothesis).
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@

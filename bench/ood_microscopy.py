@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -70,6 +71,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=3.0, help="fine-tuning budget per image [3]")
     ap.add_argument("--threads", type=int, default=1, help="torch threads [1]")
     ap.add_argument("--careamics", help="JSON lines of bench/careamics_n2v.py (same minutes and threads)")
+    ap.add_argument("--save", help="also write the per-image scores as JSON here")
+    ap.add_argument("--images", nargs="*", help="only these microscopy_ood names (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MEMNET_MODEL_DIR", tempfile.mkdtemp(prefix="memnet-bench-"))  # never the user's models
@@ -85,45 +88,56 @@ def main() -> None:
     kept = {m: set() for m in args.finetune}
     for mode in args.finetune:
         methods[f"+ {mode} {args.minutes:g} min"] = _finetuned(args.models[0], mode, args.minutes, kept[mode])
-    peer = {}
     if args.careamics:
-        peer = {r["image"]: r for r in map(json.loads, Path(args.careamics).read_text().splitlines()) if r.strip()}
-        methods[f"CAREamics N2V {args.minutes:g} min"] = None
-    rows = [(n.stem, n, c) for n, c in ood_pairs(root / "microscopy_ood")]
+        methods[f"CAREamics N2V {args.minutes:g} min"] = None  # its figures are read at the end
+    rows = [(n.stem, n, c) for n, c in ood_pairs(root / "microscopy_ood") if not args.images or n.stem in args.images]
     if not args.no_w2s:
         rows += [("W2S " + n.stem.replace("input_avg1_", ""), n, c)
                  for n, c in w2s_pairs(root / "W2S_train_8bit", range(31, 41))]
-    print(f"# {machine()}")
-    print("| image | " + " | ".join(methods) + " |")
-    print("|---|" + "---|" * len(methods))
     scores = {m: {} for m in methods}
     secs = {m: 0.0 for m in methods}
     for name, n, c in rows:
         noisy = tifffile.imread(n).astype(np.float64)
         clean = tifffile.imread(c).astype(np.float64)
-        cells = []
         for m, fn in methods.items():
-            if fn is None:  # the peer, measured in its own venv
-                if name not in peer:
-                    continue
-                scores[m][name] = peer[name]["psnr"]
-                secs[m] += peer[name]["train_s"] + peer[name]["predict_s"]
-                cells.append(f"{scores[m][name]:.2f}")
-                continue
-            if m.startswith("+ ") and name.startswith("W2S"):
-                continue  # per-image fine-tuning is for the other microscopes
+            if fn is None or (m.startswith("+ ") and name.startswith("W2S")):
+                continue  # the peer comes from its own venv; per-image fine-tuning is for the other microscopes
             t0 = time.perf_counter()
             res = fn(noisy, clean, name) if m.startswith("+ ") else fn(noisy, clean)
             secs[m] += time.perf_counter() - t0
             scores[m][name] = psnr(affine_fit(res, clean), clean)
-            star = "*" if any(name in k for mode, k in kept.items() if m.startswith(f"+ {mode} ")) else ""
-            cells.append(f"{scores[m][name]:.2f}{star}")
-        if not name.startswith("W2S"):
-            print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+        print(f"# {name}: " + ", ".join(f"{m} {scores[m][name]:.2f}" for m in methods if name in scores[m]),
+              file=sys.stderr, flush=True)
+    if args.careamics:  # read now: the peer may have been running beside this script
+        m = f"CAREamics N2V {args.minutes:g} min"
+        lines = [ln for ln in Path(args.careamics).read_text().splitlines() if ln.startswith("{")]  # skip its logs
+        for r in map(json.loads, lines):
+            scores[m][r["image"]] = r["psnr"]
+            secs[m] += r["train_s"] + r["predict_s"]
+    _table(methods, scores, secs, rows, kept)
+    if args.save:
+        Path(args.save).write_text(json.dumps({"scores": scores, "seconds": secs,
+                                               "kept": {k: sorted(v) for k, v in kept.items()}}, indent=1))
+
+
+def _table(methods, scores, secs, rows, kept) -> None:
+    print(f"# {machine()}")
+    print("| image | " + " | ".join(methods) + " |")
+    print("|---|" + "---|" * len(methods))
     ood = [r[0] for r in rows if not r[0].startswith("W2S")]
     w2s = [r[0] for r in rows if r[0].startswith("W2S")]
-    print("| **OOD mean** | " + " | ".join(f"**{np.mean([scores[m][k] for k in ood if k in scores[m]]):.2f}**"
-                                        for m in methods) + " |")
+
+    def cell(m, k):
+        if k not in scores[m]:
+            return "—"
+        star = "*" if any(k in names for mode, names in kept.items() if m.startswith(f"+ {mode} ")) else ""
+        return f"{scores[m][k]:.2f}{star}"
+
+    for k in ood:
+        print(f"| {k} | " + " | ".join(cell(m, k) for m in methods) + " |")
+    print("| **OOD mean** | " + " | ".join(
+        f"**{np.mean([scores[m][k] for k in ood]):.2f}**" if all(k in scores[m] for k in ood) else "—"
+        for m in methods) + " |")
     if w2s:
         print(f"| W2S 031-040 mean ({len(w2s)}) | " + " | ".join(
             f"{np.mean([scores[m][k] for k in w2s]):.2f}" if all(k in scores[m] for k in w2s) else "—"

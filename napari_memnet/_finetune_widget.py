@@ -107,7 +107,7 @@ class FinetuneWidget(Container):
         self._minutes = FloatSpinBox(label="Budget (minutes)", min=0.5, max=600, step=0.5, value=DEFAULT_MINUTES,
                                      tooltip="the run stops after this time (or earlier, when it stops improving)")
         self._steps = SpinBox(label="Max steps (0: none)", min=0, max=100_000, step=50, value=0)
-        self._patch = SpinBox(label="Patch", min=16, max=256, step=8, value=48)
+        self._patch = SpinBox(label="Patch", min=16, max=256, step=8, value=32)
         self._val = FloatSpinBox(label="Validation fraction", min=0.05, max=0.5, step=0.05, value=0.1)
         self._start_btn = PushButton(text="Start")
         self._stop_btn = PushButton(text="Stop", enabled=False)
@@ -157,7 +157,7 @@ class FinetuneWidget(Container):
         cfg = FinetuneConfig(model=self._model.value, mode=mode, name=self._name.value.strip(),
                              minutes=float(self._minutes.value), steps=steps, patch=int(self._patch.value),
                              val_fraction=float(self._val.value),
-                             val_every=max(10, steps // 20) if steps else 50, axes=_axes_of(noisy))
+                             val_every=max(10, steps // 20) if steps else 25, axes=_axes_of(noisy))
         data = noisy.data[0] if noisy.multiscale else noisy.data
         other = None if second is None else (second.data[0] if second.multiscale else second.data)
         self._stop_event = stop = threading.Event()

@@ -192,12 +192,13 @@ def _register_finetune(sub) -> None:
                    help=f"time budget of this run in minutes; 0 = none (then --steps) [{DEFAULT_MINUTES:g}]")
     f.add_argument("--steps", type=T.count(1, "a number of steps"), default=None,
                    help="stop after this many steps (with or without --minutes) [none]")
-    f.add_argument("--patch", type=T.count(8, "a patch size in pixels"), default=48)
-    f.add_argument("--batch", type=T.count(1, "a batch size"), default=16)
-    f.add_argument("--lr", type=T.positive_float, default=1e-4,
-                   help="learning rate; low keeps what the pretrained model knows [1e-4]")
+    f.add_argument("--patch", type=T.count(8, "a patch size in pixels"), default=32,
+                   help="training patch in pixels (nbr2nbr crops twice that) [32]")
+    f.add_argument("--batch", type=T.count(1, "a batch size"), default=8)
+    f.add_argument("--lr", type=T.positive_float, default=3e-5,
+                   help="learning rate; low adapts what the pretrained model knows [3e-5]")
     f.add_argument("--val-fraction", type=T.fraction, default=0.1)
-    f.add_argument("--val-every", type=T.count(1, "a number of steps"), default=50)
+    f.add_argument("--val-every", type=T.count(1, "a number of steps"), default=25)
     f.add_argument("--patience", type=T.count(1, "a number of validations"), default=5,
         help="validations without improvement before stopping")
     f.add_argument("--mask-fraction", type=T.fraction, default=None,

@@ -55,11 +55,11 @@ class FinetuneConfig:
     name: str = "finetuned"
     minutes: float | None = DEFAULT_MINUTES  # time budget of this session; None: steps only
     steps: int | None = None  # a step limit (with or without the time budget)
-    patch: int = 48
-    batch: int = 16
-    lr: float = 1e-4  # low: keep what the pretrained model knows
+    patch: int = 32  # small, cheap steps: more of them, and more validations, in a CPU's minutes
+    batch: int = 8
+    lr: float = 3e-5  # low: adapt what the pretrained model knows, do not relearn it
     val_fraction: float = 0.1
-    val_every: int = 50
+    val_every: int = 25
     patience: int = 5  # validation rounds without improvement before stopping
     mask_fraction: float | None = None  # blind-spot modes: masked pixels per patch (None: the mode's default)
     bn: str = "frozen"  # "frozen": BatchNorm keeps the pretrained statistics; "train": batch statistics
