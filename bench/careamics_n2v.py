@@ -70,9 +70,12 @@ def main() -> None:
         final = work / "final.ckpt"  # the weights as they were at the time limit
         careamist.trainer.save_checkpoint(final)
         t0 = time.perf_counter()
-        preds, _ = careamist.predict(noisy, axes="YX", data_type="array", batch_size=1, num_workers=0,
+        # Its UNet needs sides that are multiples of 4: reflect-pad the image whole, crop the result.
+        h, w = noisy.shape
+        padded = np.pad(noisy, ((0, -h % 4), (0, -w % 4)), mode="reflect")
+        preds, _ = careamist.predict(padded, axes="YX", data_type="array", batch_size=1, num_workers=0,
                                      checkpoint=final)
-        pred = np.concatenate([np.asarray(p, np.float64).reshape(-1, *noisy.shape) for p in preds])[0]
+        pred = np.concatenate([np.asarray(p, np.float64).reshape(-1, *padded.shape) for p in preds])[0][:h, :w]
         print(json.dumps({"image": name, "psnr": round(psnr(affine_fit(pred, clean), clean), 3),
                           "train_s": round(train_s, 1), "steps": careamist.trainer.global_step,
                           "predict_s": round(time.perf_counter() - t0, 1)}), flush=True)
