@@ -88,13 +88,6 @@ def _sources(data, include: str | None) -> list:
     return items
 
 
-def _read_plane(src, yi: int, xi: int, lead: tuple) -> np.ndarray:
-    it = iter(lead)
-    idx = tuple(slice(None) if d in (yi, xi) else int(next(it)) for d in range(len(src.shape)))
-    p = np.asarray(src.array[idx])
-    return p.T if yi > xi else p
-
-
 def _planes(data, axes, max_planes: int, policy: dict, include: str | None = None,
             neighbours: bool = False) -> list:
     """Normalised 2-D planes (Y, X) from the images in ``data``: at most ``max_planes`` in all, a regular
@@ -107,12 +100,10 @@ def _planes(data, axes, max_planes: int, policy: dict, include: str | None = Non
     out = []
     for item in sources:
         src = open_input(item, axes=axes)
-        yi, xi = src.axes.index("Y"), src.axes.index("X")
-        lead_dims = [d for d in range(len(src.shape)) if d not in (yi, xi)]
-        lead_shape = [src.shape[d] for d in lead_dims]
+        lead_shape = list(src.lead_shape)
         if neighbours:
-            step_dim = next((lead_dims.index(src.axes.index(a)) for a in "ZT" if a in src.axes), 0) \
-                if lead_dims else None
+            step_dim = next((src.lead_axes.index(a) for a in "ZT" if a in src.lead_axes), 0) \
+                if lead_shape else None
             if step_dim is None or lead_shape[step_dim] < 2:
                 raise ValueError(f"mode 'adjacent' needs stacks with at least two planes along Z or T; "
                                  f"{_describe(item)} has axes {src.axes} and shape {tuple(src.shape)}")
@@ -123,10 +114,10 @@ def _planes(data, axes, max_planes: int, policy: dict, include: str | None = Non
         n = int(np.prod(first_shape)) if first_shape else 1
         picks = np.unique(np.linspace(0, n - 1, min(n, per_source)).round().astype(int))
         leads = [tuple(np.unravel_index(f, first_shape)) if first_shape else () for f in picks]
-        planes = [_read_plane(src, yi, xi, lead) for lead in leads]
+        planes = [src.read_plane(lead) for lead in leads]
         if neighbours:
             nexts = [tuple(v + (d == step_dim) for d, v in enumerate(lead)) for lead in leads]
-            seconds = [_read_plane(src, yi, xi, lead) for lead in nexts]
+            seconds = [src.read_plane(lead) for lead in nexts]
             norm = Normalizer.for_data(np.stack(planes + seconds), policy)  # one frame for both views
             out.extend(zip(norm.forward(np.stack(planes)), norm.forward(np.stack(seconds))))
         else:

@@ -40,6 +40,27 @@ class Source:
     def dtype(self) -> np.dtype:
         return np.dtype(self.array.dtype)
 
+    @property
+    def lead_axes(self) -> str:
+        """The axes other than Y and X, in the array's order: what enumerates the planes."""
+        return "".join(a for a in self.axes if a not in "YX")
+
+    @property
+    def lead_shape(self) -> tuple[int, ...]:
+        return tuple(n for a, n in zip(self.axes, self.shape) if a not in "YX")
+
+    @property
+    def plane_shape(self) -> tuple[int, int]:
+        return self.shape[self.axes.index("Y")], self.shape[self.axes.index("X")]
+
+    def read_plane(self, lead: tuple = (), ys: slice = slice(None), xs: slice = slice(None)) -> np.ndarray:
+        """A window of one plane, as a (Y, X) array whatever the array's axis order. ``lead``: one index
+        per axis in ``lead_axes``."""
+        lead = iter(lead)
+        idx = tuple(ys if a == "Y" else xs if a == "X" else int(next(lead)) for a in self.axes)
+        p = np.asarray(self.array[idx])
+        return p.T if self.axes.index("Y") > self.axes.index("X") else p
+
     def close(self) -> None:
         for c in self._closers:
             c()

@@ -138,8 +138,7 @@ def _raw_planes(path: Path) -> list[np.ndarray]:
     """The raw 2-D planes of an image or stack file, for paired data (read whole: a pair's intensity
     frames are matched over the whole plane)."""
     if _is_stack(path):
-        return [np.asarray(p.src.array[p.index]).T if p.yi > p.xi else np.asarray(p.src.array[p.index])
-                for p in _stack_planes(path, "microscopy")]
+        return [p.src.read_plane(p.lead) for p in _stack_planes(path, "microscopy")]
     if path.suffix.lower() in (".tif", ".tiff"):
         import tifffile
 
@@ -154,17 +153,13 @@ class LazyPlane:
     stacks larger than memory costs one patch of I/O per sample. ``plane[y0:y1, x0:x1]`` is float32 in
     the model's range (the stack's own normaliser, computed once from a sample of its planes)."""
 
-    def __init__(self, src, index: tuple, normalizer):
-        self.src, self.index, self.normalizer = src, index, normalizer
-        self.yi, self.xi = src.axes.index("Y"), src.axes.index("X")
-        self.shape = (src.shape[self.yi], src.shape[self.xi])
+    def __init__(self, src, lead: tuple, normalizer):
+        self.src, self.lead, self.normalizer = src, lead, normalizer
+        self.shape = src.plane_shape
 
     def __getitem__(self, key) -> np.ndarray:
         sy, sx = key if isinstance(key, tuple) else (key, slice(None))
-        idx = list(self.index)
-        idx[self.yi], idx[self.xi] = sy, sx
-        a = np.asarray(self.src.array[tuple(idx)])
-        return self.normalizer.forward(a.T if self.yi > self.xi else a)
+        return self.normalizer.forward(self.src.read_plane(self.lead, sy, sx))
 
 
 def _stack_planes(path: Path, task: str) -> list[LazyPlane]:
@@ -175,20 +170,13 @@ def _stack_planes(path: Path, task: str) -> list[LazyPlane]:
     src = open_input(path)
     if "Y" not in src.axes or "X" not in src.axes:
         raise ValueError(f"{path}: axes {src.axes!r} have no Y and X")
-    lead = [(d, n) for d, n in enumerate(src.shape) if src.axes[d] not in "YX"]
-    planes = []
-    for flat in range(int(np.prod([n for _, n in lead])) if lead else 1):
-        pos = np.unravel_index(flat, [n for _, n in lead]) if lead else ()
-        idx = [slice(None)] * len(src.shape)
-        for (d, _), i in zip(lead, pos):
-            idx[d] = int(i)
-        planes.append(LazyPlane(src, tuple(idx), None))
+    planes = [LazyPlane(src, tuple(int(i) for i in lead), None) for lead in np.ndindex(*src.lead_shape)]
     # One normaliser per stack, from a strided sample of up to 16 planes (never per patch: that would
     # teach the model a different intensity mapping than `restore` applies).
     picks = np.unique(np.linspace(0, len(planes) - 1, min(16, len(planes))).round().astype(int))
     stride = max(1, int(np.sqrt(planes[0].shape[0] * planes[0].shape[1] * len(picks) / 2e6)))
-    sample = np.stack([np.asarray(src.array[tuple(
-        slice(None, None, stride) if isinstance(i, slice) else i for i in planes[k].index)]) for k in picks])
+    every = slice(None, None, stride)
+    sample = np.stack([src.read_plane(planes[k].lead, every, every) for k in picks])
     norm = Normalizer.for_data(sample, NORMALIZATION[task] if task == "microscopy" else _natural_policy(sample))
     for p in planes:
         p.normalizer = norm

@@ -18,7 +18,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -138,7 +138,7 @@ def save_model(
         task=task,
         config=model.config.as_dict(),
         package_version=meta.get("package_version", _package_version()),
-        created=meta.get("created", datetime.now(timezone.utc).isoformat(timespec="seconds")),
+        created=meta.get("created", datetime.now(UTC).isoformat(timespec="seconds")),
     )
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
