@@ -65,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _registrars() -> list:
     """Subcommands defined in their own modules."""
-    from . import _cli_restore, _cli_train
+    from . import _cli_export, _cli_restore, _cli_train
 
-    return [_cli_restore.register, _cli_train.register]
+    return [_cli_restore.register, _cli_train.register, _cli_export.register]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,35 @@
+"""`memnet export`: a model as ONNX or TorchScript, for other runtimes."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import _cli_types as T
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_model
+
+    try:
+        path = export_model(args.model, args.output, args.format, scale=args.scale, overwrite=args.overwrite)
+    except ModuleNotFoundError as e:
+        raise LookupError(f"--format {args.format} needs the {e.name!r} package: pip install "
+                          "'napari-memnet[export]' (onnx, onnxruntime)") from e
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+def register(sub) -> None:
+    from .export import FORMATS
+
+    e = sub.add_parser("export", help="write a model as ONNX or TorchScript for other runtimes",
+                       description="Write a model (shipped, fine-tuned or a .safetensors path) as ONNX or "
+                       "TorchScript: input and output are float32 (N, 1, H, W) in the model's intensity "
+                       "range, any size; the intensity mapping and the receptive field are in the file's "
+                       "metadata. Super-resolution models carry the bicubic pre-upsampling (--scale).")
+    e.add_argument("model", help="task, model name (see `memnet models`) or .safetensors path")
+    e.add_argument("-o", "--output", required=True, help="output file (.onnx or .pt)")
+    e.add_argument("--format", choices=FORMATS, default="onnx", help="[onnx]")
+    e.add_argument("--scale", type=T.sr_scale, default=None, help="super-resolution factor to build in (2, 3 or 4)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    e.set_defaults(func=cmd_export)
