@@ -43,6 +43,7 @@ def _single_thread_reference(*args, **kwargs):
         torch.set_num_threads(n)
 
 
+@pytest.mark.slow
 def test_two_worker_local_cluster_matches_single_process(stack, model_file, tmp_path):
     from distributed import Client, LocalCluster
 
@@ -72,6 +73,7 @@ def test_two_worker_local_cluster_matches_single_process(stack, model_file, tmp_
     assert zarr.open_group(str(out2), mode="r").attrs["memnet"]["complete"] is True
 
 
+@pytest.mark.slow
 def test_cli_workers_option(stack, model_file, tmp_path):
     from memnet.cli import main
 
@@ -82,6 +84,7 @@ def test_cli_workers_option(stack, model_file, tmp_path):
     assert got.shape == ref.shape and np.abs(got.astype(int) - ref).max() <= 1
 
 
+@pytest.mark.slow
 def test_kill_9_and_resume_many_times_is_byte_identical(tmp_path, rng, tiny_model):
     x = (rng.random((40, 128, 128)) * 4000).astype(np.uint16)
     src = tmp_path / "in.tif"
@@ -175,6 +178,7 @@ def test_resume_skips_done_groups(stack, model_file, tmp_path):
     assert seen == [] or seen[-1].skipped == 36
 
 
+@pytest.mark.slow
 def test_self_ensemble_on_workers_matches_single_process_and_resume_checks_it(stack, model_file, tmp_path):
     from memnet.cli import main
 
@@ -190,6 +194,7 @@ def test_self_ensemble_on_workers_matches_single_process_and_resume_checks_it(st
         memnet.restore(stack, model_file, output=out, tile=64, device="cpu", resume=True)
 
 
+@pytest.mark.slow
 def test_distributed_workers_run_with_the_callers_amp_and_memory_budget(stack, model_file, tmp_path):
     """Every restore option reaches the workers: amp as asked (not the default), and the memory budget
     sets the batch they run (a 1-byte budget: one tile per forward pass)."""

@@ -171,6 +171,7 @@ def _slow_run(src, out, model, *extra):
 
 
 @pytest.mark.parametrize("suffix, extra", [(".tif", []), (".zarr", ["--overwrite"])])
+@pytest.mark.slow
 def test_two_concurrent_runs_one_output(suffix, extra, micro_file, tmp_path, rng):
     import time
 

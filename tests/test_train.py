@@ -53,6 +53,7 @@ def test_sampler_degrades_and_keeps_shapes(task):
     assert not torch.equal(x, y)
 
 
+@pytest.mark.slow
 def test_train_reduces_loss_saves_and_resumes(tmp_path):
     data = _smooth_images(tmp_path / "clean")
     logs = []
@@ -77,6 +78,7 @@ def test_train_reduces_loss_saves_and_resumes(tmp_path):
     assert info2.metadata["training"]["steps"] == 70
 
 
+@pytest.mark.slow
 def test_bf16_training_on_cpu_learns_like_fp32_and_saves_fp32_weights(tmp_path):
     data = _smooth_images(tmp_path / "clean")
     curves = {}
@@ -408,6 +410,7 @@ def _dihedral(a):
     return [np.rot90(b, k) for b in (a, a[:, ::-1]) for k in range(4)]
 
 
+@pytest.mark.slow
 def test_device_sampler_cuts_real_crops_in_all_8_orientations_with_blind_noise():
     from memnet.train import DevicePatchSampler
 

@@ -222,6 +222,7 @@ sys.exit(main(sys.argv[2:]))
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS is enforced on Linux")
+@pytest.mark.slow
 def test_a_metadata_bomb_under_a_memory_limit_is_a_clean_refusal(tiny_model, tmp_path):
     import os
     import subprocess
