@@ -44,7 +44,7 @@ class _NotPublished:
 
 
 class LossPlot(QWidget):
-    """Training loss (log scale, orange) and validation PSNR (blue) against the step."""
+    """Training loss (log scale, orange) and the held-out score (blue) against the step."""
 
     def __init__(self):
         super().__init__()
@@ -64,7 +64,7 @@ class LossPlot(QWidget):
         w, h, m, mr = self.width(), self.height(), 28, 48  # right margin fits "xx.x dB" labels
         p.fillRect(self.rect(), QColor(38, 41, 48))
         p.setPen(QColor(200, 200, 200))
-        p.drawText(m, 14, "loss (orange, log)   validation PSNR (blue, dB)")
+        p.drawText(m, 14, "loss (orange, log)   held-out score (blue, dB)")
         if len(self.history) < 1:
             p.drawText(m, h // 2, "the plot fills in at each validation")
             return
