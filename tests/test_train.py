@@ -333,16 +333,16 @@ def test_stop_checkpoints_and_resume_finishes(tmp_path):
     from memnet.engine import Cancelled
 
     with pytest.raises(Cancelled, match="stopped at step 7: checkpoint saved"):
-        train(cfg, log=log, stop=ev)
+        train(cfg, log=log, cancel=ev)
     assert any("validation at step 7" in line for line in logs)  # the checkpoint is validated
     _, info = memnet.load_model(tmp_path / "run" / "last.safetensors")
     assert info.metadata["training"]["steps"] == 7
     logs2 = []
-    train(cfg, resume=True, log=logs2.append, stop=lambda: False)
+    train(cfg, resume=True, log=logs2.append, cancel=lambda: False)
     assert logs2[0].startswith("resumed from step 7") and any("validation at step 20" in line for line in logs2)
     cfg.steps = 30  # resume with more steps, but stopped before the first: nothing new to save
     with pytest.raises(Cancelled, match="stopped before step 21"):
-        train(cfg, resume=True, log=lambda s: None, stop=ev)
+        train(cfg, resume=True, log=lambda s: None, cancel=ev)
 
 
 def test_cli_train_sigterm_stops_gracefully(tmp_path, capfd, monkeypatch):

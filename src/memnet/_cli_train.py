@@ -54,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     with _graceful_stop("validation and a checkpoint first") as stop:
         try:
-            best = train(cfg, resume=args.resume, log=lambda s: print(s, flush=True), stop=stop)
+            best = train(cfg, resume=args.resume, log=lambda s: print(s, flush=True), cancel=stop)
         except Cancelled as e:
             print(e, flush=True)
             return 130

@@ -581,11 +581,11 @@ def _training_record(meta_base: dict, state: FitState, previous: dict | None, de
     return t
 
 
-def train(cfg: TrainConfig, resume: bool = False, log=print, stop=None) -> Path:
-    """Train; returns the path of the best model (``OUT/best.safetensors``). ``stop``: a
-    ``threading.Event`` or a callable returning True; when it fires before the last step the run
-    validates, saves a checkpoint (as ``--hours`` does) and raises ``Cancelled`` (as ``finetune``
-    does); ``resume=True`` continues it."""
+def train(cfg: TrainConfig, resume: bool = False, log=print, cancel=None) -> Path:
+    """Train; returns the path of the best model (``OUT/best.safetensors``). ``cancel``: a
+    ``threading.Event`` or a callable returning True, as for ``restore`` and ``finetune``; when it fires
+    before the last step the run validates, saves a checkpoint (as ``--hours`` does) and raises
+    ``Cancelled``; ``resume=True`` continues it."""
     cfg = _checked(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -611,7 +611,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop=None) -> Path:
     elif resume:
         log(f"nothing to resume in {out}: starting from " + (f"--init {cfg.init}" if cfg.init else "scratch"))
     meta_base = _record(cfg, arch)
-    if state.step < cfg.steps and stop_requested(stop):
+    if state.step < cfg.steps and stop_requested(cancel):
         raise Cancelled(f"training stopped before step {state.step + 1}: nothing new to save")
     rate = _RateLog(cfg, log, sched)
 
@@ -649,7 +649,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop=None) -> Path:
 
     model.train()
     fit(state, steps=cfg.steps, val_every=cfg.val_every, seconds=None if cfg.hours is None else cfg.hours * 3600,
-        train_step=train_step, validate=validate, checkpoint=checkpoint, stop=stop, log=log)
+        train_step=train_step, validate=validate, checkpoint=checkpoint, stop=cancel, log=log)
     if state.ended == "time budget":
         log(f"time budget of {cfg.hours} h reached at step {state.step}: checkpoint saved, resume with --resume")
     elif state.ended == "stopped":
