@@ -72,3 +72,19 @@ def test_each_restore_default_has_one_home():
     for m in ENGINE:
         text = (SRC / f"{m}.py").read_text()
         assert m == "options" or not re.search(r"(?<!sha)\b256\b", text), f"{m} restates the default tile"
+
+
+def test_no_module_imports_another_modules_private_names():
+    for m in sorted(_graph()):
+        for node in _imports(m):
+            private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")
+                       and node.module]
+            assert not private, f"{m} imports private {node.module}.{private}"
+
+
+def test_training_modules_keep_functions_short():
+    """One fit loop behind train and finetune (issue #23): no function of about 80 lines or more."""
+    for m in ("fitloop", "train", "finetune", "finetune_modes", "_cli_train", "export"):
+        for f in ast.walk(ast.parse((SRC / f"{m}.py").read_text())):
+            if isinstance(f, ast.FunctionDef):
+                assert f.end_lineno - f.lineno < 85, f"{m}.{f.name} is {f.end_lineno - f.lineno + 1} lines"
