@@ -8,7 +8,7 @@ import tifffile
 
 import memnet
 from memnet.cli import main
-from memnet.finetune import FinetuneConfig, NotImproved, _n2v_mask, finetune, fit_noise_model
+from memnet.finetune import FinetuneConfig, NotImproved, finetune, fit_noise_model
 from memnet.finetune_modes import MODES, blind_spot, subsample_pairs
 
 
@@ -66,7 +66,7 @@ def test_n2v_mask_never_uses_the_pixel_itself(rng):
     import torch
 
     x = torch.arange(16 * 16, dtype=torch.float32).reshape(1, 1, 16, 16)
-    xi, mask = _n2v_mask(x, 0.1, rng)
+    xi, mask = blind_spot(x, 0.1, rng, "random")
     m = mask.bool()
     assert m.sum() > 0 and torch.all(xi[m] != x[m])
     assert torch.equal(xi[~m], x[~m])

@@ -19,7 +19,7 @@ import torch
 
 from .degrade import psnr
 from .engine import Cancelled, resolve_device
-from .finetune_modes import MODES, Mode, blind_spot, get_mode, subsample_pairs
+from .finetune_modes import MODES, Mode, fit_noise_model, get_mode, subsample_pairs
 from .fitloop import FitState, atomic_save, fit
 from .io import is_zarr_path, open_input
 from .normalize import Normalizer
@@ -126,28 +126,6 @@ def _planes(data, axes, max_planes: int, policy: dict, include: str | None = Non
     return out
 
 
-def fit_noise_model(noisy: np.ndarray, signal: np.ndarray, bins: int = 32) -> tuple[float, float]:
-    """Fit var(noisy - signal) = a·signal + b by least squares over intensity bins (robust to
-    structure left in the residual because it uses the median absolute deviation per bin)."""
-    s, r = signal.ravel(), (noisy - signal).ravel()
-    edges = np.quantile(s, np.linspace(0.02, 0.98, bins + 1))
-    xs, vs = [], []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        m = (s >= lo) & (s < hi)
-        if m.sum() > 50:
-            xs.append(s[m].mean())
-            vs.append((1.4826 * np.median(np.abs(r[m] - np.median(r[m])))) ** 2)
-    if len(xs) < 2:
-        return 0.0, float(np.var(r))
-    a, b = np.polyfit(np.array(xs), np.array(vs), 1)
-    return max(float(a), 0.0), max(float(b), 1e-8)
-
-
-def _n2v_mask(x: torch.Tensor, fraction: float, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise2Void's masking (kept for callers of the earlier name): see ``finetune_modes.blind_spot``."""
-    return blind_spot(x, fraction, rng, "random")
-
-
 def _split(items: list, fraction: float, rng, patch: int) -> tuple[list, list]:
     """Hold out whole planes when there are several; else the bottom strip of each plane, at least one
     patch tall (validation must never see training pixels, or early stopping measures memorisation)."""
@@ -179,6 +157,7 @@ class _Context:
     def __init__(self, model, dev, log):
         self.model, self.dev, self.log = model, dev, log
         self.noise_model: tuple[float, float] | None = None
+        self.record: dict = {}  # what a mode adds to the new model's card (e.g. the fitted noise model)
 
     def predictions(self, planes: list[np.ndarray]) -> list[np.ndarray]:
         return [_predict(self.model, p, self.dev) for p in planes]
@@ -189,9 +168,9 @@ def _check(cfg: FinetuneConfig, mode: Mode, target, noisy2) -> None:
         raise ValueError(f"mode {mode.name!r} needs clean targets (--target)")
     if mode.needs == "noisy2" and noisy2 is None:
         raise ValueError(f"mode {mode.name!r} needs a second noisy acquisition of the same field (--data2)")
-    if target is not None and mode.name not in ("paired", "synthetic"):
-        raise ValueError(f"mode {mode.name!r} learns from the noisy data alone: --target is used only by "
-                         "'paired' and 'synthetic' (clean images to add the fitted noise to)")
+    if target is not None and not mode.takes_target:
+        users = " and ".join(repr(n) for n in sorted(n for n, m in MODES.items() if m.takes_target))
+        raise ValueError(f"mode {mode.name!r} learns from the noisy data alone: --target is used only by {users}")
     if noisy2 is not None and mode.needs != "noisy2":
         raise ValueError(f"mode {mode.name!r} does not use a second acquisition (--data2): that is mode 'n2n'")
     if not cfg.name or any(c in cfg.name for c in "/\\:"):
@@ -208,24 +187,17 @@ def _check(cfg: FinetuneConfig, mode: Mode, target, noisy2) -> None:
 
 def _items(cfg, mode: Mode, ctx: _Context, policy, noisy, target, noisy2) -> tuple[list, dict]:
     """Training items of the mode, and what goes into the model's record about them."""
-    record = {}
     if mode.stack_pairs:
-        return _planes(noisy, cfg.axes, cfg.max_planes, policy, cfg.include, neighbours=True), record
+        return _planes(noisy, cfg.axes, cfg.max_planes, policy, cfg.include, neighbours=True), ctx.record
     planes = _planes(noisy, cfg.axes, cfg.max_planes, policy, cfg.include)
-    second = target if mode.needs == "target" else noisy2 if mode.needs == "noisy2" else None
+    second = target if mode.takes_target else noisy2 if mode.needs == "noisy2" else None
     others = _planes(second, cfg.axes, cfg.max_planes, policy, cfg.include) if second is not None else None
-    if others is not None and (len(others) != len(planes) or any(a.shape != b.shape for a, b in zip(planes, others))):
+    mismatch = others is not None and (len(others) != len(planes) or any(a.shape != b.shape
+                                                                         for a, b in zip(planes, others)))
+    if mode.needs and mismatch:  # pairs must match plane for plane; optional clean images need not
         raise ValueError(f"the {mode.name} data do not match the noisy data plane for plane "
                          f"({len(planes)} planes of {planes[0].shape} vs {len(others)} of {others[0].shape})")
-    if mode.name == "synthetic":
-        pred = ctx.predictions(planes)
-        a, b = fit_noise_model(np.concatenate([p.ravel() for p in planes]), np.concatenate([q.ravel() for q in pred]))
-        ctx.log(f"noise model: variance = {a:.4g}·signal + {b:.4g} (normalised units)")
-        ctx.noise_model = (a, b)
-        record["noise_model"] = {"variance": "a*signal + b (normalised units)", "a": a, "b": b}
-        clean = _planes(target, cfg.axes, cfg.max_planes, policy, cfg.include) if target is not None else pred
-        return mode.items(None, clean, ctx), record
-    return mode.items(planes, others, ctx), record
+    return mode.items(planes, others, ctx), ctx.record
 
 
 class _HeldOut:

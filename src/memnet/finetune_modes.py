@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Mode", "MODES", "register", "get_mode", "subsample_pairs", "self_supervised_modes"]
+__all__ = ["Mode", "MODES", "register", "get_mode", "subsample_pairs", "self_supervised_modes", "blind_spot",
+           "fit_noise_model"]
 
 MODES: dict[str, Mode] = {}
 
@@ -41,6 +42,7 @@ class Mode:
     name = ""
     help = ""
     needs: str | None = None  # None (the noisy data alone), "target" (clean images) or "noisy2"
+    takes_target = False  # clean images (--target) are used, required or not
     criterion = "subsample"
     stack_pairs = False  # items are neighbouring planes of the user's stacks
     patch_scale = 1  # training patches are this many times --patch (sub-sampling modes halve them)
@@ -65,6 +67,7 @@ class Paired(Mode):
     name = "paired"
     help = "noisy images with clean references of the same fields"
     needs = "target"
+    takes_target = True
     criterion = "target"
 
     def items(self, planes, others, ctx):
@@ -113,16 +116,16 @@ class Nbr2Nbr(Mode):
         return g1, g2, (x, idx)
 
     def loss(self, model, mp, x, y, extra):
+        from .train import multi_supervised_loss
+
         full, idx = extra
         final, branches = mp.forward(model, x)
         with torch.no_grad():
             was = model.training
             model.eval()
-            f1, f2 = _gather(model(full), idx)
+            f1, f2 = _gather(model(full.to(x.device)), idx)
             model.train(was)
-        outs = branches + [final]
-        rec = sum(torch.mean((o - y) ** 2) for o in outs) / len(outs)
-        return rec + self.gamma * torch.mean((final - y - (f1 - f2)) ** 2)
+        return multi_supervised_loss(final, branches, y) + self.gamma * torch.mean((final - y - (f1 - f2)) ** 2)
 
 
 @register
@@ -159,9 +162,15 @@ class Synthetic(Mode):
     name = "synthetic"
     help = ("a Poisson-Gaussian noise model fitted on the noisy data against the starting model's output; "
             "trains on that output (or on given clean images) with calibrated noise added")
+    takes_target = True  # optional: clean images of the same kind, any fields
 
     def items(self, planes, others, ctx):
-        return [(q, q) for q in (others if others is not None else ctx.predictions(planes))]
+        pred = ctx.predictions(planes)
+        a, b = fit_noise_model(np.concatenate([p.ravel() for p in planes]), np.concatenate([q.ravel() for q in pred]))
+        ctx.log(f"noise model: variance = {a:.4g}·signal + {b:.4g} (normalised units)")
+        ctx.noise_model = (a, b)
+        ctx.record["noise_model"] = {"variance": "a*signal + b (normalised units)", "a": a, "b": b}
+        return [(q, q) for q in (others if others is not None else pred)]
 
     def batch(self, x, y, rng, ctx):
         a, b = ctx.noise_model
@@ -171,6 +180,23 @@ class Synthetic(Mode):
 
 # The order the CLI lists and the widget offers: single-image self-supervised modes first, best first.
 MODES.update({n: MODES.pop(n) for n in ("nbr2nbr", "n2v2", "n2v", "adjacent", "synthetic", "paired", "n2n")})
+
+
+def fit_noise_model(noisy: np.ndarray, signal: np.ndarray, bins: int = 32) -> tuple[float, float]:
+    """Fit var(noisy - signal) = a·signal + b by least squares over intensity bins (robust to
+    structure left in the residual because it uses the median absolute deviation per bin)."""
+    s, r = signal.ravel(), (noisy - signal).ravel()
+    edges = np.quantile(s, np.linspace(0.02, 0.98, bins + 1))
+    xs, vs = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (s >= lo) & (s < hi)
+        if m.sum() > 50:
+            xs.append(s[m].mean())
+            vs.append((1.4826 * np.median(np.abs(r[m] - np.median(r[m])))) ** 2)
+    if len(xs) < 2:
+        return 0.0, float(np.var(r))
+    a, b = np.polyfit(np.array(xs), np.array(vs), 1)
+    return max(float(a), 0.0), max(float(b), 1e-8)
 
 
 def blind_spot(x: torch.Tensor, fraction: float, rng: np.random.Generator, replace: str = "random"):
