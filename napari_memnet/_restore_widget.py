@@ -96,7 +96,9 @@ class RestoreWidget(Container):
         self._model = ComboBox(label="Model", choices=model_choices)
         self._scale = ComboBox(label="SR scale", choices=[2, 3, 4], value=2, visible=False)
         self._device = ComboBox(label="Device", choices=self._devices(), value="auto")
-        self._tile = SpinBox(label="Tile (px)", min=32, max=4096, step=32, value=memnet.RestoreOptions.tile)
+        # 0 = auto: the tile follows the model's receptive field and the device (memnet.RestoreOptions.tile).
+        self._tile = SpinBox(label="Tile (px, 0 = auto)", min=0, max=4096, step=32, value=0,
+                             tooltip="output tile size; 0 (auto) sizes it from the model and the device")
         self._mode = RadioButtons(label="Mode", choices=["exact", "blended"], value="exact",
                                   orientation="horizontal",
                                   tooltip="exact: seam-free, equal to whole-image inference; "
@@ -164,7 +166,7 @@ class RestoreWidget(Container):
     # Running ------------------------------------------------------------------------------------
     def _options(self) -> dict:
         """The memnet.RestoreOptions fields this widget sets (the others keep their defaults)."""
-        opts = {"tile": int(self._tile.value), "device": self._device.value,
+        opts = {"tile": int(self._tile.value) or "auto", "device": self._device.value,
                 "halo": "exact" if self._mode.value == "exact" else int(self._halo.value)}
         if self._ensemble.value:
             opts["ensemble"] = True

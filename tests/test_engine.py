@@ -180,7 +180,7 @@ def test_other_errors_say_what_is_wrong(tiny_model, tmp_path):
         memnet.restore(tmp_path / "nope.tif", tiny_model, device="cpu")
     with pytest.raises(ValueError, match="unsupported output"):
         memnet.restore(np.zeros((20, 20), np.float32), tiny_model, output=tmp_path / "x.png", device="cpu")
-    with pytest.raises(ValueError, match="tile must be an integer"):
+    with pytest.raises(ValueError, match="tile must be 'auto' or an integer"):
         memnet.restore(np.zeros((20, 20), np.float32), tiny_model, tile=4, device="cpu")
     with pytest.raises(TypeError, match="complex"):
         memnet.restore(np.zeros((20, 20), np.complex64), tiny_model, device="cpu")

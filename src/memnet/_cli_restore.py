@@ -8,7 +8,7 @@ import sys
 import time
 
 from . import _cli_types as T
-from .options import RestoreOptions
+from .options import BACKENDS, RestoreOptions
 
 
 def _fmt_time(s: float | None) -> str:
@@ -99,7 +99,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 # The RestoreOptions fields set on the command line (the others keep their defaults).
-_OPTIONS = ("tile", "halo", "blend", "scale", "amp", "ensemble", "device", "batch_size")
+_OPTIONS = ("tile", "halo", "blend", "scale", "amp", "ensemble", "device", "batch_size", "backend")
 _D = RestoreOptions()  # the defaults, shown in --help
 
 
@@ -116,8 +116,9 @@ def register(sub) -> None:
                    help="task (denoise, sr, jpeg, microscopy), model name (see `memnet models`) or .safetensors path")
     p.add_argument("--scale", type=T.sr_scale, default=_D.scale,
                    help="super-resolution factor (2, 3 or 4) for sr models")
-    p.add_argument("--tile", type=T.count(16, "a tile size in pixels"), default=_D.tile,
-                   help=f"output tile (= Zarr chunk) size in pixels [{_D.tile}]")
+    p.add_argument("--tile", type=T.auto_or(T.count(16, "a tile size in pixels")), default=_D.tile,
+                   help="output tile (= Zarr chunk) size in pixels; auto: from the model's receptive field and "
+                   f"the device (CPU: a window of about 640 px; GPU: at most 1.3x halo work) [{_D.tile}]")
     p.add_argument("--halo", type=T.halo, default=_D.halo,
                    help=f"'exact' (receptive field: seam-free, equal to whole-image inference) or pixels [{_D.halo}]")
     p.add_argument("--blend", choices=("cosine", "linear"), default=_D.blend,
@@ -130,6 +131,9 @@ def register(sub) -> None:
                    help=f"tiles per forward pass [{_D.batch_size}]")
     p.add_argument("--amp", choices=("auto", "on", "off"), default=_D.amp,
                    help=f"mixed precision (bf16/fp16) on CUDA; auto: on for CUDA [{_D.amp}]")
+    p.add_argument("--backend", choices=BACKENDS, default=_D.backend,
+                   help="what runs the model: onnxruntime (CPU, ~3x eager here), eager PyTorch, or torch.compile "
+                   f"(~30 s to compile, then fast); auto: onnxruntime on CPU when installed, else eager [{_D.backend}]")
     p.add_argument("--ensemble", action="store_true", default=_D.ensemble,
                    help="self-ensemble: average over the 8 flips/rotations of each tile (8x slower, a little "
                    "better; exact mode stays exact)")

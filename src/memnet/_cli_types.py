@@ -63,6 +63,14 @@ def halo(text: str) -> str | int:
     return v
 
 
+def auto_or(parse):
+    """``auto`` or whatever ``parse`` accepts."""
+    def parse_auto(text: str):
+        return text if text == "auto" else parse(text)
+    parse_auto.__name__ = parse.__name__
+    return parse_auto
+
+
 def batch_size(text: str) -> str | int:
     if text == "auto":
         return text

@@ -52,8 +52,8 @@ def _worker_job(spec: dict, weights: bytes) -> Job:
     """The job of a distributed run as a worker sees it (model, input and output cached per process)."""
     opts = RestoreOptions.from_dict(spec["options"])
     dev = resolve_device(opts.device)
-    runner = cached(("runner", spec["digest"], str(dev), opts.amp, opts.ensemble),
-                    lambda: Runner(load_model_bytes(weights, dev), dev, amp=opts.amp, ensemble=opts.ensemble))
+    runner = cached(("runner", spec["digest"], str(dev), opts.amp, opts.ensemble, opts.backend),
+                    lambda: Runner.for_options(load_model_bytes(weights, dev), dev, opts))
     src = cached(("source", spec["input"], spec["axes"], spec["series"]),
                  lambda: open_input(spec["input"], axes=spec["axes"], series=spec["series"]))
     n = spec["norm"]

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .options import RestoreOptions
 from .outputs import OutputLock, check_output_path, read_markers, remove_tree, sidecar, write_marker
 
 __all__ = ["Source", "open_input", "save_image", "normalize_axes", "ZarrSink", "TiffSink", "MemorySink", "is_zarr_path"]
@@ -608,7 +607,7 @@ def save_image(data, path, *, axes: str | None = None, scale: dict | None = None
     the restore default). Marked complete only at the end."""
     from .tiling import TilePlan
 
-    tile = RestoreOptions.tile if tile is None else tile
+    tile = 256 if tile in (None, "auto") else tile  # no model here to size tiles from
     src = open_input(data, axes=axes)
     path = Path(path)
     yi, xi = src.axes.index("Y"), src.axes.index("X")

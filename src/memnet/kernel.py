@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .degrade import bicubic_up_rows
+from .inference import default_tile
 from .io import MemorySink, Source, TiffSink, ZarrSink, is_zarr_path, job_signature, open_input
 from .model import receptive_field
 from .normalize import Normalizer
@@ -258,9 +259,9 @@ def prepare(data, model="denoise", *, axes=None, series=None, options: RestoreOp
         raise ValueError(f"the tiled engine runs single-channel models (each channel separately); this model "
                          f"takes {net.config.in_channels} channels")
     src = open_input(data, axes=axes, series=series)
-    opts = opts.resolved(receptive_field(net))
+    opts = opts.resolved(receptive_field(net), default_tile(net.config, dev, opts.memory_budget))
     norm = Normalizer.for_data(src.array, policy)
-    return Job(src, Runner(net, dev, amp=opts.amp, ensemble=opts.ensemble), norm, opts, info)
+    return Job(src, Runner.for_options(net, dev, opts), norm, opts, info)
 
 
 def resolve_batch(job: Job) -> int:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-__all__ = ["RestoreOptions"]
+__all__ = ["BACKENDS", "RestoreOptions"]
 
+BACKENDS = ("auto", "eager", "compile", "onnxruntime")  # what memnet.inference builds
 _AMP = {"auto": "auto", "on": "on", "off": "off", True: "on", False: "off"}
 
 
@@ -26,7 +27,9 @@ class RestoreOptions:
     """How to restore. After `resolved` (done by `prepare`), ``halo`` is in pixels and ``blend`` is
     None in exact mode: the values the tiling plan is made from."""
 
-    tile: int = 256  # output core size in pixels (the chunk size of a Zarr output)
+    # Output core size in pixels (the chunk size of a Zarr output); "auto": from the model's receptive
+    # field and the device (`memnet.inference.default_tile`), fixed by `resolved`.
+    tile: int | str = "auto"
     halo: int | str = "exact"  # "exact" (the receptive field) or pixels; below the radius: blended
     blend: str | None = "cosine"  # ramp of blended mode: "cosine" or "linear"
     scale: int = 1  # super-resolution factor (1, or 2/3/4 with an sr model)
@@ -34,6 +37,8 @@ class RestoreOptions:
     ensemble: bool = False  # geometric self-ensemble (8 flips/rotations per tile, averaged)
     device: str = _speed_only("auto")  # "auto", "cpu", "cuda", "cuda:N" ("auto": each worker its own)
     batch_size: int | str = _speed_only("auto")  # tiles per forward pass, or "auto" from the memory budget
+    # "auto" (ONNX Runtime on CPU when installed, else eager PyTorch), "eager", "compile", "onnxruntime".
+    backend: str = _speed_only("auto")
     # Bytes for "auto" batches (None: half the free GPU memory, 2 GiB on CPU).
     memory_budget: int | None = _speed_only(None)
 
@@ -42,9 +47,12 @@ class RestoreOptions:
         if not isinstance(self.ensemble, bool) and type(self.ensemble).__name__ not in ("bool_", "bool"):
             raise ValueError(f"ensemble must be True or False, got {self.ensemble!r}")
         set_(self, "ensemble", bool(self.ensemble))
-        if not _is_int(self.tile) or self.tile < 16:
-            raise ValueError(f"tile must be an integer ≥ 16 pixels, got {self.tile!r}")
-        set_(self, "tile", int(self.tile))
+        if self.tile != "auto":
+            if _as_int(self.tile) is None or _as_int(self.tile) < 16:
+                raise ValueError(f"tile must be 'auto' or an integer ≥ 16 pixels, got {self.tile!r}")
+            set_(self, "tile", _as_int(self.tile))
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         set_(self, "halo", _check_halo(self.halo))
         if self.blend not in ("cosine", "linear", None):
             raise ValueError(f"blend must be 'cosine' or 'linear', got {self.blend!r}")
@@ -78,9 +86,13 @@ class RestoreOptions:
                                 f"are {', '.join(sorted(names))}")
         return dataclasses.replace(options or cls(), **kw)
 
-    def resolved(self, radius: int) -> RestoreOptions:
-        """The options for a model of receptive-field ``radius``: the halo in pixels, and the blend
-        only where tiles really are blended (halo below the radius)."""
+    def resolved(self, radius: int, auto_tile: int | None = None) -> RestoreOptions:
+        """The options for a model of receptive-field ``radius``: the halo in pixels, the blend only
+        where tiles really are blended (halo below the radius), and ``tile="auto"`` as ``auto_tile``."""
+        if self.tile == "auto":
+            if auto_tile is None:
+                raise ValueError("tile='auto' needs the model and device's tile (memnet.inference.default_tile)")
+            self = dataclasses.replace(self, tile=auto_tile)
         if self.halo == "exact" or self.halo >= radius:
             halo = radius if self.halo == "exact" else self.halo  # a wider halo is exact too
             return dataclasses.replace(self, halo=halo, blend=None)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .inference import make_backend
 from .model import MemNet, self_ensemble
 from .zoo import ModelInfo, find_model, load_model
 
@@ -87,17 +88,15 @@ def resolve_model(model, device: torch.device) -> tuple[MemNet, dict, ModelInfo 
 
 
 class Runner:
-    """Runs batches of normalised float32 windows (B, H, W) through a model on one device:
-    inference_mode, channels_last, AMP (bf16, else fp16) on CUDA, halving the batch on OOM."""
+    """Runs batches of normalised float32 windows (B, H, W) through a model on one device: the model's
+    inference form (`memnet.inference`) on the chosen backend, inference_mode, channels_last, AMP (bf16,
+    else fp16) on CUDA, halving the batch on OOM."""
 
-    def __init__(self, model: MemNet, device: torch.device, amp: bool | str = "auto", channels_last: bool = True,
-                 ensemble: bool = False):
-        self.model = model.to(device).eval()
+    def __init__(self, model: MemNet, device: torch.device, amp: bool | str = "auto", ensemble: bool = False,
+                 backend: str = "auto"):
+        self.model = model.to(device).eval()  # the trained model (its config sizes batches and tiles)
         self.device = device
         self.ensemble = bool(ensemble)  # 8 flips/rotations per window, averaged (self_ensemble)
-        self.channels_last = channels_last  # 1.6x faster on CPU too (oneDNN), measured
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
         self.amp = {True: "on", False: "off"}.get(amp, amp)  # as asked: "auto", "on" or "off"
         if self.amp not in ("auto", "on", "off"):
             raise ValueError(f"amp must be 'auto', 'on' or 'off', got {amp!r}")
@@ -105,7 +104,15 @@ class Runner:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         else:
             self.amp_dtype = None
+        self.net, self.backend = make_backend(self.model, device, backend)
+        # channels_last: 1.6x faster than NCHW with oneDNN on CPU (measured); ONNX Runtime takes NCHW.
+        self.channels_last = self.backend != "onnxruntime"
         self.max_batch: int | None = None  # lowered after an OOM
+
+    @classmethod
+    def for_options(cls, model: MemNet, device: torch.device, options) -> Runner:
+        """The runner a job with these `RestoreOptions` uses (local and distributed alike)."""
+        return cls(model, device, amp=options.amp, ensemble=options.ensemble, backend=options.backend)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         if self.max_batch is not None and len(batch) > self.max_batch:
@@ -133,7 +140,7 @@ class Runner:
         return y.float()[:, 0].cpu().numpy()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self_ensemble(self.model, x) if self.ensemble else self.model(x)
+        return self_ensemble(self.net, x) if self.ensemble else self.net(x)
 
 
 def auto_batch(model: MemNet, window: tuple[int, int], device: torch.device, budget: int | None) -> int:

@@ -1,0 +1,221 @@
+"""The inference form of a trained MemNet, and the backends that run it.
+
+`fold(model)` builds an eval-only copy that computes the same function with less work: in eval mode a
+BatchNorm is a per-channel affine map, so the one that directly follows a convolution (``bn_b[r]``
+after the shared ``conv_a``) folds into that conv, one folded copy per recursion (the conv is shared,
+its BNs are not); the multi-supervision weights fold into the reconstruction conv. The remaining
+BNs sit in front of a ReLU after a sum or a concatenation (pre-activation), where nothing can absorb
+them exactly; the backends fuse them with their ReLU.
+
+Backends (`make_backend`): ``eager`` (PyTorch, channels_last), ``compile`` (``torch.compile``, the
+inductor; ~30 s to compile a shape, then faster), ``onnxruntime`` (ONNX Runtime's CPU execution
+provider, which fuses conv+ReLU and conv+add and runs blocked convolutions). ``auto`` picks by the
+measurement in bench/roofline.py: ONNX Runtime on CPU (about 3× eager there), eager elsewhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .model import MemNet, MemNetConfig
+from .options import BACKENDS
+
+__all__ = ["BACKENDS", "FoldedMemNet", "fold", "make_backend", "choose_backend", "default_tile",
+           "onnxruntime_available"]
+
+
+
+def _affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BN as ``x * a + b`` per channel."""
+    a = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return a, bn.bias - bn.running_mean * a
+
+
+class _FoldedBlock(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.recursions = block.recursions
+        self.bn_a = block.bn_a
+        self.conv_b = block.conv_b
+        self.gate = block.gate
+        # conv_a followed by bn_b[r] -> one conv per recursion: W' = a W, b' = a b + c.
+        self.conv_a = nn.ModuleList()
+        for bn in block.bn_b:
+            a, c = _affine(bn)
+            conv = copy.deepcopy(block.conv_a)
+            conv.weight.copy_(block.conv_a.weight * a[:, None, None, None])
+            conv.bias.copy_(block.conv_a.bias * a + c)
+            self.conv_a.append(conv)
+
+    def forward(self, long_term: list[torch.Tensor]) -> torch.Tensor:
+        h = long_term[-1]
+        short_term = []
+        for r in range(self.recursions):
+            t = torch.relu(self.conv_a[r](torch.relu(self.bn_a[r](h))))
+            h = h + self.conv_b(t)
+            short_term.append(h)
+        return self.gate(torch.cat(long_term + short_term, dim=1))
+
+
+class FoldedMemNet(nn.Module):
+    """Eval-only MemNet with the foldable BatchNorms and the branch weights folded (see module doc).
+    Equal to ``model.eval()(x)`` up to float rounding."""
+
+    def __init__(self, model: MemNet):
+        super().__init__()
+        model = copy.deepcopy(model).eval()
+        self.config: MemNetConfig = model.config
+        with torch.no_grad():
+            self.fenet = model.fenet
+            self.blocks = nn.ModuleList(_FoldedBlock(b) for b in model.blocks)
+            self.recon_bn = model.recon_bn
+            # sum_m w_m (x + R(b_m)) = (sum_m w_m) x + sum_m (w_m R)(b_m): one scaled recon conv per branch.
+            w = model.branch_weights.detach()
+            self.recon = nn.ModuleList()
+            for m in range(len(model.blocks)):
+                conv = copy.deepcopy(model.recon_conv)
+                conv.weight.mul_(w[m])
+                conv.bias.mul_(w[m])
+                self.recon.append(conv)
+            self.register_buffer("input_weight", w.sum().reshape(1))
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):  # eval-only: BN statistics are baked in
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        long_term = [self.fenet(x)]
+        out = x * self.input_weight
+        for m, block in enumerate(self.blocks):
+            b = block(long_term)
+            long_term.append(b)
+            out = out + self.recon[m](torch.relu(self.recon_bn[m](b)))
+        return out
+
+
+@torch.no_grad()
+def fold(model: MemNet) -> FoldedMemNet:
+    """The inference form of a trained ``model`` (the model itself is not changed)."""
+    if not isinstance(model, MemNet):
+        raise TypeError(f"fold needs a memnet.MemNet, got {type(model).__name__}")
+    return FoldedMemNet(model)
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnx  # noqa: F401  (torch's exporter needs it)
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_backend(backend: str, device: torch.device) -> str:
+    """The backend ``auto`` means on ``device``; an explicit choice checked against the device."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "onnxruntime" if device.type == "cpu" and onnxruntime_available() else "eager"
+    if backend == "onnxruntime":
+        if device.type != "cpu":
+            raise ValueError(f"backend 'onnxruntime' runs on the CPU (device {device}); use --backend eager "
+                             f"or compile on {device.type.upper()}")
+        if not onnxruntime_available():
+            raise ValueError("backend 'onnxruntime' needs the onnx and onnxruntime packages: "
+                             "pip install onnx onnxruntime (or use --backend eager)")
+    return backend
+
+
+class _OrtModule:
+    """An ONNX Runtime session called like a module on (N, 1, H, W) float32 tensors on the CPU."""
+
+    def __init__(self, net: nn.Module, threads: int):
+        import onnxruntime as ort
+
+        buf = io.BytesIO()
+        example = torch.zeros(1, net.config.in_channels, 32, 32)
+        dyn = {0: "n", 2: "h", 3: "w"}
+        torch.onnx.export(net, example, buf, input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": dyn, "output": dyn}, opset_version=18, dynamo=False)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3  # warnings about unused initialisers are noise to a user
+        self.session = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().to(torch.float32).contiguous()
+        return torch.from_numpy(self.session.run(None, {"input": x.numpy()})[0])
+
+
+_BUILT: OrderedDict = OrderedDict()  # the last few backends built, by weights digest: a preview or a
+_BUILT_MAX = 4                       # restore of the same model reuses its ONNX session (~3 s to build)
+_BUILT_LOCK = threading.Lock()
+
+
+def _weights_digest(model: nn.Module) -> str:
+    h = hashlib.sha1()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def make_backend(model: MemNet, device: torch.device, backend: str = "auto") -> tuple[Callable, str]:
+    """A callable running the inference form of ``model`` on ``device`` (tensors in, tensors out) and
+    the backend's name. The caller moves inputs to ``device`` (channels_last for eager and compile).
+    Built once per weights, device and backend (a small cache of the most recent)."""
+    name = choose_backend(backend, device)
+    key = (_weights_digest(model), str(device), name, torch.get_num_threads())
+    with _BUILT_LOCK:
+        if key in _BUILT:
+            _BUILT.move_to_end(key)
+            return _BUILT[key], name
+    built = _build(model, device, name)
+    with _BUILT_LOCK:
+        _BUILT[key] = built
+        while len(_BUILT) > _BUILT_MAX:
+            _BUILT.popitem(last=False)
+    return built, name
+
+
+def _build(model: MemNet, device: torch.device, name: str) -> Callable:
+    net = fold(model).to(device)
+    if name == "onnxruntime":
+        with torch.inference_mode(False):  # the exporter traces; it cannot run under inference_mode
+            return _OrtModule(net.float(), torch.get_num_threads())
+    net = net.to(memory_format=torch.channels_last)
+    return torch.compile(net, dynamic=False) if name == "compile" else net
+
+
+def default_tile(config: MemNetConfig, device: torch.device, memory_budget: int | None = None) -> int:
+    """The output tile size for ``tile="auto"``, a multiple of 64, from the receptive field and the device.
+
+    CPU: windows of about 640² px, the largest that keeps the measured speed per pixel (bench/roofline.py;
+    beyond, the feature maps leave the cache and the speed falls), so tile = 640 - 2 × radius, ≥ 256.
+    GPU: the smallest tile whose window costs at most 1.3× its core in halo work, capped by memory."""
+    r = 2 + 2 * config.blocks * config.recursions
+    if device.type == "cpu":
+        return max(256, _round64(640 - 2 * r))
+    tile = _round64(2 * r / (math.sqrt(1.3) - 1), up=True)
+    if device.type == "cuda" and torch.cuda.is_available():
+        budget = memory_budget or int(torch.cuda.mem_get_info(device)[0] * 0.5)
+        per_px = (config.blocks + config.recursions + 6) * config.channels * 4  # fp32 maps: safe under any amp
+        while tile > 256 and per_px * (tile + 2 * r) ** 2 > budget:
+            tile -= 64
+    return tile
+
+
+def _round64(v: float, up: bool = False) -> int:
+    return int(64 * (math.ceil(v / 64) if up else round(v / 64)))

@@ -1,0 +1,142 @@
+"""The inference form (BN folding) and its backends equal the trained model; the automatic tile."""
+
+import numpy as np
+import pytest
+import torch
+
+import memnet
+from memnet.inference import choose_backend, default_tile, fold, make_backend, onnxruntime_available
+from memnet.zoo import list_models, load_model
+
+CPU = torch.device("cpu")
+
+
+def _random_model(blocks, recursions, channels, seed, dtype=torch.float64):
+    """Every parameter and BN statistic random (negative BN scales included): nothing to hide behind."""
+    torch.manual_seed(seed)
+    m = memnet.MemNet(blocks, recursions, channels)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.5)
+                mod.running_var.uniform_(0.2, 2.0)
+                mod.weight.normal_(0, 1.0)
+                mod.bias.normal_(0, 0.5)
+        m.recon_conv.weight.normal_(0, 0.1)
+        m.recon_conv.bias.normal_(0, 0.1)
+        m.branch_weights.uniform_(-0.5, 1.0)
+    return m.to(dtype).eval()
+
+
+def _rel(y, ref) -> float:
+    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(y - ref).max() / (ref.max() - ref.min()))
+
+
+@pytest.mark.parametrize("arch,seed", [((1, 1, 4), 0), ((2, 3, 8), 1), ((3, 2, 6), 2)])
+def test_folding_is_exact_in_float64(arch, seed):
+    m = _random_model(*arch, seed)
+    x = torch.rand(2, 1, 37, 29, dtype=torch.float64)
+    with torch.no_grad():
+        ref, got = m(x), fold(m)(x)
+    assert _rel(got, ref) < 1e-12
+    # folding leaves the trained model as it was, and the folded form really has fewer BNs
+    n_bn = sum(isinstance(t, torch.nn.BatchNorm2d) for t in m.modules())
+    n_folded = sum(isinstance(t, torch.nn.BatchNorm2d) for t in fold(m).modules())
+    assert n_folded == n_bn - arch[0] * arch[1]
+    assert m.training is False and isinstance(m.blocks[0].conv_a, torch.nn.Conv2d)
+
+
+def _backends():
+    names = ["eager"] + (["onnxruntime"] if onnxruntime_available() else [])
+    return names + [pytest.param("compile", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_each_backend_equals_the_float64_model_to_1e_5_of_the_range(backend):
+    m = _random_model(2, 2, 8, seed=3)
+    x = torch.rand(3, 1, 40, 52, dtype=torch.float64)
+    with torch.no_grad():
+        ref = m(x).numpy()
+        fn, name = make_backend(m.float(), CPU, backend)
+        assert name == backend
+        got = fn(x.float().contiguous(memory_format=torch.channels_last)).numpy()
+    assert got.shape == ref.shape
+    assert _rel(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("info", list_models(), ids=lambda i: i.name)
+def test_every_shipped_model_runs_the_same_on_every_backend(info, rng):
+    model, _ = load_model(info.path)
+    x = torch.from_numpy(rng.random((1, 1, 96, 80), dtype=np.float32))
+    with torch.no_grad():
+        ref = model.double()(x.double()).numpy()
+        model.float()
+        for backend in ["eager"] + (["onnxruntime"] if onnxruntime_available() else []):
+            fn, _ = make_backend(model, CPU, backend)
+            assert _rel(fn(x.contiguous(memory_format=torch.channels_last)).numpy(), ref) < 1e-5, backend
+
+
+def test_the_tiled_engine_on_each_backend_equals_whole_image_inference(tiny_model, rng):
+    data = rng.random((2, 150, 130), dtype=np.float32)
+    with torch.no_grad():
+        whole = np.stack([tiny_model.double()(torch.from_numpy(p).double()[None, None])[0, 0].numpy() for p in data])
+    tiny_model.float()
+    for backend in ["eager"] + (["onnxruntime"] if onnxruntime_available() else []):
+        out = memnet.restore(data, tiny_model, tile=48, device="cpu", backend=backend)
+        assert _rel(out, whole) < 1e-5, backend
+
+
+def test_a_backend_is_built_once_per_weights_and_rebuilt_when_they_change(tiny_model):
+    a, _ = make_backend(tiny_model, CPU, "eager")
+    assert make_backend(tiny_model, CPU, "eager")[0] is a
+    with torch.no_grad():
+        tiny_model.recon_conv.bias.add_(1.0)
+    b, _ = make_backend(tiny_model, CPU, "eager")
+    assert b is not a
+    x = torch.rand(1, 1, 20, 20).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.allclose(b(x), tiny_model(x), atol=1e-5)
+
+
+def test_backend_choice_and_clear_refusals(monkeypatch):
+    assert choose_backend("eager", CPU) == "eager"
+    assert choose_backend("auto", torch.device("cuda")) == "eager"
+    if onnxruntime_available():
+        assert choose_backend("auto", CPU) == "onnxruntime"
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        choose_backend("onnxruntime", torch.device("cuda"))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        memnet.RestoreOptions(backend="tensorrt")
+    monkeypatch.setattr("memnet.inference.onnxruntime_available", lambda: False)
+    assert choose_backend("auto", CPU) == "eager"  # without onnxruntime installed: eager, no error
+    with pytest.raises(ValueError, match="pip install onnx onnxruntime"):
+        choose_backend("onnxruntime", CPU)
+
+
+def test_the_automatic_tile_follows_the_receptive_field():
+    cfg = memnet.CONFIGS
+    # CPU: windows of about 640 px (the measured sweet spot), never below 256.
+    assert default_tile(cfg["M4R4C32"], CPU) == 576  # radius 34 -> window 644
+    assert default_tile(cfg["M6R6C64"], CPU) == 512  # radius 74 -> window 660
+    assert default_tile(cfg["M10R10C64"], CPU) == 256
+    # GPU: the halo costs at most 1.3x the core's work.
+    for name in ("M4R4C32", "M6R6C64"):
+        c = cfg[name]
+        r = 2 + 2 * c.blocks * c.recursions
+        t = default_tile(c, torch.device("meta"))
+        assert t % 64 == 0 and ((t + 2 * r) / t) ** 2 <= 1.3 and ((t - 64 + 2 * r) / (t - 64)) ** 2 > 1.3
+
+
+def test_tile_auto_is_resolved_recorded_and_resumable(tiny_model, rng, tmp_path):
+    data = rng.random((2, 700, 90), dtype=np.float32)
+    out = tmp_path / "o.zarr"
+    job = memnet.engine.prepare(data, tiny_model, device="cpu")
+    assert job.options.tile == default_tile(tiny_model.config, CPU)
+    memnet.restore(data, tiny_model, output=out, device="cpu")
+    arr = memnet.open_input(out).array
+    assert arr.chunks[-2:] == (job.options.tile, 90)
+    # resuming a finished run with the default (auto) tile is accepted and changes nothing
+    before = np.asarray(arr[...])
+    memnet.restore(data, tiny_model, output=out, device="cpu", resume=True)
+    np.testing.assert_array_equal(np.asarray(memnet.open_input(out).array[...]), before)
