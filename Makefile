@@ -17,7 +17,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=68" wheel
 
 # Core + napari plugin (what a user needs for the demo).
-$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py napari.yaml
+$(VENV)/.installed: $(BIN)/python pyproject.toml src/napari_memnet/napari.yaml
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[napari,distributed]" "$(QT_SPEC)"
 	touch $@

@@ -1,4 +1,4 @@
-"""Regenerate the bundled sample (napari_memnet/data/): a synthetic widefield-like fluorescence
+"""Regenerate the bundled sample (src/napari_memnet/data/): a synthetic widefield-like fluorescence
 z-stack — nuclei, filaments and puncta, blurred by a Gaussian PSF — with Poisson-Gaussian camera
 noise (photon shot noise, gain, read noise, offset), stored as uint16 TIFF with its clean
 counterpart. Deterministic (fixed seed). Usage: python scripts/make_sample.py"""
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-OUT = Path(__file__).resolve().parents[1] / "napari_memnet" / "data"
+OUT = Path(__file__).resolve().parents[1] / "src" / "napari_memnet" / "data"
 Z, Y, X = 4, 384, 384
 GAIN, READ_NOISE, OFFSET, PEAK_PHOTONS = 2.0, 3.0, 100.0, 40.0
 

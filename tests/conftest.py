@@ -3,6 +3,9 @@ import pytest
 import torch
 
 import memnet
+from memnet.cli import main
+
+MICRO_METADATA = {"normalization": {"mode": "percentile", "low": 1, "high": 99.8}}  # as the shipped model
 
 
 @pytest.fixture(autouse=True)
@@ -32,3 +35,22 @@ def tiny_model():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def micro_file(tiny_model, tmp_path):
+    """The tiny model saved as a microscopy model file (percentile intensity policy)."""
+    p = tmp_path / "tiny-micro.safetensors"
+    memnet.save_model(tiny_model, p, name="tiny-micro", task="microscopy", metadata=MICRO_METADATA)
+    return p
+
+
+@pytest.fixture
+def restore_cli(capsys):
+    """``memnet restore ARGS`` on the CPU, quietly: ``restore_cli(args)`` returns (exit code, stderr)."""
+
+    def run(args):
+        rc = main(["restore", *map(str, args), "--device", "cpu", "-q"])
+        return rc, capsys.readouterr().err
+
+    return run

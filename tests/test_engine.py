@@ -55,14 +55,12 @@ def test_blending_a_constant_model_output_reproduces_it(rng):
         np.testing.assert_allclose(out, x, atol=1e-6)
 
 
-def test_tiff_in_zarr_and_tiff_out_keep_metadata(tiny_model, tmp_path, rng):
+def test_tiff_in_zarr_and_tiff_out_keep_metadata(micro_file, tmp_path, rng):
     x = (rng.random((2, 3, 150, 210)) * 4000).astype(np.uint16)
     src = tmp_path / "in.tif"
     tifffile.imwrite(src, x, imagej=True, resolution=(5, 5), metadata={"axes": "TZYX", "spacing": 0.7, "unit": "um"})
     before = src.read_bytes()
-    model_path = tmp_path / "m.safetensors"
-    memnet.save_model(tiny_model, model_path, name="m", task="microscopy",
-                      metadata={"normalization": {"mode": "percentile", "low": 1, "high": 99.8}})
+    model_path = micro_file
     mem = memnet.restore(src, model_path, tile=64, device="cpu")
     z = memnet.restore(src, model_path, output=tmp_path / "out.zarr", tile=64, device="cpu")
     t = memnet.restore(src, model_path, output=tmp_path / "out.tif", tile=64, device="cpu")
@@ -136,28 +134,10 @@ def test_cancel_leaves_no_complete_output(tiny_model, tmp_path, rng, suffix):
         assert not out.exists() and not (tmp_path / "out.tif.partial").exists()
 
 
-def test_output_equal_to_input_is_refused(tiny_model, tmp_path, rng):
-    p = tmp_path / "in.tif"
-    tifffile.imwrite(p, rng.random((40, 40), dtype=np.float32))
-    before = p.read_bytes()
-    with pytest.raises(ValueError, match="is the input"):
-        memnet.restore(p, tiny_model, output=p, overwrite=True, device="cpu")
-    assert p.read_bytes() == before
-
-
-def test_existing_output_needs_overwrite(tiny_model, tmp_path, rng):
-    x = rng.random((40, 40), dtype=np.float32)
-    out = tmp_path / "o.zarr"
-    memnet.restore(x, tiny_model, output=out, tile=32, device="cpu")
-    with pytest.raises(FileExistsError, match="already exists.*overwrite"):
-        memnet.restore(x, tiny_model, output=out, tile=32, device="cpu")
-    memnet.restore(x, tiny_model, output=out, tile=32, device="cpu", overwrite=True)
-
-
+# Axes of the wrong length: tests/test_bad_inputs.py::test_axes_that_do_not_match.
 @pytest.mark.parametrize(
     "axes,msg",
-    [("XY", "expected axes like ZYX for a 3-D array, got 'XY'"), ("ZZX", "name an axis twice"),
-     ("TZY", "must contain Y and X"), ("ZWX", "unknown axis letter")],
+    [("ZZX", "name an axis twice"), ("TZY", "must contain Y and X"), ("ZWX", "unknown axis letter")],
 )
 def test_bad_axes_are_named(tiny_model, axes, msg):
     with pytest.raises(ValueError, match=msg):
@@ -172,29 +152,23 @@ def test_axes_with_x_before_y(tiny_model, rng):
 
 
 def test_other_errors_say_what_is_wrong(tiny_model, tmp_path):
-    with pytest.raises(ValueError, match="input is empty"):
-        memnet.restore(np.zeros((0, 10, 10), np.float32), tiny_model, device="cpu")
-    with pytest.raises(ValueError, match="at least a 2-D image"):
-        memnet.restore(np.zeros(10, np.float32), tiny_model, device="cpu")
+    """The rest (empty, 1-D, complex, corrupt TIFF, output = input, existing output) are rows of the
+    fault matrix in tests/test_bad_inputs.py."""
     with pytest.raises(FileNotFoundError, match="input not found"):
         memnet.restore(tmp_path / "nope.tif", tiny_model, device="cpu")
     with pytest.raises(ValueError, match="unsupported output"):
         memnet.restore(np.zeros((20, 20), np.float32), tiny_model, output=tmp_path / "x.png", device="cpu")
     with pytest.raises(ValueError, match="tile must be 'auto' or an integer"):
         memnet.restore(np.zeros((20, 20), np.float32), tiny_model, tile=4, device="cpu")
-    with pytest.raises(TypeError, match="complex"):
-        memnet.restore(np.zeros((20, 20), np.complex64), tiny_model, device="cpu")
-    bad = tmp_path / "bad.tif"
-    bad.write_bytes(b"II*\x00garbage")
-    with pytest.raises(ValueError, match="bad.tif: not a readable TIFF"):
-        memnet.restore(bad, tiny_model, device="cpu")
 
 
-def test_image_smaller_than_tile_and_receptive_field(tiny_model, rng):
-    for shape in ((1, 1), (3, 5), (17, 9)):
-        x = rng.random(shape, dtype=np.float32)
-        out = memnet.restore(x, tiny_model, tile=256, device="cpu")
-        np.testing.assert_allclose(out, _whole(tiny_model, x)[0, 0], atol=1e-5)
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (3, 5), (17, 9), (9, 40), (2, 3, 2)])
+def test_image_smaller_than_tile_and_receptive_field(tiny_model, rng, shape):
+    """One window equal to the image: the same as whole-image inference (a fault-matrix row)."""
+    x = rng.random(shape, dtype=np.float32)
+    out = memnet.restore(x, tiny_model, tile=256, device="cpu")
+    assert out.shape == x.shape and out.dtype == np.float32
+    np.testing.assert_allclose(out, _whole(tiny_model, x).reshape(shape), atol=1e-5)
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4])

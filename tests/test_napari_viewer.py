@@ -1,5 +1,7 @@
 """The plugin in a real napari viewer (under Xvfb: pytest-xvfb starts it)."""
 
+import shutil
+
 import numpy as np
 import pytest
 import tifffile
@@ -18,10 +20,15 @@ def test_sample_opens_in_a_viewer(make_napari_viewer):
 
 
 @pytest.fixture
-def user_model(tiny_model, _isolated_user_models):
-    memnet.save_model(tiny_model, _isolated_user_models / "tiny.safetensors", name="tiny-micro", task="microscopy",
-                      metadata={"normalization": {"mode": "percentile", "low": 1, "high": 99.8}})
+def user_model(micro_file, _isolated_user_models):
+    """The tiny microscopy model installed in the (isolated) user model directory."""
+    _isolated_user_models.mkdir(parents=True, exist_ok=True)
+    shutil.copy(micro_file, _isolated_user_models)
     return "tiny-micro"
+
+
+def _values(combo) -> list:
+    return [c[1] if isinstance(c, tuple) else c for c in combo.choices]
 
 
 def _widget(viewer):
@@ -107,6 +114,21 @@ def test_cancel_leaves_no_half_layer(make_napari_viewer, qtbot, user_model, rng)
     assert seen and seen[-1].done < seen[-1].total
 
 
+def test_an_error_goes_to_the_status_line_and_the_buttons_come_back(make_napari_viewer, qtbot, user_model):
+    viewer = make_napari_viewer()
+    x = np.ones((40, 40), np.float32)
+    x[3, 4] = np.nan
+    viewer.add_image(x, name="nan")
+    w = _widget(viewer)
+    w._model.value = user_model
+    with qtbot.capture_exceptions() as raised:  # napari also relays a worker's error to its notifications
+        _wait(qtbot, w.start())
+    assert [type(e[1]) for e in raised] == [ValueError]
+    assert w._status.value.startswith("error: ") and "NaN or Inf" in w._status.value
+    assert w._run_btn.enabled and w._preview_btn.enabled and not w._cancel_btn.enabled
+    assert [layer.name for layer in viewer.layers] == ["nan"]
+
+
 def test_restore_to_disk_adds_a_lazy_layer(make_napari_viewer, qtbot, user_model, tmp_path, rng):
     import dask.array as da
 
@@ -142,11 +164,55 @@ def test_model_list_refreshes_after_a_new_user_model(make_napari_viewer, tiny_mo
                                                      _isolated_user_models):
     viewer = make_napari_viewer()
     w = _widget(viewer)
-    values = [c[1] if isinstance(c, tuple) else c for c in w._model.choices]
+    values = _values(w._model)
     assert "microscopy" in values and user_model in values and "fresh" not in values
     memnet.save_model(tiny_model, _isolated_user_models / "fresh.safetensors", name="fresh", task="denoise")
     w.refresh_models()
     assert "fresh" in list(w._model.choices)
+
+
+def test_a_published_model_reaches_every_open_widget(make_napari_viewer, tiny_model, user_model,
+                                                      _isolated_user_models, rng):
+    """Fine-tune announces a published model (models.changed): every Restore widget and every
+    Fine-tune "Start from" list re-reads the models; a widget whose Qt side is gone stops listening."""
+    from qtpy import sip
+
+    from napari_memnet._models import models
+    from napari_memnet._restore_widget import RestoreWidget
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(rng.random((3, 32, 32), dtype=np.float32), name="img")
+    docked = _widget(viewer)
+    _, ft = viewer.window.add_plugin_dock_widget("napari-memnet", "Fine-tune")
+    loose, gone = RestoreWidget(viewer), RestoreWidget(viewer)  # not docked: they listen all the same
+    models.changed.emit()  # lets go of the widgets of earlier tests (their viewers are closed)
+    listeners = len(models.changed)
+    sip.delete(gone.native)
+    memnet.save_model(tiny_model, _isolated_user_models / "new.safetensors", name="new", task="microscopy")
+    assert not any("new" in _values(w._model) for w in (docked, loose, ft))
+    ft._name.value = "new"
+    ft._on_done(_isolated_user_models / "new.safetensors", layer, user_model)  # what a published run returns to
+    assert all("new" in _values(w._model) for w in (docked, loose, ft))
+    assert ft._compare_btn.enabled and ft._status.value.startswith("saved 'new'")
+    assert len(models.changed) <= listeners - 1  # at least the deleted widget's listener let go
+
+
+def test_layer_pickers_follow_the_viewers_image_layers(make_napari_viewer, rng):
+    """magicgui's napari.layers.Image pickers: image layers only, kept in step with the viewer."""
+    viewer = make_napari_viewer()
+    restore = _widget(viewer)
+    _, ft = viewer.window.add_plugin_dock_widget("napari-memnet", "Fine-tune")
+    pickers = (restore._layer, ft._noisy, ft._second)
+    assert all(list(p.choices) == [] and p.value is None for p in pickers)
+    a = viewer.add_image(rng.random((16, 16)), name="a")
+    viewer.add_labels(np.zeros((16, 16), np.uint8), name="mask")
+    b = viewer.add_image(rng.random((16, 16)), name="b")
+    assert all(list(p.choices) == [a, b] and p.value is a for p in pickers)
+    a.name = "renamed"
+    combo = restore._layer.native
+    assert sorted(combo.itemText(i) for i in range(combo.count())) == ["b", "renamed"]
+    viewer.layers.remove(a)
+    assert all(list(p.choices) == [b] and p.value is b for p in pickers)
 
 
 def test_reader_opens_tiff_and_zarr_lazily(make_napari_viewer, tmp_path, rng):
@@ -267,8 +333,8 @@ def test_finetune_widget_needs_a_second_layer_for_paired(make_napari_viewer, use
 def test_super_resolution_layer_geometry(make_napari_viewer, qtbot, tiny_model, _isolated_user_models, rng):
     memnet.save_model(tiny_model, _isolated_user_models / "sr.safetensors", name="tiny-sr", task="sr")
     viewer = make_napari_viewer()
-    viewer.add_image(rng.random((2, 20, 30), dtype=np.float32), name="lr", scale=(3.0, 0.4, 0.4),
-                     translate=(0.0, 10.0, 20.0))
+    data = rng.random((2, 20, 30), dtype=np.float32)
+    viewer.add_image(data, name="lr", scale=(3.0, 0.4, 0.4), translate=(0.0, 10.0, 20.0))
     w = _widget(viewer)
     w._model.value = "tiny-sr"
     w._scale.value = 2
@@ -278,3 +344,5 @@ def test_super_resolution_layer_geometry(make_napari_viewer, qtbot, tiny_model, 
     np.testing.assert_allclose(out.scale, (3.0, 0.2, 0.2))
     # The upscaled grid's first pixel centre sits a quarter input pixel before the input's.
     np.testing.assert_allclose(out.translate, (0.0, 10.0 - 0.1, 20.0 - 0.1))
+    np.testing.assert_allclose(out.data, memnet.restore(data, "tiny-sr", scale=2, device="cpu"), atol=1e-5)
+    assert out.metadata["memnet_options"]["scale"] == 2 and "done" in w._status.value

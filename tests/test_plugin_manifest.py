@@ -1,4 +1,4 @@
-"""The npe2 manifest: one copy in git (repo root), shipped inside napari_memnet."""
+"""The npe2 manifest: one copy in git, inside the package (src/napari_memnet/napari.yaml)."""
 
 import subprocess
 import sys
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+MANIFEST = "src/napari_memnet/napari.yaml"
 
 
 def test_manifest_validates_and_lists_contributions():
@@ -33,11 +34,12 @@ def _resolve(python_name):
     return getattr(importlib.import_module(mod), attr)
 
 
-def test_installed_manifest_is_the_root_file():
+def test_installed_manifest_is_the_package_file():
     installed = files("napari_memnet") / "napari.yaml"
     assert installed.is_file(), "napari.yaml missing from the installed package: reinstall (pip install -e .)"
-    assert installed.read_text() == (ROOT / "napari.yaml").read_text(), (
-        "the installed napari.yaml is stale: re-run `pip install -e .` after editing the root napari.yaml"
+    # A non-editable install copies the file: a stale copy means an old install.
+    assert installed.read_text() == (ROOT / MANIFEST).read_text(), (
+        f"the installed napari.yaml differs from {MANIFEST}: reinstall (pip install -e .)"
     )
 
 
@@ -45,7 +47,7 @@ def test_only_one_manifest_in_git():
     out = subprocess.run(["git", "ls-files", "*napari.yaml"], cwd=ROOT, capture_output=True, text=True)
     if out.returncode != 0:
         pytest.fail(f"git ls-files failed: {out.stderr}")
-    assert out.stdout.split() == ["napari.yaml"]
+    assert out.stdout.split() == [MANIFEST]
 
 
 def test_wheel_ships_manifest_weights_and_sample(tmp_path):
@@ -57,6 +59,8 @@ def test_wheel_ships_manifest_weights_and_sample(tmp_path):
     assert "napari_memnet/napari.yaml" in names
     assert "napari_memnet/data/sample_fluo_noisy.tif" in names
     assert "memnet/model.py" in names
+    assert any(n.startswith("memnet/weights/") and n.endswith(".safetensors") for n in names)
+    assert not [n for n in names if n.startswith(("src/", "tests/"))]  # the src layout ships packages only
     eps = zipfile.ZipFile(whl).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "napari-memnet = napari_memnet:napari.yaml" in eps
 

@@ -16,14 +16,6 @@ import memnet
 from memnet.cli import main
 
 
-@pytest.fixture
-def micro_file(tiny_model, tmp_path):
-    p = tmp_path / "micro.safetensors"
-    memnet.save_model(tiny_model, p, name="micro", task="microscopy",
-                      metadata={"normalization": {"mode": "percentile", "low": 1, "high": 99.8}})
-    return p
-
-
 def _digest(path: Path) -> str:
     h = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -31,11 +23,6 @@ def _digest(path: Path) -> str:
         h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
         h.update(f.read_bytes())
     return h.hexdigest()
-
-
-def _restore(args, capsys):
-    rc = main(["restore", *map(str, args), "--device", "cpu", "-q"])
-    return rc, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("option, value, message", [
@@ -115,31 +102,30 @@ def ome_input(tmp_path, rng):
 @pytest.mark.parametrize("case", ["level inside the input", "zarr inside the input", "symlink to the input"])
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_an_output_overlapping_the_input_is_refused_and_the_input_untouched(case, overwrite, ome_input, micro_file,
-                                                                           tmp_path, capsys):
+                                                                           tmp_path, restore_cli):
     out = {"level inside the input": ome_input / "0", "zarr inside the input": ome_input / "out.zarr",
            "symlink to the input": tmp_path / "link.zarr"}[case]
     if case == "symlink to the input":
         out.symlink_to(ome_input, target_is_directory=True)
     before = _digest(ome_input)
-    rc, err = _restore([ome_input, "-o", out, "--model", micro_file, *(["--overwrite"] if overwrite else [])],
-                       capsys)
+    rc, err = restore_cli([ome_input, "-o", out, "--model", micro_file, *(["--overwrite"] if overwrite else [])])
     assert rc == 2 and ("lies inside the input" in err or "is the input" in err), err
     assert _digest(ome_input) == before
 
 
-def test_an_output_containing_the_input_is_refused(micro_file, tmp_path, rng, capsys):
+def test_an_output_containing_the_input_is_refused(micro_file, tmp_path, rng, restore_cli):
     exp = tmp_path / "exp.zarr"
     exp.mkdir()
     img = exp / "img.tif"
     tifffile.imwrite(img, (rng.random((30, 30)) * 255).astype(np.uint8))
     before = _digest(img)
-    rc, err = _restore([img, "-o", exp, "--model", micro_file, "--overwrite"], capsys)
+    rc, err = restore_cli([img, "-o", exp, "--model", micro_file, "--overwrite"])
     assert rc == 2 and "contains the input" in err and _digest(img) == before
 
 
 @pytest.mark.parametrize("suffix", [".tif", ".zarr"])
 def test_a_held_output_is_refused_naming_its_holder_and_a_stale_lock_is_taken_over(suffix, micro_file, tmp_path,
-                                                                                   rng, capsys):
+                                                                                   rng, restore_cli):
     import json
     import os
     import socket
@@ -150,7 +136,7 @@ def test_a_held_output_is_refused_naming_its_holder_and_a_stale_lock_is_taken_ov
     tifffile.imwrite(src, (rng.random((40, 40)) * 3000).astype(np.uint16))
     out = tmp_path / f"o{suffix}"
     with OutputLock(out):  # another run, alive, writing this output
-        rc, err = _restore([src, "-o", out, "--model", micro_file, "--overwrite"], capsys)
+        rc, err = restore_cli([src, "-o", out, "--model", micro_file, "--overwrite"])
         assert rc == 2 and f"being written by another run (pid {os.getpid()} on {socket.gethostname()}" in err
         assert not out.exists()
     # A lock left by a process that died: taken over, the run completes, nothing is left beside it.
@@ -158,7 +144,7 @@ def test_a_held_output_is_refused_naming_its_holder_and_a_stale_lock_is_taken_ov
     sidecar(out).mkdir()
     (sidecar(out) / "lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(),
                                                    "started": "then"}))
-    rc, err = _restore([src, "-o", out, "--model", micro_file], capsys)
+    rc, err = restore_cli([src, "-o", out, "--model", micro_file])
     assert rc == 0, err
     assert not sidecar(out).exists()
 
@@ -283,7 +269,7 @@ def two_series(tmp_path, rng):
     return p, a, b
 
 
-def test_a_second_series_is_never_dropped_silently(two_series, micro_file, tmp_path, capsys):
+def test_a_second_series_is_never_dropped_silently(two_series, micro_file, tmp_path, restore_cli):
     p, a, b = two_series
     with pytest.warns(UserWarning, match=r"two.ome.tif holds 2 series \(0: \(2, 30, 40\), 1: \(50, 20\)\); using "
                                          r"series 0: pick another with --series N"):
@@ -292,7 +278,7 @@ def test_a_second_series_is_never_dropped_silently(two_series, micro_file, tmp_p
     second = memnet.open_input(p, series=1)
     assert second.axes == "YX" and second.n_series == 2
     out = tmp_path / "b.tif"
-    rc, err = _restore([p, "-o", out, "--model", micro_file, "--series", "1"], capsys)
+    rc, err = restore_cli([p, "-o", out, "--model", micro_file, "--series", "1"])
     assert rc == 0, err
     np.testing.assert_array_equal(tifffile.imread(out), memnet.restore(b, micro_file, device="cpu"))
     with pytest.raises(ValueError, match=r"series 5 does not exist: .*two.ome.tif holds 2 series \(0 to 1\)"):

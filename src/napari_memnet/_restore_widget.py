@@ -4,9 +4,6 @@ a background thread with progress and Cancel. Calls only memnet's public API."""
 from __future__ import annotations
 
 import tempfile
-import threading
-import time
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -20,66 +17,17 @@ from magicgui.widgets import (
     PushButton,
     RadioButtons,
     SpinBox,
+    create_widget,
 )
+from napari.layers import Image
 
 import memnet
 
-from ._slices import current_slice
-from ._worker import CANCELLED, progress_worker
+from ._models import follow_models, model_choices, model_task
+from ._slices import current_slice, layer_axes
+from ._worker import CANCELLED, BackgroundJob
 
 DISK_THRESHOLD_BYTES = 1 << 30  # inputs above 1 GiB default to an on-disk Zarr result
-_RESTORE_WIDGETS: weakref.WeakSet = weakref.WeakSet()
-
-
-def refresh_all_restore_widgets() -> None:
-    """After a fine-tune saved a model: every open Restore widget re-reads the model list."""
-    for w in list(_RESTORE_WIDGETS):
-        try:
-            w.refresh_models()
-        except RuntimeError:  # its Qt widgets were deleted (dock closed, viewer closed)
-            _RESTORE_WIDGETS.discard(w)
-
-
-# The plugin is for fluorescence microscopy: its task comes first, so it is what a new layer gets.
-TASK_ORDER = ("microscopy", "denoise", "sr", "jpeg")
-
-
-def model_choices(*_) -> list[tuple[str, str]]:
-    """Task names first, microscopy leading (each picks the best installed model), then every model by
-    name, microscopy models first."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        models = memnet.list_models()
-    out = []
-    order = [t for t in TASK_ORDER if t in memnet.TASKS] + [t for t in memnet.TASKS if t not in TASK_ORDER]
-    for task in order:
-        if any(m.task == task for m in models):
-            out.append((f"{task} (best {task} model)", task))
-    for m in sorted(models, key=lambda m: order.index(m.task) if m.task in order else len(order)):
-        out.append((f"{m.name}  [{m.task}, {m.source}]", m.name))
-    return out
-
-
-def _model_task(name: str) -> str | None:
-    if name in memnet.TASKS:
-        return name
-    for m in memnet.list_models():
-        if m.name == name:
-            return m.task
-    return None
-
-
-def _axes_of(layer) -> str | None:
-    axes = (layer.metadata or {}).get("memnet_axes")
-    if axes and len(axes) == layer.ndim:
-        return axes
-    letters = "".join(str(a)[:1].upper() for a in getattr(layer, "axis_labels", ()))
-    if len(letters) == layer.ndim and len(set(letters)) == layer.ndim and {"Y", "X"} <= set(letters) \
-            and set(letters) <= set("TCZYX"):
-        return letters
-    return None
 
 
 def _fmt_eta(p: memnet.Progress) -> str:
@@ -92,7 +40,9 @@ def _fmt_eta(p: memnet.Progress) -> str:
 class RestoreWidget(Container):
     def __init__(self, napari_viewer):
         self.viewer = napari_viewer
-        self._layer = ComboBox(label="Image", choices=self._image_layers, nullable=False)
+        # magicgui's layer picker: napari fills it with the viewer's image layers and, once docked, resets
+        # it when layers are added, removed, reordered or renamed.
+        self._layer = create_widget(annotation=Image, label="Image")
         self._model = ComboBox(label="Model", choices=model_choices)
         self._scale = ComboBox(label="SR scale", choices=[2, 3, 4], value=2, visible=False)
         self._device = ComboBox(label="Device", choices=self._devices(), value="auto")
@@ -126,20 +76,12 @@ class RestoreWidget(Container):
         self._run_btn.clicked.connect(lambda: self.start(preview=False))
         self._preview_btn.clicked.connect(lambda: self.start(preview=True))
         self._cancel_btn.clicked.connect(self.cancel)
-        self.viewer.layers.events.inserted.connect(self.reset_choices)
-        self.viewer.layers.events.removed.connect(self.reset_choices)
-        self._cancel_event: threading.Event | None = None
-        self.worker = None
-        _RESTORE_WIDGETS.add(self)
+        self._job = BackgroundJob(self._status, self._set_busy)
+        follow_models(self._model)  # a fine-tune that publishes a model adds it here
         self._on_model(self._model.value)
         self._on_layer(self._layer.value)
 
     # Choices ------------------------------------------------------------------------------------
-    def _image_layers(self, *_):
-        from napari.layers import Image
-
-        return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
-
     @staticmethod
     def _devices() -> list[str]:
         import torch
@@ -154,7 +96,7 @@ class RestoreWidget(Container):
         self._model.reset_choices()
 
     def _on_model(self, name) -> None:
-        self._scale.visible = bool(name) and _model_task(name) == "sr"
+        self._scale.visible = bool(name) and model_task(name) == "sr"
 
     def _on_layer(self, layer) -> None:
         if layer is None:
@@ -170,7 +112,7 @@ class RestoreWidget(Container):
                 "halo": "exact" if self._mode.value == "exact" else int(self._halo.value)}
         if self._ensemble.value:
             opts["ensemble"] = True
-        if self._model.value and _model_task(self._model.value) == "sr":
+        if self._model.value and model_task(self._model.value) == "sr":
             opts["scale"] = int(self._scale.value)
         return opts
 
@@ -184,7 +126,7 @@ class RestoreWidget(Container):
             self._status.value = "no model installed: see `memnet models`"
             return None
         data = layer.data[0] if layer.multiscale else layer.data
-        axes = _axes_of(layer)
+        axes = layer_axes(layer)
         opts = self._options()
         output = None
         if preview:
@@ -192,31 +134,19 @@ class RestoreWidget(Container):
         elif self._dest.value == "zarr on disk":
             output = Path(str(self._path.value)) if str(self._path.value) not in ("", ".") else \
                 Path(tempfile.mkdtemp(prefix="memnet-")) / f"{layer.name}-restored.zarr"
-        self._cancel_event = threading.Event()
-        cancel = self._cancel_event
-        self.worker = progress_worker(lambda progress: memnet.restore(
-            data, model, axes=axes, output=output, progress=progress, cancel=cancel, **opts))
-        self.worker.yielded.connect(self._on_progress)
-        self.worker.returned.connect(lambda res: self._on_done(layer, model, res, opts, preview, output,
-                                                               where if preview else None))
-        self.worker.errored.connect(self._on_error)
-        self.worker.finished.connect(self._on_finished)
-        self._run_btn.enabled = self._preview_btn.enabled = False
-        self._cancel_btn.enabled = True
         self._progress.value = 0
-        self._status.value = "previewing…" if preview else "restoring…"
-        self._t0 = time.monotonic()
-        self.worker.start()
-        return self.worker
+        return self._job.start(
+            lambda progress, cancel: memnet.restore(data, model, axes=axes, output=output, progress=progress,
+                                                    cancel=cancel, **opts),
+            lambda res: self._on_done(layer, model, res, opts, preview, output, where if preview else None),
+            on_progress=self._on_progress, message="previewing…" if preview else "restoring…")
 
     def cancel(self) -> None:
-        if self._cancel_event is not None:
-            self._cancel_event.set()
-            self._status.value = "cancelling…"
+        self._job.cancel()
 
     def _current_slice(self, layer, data):
         """The slice the viewer shows: every non-YX axis at its current position."""
-        return current_slice(self.viewer, layer, data, _axes_of(layer))
+        return current_slice(self.viewer, layer, data, layer_axes(layer))
 
     def _on_progress(self, p: memnet.Progress) -> None:
         self._progress.value = int(100 * p.fraction)
@@ -227,7 +157,7 @@ class RestoreWidget(Container):
             self._status.value = "cancelled: no layer was added"
             return
         s = opts.get("scale", 1)
-        axes = _axes_of(layer) or ("Q" * (layer.ndim - 2) + "YX")
+        axes = layer_axes(layer) or ("Q" * (layer.ndim - 2) + "YX")
         keys = [a if a in "YX" else str(d) for d, a in enumerate(axes)]  # unique keys, Y/X by letter
         sc, tr = memnet.upscaled_geometry(dict(zip(keys, layer.scale)), dict(zip(keys, layer.translate)), s)
         scale, translate = [sc[k] for k in keys], [tr[k] for k in keys]
@@ -242,7 +172,7 @@ class RestoreWidget(Container):
             if name in self.viewer.layers:
                 self.viewer.layers.remove(name)
             self.viewer.add_image(result, name=name, **kw)
-            self._status.value = f"preview of {where or 'the image'} done in {time.monotonic() - self._t0:.1f} s"
+            self._status.value = f"preview of {where or 'the image'} done in {self._job.elapsed:.1f} s"
             return
         if output is not None:
             import dask.array as da
@@ -250,12 +180,9 @@ class RestoreWidget(Container):
             result = da.from_array(result, chunks=result.chunks)
         self.viewer.add_image(result, name=f"{layer.name} [{model}]", **kw)
         where_to = f" → {output}" if output is not None else ""
-        self._status.value = f"done in {time.monotonic() - self._t0:.1f} s{where_to}"
+        self._status.value = f"done in {self._job.elapsed:.1f} s{where_to}"
         self._progress.value = 100
 
-    def _on_error(self, err) -> None:
-        self._status.value = f"error: {err}"
-
-    def _on_finished(self) -> None:
-        self._run_btn.enabled = self._preview_btn.enabled = True
-        self._cancel_btn.enabled = False
+    def _set_busy(self, busy: bool) -> None:
+        self._run_btn.enabled = self._preview_btn.enabled = not busy
+        self._cancel_btn.enabled = busy

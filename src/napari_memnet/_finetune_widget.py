@@ -5,9 +5,6 @@ result appears in Restore (only when it beat the starting model on held-out data
 
 from __future__ import annotations
 
-import threading
-import time
-
 from magicgui.widgets import (
     ComboBox,
     Container,
@@ -17,7 +14,9 @@ from magicgui.widgets import (
     ProgressBar,
     PushButton,
     SpinBox,
+    create_widget,
 )
+from napari.layers import Image
 from qtpy.QtCore import QPointF
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import QSizePolicy, QWidget
@@ -25,9 +24,9 @@ from qtpy.QtWidgets import QSizePolicy, QWidget
 from memnet.finetune import DEFAULT_MINUTES
 from memnet.finetune_modes import MODES, self_supervised_modes
 
-from ._restore_widget import _axes_of, model_choices, refresh_all_restore_widgets
-from ._slices import current_slice, plane_geometry
-from ._worker import CANCELLED, progress_worker
+from ._models import follow_models, model_choices, models
+from ._slices import current_slice, layer_axes, plane_geometry
+from ._worker import CANCELLED, BackgroundJob
 
 _SECOND_LABEL = {"target": "Clean layer", "noisy2": "Second noisy layer"}
 _NEEDS_SECOND = {n: _SECOND_LABEL[m.needs] for n, m in MODES.items() if m.needs}
@@ -98,10 +97,11 @@ class LossPlot(QWidget):
 class FinetuneWidget(Container):
     def __init__(self, napari_viewer):
         self.viewer = napari_viewer
-        self._noisy = ComboBox(label="Noisy layer", choices=self._image_layers)
+        # magicgui's layer pickers: napari keeps them in step with the viewer's image layers once docked.
+        self._noisy = create_widget(annotation=Image, label="Noisy layer")
         self._mode = ComboBox(label="Mode", choices=_MODE_ORDER, value=_MODE_ORDER[0],
                               tooltip="\n".join(f"{n}: {MODES[n].help}" for n in _MODE_ORDER))
-        self._second = ComboBox(label="Clean layer", choices=self._image_layers, visible=False)
+        self._second = create_widget(annotation=Image, label="Clean layer", options={"visible": False})
         self._model = ComboBox(label="Start from", choices=model_choices)
         self._name = LineEdit(label="Save as", value="my-finetuned")
         self._minutes = FloatSpinBox(label="Budget (minutes)", min=0.5, max=600, step=0.5, value=DEFAULT_MINUTES,
@@ -124,17 +124,10 @@ class FinetuneWidget(Container):
         self._start_btn.clicked.connect(self.start)
         self._stop_btn.clicked.connect(self.stop)
         self._compare_btn.clicked.connect(self.compare)
-        self.viewer.layers.events.inserted.connect(self.reset_choices)
-        self.viewer.layers.events.removed.connect(self.reset_choices)
-        self._stop_event: threading.Event | None = None
-        self.worker = None
+        self._job = BackgroundJob(self._status, self._set_busy)
+        follow_models(self._model)  # "Start from" offers what this or another fine-tune published
         self.saved_path = None
         self._trained: tuple | None = None  # (layer, base model, new model) of the last published run
-
-    def _image_layers(self, *_):
-        from napari.layers import Image
-
-        return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
 
     def _on_mode(self, mode) -> None:
         self._second.visible = mode in _NEEDS_SECOND
@@ -157,33 +150,24 @@ class FinetuneWidget(Container):
         cfg = FinetuneConfig(model=self._model.value, mode=mode, name=self._name.value.strip(),
                              minutes=float(self._minutes.value), steps=steps, patch=int(self._patch.value),
                              val_fraction=float(self._val.value),
-                             val_every=max(10, steps // 20) if steps else 25, axes=_axes_of(noisy))
+                             val_every=max(10, steps // 20) if steps else 25, axes=layer_axes(noisy))
         data = noisy.data[0] if noisy.multiscale else noisy.data
         other = None if second is None else (second.data[0] if second.multiscale else second.data)
-        self._stop_event = stop = threading.Event()
-        def run(progress):
+
+        def run(progress, cancel):
             try:
                 return finetune(cfg, data, target=other if mode == "paired" else None,
-                                noisy2=other if mode == "n2n" else None, progress=progress, cancel=stop)
+                                noisy2=other if mode == "n2n" else None, progress=progress, cancel=cancel)
             except NotImproved as e:  # a normal outcome, not an error: the starting model stays the better one
                 return _NotPublished(str(e))
 
-        self.worker = progress_worker(run)
-        self.worker.yielded.connect(self._on_progress)
-        self.worker.returned.connect(lambda res: self._on_done(res, noisy, cfg.model))
-        self.worker.errored.connect(self._on_error)
-        self.worker.finished.connect(self._on_finished)
-        self._start_btn.enabled, self._stop_btn.enabled, self._compare_btn.enabled = False, True, False
-        self._status.value = f"fine-tuning {cfg.model} ({mode}) for up to {cfg.minutes:g} min…"
-        self._t0 = time.monotonic()
+        self._compare_btn.enabled = False
         self.plot.set_history([])
-        self.worker.start()
-        return self.worker
+        return self._job.start(run, lambda res: self._on_done(res, noisy, cfg.model), on_progress=self._on_progress,
+                               message=f"fine-tuning {cfg.model} ({mode}) for up to {cfg.minutes:g} min…")
 
     def stop(self) -> None:
-        if self._stop_event is not None:
-            self._stop_event.set()
-            self._status.value = "stopping…"
+        self._job.cancel("stopping…")
 
     def _on_progress(self, p) -> None:
         fractions = [p.step / p.total if p.total else 0.0, p.elapsed / p.budget_s if p.budget_s else 0.0]
@@ -196,8 +180,7 @@ class FinetuneWidget(Container):
 
     def _on_done(self, result, layer, base) -> None:
         name = self._name.value.strip()
-        refresh_all_restore_widgets()
-        self._model.reset_choices()
+        models.changed.emit()  # even when stopped: the best model so far may have been saved
         if result is CANCELLED:
             self._status.value = f"stopped; the best model so far (if it beat {base}) is saved as {name!r}"
             return
@@ -209,10 +192,7 @@ class FinetuneWidget(Container):
         self._trained = (layer, base, name)
         self._compare_btn.enabled = True
         self._progress.value = 100
-        self._status.value = f"saved {name!r} in {time.monotonic() - self._t0:.0f} s: pick it in Restore"
-
-    def _on_error(self, err) -> None:
-        self._status.value = f"error: {err}"
+        self._status.value = f"saved {name!r} in {self._job.elapsed:.0f} s: pick it in Restore"
 
     def compare(self):
         """Restore the slice on screen with the starting and the new model; add both as layers."""
@@ -224,15 +204,16 @@ class FinetuneWidget(Container):
         if layer not in self.viewer.layers:
             self._status.value = f"layer {layer.name!r} is gone: nothing to compare on"
             return None
-        axes = _axes_of(layer)
+        axes = layer_axes(layer)
         data = layer.data[0] if layer.multiscale else layer.data
         plane, plane_axes, where = current_slice(self.viewer, layer, data, axes)
-        self.worker = progress_worker(lambda progress: [memnet.restore(plane, m, axes=plane_axes) for m in (base, new)])
-        self.worker.returned.connect(lambda res: self._show_comparison(layer, axes, (base, new), res, where))
-        self.worker.errored.connect(self._on_error)
-        self._status.value = f"restoring {where or 'the image'} with {base} and {new}…"
-        self.worker.start()
-        return self.worker
+
+        def run(progress, cancel):
+            return [memnet.restore(plane, m, axes=plane_axes, cancel=cancel) for m in (base, new)]
+
+        # busy=False: a short job on one slice; Start and Stop keep their state.
+        return self._job.start(run, lambda res: self._show_comparison(layer, axes, (base, new), res, where),
+                               message=f"restoring {where or 'the image'} with {base} and {new}…", busy=False)
 
     def _show_comparison(self, layer, axes, names, results, where) -> None:
         geometry = plane_geometry(layer, axes)
@@ -243,5 +224,5 @@ class FinetuneWidget(Container):
             self.viewer.add_image(img, name=name, colormap=layer.colormap.name, **geometry)
         self._status.value = f"before/after on {where or 'the image'}: toggle the two layers to compare"
 
-    def _on_finished(self) -> None:
-        self._start_btn.enabled, self._stop_btn.enabled = True, False
+    def _set_busy(self, busy: bool) -> None:
+        self._start_btn.enabled, self._stop_btn.enabled = not busy, busy
