@@ -6,6 +6,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import memnet
@@ -48,3 +49,34 @@ def test_playbook_packs_and_runs_a_chunk_from_the_previous_checkpoint(tmp_path, 
     with tarfile.open(out / "logs.tar.gz") as tar:
         log = tar.extractfile("denoise.log").read().decode()
     assert "deepening denoise-M2R2C8 from M2R2 to M2R3" in log and "step 2/2" in log and "chunk done" in log
+
+
+def _run_suite(*args, env=None):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_suite.py"), *args], capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+def test_gpu_suite_refuses_clearly_without_cuda():
+    import torch
+    if torch.cuda.is_available():
+        return  # on a GPU machine the suite runs for real (bench/gpu_suite.sh)
+    r = _run_suite()
+    assert r.returncode == 2
+    assert "no CUDA device here" in r.stderr and "--allow-cpu" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_gpu_suite_runs_end_to_end_on_the_cpu_in_smoke_mode(tmp_path):
+    import json
+    r = _run_suite("--allow-cpu", "--quick", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "results.json").read_text())
+    whats = {(row.get("what"), row.get("precision")) for row in rows}
+    assert {("bare eager", "fp32"), ("bare folded", "fp32"), ("engine", "fp32"), ("exactness", None)} <= whats
+    exact = next(row for row in rows if row.get("what") == "exactness")
+    assert exact["ok"] is True and exact["vs_whole"] <= 1e-5
+    assert all(row["mpx_s"] > 0 for row in rows if "mpx_s" in row)
+    assert "done in" in (tmp_path / "results.txt").read_text()

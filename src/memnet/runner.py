@@ -135,6 +135,13 @@ class Runner:
             if self.amp_dtype is not None:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype):
                     y = self._forward(x)
+            elif self.device.type == "cuda":
+                # amp off means full fp32: cuDNN would otherwise run convs in TF32 (~1e-3 error on Ampere+).
+                prev, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+                try:
+                    y = self._forward(x)
+                finally:
+                    torch.backends.cudnn.allow_tf32 = prev
             else:
                 y = self._forward(x)
         return y.float()[:, 0].cpu().numpy()
