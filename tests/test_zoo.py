@@ -14,7 +14,7 @@ from memnet.zoo import ModelFileError, read_info
 def _save(model, path, **kw):
     meta = {
         "description": "test model",
-        "normalization": {"mode": "range", "in_range": [0, 255]},
+        "normalization": {"mode": "natural"},
         "degradation": {"gaussian_sigma": [0, 75]},
         "training": {"data": "synthetic", "steps": 3},
         "metrics": {"Set12 s25": 12.5},
@@ -22,6 +22,14 @@ def _save(model, path, **kw):
     }
     meta.update(kw.pop("metadata", {}))
     return memnet.save_model(model, path, metadata=meta, **kw)
+
+
+def test_an_early_file_saying_range_is_read_as_natural(tiny_model, tmp_path, rng):
+    path = _save(tiny_model, tmp_path / "old.safetensors", name="old", task="denoise",
+                 metadata={"normalization": {"mode": "range", "in_range": [0, 255]}}).path
+    assert read_info(path).normalization == {"mode": "natural"}
+    img = rng.integers(0, 255, (40, 40), dtype=np.uint8)
+    np.testing.assert_array_equal(memnet.restore(img, path, device="cpu"), memnet.restore(img, tiny_model, device="cpu"))
 
 
 def test_round_trip_save_list_load(tiny_model, _isolated_user_models):
@@ -40,7 +48,7 @@ def test_round_trip_save_list_load(tiny_model, _isolated_user_models):
     for ref in ("my-denoiser", path, str(path)):
         model, info2 = memnet.load_model(ref)
         assert not model.training
-        assert info2.metadata["normalization"] == {"mode": "range", "in_range": [0, 255]}
+        assert info2.normalization == {"mode": "natural"}
         for k, v in tiny_model.state_dict().items():
             torch.testing.assert_close(model.state_dict()[k], v)
         x = torch.rand(1, 1, 17, 19)

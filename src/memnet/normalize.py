@@ -79,7 +79,7 @@ class Normalizer:
             if not span > 1e-12 * max(abs(lo), abs(hi), 1.0):
                 span = max(abs(lo), abs(hi), 1.0)
             return cls(scale=span, offset=lo, out_dtype=out_dtype, clip=clip)
-        if mode in ("natural", "range"):
+        if mode == "natural":
             if dtype.kind == "f":
                 return cls(scale=1.0, offset=0.0, out_dtype=out_dtype, clip=None)
             info = np.iinfo(dtype)

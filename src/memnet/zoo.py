@@ -3,7 +3,8 @@
 A weights file holds the state dict and one metadata entry, ``memnet``, a JSON document:
 
     format: 1, name, task, description, config (MemNetConfig fields),
-    normalization ({"mode": "range", "in_range": [0, 255]} or {"mode": "percentile", ...}),
+    normalization ({"mode": "natural"} or {"mode": "percentile", "low": 1, "high": 99.8}; early files say
+    {"mode": "range", "in_range": [0, 255]}, read as natural),
     degradation (what it was trained on), training (data, recipe, steps, hours, hardware),
     metrics (validation figures), rank (higher wins when a task name picks a model),
     package_version, created.
@@ -76,7 +77,9 @@ class ModelInfo:
 
     @property
     def normalization(self) -> dict:
-        return self.metadata.get("normalization", {"mode": "natural"})
+        policy = self.metadata.get("normalization", {"mode": "natural"})
+        # "range" is what early files called the natural mapping (by the dtype's range): same thing.
+        return {"mode": "natural"} if policy.get("mode") == "range" else policy
 
     @property
     def rank(self) -> float:
