@@ -81,6 +81,7 @@ def _default_sample(info, scale: int, n: int) -> np.ndarray:
     clean = _scene(rng, n * scale)
     if _percentile(info):  # camera counts: shot noise, gain 2, read noise 3, offset 100
         return np.rint(2.0 * rng.poisson(clean * 30) + rng.normal(100, 3, clean.shape)).astype(np.float32)
+    clean = 0.1 + 0.8 * clean  # mid-tones: 8-bit noise is then not clipped at black
     if info.task == "sr":
         lr = Image.fromarray(clean.astype(np.float32), mode="F").resize((n, n), Image.BICUBIC)
         img = np.asarray(lr, np.float64)
