@@ -112,6 +112,18 @@ def bicubic_up_rows(n_in: int, scale: int, start: int, stop: int) -> tuple[np.nd
     return m, c0, c1
 
 
+def bicubic_up_kernel(scale: int) -> np.ndarray:
+    """Pillow's BICUBIC upscaling weights along one axis as one transposed-convolution kernel
+    (stride ``scale``, padding ``2 * scale``, 5 * ``scale`` taps), before Pillow's border renormalisation:
+    dividing by the same transposed convolution of ones restores it, so a graph reproduces
+    ``bicubic_up_rows`` on any input size (used by ``memnet export``)."""
+    taps = np.zeros(5 * scale)
+    for phase in range(scale):  # output pixel scale * i + phase reads input pixels i - 2 .. i + 2
+        for k in range(-2, 3):
+            taps[phase - scale * k + 2 * scale] = _pillow_bicubic(k + 0.5 - (phase + 0.5) / scale)
+    return taps
+
+
 # Wide-range fluorescence camera model (the generalist microscopy model's synthetic noise). Ranges are
 # chosen to cover what labs' stacks look like after percentile normalisation, not one microscope.
 CAMERA_RANGES = {

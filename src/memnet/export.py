@@ -1,97 +1,55 @@
-"""Export a model for other runtimes: ONNX (onnxruntime, ilastik, deepImageJ, ...) or TorchScript.
+"""Export a model for other runtimes: ONNX (onnxruntime, ilastik, deepImageJ, ...), TorchScript, or a
+bioimage.io model package of both (``bioimage_package.py``).
 
 The exported graph is the network in eval mode on one (N, 1, H, W) float32 tensor in the model's
 intensity range, any N, H and W: the intensity mapping stays with the caller and is written into the
 file's metadata (``memnet_normalization``; for microscopy models: the stack's 1 / 99.8 percentiles map to
 0 / 1). Super-resolution models get the bicubic pre-upsampling inside the graph, for one factor per
-file; it is PyTorch's bicubic (a = -0.75), not Pillow's (a = -0.5) that ``memnet restore`` uses, so
-their SR results differ slightly (docs/cli.md gives the size of the difference).
+file: Pillow's bicubic, border renormalisation included, as ``memnet restore`` upsamples (to float
+precision), built from transposed convolutions so any input size works.
 """
 
 from __future__ import annotations
 
-import json
-import warnings
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from .model import receptive_field
+from .graphs import card, graph_module, write_graph
 from .outputs import check_output_path
 from .zoo import load_model
 
 __all__ = ["export_model", "FORMATS"]
 
-FORMATS = ("onnx", "torchscript")
-
-
-class _Upscaled(nn.Module):
-    """Bicubic pre-upsampling by a fixed factor, then the network (the paper's SR pipeline)."""
-
-    def __init__(self, net: nn.Module, scale: int):
-        super().__init__()
-        self.net, self.scale = net, scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False))
-
-
-def _card(info, scale: int | None, model) -> dict:
-    return {"memnet_name": info.name, "memnet_task": info.task,
-            "memnet_normalization": json.dumps(info.normalization),
-            "memnet_receptive_field_px": str(receptive_field(model)),
-            "memnet_scale": str(scale or 1), "memnet_input": "float32 (N, 1, H, W) in the model's intensity range",
-            "memnet_citation": "Tai, Yang, Liu, Xu, MemNet: A Persistent Memory Network for Image Restoration, "
-                               "ICCV 2017"}
+FORMATS = ("onnx", "torchscript", "bioimageio")
 
 
 def export_model(model: str | Path, output: str | Path, fmt: str = "onnx", scale: int | None = None,
-                 overwrite: bool = False) -> Path:
-    """Write ``model`` (a zoo name, task or .safetensors path) to ``output`` as ONNX or TorchScript."""
+                 overwrite: bool = False, sample=None) -> Path:
+    """Write ``model`` (a zoo name, task or .safetensors path) to ``output`` as ONNX, TorchScript or a
+    bioimage.io package (.zip; ``sample``: an optional 2-D image for its test tensors and cover)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: expected one of {', '.join(FORMATS)}")
     net, info = load_model(model, device="cpu")
     net.eval()
-    if info.task == "sr":
-        if scale not in (2, 3, 4):
-            raise ValueError(f"{info.name} is a super-resolution model: give the factor to build in "
-                             "(--scale 2, 3 or 4)")
-        module: nn.Module = _Upscaled(net, scale).eval()
-    elif scale not in (None, 1):
-        raise ValueError(f"--scale applies to super-resolution models; {info.name} is a {info.task!r} model")
-    else:
-        module = net
+    module = graph_module(net, info, scale)
     out = Path(output)
+    if fmt == "bioimageio" and out.suffix.lower() != ".zip":
+        raise ValueError(f"a bioimage.io package is a .zip file: name the output e.g. {out.stem}.zip")
+    if sample is not None and fmt != "bioimageio":
+        raise ValueError("a sample image is for --format bioimageio (its test tensors and cover)")
     check_output_path(out, [info.path] if info.path else [])
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists: choose another path, or overwrite it explicitly (--overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.rand(1, 1, 64, 64)
-    tmp = out.with_name(out.name + ".partial")
-    card = _card(info, scale, net)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer notes about Python ints in the graph: shapes stay dynamic
-        if fmt == "torchscript":
-            traced = torch.jit.trace(module, example)
-            torch.jit.save(traced, str(tmp), _extra_files={"memnet.json": json.dumps(card)})
+    # The .zip suffix stays on the temporary name: bioimageio.spec reopens the package to validate it.
+    tmp = out.with_name(f".{out.stem}.partial.zip") if fmt == "bioimageio" else out.with_name(out.name + ".partial")
+    try:
+        if fmt == "bioimageio":
+            from .bioimage_package import write_package
+
+            write_package(net, info, module, scale, tmp, sample=sample)
         else:
-            _onnx(module, example, tmp, card)
-    tmp.replace(out)
+            write_graph(module, tmp, fmt, card(info, scale, net))
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
-
-
-def _onnx(module: nn.Module, example: torch.Tensor, path: Path, card: dict) -> None:
-    import onnx
-
-    dyn = {0: "n", 2: "height", 3: "width"}
-    # The TorchScript-based exporter: one graph with dynamic N, H and W (the network is fully convolutional).
-    torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["output"],
-                      dynamic_axes={"input": dyn, "output": dyn}, opset_version=18, dynamo=False)
-    proto = onnx.load(str(path))
-    for k, v in card.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
