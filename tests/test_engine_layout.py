@@ -67,8 +67,8 @@ def test_engine_modules_import_no_private_names_and_keep_functions_short():
 
 def test_each_restore_default_has_one_home():
     d = memnet.RestoreOptions()
-    assert (d.tile, d.halo, d.blend, d.scale, d.amp, d.ensemble, d.device, d.batch_size, d.memory_budget) == \
-        (256, "exact", "cosine", 1, "auto", False, "auto", "auto", None)
+    assert (d.tile, d.halo, d.blend, d.scale, d.amp, d.ensemble, d.device, d.batch_size, d.memory_budget,
+            d.backend) == ("auto", "exact", "cosine", 1, "auto", False, "auto", "auto", None, "auto")
     for m in ENGINE:
         text = (SRC / f"{m}.py").read_text()
         assert m == "options" or not re.search(r"(?<!sha)\b256\b", text), f"{m} restates the default tile"

@@ -87,7 +87,7 @@ def _passed(package) -> set[str]:
 
 
 @pytest.mark.slow
-def test_bioimageio_package_passes_bioimageio_core(tiny_model, tiny_file, tmp_path, capsys):
+def test_bioimageio_package_passes_bioimageio_core(tiny_model, micro_file, tmp_path, capsys):
     import tifffile
     from bioimageio.core import predict
     from bioimageio.spec import load_description
@@ -95,7 +95,7 @@ def test_bioimageio_package_passes_bioimageio_core(tiny_model, tiny_file, tmp_pa
     sample = tmp_path / "stack.tif"  # the user's sample: a stack, its middle plane is used
     tifffile.imwrite(sample, np.random.default_rng(1).poisson(40, (3, 100, 120)).astype(np.uint16) + 100)
     out = tmp_path / "tiny.zip"
-    assert main(["export", str(tiny_file), "--format", "bioimageio", "-o", str(out), "--sample", str(sample)]) == 0
+    assert main(["export", str(micro_file), "--format", "bioimageio", "-o", str(out), "--sample", str(sample)]) == 0
     assert "wrote" in capsys.readouterr().out
     assert _passed(out) == {"onnx", "torchscript"}  # test tensors (ours) rerun through both weight formats
     descr = load_description(out)
@@ -114,7 +114,7 @@ def test_bioimageio_package_passes_bioimageio_core(tiny_model, tiny_file, tmp_pa
     got = predict(model=str(out), inputs=big, blocksize_parameter=1).members["output"].data.to_numpy()[0, 0]
     raw = big[0, 0].astype(np.float64)
     norm = Normalizer.for_data(raw, {"mode": "percentile", "low": 1, "high": 99.8})
-    want = norm.forward(memnet.restore(raw, tiny_file))
+    want = norm.forward(memnet.restore(raw, micro_file))
     np.testing.assert_allclose(got[radius:-radius, radius:-radius], want[radius:-radius, radius:-radius], atol=1e-5)
 
 
@@ -139,12 +139,12 @@ def test_shipped_microscopy_model_as_bioimageio_package(tmp_path, capsys):
     assert _passed(out) == {"onnx", "torchscript"}
 
 
-def test_bioimageio_export_without_the_spec_says_what_to_install(tiny_file, tmp_path, monkeypatch, capsys):
+def test_bioimageio_export_without_the_spec_says_what_to_install(micro_file, tmp_path, monkeypatch, capsys):
     for name in ("bioimageio", "bioimageio.spec"):  # as if not installed
         monkeypatch.setitem(sys.modules, name, None)
-    assert main(["export", str(tiny_file), "--format", "bioimageio", "-o", str(tmp_path / "t.zip")]) == 2
+    assert main(["export", str(micro_file), "--format", "bioimageio", "-o", str(tmp_path / "t.zip")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "pip install 'napari-memnet[export]'" in err and "bioimageio.spec" in err
-    assert main(["export", str(tiny_file), "--format", "bioimageio", "-o", str(tmp_path / "t.onnx")]) == 2
+    assert main(["export", str(micro_file), "--format", "bioimageio", "-o", str(tmp_path / "t.onnx")]) == 2
     assert "a bioimage.io package is a .zip file" in capsys.readouterr().err
     assert not list(tmp_path.glob("*t*partial*"))

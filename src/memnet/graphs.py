@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .degrade import bicubic_up_kernel
+from .inference import ONNX_OPSET, fold, onnx_bytes
 from .model import receptive_field
 
-__all__ = ["CITATION", "ONNX_OPSET", "card", "graph_module", "write_graph"]
+__all__ = ["CITATION", "ONNX_OPSET", "card", "graph_module", "onnx_bytes", "write_graph"]
 
 
 class _Upscaled(nn.Module):
@@ -44,7 +45,6 @@ class _Upscaled(nn.Module):
 
 CITATION = ('Tai, Yang, Liu, Xu, "MemNet: A Persistent Memory Network for Image Restoration", ICCV 2017',
             "10.1109/ICCV.2017.486")
-ONNX_OPSET = 18
 
 
 def card(info, scale: int | None, model) -> dict:
@@ -57,7 +57,9 @@ def card(info, scale: int | None, model) -> dict:
 
 
 def graph_module(net: nn.Module, info, scale: int | None) -> nn.Module:
-    """The module an export traces: the network, behind the bicubic pre-upsampling for SR models."""
+    """The module an export traces: the network's inference form (BNs folded: `memnet.inference.fold`),
+    behind the bicubic pre-upsampling for SR models."""
+    net = fold(net)
     if info.task == "sr":
         if scale not in (2, 3, 4):
             raise ValueError(f"{info.name} is a super-resolution model: give the factor to build in "
@@ -83,11 +85,7 @@ def write_graph(module: nn.Module, path: Path, fmt: str, meta: dict) -> None:
 def _onnx(module: nn.Module, example: torch.Tensor, path: Path, card: dict) -> None:
     import onnx
 
-    dyn = {0: "n", 2: "height", 3: "width"}
-    # The TorchScript-based exporter: one graph with dynamic N, H and W (the network is fully convolutional).
-    torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["output"],
-                      dynamic_axes={"input": dyn, "output": dyn}, opset_version=ONNX_OPSET, dynamo=False)
-    proto = onnx.load(str(path))
+    proto = onnx.load_from_string(onnx_bytes(module, example))
     for k, v in card.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v

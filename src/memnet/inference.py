@@ -20,6 +20,7 @@ import hashlib
 import io
 import math
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -29,8 +30,8 @@ from torch import nn
 from .model import MemNet, MemNetConfig
 from .options import BACKENDS
 
-__all__ = ["BACKENDS", "FoldedMemNet", "fold", "make_backend", "choose_backend", "default_tile",
-           "onnxruntime_available"]
+__all__ = ["BACKENDS", "ONNX_OPSET", "FoldedMemNet", "choose_backend", "default_tile", "fold", "make_backend",
+           "onnx_bytes", "onnxruntime_available"]
 
 
 
@@ -143,21 +144,18 @@ class _OrtModule:
     def __init__(self, net: nn.Module, threads: int):
         import onnxruntime as ort
 
-        buf = io.BytesIO()
-        example = torch.zeros(1, net.config.in_channels, 32, 32)
-        dyn = {0: "n", 2: "h", 3: "w"}
-        torch.onnx.export(net, example, buf, input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": dyn, "output": dyn}, opset_version=18, dynamo=False)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.log_severity_level = 3  # warnings about unused initialisers are noise to a user
-        self.session = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(onnx_bytes(net), so, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach().to(torch.float32).contiguous()
         return torch.from_numpy(self.session.run(None, {"input": x.numpy()})[0])
 
+
+ONNX_OPSET = 18
 
 _BUILT: OrderedDict = OrderedDict()  # the last few backends built, by weights digest: a preview or a
 _BUILT_MAX = 4                       # restore of the same model reuses its ONNX session (~3 s to build)
@@ -170,6 +168,19 @@ def _weights_digest(model: nn.Module) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def onnx_bytes(module: nn.Module, example: torch.Tensor | None = None) -> bytes:
+    """``module`` as an ONNX graph with dynamic N, H and W (the network is fully convolutional)."""
+    example = torch.rand(1, 1, 64, 64) if example is None else example
+    buf = io.BytesIO()
+    dyn = {0: "n", 2: "height", 3: "width"}
+    with torch.inference_mode(False), warnings.catch_warnings():  # the exporter traces; not under inference_mode
+        warnings.simplefilter("ignore")  # tracer notes about Python ints in the graph: shapes stay dynamic
+        # The TorchScript-based exporter: one graph, dynamic axes, no onnxscript needed.
+        torch.onnx.export(module, (example,), buf, input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": dyn, "output": dyn}, opset_version=ONNX_OPSET, dynamo=False)
+    return buf.getvalue()
 
 
 def make_backend(model: MemNet, device: torch.device, backend: str = "auto") -> tuple[Callable, str]:
@@ -193,8 +204,7 @@ def make_backend(model: MemNet, device: torch.device, backend: str = "auto") -> 
 def _build(model: MemNet, device: torch.device, name: str) -> Callable:
     net = fold(model).to(device)
     if name == "onnxruntime":
-        with torch.inference_mode(False):  # the exporter traces; it cannot run under inference_mode
-            return _OrtModule(net.float(), torch.get_num_threads())
+        return _OrtModule(net.float(), torch.get_num_threads())
     net = net.to(memory_format=torch.channels_last)
     return torch.compile(net, dynamic=False) if name == "compile" else net
 
