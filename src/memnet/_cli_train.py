@@ -71,7 +71,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                          val_fraction=args.val_fraction, val_every=args.val_every, patience=args.patience,
                          mask_fraction=args.mask_fraction, bn=args.bn, publish=args.publish, axes=args.axes,
                          include=args.include, max_planes=args.max_planes, device=args.device, amp=args.amp,
-                         seed=args.seed, overwrite=args.overwrite)
+                         seed=args.seed, overwrite=args.overwrite, noise_check=args.noise_check)
     with _graceful_stop("the best model so far is saved") as stop:
         try:
             path = finetune(cfg, args.data, target=args.target, noisy2=args.data2, resume=args.resume,
@@ -205,6 +205,9 @@ def _register_finetune(sub) -> None:
                    help="n2v/n2v2: share of pixels masked per patch [n2v 0.015, n2v2 0.005]")
     f.add_argument("--bn", choices=("frozen", "train"), default="frozen",
                    help="frozen: BatchNorm keeps the pretrained statistics; train: batch statistics [frozen]")
+    f.add_argument("--no-noise-check", dest="noise_check", action="store_false",
+                   help="train a sub-sampling or blind-spot mode (nbr2nbr, n2v, n2v2) even when the noise is "
+                   "correlated between neighbouring pixels (by default refused: it makes the model worse)")
     f.add_argument("--publish", choices=("improved", "always"), default="improved",
                    help="improved: save the model only if it beats the starting model on held-out data [improved]")
     f.add_argument("--axes", help="axis letters of the data, e.g. ZYX")

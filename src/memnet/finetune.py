@@ -19,7 +19,15 @@ import torch
 
 from .degrade import psnr
 from .engine import Cancelled, resolve_device
-from .finetune_modes import MODES, Mode, fit_noise_model, get_mode, subsample_pairs
+from .finetune_modes import (
+    MAX_EXCESS_CORRELATION,
+    MODES,
+    Mode,
+    fit_noise_model,
+    get_mode,
+    neighbour_correlation,
+    subsample_pairs,
+)
 from .fitloop import FitState, atomic_save, fit
 from .io import is_zarr_path, open_input
 from .normalize import Normalizer
@@ -27,13 +35,19 @@ from .outputs import check_output_path
 from .train import MixedPrecision, PatchSampler, hardware_name, list_files
 from .zoo import load_model, save_model, user_model_dir
 
-__all__ = ["FinetuneConfig", "FinetuneProgress", "finetune", "MODES", "fit_noise_model", "NotImproved"]
+__all__ = ["FinetuneConfig", "FinetuneProgress", "finetune", "MODES", "fit_noise_model", "NotImproved",
+           "NoiseCorrelated"]
 
 DEFAULT_MINUTES = 5.0  # a CPU default: a few hundred steps of an M4R4C32 on 2 cores
 
 
 class NotImproved(Exception):
     """The fine-tuned model did not beat the starting model on the held-out data: nothing was published."""
+
+
+class NoiseCorrelated(NotImproved):
+    """The data's noise is correlated between neighbouring pixels, which the chosen mode cannot learn
+    from without harm: nothing was trained or published."""
 
 
 @dataclass
@@ -71,6 +85,7 @@ class FinetuneConfig:
     seed: int = 0
     max_planes: int = 64  # planes sampled from large stacks
     overwrite: bool = False  # replace an existing user model of the same name
+    noise_check: bool = True  # refuse pixel-independent modes on noise correlated between neighbours
 
 
 def _sources(data, include: str | None) -> list:
@@ -190,6 +205,8 @@ def _items(cfg, mode: Mode, ctx: _Context, policy, noisy, target, noisy2) -> tup
     if mode.stack_pairs:
         return _planes(noisy, cfg.axes, cfg.max_planes, policy, cfg.include, neighbours=True), ctx.record
     planes = _planes(noisy, cfg.axes, cfg.max_planes, policy, cfg.include)
+    if mode.pixel_independent and cfg.noise_check:
+        _noise_check(ctx, planes, mode)
     second = target if mode.takes_target else noisy2 if mode.needs == "noisy2" else None
     others = _planes(second, cfg.axes, cfg.max_planes, policy, cfg.include) if second is not None else None
     mismatch = others is not None and (len(others) != len(planes) or any(a.shape != b.shape
@@ -198,6 +215,42 @@ def _items(cfg, mode: Mode, ctx: _Context, policy, noisy, target, noisy2) -> tup
         raise ValueError(f"the {mode.name} data do not match the noisy data plane for plane "
                          f"({len(planes)} planes of {planes[0].shape} vs {len(others)} of {others[0].shape})")
     return mode.items(planes, others, ctx), ctx.record
+
+
+def _noise_check(ctx: _Context, planes: list[np.ndarray], mode: Mode, size: int = 512) -> None:
+    """Refuse ``mode`` when the noise is correlated between neighbouring pixels (see
+    `finetune_modes.MAX_EXCESS_CORRELATION`): the starting model's residual on up to four centre crops,
+    against white noise of the same local strength through the same model."""
+    crops = []
+    for p in planes[:4]:
+        y0, x0 = max(0, (p.shape[0] - size) // 2), max(0, (p.shape[1] - size) // 2)
+        crops.append(np.ascontiguousarray(p[y0:y0 + size, x0:x0 + size], dtype=np.float32))
+    outs = ctx.predictions(crops)
+    res = [c - o for c, o in zip(crops, outs)]
+    rng = np.random.default_rng(0)
+    white = [o + _local_sd(r) * rng.standard_normal(r.shape).astype(np.float32) for o, r in zip(outs, res)]
+    res0 = [w - o for w, o in zip(white, ctx.predictions(white))]
+    rho, rho0 = neighbour_correlation(res), neighbour_correlation(res0)
+    excess = max((a - b for a, b in zip(rho, rho0)), key=abs)
+    ctx.record["noise_check"] = {"neighbour_correlation_yx": [round(float(v), 4) for v in rho],
+                                 "white_noise_yx": [round(float(v), 4) for v in rho0],
+                                 "excess": round(float(excess), 4)}
+    ctx.log(f"noise check: neighbour correlation of the residual {rho[0]:+.3f} (y) {rho[1]:+.3f} (x), "
+            f"white noise through the same model {rho0[0]:+.3f} {rho0[1]:+.3f}: excess {excess:+.3f}")
+    if abs(excess) > MAX_EXCESS_CORRELATION:
+        msg = (f"not fine-tuned: the noise in these images is correlated between neighbouring pixels (excess "
+               f"correlation {excess:+.3f}, beyond ±{MAX_EXCESS_CORRELATION}), and mode {mode.name!r} assumes it is "
+               "not: it would learn that noise as signal and make the model worse. Use --mode adjacent for a "
+               "stack, paired or n2n with a second acquisition, or --no-noise-check to train anyway")
+        ctx.log(msg)
+        raise NoiseCorrelated(msg)
+
+
+def _local_sd(r: np.ndarray, k: int = 9) -> np.ndarray:
+    """The residual's local standard deviation (k x k box): noise strength varies with the signal."""
+    t = torch.from_numpy(np.asarray(r, np.float32) ** 2)[None, None]
+    var = torch.nn.functional.avg_pool2d(t, k, stride=1, padding=k // 2, count_include_pad=False)
+    return np.sqrt(var[0, 0].numpy())
 
 
 class _HeldOut:
