@@ -9,11 +9,7 @@ import memnet
 
 
 def _is_ours(path: str) -> bool:
-    p = Path(path)
-    s = str(p).lower().rstrip("/")
-    if s.endswith((".tif", ".tiff", ".zarr")):
-        return True
-    return p.is_dir() and any((p / f).exists() for f in (".zattrs", ".zgroup", ".zarray", "zarr.json"))
+    return memnet.io.input_format(path) is not None or (Path(path) / ".zattrs").exists()
 
 
 def get_reader(path):
@@ -38,14 +34,8 @@ def layer_kwargs(src: memnet.Source, name: str) -> dict:
     }
     units = [src.units.get(a) for a in axes]
     if any(units):
-        kw["units"] = tuple(_napari_unit(u) for u in units)
+        kw["units"] = tuple(memnet.io.ngff_unit(u) if u else "pixel" for u in units)
     return kw
-
-
-def _napari_unit(u):
-    if not u:
-        return "pixel"
-    return {"µm": "micrometer", "um": "micrometer", "micron": "micrometer"}.get(u, u)
 
 
 def read_layers(path):
@@ -63,7 +53,7 @@ def read_layers(path):
         arr = src.array
         chunks = getattr(arr, "chunks", None)
         data = da.from_array(arr, chunks=chunks if chunks else "auto", lock=src.path is not None and
-                             str(src.path).lower().endswith((".tif", ".tiff")))
+                             memnet.io.input_format(src.path) == "tiff")
         kw = layer_kwargs(src, name if first.n_series == 1 else f"{name} [series {i}]")
         kw["metadata"]["memnet_series"] = i
         layers.append((data, kw, "image"))
@@ -76,7 +66,7 @@ def write_image(path: str, data, meta: dict) -> list[str]:
     ndim = getattr(data, "ndim", len(getattr(data, "shape", ())))
     axes = meta.get("metadata", {}).get("memnet_axes")
     if not axes or len(axes) != ndim:
-        axes = "".join(str(a)[0].upper() for a in labels) if labels and _valid_letters(labels, ndim) else None
+        axes = memnet.io.axes_from_labels(labels, ndim)
     src = memnet.open_input(data, axes=axes)
     scale = dict(zip(src.axes, meta.get("scale", [1.0] * ndim)))
     translate = dict(zip(src.axes, meta.get("translate", [0.0] * ndim)))
@@ -85,8 +75,3 @@ def write_image(path: str, data, meta: dict) -> list[str]:
     memnet.check_output_path(path, [source])  # never the layer's own source, nor inside or around it
     memnet.save_image(data, path, axes=src.axes, scale=scale, units=units, translate=translate, overwrite=True)
     return [str(path)]
-
-
-def _valid_letters(labels, ndim) -> bool:
-    letters = [str(a)[:1].upper() for a in labels]
-    return len(set(letters)) == ndim and set(letters) <= set("TCZYX") and {"Y", "X"} <= set(letters)

@@ -75,11 +75,7 @@ def _axes_of(layer) -> str | None:
     axes = (layer.metadata or {}).get("memnet_axes")
     if axes and len(axes) == layer.ndim:
         return axes
-    letters = "".join(str(a)[:1].upper() for a in getattr(layer, "axis_labels", ()))
-    if len(letters) == layer.ndim and len(set(letters)) == layer.ndim and {"Y", "X"} <= set(letters) \
-            and set(letters) <= set("TCZYX"):
-        return letters
-    return None
+    return memnet.io.axes_from_labels(getattr(layer, "axis_labels", ()), layer.ndim)
 
 
 def _fmt_eta(p: memnet.Progress) -> str:

@@ -13,9 +13,34 @@ import numpy as np
 from .options import RestoreOptions
 from .outputs import OutputLock, check_output_path, read_markers, remove_tree, sidecar, write_marker
 
-__all__ = ["Source", "open_input", "save_image", "normalize_axes", "ZarrSink", "TiffSink", "MemorySink", "is_zarr_path"]
+__all__ = ["Source", "open_input", "save_image", "normalize_axes", "axes_from_labels", "open_sink", "ZarrSink",
+           "TiffSink", "MemorySink", "FORMATS", "input_format", "output_format", "is_zarr_path", "ngff_unit",
+           "short_unit"]
 
 _AXIS_NAMES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
+
+# The formats, in one table: the suffixes each is written with, and those it is read from.
+FORMATS = {
+    "zarr": {"write": (".zarr", ".ome.zarr"), "read": (".zarr", ".ome.zarr")},
+    "tiff": {"write": (".tif", ".tiff"), "read": (".tif", ".tiff", ".btf", ".tf8", ".tf2")},
+}
+
+# One unit table: each spelling met in files and layers -> the NGFF (UDUNITS-2) name; and the NGFF
+# name -> the symbol OME-TIFF and ImageJ use.
+_UNIT_NAMES = {"µm": "micrometer", "um": "micrometer", "micron": "micrometer", "\\u00B5m": "micrometer",
+               "nm": "nanometer", "mm": "millimeter", "s": "second", "ms": "millisecond", "min": "minute"}
+_UNIT_SYMBOLS = {"micrometer": "µm", "nanometer": "nm", "millimeter": "mm", "second": "s", "millisecond": "ms",
+                 "minute": "min"}
+
+
+def ngff_unit(u: str) -> str:
+    """A unit as OME-Zarr (and napari, through pint) names it: "µm" -> "micrometer"."""
+    return _UNIT_NAMES.get(u, u)
+
+
+def short_unit(u: str) -> str:
+    """A unit as OME-TIFF and ImageJ write it: "micrometer", "micron" -> "µm"."""
+    return _UNIT_SYMBOLS.get(ngff_unit(u), u)
 
 
 @dataclass
@@ -86,6 +111,18 @@ def normalize_axes(axes: str, ndim: int) -> str:
     return ax
 
 
+def axes_from_labels(labels, ndim: int) -> str | None:
+    """Axis letters from axis names (napari's axis_labels: "z", "y", "x", "time"...), the first letter
+    of each; None unless they name T, C, Z, Y, X once each and include Y and X."""
+    letters = "".join(str(a)[:1].upper() for a in labels or ())
+    if not set(letters) <= set("TCZYX"):
+        return None
+    try:
+        return normalize_axes(letters, ndim)
+    except ValueError:
+        return None
+
+
 def _default_axes(ndim: int) -> str:
     if ndim < 2:
         raise ValueError(f"need at least a 2-D image (YX), got a {ndim}-D array")
@@ -96,12 +133,27 @@ def _default_axes(ndim: int) -> str:
 
 def is_zarr_path(p: str | os.PathLike) -> bool:
     s = str(p).rstrip("/\\")
-    return s.endswith(".zarr") or s.endswith(".ome.zarr") or (Path(s) / ".zgroup").exists() or \
+    return s.endswith(FORMATS["zarr"]["read"]) or (Path(s) / ".zgroup").exists() or \
         (Path(s) / ".zarray").exists() or (Path(s) / "zarr.json").exists()
 
 
 def _is_tiff(p: Path) -> bool:
-    return p.suffix.lower() in (".tif", ".tiff", ".btf", ".tf8", ".tf2")
+    return p.suffix.lower() in FORMATS["tiff"]["read"]
+
+
+def input_format(p: str | os.PathLike) -> str | None:
+    """"tiff" or "zarr" for a path we can read (by its name, or a folder's Zarr metadata), else None."""
+    return "tiff" if _is_tiff(Path(p)) else "zarr" if is_zarr_path(p) else None
+
+
+def output_format(p: str | os.PathLike) -> str:
+    """"zarr" or "tiff": the format an output path is written in (an existing Zarr store is Zarr
+    whatever its name)."""
+    if is_zarr_path(p):
+        return "zarr"
+    if Path(p).suffix.lower() in FORMATS["tiff"]["write"]:
+        return "tiff"
+    raise ValueError(f"unsupported output {Path(p).name!r}: use a .zarr directory or a .tif file")
 
 
 def open_input(data, axes: str | None = None, series: int | None = None) -> Source:
@@ -226,7 +278,7 @@ def _tiff_scale(tif, series, axes: str) -> tuple[dict, dict]:
                 scale["T"] = float(ij["finterval"])
             unit = ij.get("unit")
             if unit:
-                unit = "µm" if unit in ("micron", "um", "\\u00B5m") else unit
+                unit = short_unit(unit)
                 for a in "XYZ":
                     if a in scale:
                         units[a] = unit
@@ -320,14 +372,9 @@ def _ome_axes(axes: str, units: dict) -> list[dict]:
     for a in axes:
         d = {"name": a.lower(), "type": _AXIS_NAMES.get(a.lower(), "custom")}
         if a in units and d["type"] in ("space", "time"):
-            d["unit"] = _ome_unit(units[a])
+            d["unit"] = ngff_unit(units[a])
         out.append(d)
     return out
-
-
-def _ome_unit(u: str) -> str:
-    return {"µm": "micrometer", "um": "micrometer", "micron": "micrometer", "nm": "nanometer",
-            "mm": "millimeter", "s": "second", "ms": "millisecond", "min": "minute"}.get(u, u)
 
 
 class ZarrSink:
@@ -531,7 +578,7 @@ class TiffSink:
             for a in "XYZ":
                 if scale.get(a):
                     meta[f"PhysicalSize{a}"] = float(scale[a])
-                    meta[f"PhysicalSize{a}Unit"] = _ome_tiff_unit(units.get(a, "µm"))
+                    meta[f"PhysicalSize{a}Unit"] = short_unit(units.get(a, "µm"))
             if scale.get("T"):
                 meta["TimeIncrement"] = float(scale["T"])
             kwargs.update(ome=True, metadata=meta)
@@ -592,13 +639,43 @@ class TiffSink:
         self.lock.release()
 
 
-def _ome_tiff_unit(u: str) -> str:
-    return {"um": "µm", "micron": "µm", "micrometer": "µm", "nanometer": "nm"}.get(u, u)
-
-
 def job_signature(**kw) -> dict:
     """A JSON-safe description of a job (input, model, tiling) for resume checks."""
     return json.loads(json.dumps(kw, default=str))
+
+
+def open_sink(path, shape, dtype, core: tuple[int, int], axes: str, *, scale: dict | None = None,
+              units: dict | None = None, translate: dict | None = None, job: dict | None = None,
+              src: Source | None = None, overwrite: bool = False, resume: bool = False, ignore=(),
+              defaults: dict | None = None):
+    """The sink of every output, by its format (`output_format`): ``path`` None -> in memory, a Zarr
+    store (created, or reopened when ``resume`` and it exists: see `ZarrSink.reopen` for ``job``,
+    ``ignore`` and ``defaults``), a tiled TIFF. ``core``: the (Y, X) block every write brings, which
+    is a Zarr output's chunk; ``axes``, ``scale``, ``units``, ``translate``: the data's, per letter."""
+    if path is None:
+        if resume:
+            raise ValueError("resume needs an on-disk .zarr output")
+        return MemorySink(shape, dtype)
+    path = Path(path)
+    fmt = output_format(path)
+    scale, units, translate = scale or {}, units or {}, translate or {}
+    yi, xi = axes.index("Y"), axes.index("X")
+    if fmt == "zarr":
+        if resume and path.exists():
+            return ZarrSink.reopen(path, job, src=src, ignore=ignore, overwrite=overwrite, defaults=defaults)
+        chunks = tuple(core[0] if d == yi else core[1] if d == xi else 1 for d in range(len(shape)))
+        return ZarrSink(path, shape, dtype, chunks, axes, scale, units, translate, job, overwrite=overwrite, src=src)
+    if resume:
+        raise ValueError(f"resume needs a .zarr output (a TIFF is written sequentially): got {path.name!r}")
+    # TIFF tiles are multiples of 16: each axis's core is one, or spans the whole axis (one tile, padded),
+    # so narrow images (100x1000, 1x20000) need nothing from the user.
+    (ch, cw), (h, w) = core, (shape[yi], shape[xi])
+    if (ch % 16 and ch != h) or (cw % 16 and cw != w):
+        t = ch if ch % 16 and ch != h else cw
+        raise ValueError(f"TIFF output needs a tile size that is a multiple of 16, got --tile {t}: use "
+                         f"{max(16, t // 16 * 16)} or {-(-t // 16) * 16}, or write a .zarr output")
+    return TiffSink(path, shape, dtype, (-(-ch // 16) * 16, -(-cw // 16) * 16), axes, scale, units,
+                    overwrite=overwrite, src=src)
 
 
 def save_image(data, path, *, axes: str | None = None, scale: dict | None = None, units: dict | None = None,
@@ -606,28 +683,17 @@ def save_image(data, path, *, axes: str | None = None, scale: dict | None = None
     """Write an array (numpy or dask) to OME-Zarr (``.zarr``) or tiled OME-TIFF (``.tif``), one
     plane-tile at a time (a dask array is never computed whole), in chunks of ``tile`` pixels (default:
     the restore default). Marked complete only at the end."""
+    from itertools import product
+
     from .tiling import TilePlan
 
     tile = RestoreOptions.tile if tile is None else tile
     src = open_input(data, axes=axes)
-    path = Path(path)
     yi, xi = src.axes.index("Y"), src.axes.index("X")
-    h, w = src.shape[yi], src.shape[xi]
-    plan = TilePlan(h, w, tile=tile, halo=0)
-    ch, cw = plan.core_shape
-    scale, units, translate = scale or {}, units or {}, translate or {}
-    if is_zarr_path(path) or path.suffix == ".zarr":
-        chunks = tuple(ch if d == yi else cw if d == xi else 1 for d in range(len(src.shape)))
-        sink = ZarrSink(path, src.shape, src.dtype, chunks, src.axes, scale, units, translate,
-                        {"saved_by": "memnet.save_image"}, overwrite=overwrite)
-    elif path.suffix.lower() in (".tif", ".tiff"):
-        sink = TiffSink(path, src.shape, src.dtype, (-(-ch // 16) * 16, -(-cw // 16) * 16), src.axes, scale,
-                        units, overwrite=overwrite)
-    else:
-        raise ValueError(f"unsupported output {path.name!r}: use a .zarr directory or a .tif file")
+    plan = TilePlan(src.shape[yi], src.shape[xi], tile=tile, halo=0)
+    sink = open_sink(Path(path), src.shape, src.dtype, plan.core_shape, src.axes, scale=scale, units=units,
+                     translate=translate, job={"saved_by": "memnet.save_image"}, overwrite=overwrite)
     lead_dims = [range(n) for d, n in enumerate(src.shape) if d not in (yi, xi)]
-    from itertools import product
-
     try:
         for lead in product(*lead_dims):
             for t in plan:

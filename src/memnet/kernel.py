@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .degrade import bicubic_up_rows
-from .io import MemorySink, Source, TiffSink, ZarrSink, is_zarr_path, job_signature, open_input
+from .io import Source, job_signature, open_input, open_sink, output_format
 from .model import receptive_field
 from .normalize import Normalizer
 from .options import RestoreOptions
@@ -280,59 +280,32 @@ def zarr_target(output) -> Path | None:
     """``output`` as a Path when it names a Zarr store, else None."""
     if output is None:
         return None
-    out = Path(output)
-    return out if (is_zarr_path(out) or out.suffix == ".zarr") else None
+    try:
+        return Path(output) if output_format(output) == "zarr" else None
+    except ValueError:  # not an output format at all
+        return None
 
 
 def open_output(job: Job, output, *, overwrite: bool = False, resume: bool = False, rows: int | None = None):
-    """The sink for a job's output, the groups already done (resume) and the tile rows per group (a
-    resumed job keeps those it started with). Only a Zarr output can resume."""
-    if output is None:
-        if resume:
-            raise ValueError("resume needs an on-disk .zarr output")
-        return MemorySink(job.out_shape, job.norm.out_dtype), set(), rows
-    out = Path(output)
-    if zarr_target(out) is not None:
-        return _zarr_output(job, out, overwrite, resume, rows)
-    if resume:
-        raise ValueError(f"resume needs a .zarr output (a TIFF is written sequentially): got {out.name!r}")
-    if out.suffix.lower() in (".tif", ".tiff"):
-        return _tiff_sink(job, out, overwrite), set(), rows
-    raise ValueError(f"unsupported output {out.name!r}: use a .zarr directory or a .tif file")
-
-
-def _zarr_output(job: Job, out: Path, overwrite: bool, resume: bool, rows: int | None):
+    """The sink for a job's output (`io.open_sink`), the groups already done (resume) and the tile rows
+    per group (a resumed job keeps those it started with). Only a Zarr output can resume."""
     src = job.source
     signature = job.describe(rows)
-    if resume and out.exists():
-        if job.plan.blend is not None:
-            raise ValueError("resume works in exact mode only (blended tiles depend on their neighbours)")
-        # Options that change only the speed may differ; an option missing from an older record
-        # had its default then.
-        sink = ZarrSink.reopen(out, signature, src=src, ignore=("rows_per_group", *RestoreOptions.speed_only()),
-                               defaults=RestoreOptions().to_dict(), overwrite=overwrite)
-        rows = sink.job.get("rows_per_group") or rows
-        if sink.complete:  # finished before: nothing to redo (its markers were cleaned up)
-            return sink, {g[0] for g in job.groups(rows or 1)}, rows
-        return sink, sink.done_keys(), rows
-    ch, cw = job.plan.core_shape
-    chunks = tuple(ch if d == job.yi else cw if d == job.xi else 1 for d in range(len(job.out_shape)))
-    return ZarrSink(out, job.out_shape, job.norm.out_dtype, chunks, src.axes, job.out_scale, src.units,
-                    job.out_translate, signature, overwrite=overwrite, src=src), set(), rows
-
-
-def _tiff_sink(job: Job, out: Path, overwrite: bool) -> TiffSink:
-    # TIFF tiles are multiples of 16: each axis's core is one, or spans the whole axis (one tile,
-    # padded), so narrow images (100x1000, 1x20000) need nothing from the user.
-    ch, cw = job.plan.core_shape
-    if (ch % 16 and ch != job.plan.height) or (cw % 16 and cw != job.plan.width):
-        t = job.plan.tile
-        raise ValueError(f"TIFF output needs a tile size that is a multiple of 16, got --tile {t}: use "
-                         f"{max(16, t // 16 * 16)} or {-(-t // 16) * 16}, or write a .zarr output")
-    ty, tx = -(-ch // 16) * 16, -(-cw // 16) * 16
-    src = job.source
-    return TiffSink(out, job.out_shape, job.norm.out_dtype, (ty, tx), src.axes, job.out_scale, src.units,
-                    overwrite=overwrite, src=src)
+    resuming = resume and zarr_target(output) is not None and Path(output).exists()
+    if resuming and job.plan.blend is not None:
+        raise ValueError("resume works in exact mode only (blended tiles depend on their neighbours)")
+    # On resume, options that change only the speed may differ; an option missing from an older
+    # record had its default then.
+    sink = open_sink(output, job.out_shape, job.norm.out_dtype, job.plan.core_shape, src.axes,
+                     scale=job.out_scale, units=src.units, translate=job.out_translate, job=signature, src=src,
+                     overwrite=overwrite, resume=resume, ignore=("rows_per_group", *RestoreOptions.speed_only()),
+                     defaults=RestoreOptions().to_dict())
+    if not resuming:
+        return sink, set(), rows
+    rows = sink.job.get("rows_per_group") or rows
+    if sink.complete:  # finished before: nothing to redo (its markers were cleaned up)
+        return sink, {g[0] for g in job.groups(rows or 1)}, rows
+    return sink, sink.done_keys(), rows
 
 
 def run_group(job: Job, group: tuple[str, tuple, list[Tile]], sink, *, batch_size: int,
