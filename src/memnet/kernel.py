@@ -13,13 +13,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from itertools import product
 from pathlib import Path
 
 import numpy as np
 
 from .degrade import bicubic_up_rows
-from .io import Source, job_signature, open_input, open_sink, output_format
+from .io import Source, job_signature, open_input, open_sink, output_format, plane_indices
 from .model import receptive_field
 from .normalize import Normalizer
 from .options import RestoreOptions
@@ -99,10 +98,8 @@ def upscaled_geometry(scale: dict, translate: dict, factor: int) -> tuple[dict, 
 
 
 def _lead_indices(shape: tuple[int, ...], axes: str) -> tuple[list[tuple], int, int]:
-    """All index tuples over the non-YX axes, plus the positions of Y and X."""
-    yi, xi = axes.index("Y"), axes.index("X")
-    lead_dims = [range(n) for i, n in enumerate(shape) if i not in (yi, xi)]
-    return [tuple(p) for p in product(*lead_dims)], yi, xi
+    """All index tuples over the non-YX axes (`io.plane_indices`), plus the positions of Y and X."""
+    return plane_indices(shape, axes), axes.index("Y"), axes.index("X")
 
 
 def _full_index(lead: tuple, yi: int, xi: int, ys: slice, xs: slice, ndim: int) -> tuple:
@@ -238,11 +235,12 @@ class Job:
             model=str(self.info.path.name) if self.info else "module", model_sha256=self.model_digest(),
             rows_per_group=rows_per_group, norm=self.norm.as_dict(),
             **({"series": self.source.series} if self.source.series else {}),
+            **({"level": self.source.level} if self.source.level else {}),
             **self.options.to_dict(),
         )
 
 
-def prepare(data, model="denoise", *, axes=None, series=None, options: RestoreOptions | None = None,
+def prepare(data, model="denoise", *, axes=None, series=None, level=0, options: RestoreOptions | None = None,
             **option_kw) -> Job:
     """Open the input, load the model, fix the intensity policy and the tiling plan. The restore
     options are ``options`` with any `RestoreOptions` field given as a keyword replacing its value."""
@@ -257,7 +255,7 @@ def prepare(data, model="denoise", *, axes=None, series=None, options: RestoreOp
     if net.config.in_channels != 1:
         raise ValueError(f"the tiled engine runs single-channel models (each channel separately); this model "
                          f"takes {net.config.in_channels} channels")
-    src = open_input(data, axes=axes, series=series)
+    src = open_input(data, axes=axes, series=series, level=level)
     opts = opts.resolved(receptive_field(net))
     norm = Normalizer.for_data(src.array, policy)
     return Job(src, Runner(net, dev, amp=opts.amp, ensemble=opts.ensemble), norm, opts, info)
@@ -295,17 +293,27 @@ def open_output(job: Job, output, *, overwrite: bool = False, resume: bool = Fal
     if resuming and job.plan.blend is not None:
         raise ValueError("resume works in exact mode only (blended tiles depend on their neighbours)")
     # On resume, options that change only the speed may differ; an option missing from an older
-    # record had its default then.
+    # record had its default then (outputs from before the pyramid: OME-Zarr 0.4, one level).
+    o = job.options
     sink = open_sink(output, job.out_shape, job.norm.out_dtype, job.plan.core_shape, src.axes,
                      scale=job.out_scale, units=src.units, translate=job.out_translate, job=signature, src=src,
                      overwrite=overwrite, resume=resume, ignore=("rows_per_group", *RestoreOptions.speed_only()),
-                     defaults=RestoreOptions().to_dict())
+                     defaults={**RestoreOptions().to_dict(), "ome_zarr_version": "0.4", "pyramid": 0},
+                     ome_zarr_version=o.ome_zarr_version, pyramid=o.pyramid)
     if not resuming:
         return sink, set(), rows
     rows = sink.job.get("rows_per_group") or rows
     if sink.complete:  # finished before: nothing to redo (its markers were cleaned up)
         return sink, {g[0] for g in job.groups(rows or 1)}, rows
-    return sink, sink.done_keys(), rows
+    done = sink.done_keys()
+    sink.resume_rows([(p, t.iy) for p, (key, _, tiles) in _numbered(job, rows) if key in done for t in tiles])
+    return sink, done, rows
+
+
+def _numbered(job: Job, rows: int):
+    """The groups with the number of their plane (its position in ``job.leads``)."""
+    plane = {lead: p for p, lead in enumerate(job.leads)}
+    return [(plane[g[1]], g) for g in job.groups(rows)]
 
 
 def run_group(job: Job, group: tuple[str, tuple, list[Tile]], sink, *, batch_size: int,
@@ -314,7 +322,8 @@ def run_group(job: Job, group: tuple[str, tuple, list[Tile]], sink, *, batch_siz
     """Exact mode: read, run, crop and write one group of tiles, batch by batch, then write the
     group's done-marker (after all its blocks, so a marked group is complete).
 
-    ``sink`` has ``write(index, block)`` and, for a resumable output, ``mark_done(key)``.
+    ``sink`` has ``write(index, block)`` and, for a resumable output, ``mark_done(key)`` and
+    ``rows_written(lead, rows)`` (the tile rows are on disk: the pyramid above them may be built).
     ``batches`` are the group's windows when read ahead elsewhere; by default they are read here.
     ``cancel`` is checked before each batch; ``on_batch(tiles)`` is called after each."""
     key, lead, tiles = group
@@ -328,5 +337,6 @@ def run_group(job: Job, group: tuple[str, tuple, list[Tile]], sink, *, batch_siz
             sink.write(index, block)
         if n == len(chunks) and hasattr(sink, "mark_done"):
             sink.mark_done(key)
+            sink.rows_written(lead, sorted({t.iy for t in tiles}))
         if on_batch is not None:
             on_batch(chunk)
