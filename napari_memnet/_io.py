@@ -50,18 +50,22 @@ def read_layers(path):
     layers = []
     for i in range(first.n_series):
         src = first if i == 0 else memnet.open_input(path, series=i)
-        arr = src.array
-        chunks = getattr(arr, "chunks", None)
-        data = da.from_array(arr, chunks=chunks if chunks else "auto", lock=src.path is not None and
-                             memnet.io.input_format(src.path) == "tiff")
+        lock = src.path is not None and memnet.io.input_format(src.path) == "tiff"
+        # A multiscale OME-Zarr: every level, so napari shows the one that fits the view.
+        levels = [src.array] + [memnet.open_input(path, level=k).array for k in range(1, src.n_levels)]
+        data = [da.from_array(a, chunks=getattr(a, "chunks", None) or "auto", lock=lock) for a in levels]
         kw = layer_kwargs(src, name if first.n_series == 1 else f"{name} [series {i}]")
         kw["metadata"]["memnet_series"] = i
-        layers.append((data, kw, "image"))
+        if len(data) > 1:
+            kw["multiscale"] = True
+        layers.append((data if len(data) > 1 else data[0], kw, "image"))
     return layers
 
 
 def write_image(path: str, data, meta: dict) -> list[str]:
     """Write one image layer to OME-Zarr (.zarr) or OME-TIFF (.tif), keeping scale and axis labels."""
+    if meta.get("multiscale"):  # its full resolution; a .zarr gets its pyramid anew
+        data = data[0]
     labels = meta.get("axis_labels")
     ndim = getattr(data, "ndim", len(getattr(data, "shape", ())))
     axes = meta.get("metadata", {}).get("memnet_axes")
