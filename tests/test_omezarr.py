@@ -129,16 +129,18 @@ def _cancel_after(n):
     return cancel
 
 
-def test_an_interrupted_pyramid_resumes_to_the_same_bytes(stack, model_file, tmp_path):
+def test_an_interrupted_pyramid_resumes_to_the_same_bytes(model_file, tmp_path, rng):
     """Cancelled at several points (before, between and after the groups a pyramid row needs), with
     some finished rows' pyramid markers lost as if killed before they were built: resume gives the
     pyramid of an uninterrupted run, byte for byte."""
-    kw = dict(tile=32, pyramid=40, device="cpu", batch_size=2)
+    stack = (rng.random((2, 96, 128)) * 4000).astype(np.uint16)
+    kw = dict(axes="ZYX", tile=16, pyramid=16, device="cpu", batch_size=2)
     memnet.restore(stack, model_file, output=tmp_path / "ref.zarr", **kw)
     ref = _levels(tmp_path / "ref.zarr")
+    assert len(ref) == 4
     out = tmp_path / "o.zarr"
     done = tmp_path / "o.zarr.memnet" / "done"
-    # 2 planes x 5 groups (one tile row each, 4 batches): each run cancelled a few groups further.
+    # 2 planes x 6 groups (one tile row each, 4 batches): each run cancelled a few groups further.
     for n in (11, 9, 13):
         with pytest.raises(memnet.Cancelled):
             memnet.restore(stack, model_file, output=out, resume=True, cancel=_cancel_after(n), **kw)
