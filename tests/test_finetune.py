@@ -9,7 +9,7 @@ import tifffile
 import memnet
 from memnet.cli import main
 from memnet.finetune import FinetuneConfig, NotImproved, finetune, fit_noise_model
-from memnet.finetune_modes import MODES, blind_spot, subsample_pairs
+from memnet.finetune_modes import MODES, blind_spot, neighbour_correlation, subsample_pairs
 
 
 def _scene(rng, shape=(4, 64, 64)):
@@ -20,6 +20,14 @@ def _scene(rng, shape=(4, 64, 64)):
 
 def _noisy(clean, rng, photons=30.0):
     return (rng.poisson(clean * photons) / photons + rng.normal(0, 0.02, clean.shape)).astype(np.float32)
+
+
+@pytest.fixture(autouse=True)
+def _random_models_are_not_denoisers(request, monkeypatch):
+    """The tiny random models here are not denoisers: their residual is no estimate of the noise, so the
+    noise check (which reads it) is off, except in the tests of the check (marked ``noise_check``)."""
+    if request.node.get_closest_marker("noise_check") is None:
+        monkeypatch.setattr("memnet.finetune.MAX_EXCESS_CORRELATION", float("inf"))
 
 
 @pytest.fixture
@@ -325,3 +333,55 @@ def test_a_time_budget_ends_the_run(base_model, rng):
     finetune(cfg, _noisy(_scene(rng), rng))
     ft = memnet.load_model("lab-t")[1].metadata["finetune"]
     assert ft["ended"] == "time budget" and ft["steps_run"] >= 1 and ft["hours"] < 0.01
+
+
+def test_neighbour_correlation_of_white_and_of_smoothed_noise(rng):
+    white = rng.standard_normal((300, 300))
+    assert all(abs(c) < 0.02 for c in neighbour_correlation([white]))
+    along_x = (white + np.roll(white, 1, axis=1)) / 2  # neighbours in x share half their noise
+    cy, cx = neighbour_correlation([along_x])
+    assert abs(cy) < 0.02 and cx == pytest.approx(0.5, abs=0.03)
+
+
+def _microscope(rng, correlated: bool):
+    """A smooth fluorescence-like scene with Poisson-Gaussian noise, white or correlated between
+    horizontal neighbours (as after a camera's or a processing step's interpolation)."""
+    yy, xx = np.mgrid[0:192, 0:192] / 192
+    clean = 40 + 160 * (0.5 + 0.5 * np.sin(9 * xx) * np.cos(7 * yy)) ** 2
+    noise = rng.standard_normal((2, *clean.shape)) * np.sqrt(clean + 25)
+    if correlated:
+        noise = (noise + np.roll(noise, 1, axis=2) + np.roll(noise, 1, axis=1)) / np.sqrt(3)
+    return (clean + noise).astype(np.float32)
+
+
+@pytest.mark.noise_check
+@pytest.mark.parametrize("mode", ["nbr2nbr", "n2v2"])
+def test_pixel_independent_modes_refuse_correlated_noise_and_train_on_white_noise(rng, mode, _isolated_user_models):
+    from memnet.finetune import NoiseCorrelated
+
+    cfg = dict(model="microscopy", mode=mode, steps=2, val_every=1, patch=24, batch=2, device="cpu",
+               publish="always")
+    logs = []
+    with pytest.raises(NoiseCorrelated, match="correlated between neighbouring pixels"):
+        finetune(FinetuneConfig(name="corr", **cfg), _microscope(rng, True), log=logs.append)
+    assert not (_isolated_user_models / "corr.safetensors").exists()
+    assert any(line.startswith("noise check:") for line in logs)
+    # the same scene with white noise passes the check and trains; the check is on the new model's card
+    path = finetune(FinetuneConfig(name="white", **cfg), _microscope(rng, False))
+    check = memnet.load_model(path)[1].metadata["finetune"]["noise_check"]
+    assert abs(check["excess"]) < 0.03
+    # asked to, it trains on the correlated noise anyway
+    assert finetune(FinetuneConfig(name="forced", noise_check=False, **cfg), _microscope(rng, True)).exists()
+
+
+@pytest.mark.noise_check
+def test_the_cli_refuses_correlated_noise_with_exit_3_and_modes_with_a_second_view_are_not_checked(
+        rng, tmp_path, capsys):
+    data = tmp_path / "corr.tif"
+    tifffile.imwrite(data, _microscope(rng, True))
+    args = ["finetune", "--model", "microscopy", "--data", str(data), "--steps", "2", "--val-every", "1",
+            "--patch", "24", "--batch", "2", "--device", "cpu", "--publish", "always"]
+    assert main([*args, "-o", "c1"]) == 3
+    assert "--no-noise-check" in capsys.readouterr().out
+    assert main([*args, "-o", "c2", "--no-noise-check"]) == 0
+    assert main([*args, "-o", "c3", "--mode", "adjacent"]) == 0  # planes as the two views: no check

@@ -8,7 +8,7 @@ import sys
 import time
 
 from . import _cli_types as T
-from .options import BACKENDS, RestoreOptions
+from .options import BACKENDS, OME_ZARR_VERSIONS, RestoreOptions
 
 
 def _fmt_time(s: float | None) -> str:
@@ -71,8 +71,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     options = RestoreOptions(**{f: getattr(args, f) for f in _OPTIONS})
     previous = _on_sigterm()
     try:
-        restore(args.input, args.model, output=args.output, axes=args.axes, series=args.series, options=options,
-                progress=bar, overwrite=args.overwrite, resume=args.resume, workers=args.workers,
+        restore(args.input, args.model, output=args.output, axes=args.axes, series=args.series, level=args.level,
+                options=options, progress=bar, overwrite=args.overwrite, resume=args.resume, workers=args.workers,
                 scheduler=args.scheduler)
     except Cancelled:
         if bar is not None:
@@ -99,7 +99,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 # The RestoreOptions fields set on the command line (the others keep their defaults).
-_OPTIONS = ("tile", "halo", "blend", "scale", "amp", "ensemble", "device", "batch_size", "backend")
+_OPTIONS = ("tile", "halo", "blend", "scale", "amp", "ensemble", "device", "batch_size", "backend", "ome_zarr_version",
+            "pyramid")
 _D = RestoreOptions()  # the defaults, shown in --help
 
 
@@ -125,6 +126,8 @@ def register(sub) -> None:
                    help=f"ramp for blended mode (halo below the receptive field) [{_D.blend}]")
     p.add_argument("--series", type=T.count(0, "a series index"), default=None,
                    help="which series of a multi-series (OME-)TIFF to restore; a warning lists the others [0]")
+    p.add_argument("--level", type=T.count(0, "a level index"), default=0,
+                   help="which resolution level of a multiscale OME-Zarr input to restore (0: full resolution) [0]")
     p.add_argument("--axes", default=None, help="axis letters, e.g. TZCYX (default: from file metadata)")
     p.add_argument("--device", default=_D.device, help=f"auto, cpu, cuda or cuda:N [{_D.device}]")
     p.add_argument("--batch-size", type=T.batch_size, default=_D.batch_size,
@@ -137,6 +140,12 @@ def register(sub) -> None:
     p.add_argument("--ensemble", action="store_true", default=_D.ensemble,
                    help="self-ensemble: average over the 8 flips/rotations of each tile (8x slower, a little "
                    "better; exact mode stays exact)")
+    p.add_argument("--ome-zarr-version", choices=OME_ZARR_VERSIONS, default=_D.ome_zarr_version,
+                   help=f"OME-Zarr version of a .zarr output: 0.5 (Zarr v3) or 0.4 (Zarr v2, for older readers) "
+                   f"[{_D.ome_zarr_version}]")
+    p.add_argument("--pyramid", type=T.count(0, "a size in pixels"), default=_D.pyramid,
+                   help="a .zarr output's resolution pyramid: levels halving Y and X (2x2 means), written while "
+                   f"restoring, until one fits in PX x PX; 0: level 0 only [{_D.pyramid}]", metavar="PX")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run into the same .zarr output (same parameters required)")

@@ -6,6 +6,11 @@ of tile indices. Each task runs `run_group`, the kernel's loop: it reads its own
 halos) from the input store, writes its output chunks straight into the output Zarr — each chunk
 owned by exactly one group — then the group's done-marker. A task re-run after a worker died
 rewrites the same chunks with the same values, so retries are safe.
+
+The pyramid is the client's to schedule: it alone tracks which rows are done, and when a finished
+group (or pyramid row) completes a coarser chunk row, it submits one task that builds that row from
+the level above it, in the store, then writes its marker. So each coarser chunk also has one writer,
+and is written only after everything it is made from.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from .kernel import (
     run_group,
     zarr_target,
 )
+from .ngff import Unit
 from .normalize import Normalizer
 from .options import RestoreOptions
 from .runner import Runner, cached, resolve_device
@@ -54,8 +60,8 @@ def _worker_job(spec: dict, weights: bytes) -> Job:
     dev = resolve_device(opts.device)
     runner = cached(("runner", spec["digest"], str(dev), opts.amp, opts.ensemble, opts.backend),
                     lambda: Runner.for_options(load_model_bytes(weights, dev), dev, opts))
-    src = cached(("source", spec["input"], spec["axes"], spec["series"]),
-                 lambda: open_input(spec["input"], axes=spec["axes"], series=spec["series"]))
+    src = cached(("source", spec["input"], spec["axes"], spec["series"], spec["level"]),
+                 lambda: open_input(spec["input"], axes=spec["axes"], series=spec["series"], level=spec["level"]))
     n = spec["norm"]
     norm = Normalizer(scale=n["scale"], offset=n["offset"], out_dtype=np.dtype(n["dtype"]),
                       clip=tuple(n["clip"]) if n["clip"] else None)
@@ -65,8 +71,7 @@ def _worker_job(spec: dict, weights: bytes) -> Job:
 def _group_task(spec: dict, weights: bytes, key: str, lead: tuple, tiles: list[tuple[int, int]]) -> str:
     """Run on a worker: restore one group of tiles and write it into the output Zarr."""
     job = _worker_job(spec, weights)
-    sink = cached(("output", spec["write_path"]),
-                  lambda: ZarrSink.attach(spec["output"], spec["write_path"], spec["perm"]))
+    sink = _worker_sink(spec)
     group = (key, tuple(lead), [job.plan.tile_at(iy, ix) for iy, ix in tiles])
     run_group(job, group, sink, batch_size=spec["batch"])
     with _REPORT_LOCK:
@@ -77,13 +82,25 @@ def _group_task(spec: dict, weights: bytes, key: str, lead: tuple, tiles: list[t
     return key
 
 
+def _worker_sink(spec: dict) -> ZarrSink:
+    return cached(("output", spec["write_path"]),
+                  lambda: ZarrSink.attach(spec["output"], spec["write_path"], spec["axes"]))
+
+
+def _pyramid_task(spec: dict, unit: Unit) -> Unit:
+    """Run on a worker: build one pyramid row from the level above it (all of it done)."""
+    _worker_sink(spec).build(unit)
+    return unit
+
+
 def _spec(job: Job, sink: ZarrSink, weights: bytes, batch: int) -> dict:
     """What every task needs, JSON-safe; the options as `RestoreOptions.to_dict` writes them."""
     return {
         "input": str(job.source.path.resolve()), "axes": job.source.axes, "series": job.source.series,
+        "level": job.source.level,
         # Where the chunks go (the staging copy of an overwrite) and the output they become.
         "output": str(Path(sink.path).resolve()), "write_path": str(Path(sink.write_path).resolve()),
-        "perm": list(sink.perm), "digest": hashlib.sha256(weights).hexdigest()[:16], "batch": batch,
+        "digest": hashlib.sha256(weights).hexdigest()[:16], "batch": batch,
         "options": job.options.to_dict(), "run": f"{time.time_ns()}",
         "norm": {"scale": job.norm.scale, "offset": job.norm.offset, "dtype": str(job.norm.out_dtype),
                  "clip": list(job.norm.clip) if job.norm.clip else None},
@@ -128,7 +145,7 @@ def run_distributed(job: Job, output, *, client=None, workers=None, scheduler=No
     cluster = None
     try:
         cl, cluster = _client(client, workers, scheduler)
-        _submit(cl, spec, weights, todo, tally, cancel)
+        _submit(cl, spec, weights, todo, tally, cancel, sink)
     except BaseException:
         sink.abort()  # not complete; the lock is released for --resume
         raise
@@ -139,19 +156,35 @@ def run_distributed(job: Job, output, *, client=None, workers=None, scheduler=No
     return sink.finish()
 
 
-def _submit(cl, spec: dict, weights: bytes, todo: list, tally: ProgressTally, cancel) -> None:
-    """One task per group; progress as they complete; cancel stops the rest."""
+def _submit(cl, spec: dict, weights: bytes, todo: list, tally: ProgressTally, cancel, sink: ZarrSink) -> None:
+    """One task per group, then one per pyramid row as the rows under it finish; progress as groups
+    complete; cancel stops the rest."""
     from distributed import as_completed
 
     w = cl.scatter(weights, broadcast=True, hash=False)
     futures = {}
+
+    def pyramid(units):
+        for u in units:
+            f = cl.submit(_pyramid_task, spec, u, pure=False, retries=3,
+                          key=f"memnet-{u.key}-{spec['digest']}-{time.time_ns()}")
+            futures[f] = u
+            running.add(f)
+
     for key, lead, tiles in todo:
         f = cl.submit(_group_task, spec, w, key, tuple(int(i) for i in lead), [(t.iy, t.ix) for t in tiles],
                       pure=False, retries=3, key=f"memnet-{key}-{spec['digest']}-{time.time_ns()}")
-        futures[f] = tiles
-    for f in as_completed(list(futures)):
+        futures[f] = (lead, tiles)
+    running = as_completed(list(futures))
+    pyramid(sink.pending())  # rows an interrupted run left ready but unbuilt
+    for f in running:
         f.result()
-        tally.add(futures[f])
+        done = futures.pop(f)
+        if isinstance(done, Unit):
+            pyramid(sink.ready_after(unit=done))
+        else:
+            tally.add(done[1])
+            pyramid(sink.ready_after(done[0], sorted({t.iy for t in done[1]})))
         if is_cancelled(cancel):
             cl.cancel(list(futures))
             raise Cancelled("restore cancelled")

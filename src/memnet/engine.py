@@ -24,7 +24,7 @@ __all__ = ["restore", "restore_lazy", "Cancelled", "Job", "Progress", "RestoreOp
            "available_devices", "resolve_device", "prepare", "upscaled_geometry"]
 
 
-def restore(data, model="denoise", *, output=None, axes=None, series=None, progress=None, cancel=None,
+def restore(data, model="denoise", *, output=None, axes=None, series=None, level=0, progress=None, cancel=None,
             overwrite=False, lazy=False, resume=False, client=None, workers=None, scheduler=None,
             options: RestoreOptions | None = None, **option_kw):
     """Restore an image or stack, tile by tile.
@@ -40,6 +40,8 @@ def restore(data, model="denoise", *, output=None, axes=None, series=None, progr
     axes : axis letters (e.g. "TZYX"); default from the file's metadata, else the last two are YX.
         Every axis other than Y and X is iterated.
     series : which series of a multi-series TIFF (default: the first, with a warning naming the others).
+    level : which resolution level of a multiscale OME-Zarr input (default 0, full resolution); the
+        output has that level's size, pixel size and origin.
     progress : callable receiving a ``Progress`` after every batch.
     cancel : a ``threading.Event`` or a callable returning True to stop; raises ``Cancelled``.
     lazy : return a lazy dask array instead (see ``restore_lazy``).
@@ -59,6 +61,9 @@ def restore(data, model="denoise", *, output=None, axes=None, series=None, progr
             (8x slower; in exact mode still equal to whole-image inference; gains in docs/models.md).
         device : "auto", "cpu", "cuda", "cuda:N".
         batch_size : tiles per forward pass, or "auto" from ``memory_budget`` (bytes).
+        ome_zarr_version : a ``.zarr`` output's OME-Zarr version, "0.5" (Zarr v3) or "0.4" (Zarr v2).
+        pyramid : a ``.zarr`` output's resolution pyramid: 2x2-mean levels, written while restoring,
+            until one fits in pyramid × pyramid pixels (0: level 0 only).
 
         The defaults are those of ``RestoreOptions``.
 
@@ -68,8 +73,8 @@ def restore(data, model="denoise", *, output=None, axes=None, series=None, progr
     if lazy:
         if output is not None:
             raise ValueError("lazy=True returns a dask array: write it with da.to_zarr, or drop output=")
-        return restore_lazy(data, model, axes=axes, series=series, options=opts)
-    job = prepare(data, model, axes=axes, series=series, options=opts)
+        return restore_lazy(data, model, axes=axes, series=series, level=level, options=opts)
+    job = prepare(data, model, axes=axes, series=series, level=level, options=opts)
     try:
         if client is not None or workers or scheduler:
             return run_distributed(job, output, client=client, workers=workers, scheduler=scheduler,

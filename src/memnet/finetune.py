@@ -29,7 +29,7 @@ from .finetune_modes import (
     subsample_pairs,
 )
 from .fitloop import FitState, atomic_save, fit
-from .io import is_zarr_path, open_input
+from .io import input_format, is_zarr_path, open_input
 from .normalize import Normalizer
 from .outputs import check_output_path
 from .train import MixedPrecision, PatchSampler, hardware_name, list_files
@@ -95,7 +95,7 @@ def _sources(data, include: str | None) -> list:
         items = list(data)
     elif isinstance(data, (str, os.PathLike)) and Path(data).is_dir() and not is_zarr_path(data):
         items = list_files(Path(data), include, what="TIFF or Zarr images",
-                           keep=lambda p: p.suffix.lower() in (".tif", ".tiff") or (p.is_dir() and is_zarr_path(p)))
+                           keep=lambda p: input_format(p) == "tiff" or (p.is_dir() and is_zarr_path(p)))
     else:
         items = [data]
     if not items:

@@ -6,15 +6,52 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from itertools import product
 from pathlib import Path
 
 import numpy as np
 
+from .ngff import (
+    Level,
+    Pyramid,
+    PyramidTracker,
+    Unit,
+    mean2x2,
+    multiscales_attrs,
+    ngff_index,
+    ngff_order,
+    validate,
+    zarr_format,
+)
+from .options import RestoreOptions
 from .outputs import OutputLock, check_output_path, read_markers, remove_tree, sidecar, write_marker
 
-__all__ = ["Source", "open_input", "save_image", "normalize_axes", "ZarrSink", "TiffSink", "MemorySink", "is_zarr_path"]
+__all__ = ["Source", "open_input", "save_image", "normalize_axes", "axes_from_labels", "open_sink", "ZarrSink",
+           "TiffSink", "MemorySink", "FORMATS", "input_format", "output_format", "is_zarr_path", "ngff_unit",
+           "short_unit"]
 
-_AXIS_NAMES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
+# The formats, in one table: the suffixes each is written with, and those it is read from.
+FORMATS = {
+    "zarr": {"write": (".zarr", ".ome.zarr"), "read": (".zarr", ".ome.zarr")},
+    "tiff": {"write": (".tif", ".tiff"), "read": (".tif", ".tiff", ".btf", ".tf8", ".tf2")},
+}
+
+# One unit table: each spelling met in files and layers -> the NGFF (UDUNITS-2) name; and the NGFF
+# name -> the symbol OME-TIFF and ImageJ use.
+_UNIT_NAMES = {"µm": "micrometer", "um": "micrometer", "micron": "micrometer", "\\u00B5m": "micrometer",
+               "nm": "nanometer", "mm": "millimeter", "s": "second", "ms": "millisecond", "min": "minute"}
+_UNIT_SYMBOLS = {"micrometer": "µm", "nanometer": "nm", "millimeter": "mm", "second": "s", "millisecond": "ms",
+                 "minute": "min"}
+
+
+def ngff_unit(u: str) -> str:
+    """A unit as OME-Zarr (and napari, through pint) names it: "µm" -> "micrometer"."""
+    return _UNIT_NAMES.get(u, u)
+
+
+def short_unit(u: str) -> str:
+    """A unit as OME-TIFF and ImageJ write it: "micrometer", "micron" -> "µm"."""
+    return _UNIT_SYMBOLS.get(ngff_unit(u), u)
 
 
 @dataclass
@@ -29,6 +66,8 @@ class Source:
     path: Path | None = None
     series: int = 0  # which series of a multi-series TIFF (OME-TIFF with several images)
     n_series: int = 1
+    level: int = 0  # which resolution level of a multiscale OME-Zarr
+    n_levels: int = 1
     _closers: list = field(default_factory=list, repr=False)
 
     @property
@@ -85,6 +124,18 @@ def normalize_axes(axes: str, ndim: int) -> str:
     return ax
 
 
+def axes_from_labels(labels, ndim: int) -> str | None:
+    """Axis letters from axis names (napari's axis_labels: "z", "y", "x", "time"...), the first letter
+    of each; None unless they name T, C, Z, Y, X once each and include Y and X."""
+    letters = "".join(str(a)[:1].upper() for a in labels or ())
+    if not set(letters) <= set("TCZYX"):
+        return None
+    try:
+        return normalize_axes(letters, ndim)
+    except ValueError:
+        return None
+
+
 def _default_axes(ndim: int) -> str:
     if ndim < 2:
         raise ValueError(f"need at least a 2-D image (YX), got a {ndim}-D array")
@@ -95,20 +146,39 @@ def _default_axes(ndim: int) -> str:
 
 def is_zarr_path(p: str | os.PathLike) -> bool:
     s = str(p).rstrip("/\\")
-    return s.endswith(".zarr") or s.endswith(".ome.zarr") or (Path(s) / ".zgroup").exists() or \
+    return s.endswith(FORMATS["zarr"]["read"]) or (Path(s) / ".zgroup").exists() or \
         (Path(s) / ".zarray").exists() or (Path(s) / "zarr.json").exists()
 
 
 def _is_tiff(p: Path) -> bool:
-    return p.suffix.lower() in (".tif", ".tiff", ".btf", ".tf8", ".tf2")
+    return p.suffix.lower() in FORMATS["tiff"]["read"]
 
 
-def open_input(data, axes: str | None = None, series: int | None = None) -> Source:
+def input_format(p: str | os.PathLike) -> str | None:
+    """"tiff" or "zarr" for a path we can read (by its name, or a folder's Zarr metadata), else None."""
+    return "tiff" if _is_tiff(Path(p)) else "zarr" if is_zarr_path(p) else None
+
+
+def output_format(p: str | os.PathLike) -> str:
+    """"zarr" or "tiff": the format an output path is written in (an existing Zarr store is Zarr
+    whatever its name)."""
+    if is_zarr_path(p):
+        return "zarr"
+    if Path(p).suffix.lower() in FORMATS["tiff"]["write"]:
+        return "tiff"
+    raise ValueError(f"unsupported output {Path(p).name!r}: use a .zarr directory or a .tif file")
+
+
+def open_input(data, axes: str | None = None, series: int | None = None, level: int = 0) -> Source:
     """Open ``data`` lazily: a path to a TIFF / Zarr / OME-Zarr, or a numpy / dask / zarr array.
 
     Axes come from the file's metadata (OME, ImageJ, OME-Zarr) when present, else from ``axes``,
     else a default (the last two dimensions are YX). An explicit ``axes`` must match the data.
+    ``series``: of a multi-series TIFF; ``level``: of a multiscale OME-Zarr (0: full resolution), with
+    that level's pixel size and origin.
     """
+    if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or level < 0:
+        raise ValueError(f"level must be a whole number ≥ 0 (0: full resolution), got {level!r}")
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if not path.exists():
@@ -118,7 +188,7 @@ def open_input(data, axes: str | None = None, series: int | None = None) -> Sour
         elif series:
             raise ValueError(f"series={series}: only TIFF files hold several series; {path.name!r} has one")
         elif is_zarr_path(path):
-            src = _open_zarr(path)
+            src = _open_zarr(path, int(level))
         else:
             raise ValueError(f"cannot read {path.name!r}: expected a .tif/.tiff file or a .zarr directory")
         src.path = path
@@ -126,6 +196,9 @@ def open_input(data, axes: str | None = None, series: int | None = None) -> Sour
         if not hasattr(data, "shape") or not hasattr(data, "dtype"):
             raise TypeError(f"expected a numpy/dask/zarr array or a path, got {type(data).__name__}")
         src = Source(array=data, axes="")
+    if level and src.n_levels == 1:
+        raise ValueError(f"--level {level} (level={level}): only a multiscale OME-Zarr input has resolution levels; "
+                         "this input has one (level 0)")
     ndim = len(src.shape)
     if ndim < 2:
         raise ValueError(f"need at least a 2-D image (YX), got a {ndim}-D array of shape {src.shape}")
@@ -225,7 +298,7 @@ def _tiff_scale(tif, series, axes: str) -> tuple[dict, dict]:
                 scale["T"] = float(ij["finterval"])
             unit = ij.get("unit")
             if unit:
-                unit = "µm" if unit in ("micron", "um", "\\u00B5m") else unit
+                unit = short_unit(unit)
                 for a in "XYZ":
                     if a in scale:
                         units[a] = unit
@@ -234,7 +307,7 @@ def _tiff_scale(tif, series, axes: str) -> tuple[dict, dict]:
     return {a: v for a, v in scale.items() if a in axes}, {a: v for a, v in units.items() if a in axes}
 
 
-def _open_zarr(path: Path) -> Source:
+def _open_zarr(path: Path, level: int = 0) -> Source:
     import zarr
 
     try:
@@ -253,7 +326,11 @@ def _open_zarr(path: Path) -> Source:
         raise ValueError(f"{path}: a Zarr group without OME multiscales metadata; open one of its arrays "
                          f"directly (e.g. {path / arrays[0]})" if arrays else f"{path}: an empty Zarr group")
     m0 = ms[0]
-    ds0 = m0["datasets"][0]
+    n = len(m0["datasets"])
+    if level >= n:
+        has = f"levels 0..{n - 1}" if n > 1 else "one level (0)"
+        raise ValueError(f"{path}: the input has {has}; got --level {level} (level={level})")
+    ds0 = m0["datasets"][level]
     arr = node[ds0["path"]]
     axes, scale, units, translate = "", {}, {}, {}
     if "axes" in m0:
@@ -267,7 +344,7 @@ def _open_zarr(path: Path) -> Source:
             scale = dict(zip(axes, map(float, tr["scale"])))
         if tr.get("type") == "translation":
             translate = dict(zip(axes, map(float, tr["translation"])))
-    return Source(array=arr, axes=axes, scale=scale, units=units, translate=translate)
+    return Source(array=arr, axes=axes, scale=scale, units=units, translate=translate, level=level, n_levels=n)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -299,80 +376,63 @@ def _check_output_path(out: Path, src: Source | None, overwrite: bool) -> None:
         raise PermissionError(f"cannot write to {parent}: the folder is read-only")
 
 
-_NGFF_RANK = {"time": 0, "channel": 1, "custom": 1, "space": 2}
+def plane_indices(shape: tuple, axes: str) -> list[tuple]:
+    """Every index over the axes other than Y and X, in order: the planes, numbered by their position."""
+    return [tuple(p) for p in product(*[range(n) for a, n in zip(axes, shape) if a not in "YX"])]
 
 
-def ngff_order(axes: str) -> list[int]:
-    """The permutation that puts ``axes`` in the order NGFF requires (time, then channel, then space;
-    each group in its own order), e.g. ImageJ's TZCYX -> TCZYX. Y and X keep their order, so a 2-D
-    block written at a permuted index needs no transpose."""
-    return sorted(range(len(axes)), key=lambda d: _NGFF_RANK[_AXIS_NAMES.get(axes[d].lower(), "custom")])
+def _full_index(lead: tuple, axes: str, ys: slice, xs: slice) -> tuple:
+    it = iter(lead)
+    return tuple(ys if a == "Y" else xs if a == "X" else next(it) for a in axes)
 
 
-def ngff_index(index: tuple, perm: list[int]) -> tuple:
-    """An index in the source's axis order, as an index into the NGFF-ordered output."""
-    return tuple(index[d] for d in perm) if perm and len(perm) == len(index) else index
-
-
-def _ome_axes(axes: str, units: dict) -> list[dict]:
-    out = []
-    for a in axes:
-        d = {"name": a.lower(), "type": _AXIS_NAMES.get(a.lower(), "custom")}
-        if a in units and d["type"] in ("space", "time"):
-            d["unit"] = _ome_unit(units[a])
-        out.append(d)
-    return out
-
-
-def _ome_unit(u: str) -> str:
-    return {"µm": "micrometer", "um": "micrometer", "micron": "micrometer", "nm": "nanometer",
-            "mm": "millimeter", "s": "second", "ms": "millisecond", "min": "minute"}.get(u, u)
+def _is_store(p: Path) -> bool:
+    return (p / ".zgroup").exists() or (p / "zarr.json").exists()
 
 
 class ZarrSink:
-    """OME-Zarr 0.4 (Zarr v2 format, the most widely readable) with one multiscale level.
+    """OME-Zarr, 0.5 (Zarr v3) by default or 0.4 (Zarr v2): level 0, then the resolution pyramid
+    (`ngff.Pyramid`) built while level 0 is written. The metadata is built and checked with
+    ome-zarr-models (`ngff.multiscales_attrs`, `ngff.validate`).
 
-    The store carries ``memnet: {"complete": false}`` until every block is written; only then is it
-    set to true. Chunks are the tiling's core blocks, so each chunk has exactly one writer. The run
-    holds the output's lock from start to finish; resume markers live in ``NAME.memnet/done``. An
-    overwrite is written beside the old output (``NAME.memnet/staging.zarr``) and swapped in only
-    when complete, so a failed or interrupted overwrite keeps the old output.
+    The store carries ``memnet: {"complete": false}`` until every block of every level is written; only
+    then is it set to true. Level 0's chunks are the tiling's core blocks, so each chunk has exactly one
+    writer; a coarser chunk row is built by one owner once the rows it is made from are done
+    (`rows_written` here, or a distributed run's client through `ready_after` and `build`). The run
+    holds the output's lock from start to finish; resume markers (groups and pyramid rows) live in
+    ``NAME.memnet/done``. An overwrite is written beside the old output (``NAME.memnet/staging.zarr``)
+    and swapped in only when complete, so a failed or interrupted overwrite keeps the old output.
     """
 
     def __init__(self, path: Path, shape, dtype, chunks, axes: str, scale: dict, units: dict,
-                 translate: dict, job: dict, overwrite: bool = False, src: Source | None = None):
+                 translate: dict, job: dict, overwrite: bool = False, src: Source | None = None,
+                 version: str = RestoreOptions.ome_zarr_version, pyramid: int = RestoreOptions.pyramid):
         import zarr
 
         _check_output_path(path, src, overwrite)
         self.path, self.job = path, job
-        self.perm = ngff_order(axes)  # stored in NGFF's axis order: time, channel, then space
-        axes = "".join(axes[d] for d in self.perm)
-        shape, chunks = tuple(shape[d] for d in self.perm), tuple(chunks[d] for d in self.perm)
+        self._layout(axes, Pyramid.plan(shape[axes.index("Y")], shape[axes.index("X")], chunks[axes.index("Y")],
+                                        chunks[axes.index("X")], pyramid))
+        st = self.stored_axes
+        # Built (and checked by the library) before anything is on disk: axes NGFF cannot describe stop here.
+        attrs = multiscales_attrs(version, path.stem, st, {a: ngff_unit(u) for a, u in units.items()}, scale,
+                                  translate, len(self.pyramid))
+        base_shape, base_chunks = tuple(shape[d] for d in self.perm), tuple(chunks[d] for d in self.perm)
         self.lock = OutputLock(path).acquire()
         created = None
         try:
             remove_tree(self._staging())  # a failed earlier overwrite
             remove_tree(self.done_dir)
             self.write_path = created = self._staging() if path.exists() else path
-            self.root = zarr.open_group(str(self.write_path), mode="w", zarr_format=2)
-            self.array = self.root.create_array(
-                "0", shape=shape, dtype=dtype, chunks=chunks, fill_value=0,
-                chunk_key_encoding={"name": "v2", "separator": "/"},
-            )
-            sc = [float(scale.get(a, 1.0)) for a in axes]
-            transforms = [{"type": "scale", "scale": sc}]
-            if any(translate.get(a) for a in axes):
-                transforms.append({"type": "translation",
-                                   "translation": [float(translate.get(a, 0.0)) for a in axes]})
-            self.root.attrs.update({
-                "multiscales": [{
-                    "version": "0.4",
-                    "name": path.stem,
-                    "axes": _ome_axes(axes, units),
-                    "datasets": [{"path": "0", "coordinateTransformations": transforms}],
-                }],
-                "memnet": {"complete": False, "job": job},
-            })
+            self.root = zarr.open_group(str(self.write_path), mode="w", zarr_format=zarr_format(version))
+            kw = ({"dimension_names": [a.lower() for a in st]} if version == "0.5"
+                  else {"chunk_key_encoding": {"name": "v2", "separator": "/"}})
+            for k, lv in enumerate(self.pyramid.levels):
+                self.root.create_array(str(k), shape=self._level_shape(base_shape, lv.height, lv.width), dtype=dtype,
+                                       chunks=self._level_shape(base_chunks, lv.chunk_h, lv.chunk_w), fill_value=0,
+                                       **kw)
+            self.root.attrs.update({**attrs, "memnet": {"complete": False, "job": job}})
+            validate(self.root, version)
         except BaseException:
             # Nothing is written yet (e.g. a disk full from the start): leave no half-made store behind.
             _settle_zarr()
@@ -380,6 +440,45 @@ class ZarrSink:
                 remove_tree(created)
             self.lock.release()
             raise
+        self._open_levels(tracked=True)
+
+    def _layout(self, axes: str, pyramid: Pyramid) -> None:
+        """The source's axis order, the NGFF order the arrays are stored in, the pyramid's geometry."""
+        self.axes, self.perm, self.pyramid = axes, ngff_order(axes), pyramid
+        self.stored_axes = "".join(axes[d] for d in self.perm)  # NGFF order: time, channel, then space
+
+    def _level_shape(self, base: tuple, h: int, w: int) -> tuple:
+        st = self.stored_axes
+        return tuple(h if a == "Y" else w if a == "X" else n for a, n in zip(st, base))
+
+    def _open_levels(self, tracked: bool) -> None:
+        """The level arrays (level 0 is ``array``) and, for the process that owns the run, the tracker
+        of which pyramid rows are done."""
+        self.levels = [self.root[str(k)] for k in range(len(self.pyramid))]
+        self.array = self.levels[0]
+        base = self.array.shape
+        src_shape = tuple(base[self.perm.index(d)] for d in range(len(base)))
+        self.tracker = PyramidTracker(self.pyramid, plane_indices(src_shape, self.axes)) if tracked else None
+        self._plane = {lead: p for p, lead in enumerate(self.tracker.leads)} if tracked else {}
+
+    @classmethod
+    def _existing(cls, path: Path, write_path: Path, axes: str, mode: str) -> ZarrSink:
+        """An existing store's levels (from its multiscales metadata) and geometry."""
+        import zarr
+
+        self = cls.__new__(cls)
+        self.path, self.write_path = Path(path), Path(write_path)
+        self.root = zarr.open_group(str(self.write_path), mode=mode)
+        attrs = dict(self.root.attrs)
+        ms = attrs.get("ome", attrs)["multiscales"][0]
+        paths = [d["path"] for d in ms["datasets"]]
+        if paths != [str(k) for k in range(len(paths))]:
+            raise ValueError(f"{path}: unexpected level paths {paths}")
+        st = "".join(axes[d] for d in ngff_order(axes))
+        yi, xi = st.index("Y"), st.index("X")
+        arrays = [self.root[p] for p in paths]
+        self._layout(axes, Pyramid([Level(a.shape[yi], a.shape[xi], a.chunks[yi], a.chunks[xi]) for a in arrays]))
+        return self
 
     def _staging(self) -> Path:
         return sidecar(self.path) / "staging.zarr"
@@ -394,19 +493,16 @@ class ZarrSink:
         """Open an existing output to resume it, after checking it belongs to the same job (an
         interrupted overwrite resumes into its staging copy). Keys in ``ignore`` are not compared;
         a key of ``defaults`` missing from the stored record (an older version's) stands for its default."""
-        import zarr
-
         check_output_path(path, [src.path] if src is not None else [])
-        self = cls.__new__(cls)
-        self.path = path
-        self.lock = OutputLock(path).acquire()
+        lock = OutputLock(path).acquire()
         try:
-            staging = self._staging()
-            self.write_path = staging if (staging / ".zgroup").exists() else path
+            staging = sidecar(path) / "staging.zarr"
+            write_path = staging if _is_store(staging) else path
             try:
-                root = zarr.open_group(str(self.write_path), mode="r+")
-                stored = dict(root.attrs)["memnet"]["job"]
-                array = root["0"]
+                import zarr
+
+                stored = dict(zarr.open_group(str(write_path), mode="r").attrs)["memnet"]["job"]
+                self = cls._existing(path, write_path, stored["axes"], "r+")
             except Exception:
                 raise ValueError(f"cannot resume {path}: it is not an output of `memnet restore` "
                                  "(no job record); choose another output or pass --overwrite") from None
@@ -419,22 +515,21 @@ class ZarrSink:
                 raise ValueError(f"cannot resume {path}: it was started with different parameters ({detail}); "
                                  f"rerun with the original parameters, or {again}")
         except BaseException:
-            self.lock.release()
+            lock.release()
             raise
-        self.root, self.array, self.job = root, array, stored
-        self.perm = ngff_order(stored.get("axes") or "")
+        self.lock, self.job = lock, stored
+        self._open_levels(tracked=True)
+        if self.complete:
+            self.tracker.finish_all()
         return self
 
     @classmethod
-    def attach(cls, path, write_path, perm) -> ZarrSink:
+    def attach(cls, path, write_path, axes: str) -> ZarrSink:
         """An output opened (locked, checked) by another process, e.g. the client of a distributed
-        run, for a worker to write its chunks and done-markers into."""
-        import zarr
-
-        self = cls.__new__(cls)
-        self.path, self.write_path, self.perm = Path(path), Path(write_path), list(perm)
-        self.root = zarr.open_group(str(self.write_path), mode="r+")
-        self.array, self.job, self.lock = self.root["0"], None, None
+        run, for a worker to write its chunks, pyramid rows and done-markers into."""
+        self = cls._existing(path, write_path, axes, "r+")
+        self.job, self.lock = None, None
+        self._open_levels(tracked=False)
         return self
 
     @property
@@ -452,9 +547,55 @@ class ZarrSink:
     def write(self, index: tuple, block: np.ndarray) -> None:
         self.array[ngff_index(index, self.perm)] = block
 
+    # The pyramid -----------------------------------------------------------------------------------
+    def resume_rows(self, rows) -> None:
+        """On resume: the level-0 chunk rows, as (plane, row), that earlier runs finished."""
+        self.tracker.restore_state(rows, self.done_keys())
+
+    def pending(self) -> list[Unit]:
+        """Pyramid rows ready to build and not yet handed out (after `resume_rows`: what was left)."""
+        return self.tracker.ready() if self.tracker is not None else []
+
+    def ready_after(self, lead: tuple | None = None, rows=(), unit: Unit | None = None) -> list[Unit]:
+        """Record level-0 chunk ``rows`` of plane ``lead``, or a built ``unit``, as on disk; the
+        pyramid rows that completes (each handed out once)."""
+        if self.tracker is None:
+            return []
+        if unit is not None:
+            return self.tracker.mark(unit.level, unit.plane, unit.row)
+        return [u for r in rows for u in self.tracker.mark(0, self._plane[tuple(lead)], r)]
+
+    def build(self, unit: Unit) -> None:
+        """Write one pyramid row, chunk by chunk from the level above (4 chunks read per chunk written),
+        then its done-marker."""
+        src, dst = self.levels[unit.level - 1], self.levels[unit.level]
+        for (ys0, xs0), (ys, xs) in self.pyramid.regions(unit.level, unit.row):
+            block = np.asarray(src[self._at(unit.lead, ys0, xs0)])
+            dst[self._at(unit.lead, ys, xs)] = mean2x2(block)
+        write_marker(self.done_dir, unit.key)
+
+    def build_ready(self, units) -> None:
+        """Build ``units`` here, and every row they complete in turn."""
+        todo = list(units)
+        while todo:
+            u = todo.pop()
+            self.build(u)
+            todo += self.ready_after(unit=u)
+
+    def rows_written(self, lead: tuple, rows) -> None:
+        """Level-0 chunk ``rows`` of plane ``lead`` are on disk: build the pyramid rows that completes."""
+        self.build_ready(self.ready_after(lead, rows))
+
+    def _at(self, lead: tuple, ys: slice, xs: slice) -> tuple:
+        return ngff_index(_full_index(lead, self.axes, ys, xs), self.perm)
+
     def finish(self):
         import zarr
 
+        if self.tracker is not None and not self.tracker.complete:
+            self.abort()
+            raise RuntimeError(f"{self.path}: not every pyramid level was written; left marked incomplete "
+                               "(--resume completes it)")
         attrs = dict(self.root.attrs)
         attrs["memnet"] = {**attrs["memnet"], "complete": True}
         self.root.attrs.update(attrs)
@@ -466,7 +607,8 @@ class ZarrSink:
             remove_tree(old)
             self.write_path = self.path
             self.root = zarr.open_group(str(self.path), mode="r")
-            self.array = self.root["0"]
+            self.levels = [self.root[str(k)] for k in range(len(self.pyramid))]
+            self.array = self.levels[0]
         remove_tree(self.done_dir)
         remove_tree(self.path / ".memnet_done")
         self.lock.release()
@@ -530,7 +672,7 @@ class TiffSink:
             for a in "XYZ":
                 if scale.get(a):
                     meta[f"PhysicalSize{a}"] = float(scale[a])
-                    meta[f"PhysicalSize{a}Unit"] = _ome_tiff_unit(units.get(a, "µm"))
+                    meta[f"PhysicalSize{a}Unit"] = short_unit(units.get(a, "µm"))
             if scale.get("T"):
                 meta["TimeIncrement"] = float(scale["T"])
             kwargs.update(ome=True, metadata=meta)
@@ -591,49 +733,74 @@ class TiffSink:
         self.lock.release()
 
 
-def _ome_tiff_unit(u: str) -> str:
-    return {"um": "µm", "micron": "µm", "micrometer": "µm", "nanometer": "nm"}.get(u, u)
-
-
 def job_signature(**kw) -> dict:
     """A JSON-safe description of a job (input, model, tiling) for resume checks."""
     return json.loads(json.dumps(kw, default=str))
 
 
+def open_sink(path, shape, dtype, core: tuple[int, int], axes: str, *, scale: dict | None = None,
+              units: dict | None = None, translate: dict | None = None, job: dict | None = None,
+              src: Source | None = None, overwrite: bool = False, resume: bool = False, ignore=(),
+              defaults: dict | None = None, ome_zarr_version: str = RestoreOptions.ome_zarr_version,
+              pyramid: int = RestoreOptions.pyramid):
+    """The sink of every output, by its format (`output_format`): ``path`` None -> in memory, a Zarr
+    store (created, or reopened when ``resume`` and it exists: see `ZarrSink.reopen` for ``job``,
+    ``ignore`` and ``defaults``), a tiled TIFF. ``core``: the (Y, X) block every write brings, which
+    is a Zarr output's chunk; ``axes``, ``scale``, ``units``, ``translate``: the data's, per letter;
+    ``ome_zarr_version`` and ``pyramid``: a new Zarr output's (see `RestoreOptions`).
+
+    Every sink has ``write(index, block)``, ``finish()`` and ``abort()``; a Zarr sink also takes
+    done-markers (``mark_done``) and builds its pyramid as level-0 rows are reported (``rows_written``)."""
+    if path is None:
+        if resume:
+            raise ValueError("resume needs an on-disk .zarr output")
+        return MemorySink(shape, dtype)
+    path = Path(path)
+    fmt = output_format(path)
+    scale, units, translate = scale or {}, units or {}, translate or {}
+    yi, xi = axes.index("Y"), axes.index("X")
+    if fmt == "zarr":
+        if resume and path.exists():
+            return ZarrSink.reopen(path, job, src=src, ignore=ignore, overwrite=overwrite, defaults=defaults)
+        chunks = tuple(core[0] if d == yi else core[1] if d == xi else 1 for d in range(len(shape)))
+        return ZarrSink(path, shape, dtype, chunks, axes, scale, units, translate, job, overwrite=overwrite, src=src,
+                        version=ome_zarr_version, pyramid=pyramid)
+    if resume:
+        raise ValueError(f"resume needs a .zarr output (a TIFF is written sequentially): got {path.name!r}")
+    # TIFF tiles are multiples of 16: each axis's core is one, or spans the whole axis (one tile, padded),
+    # so narrow images (100x1000, 1x20000) need nothing from the user.
+    (ch, cw), (h, w) = core, (shape[yi], shape[xi])
+    if (ch % 16 and ch != h) or (cw % 16 and cw != w):
+        t = ch if ch % 16 and ch != h else cw
+        raise ValueError(f"TIFF output needs a tile size that is a multiple of 16, got --tile {t}: use "
+                         f"{max(16, t // 16 * 16)} or {-(-t // 16) * 16}, or write a .zarr output")
+    return TiffSink(path, shape, dtype, (-(-ch // 16) * 16, -(-cw // 16) * 16), axes, scale, units,
+                    overwrite=overwrite, src=src)
+
+
 def save_image(data, path, *, axes: str | None = None, scale: dict | None = None, units: dict | None = None,
-               translate: dict | None = None, tile: int | None = None, overwrite: bool = False):
-    """Write an array (numpy or dask) to OME-Zarr (``.zarr``) or tiled OME-TIFF (``.tif``), one
-    plane-tile at a time (a dask array is never computed whole), in chunks of ``tile`` pixels (default:
-    the restore default). Marked complete only at the end."""
+               translate: dict | None = None, tile: int | None = None, overwrite: bool = False,
+               ome_zarr_version: str = RestoreOptions.ome_zarr_version, pyramid: int = RestoreOptions.pyramid):
+    """Write an array (numpy or dask) to OME-Zarr (``.zarr``, version ``ome_zarr_version``, with a
+    resolution pyramid down to ``pyramid`` px) or tiled OME-TIFF (``.tif``), one plane-tile at a time
+    (a dask array is never computed whole), in chunks of ``tile`` pixels (default: the restore
+    default). Marked complete only at the end."""
     from .tiling import TilePlan
 
     tile = 256 if tile in (None, "auto") else tile  # no model here to size tiles from
     src = open_input(data, axes=axes)
-    path = Path(path)
     yi, xi = src.axes.index("Y"), src.axes.index("X")
-    h, w = src.shape[yi], src.shape[xi]
-    plan = TilePlan(h, w, tile=tile, halo=0)
-    ch, cw = plan.core_shape
-    scale, units, translate = scale or {}, units or {}, translate or {}
-    if is_zarr_path(path) or path.suffix == ".zarr":
-        chunks = tuple(ch if d == yi else cw if d == xi else 1 for d in range(len(src.shape)))
-        sink = ZarrSink(path, src.shape, src.dtype, chunks, src.axes, scale, units, translate,
-                        {"saved_by": "memnet.save_image"}, overwrite=overwrite)
-    elif path.suffix.lower() in (".tif", ".tiff"):
-        sink = TiffSink(path, src.shape, src.dtype, (-(-ch // 16) * 16, -(-cw // 16) * 16), src.axes, scale,
-                        units, overwrite=overwrite)
-    else:
-        raise ValueError(f"unsupported output {path.name!r}: use a .zarr directory or a .tif file")
-    lead_dims = [range(n) for d, n in enumerate(src.shape) if d not in (yi, xi)]
-    from itertools import product
-
+    plan = TilePlan(src.shape[yi], src.shape[xi], tile=tile, halo=0)
+    sink = open_sink(Path(path), src.shape, src.dtype, plan.core_shape, src.axes, scale=scale, units=units,
+                     translate=translate, job={"saved_by": "memnet.save_image"}, overwrite=overwrite,
+                     ome_zarr_version=ome_zarr_version, pyramid=pyramid)
     try:
-        for lead in product(*lead_dims):
+        for lead in plane_indices(src.shape, src.axes):
             for t in plan:
-                it = iter(lead)
-                idx = tuple(t.core[0] if d == yi else t.core[1] if d == xi else next(it)
-                            for d in range(len(src.shape)))
+                idx = _full_index(lead, src.axes, *t.core)
                 sink.write(idx, np.asarray(src.array[idx]))
+                if t.ix == plan.grid[1] - 1 and hasattr(sink, "rows_written"):
+                    sink.rows_written(lead, [t.iy])
     except BaseException:
         sink.abort()
         raise

@@ -13,14 +13,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from itertools import product
 from pathlib import Path
 
 import numpy as np
 
 from .degrade import bicubic_up_rows
 from .inference import default_tile
-from .io import MemorySink, Source, TiffSink, ZarrSink, is_zarr_path, job_signature, open_input
+from .io import Source, job_signature, open_input, open_sink, output_format, plane_indices
 from .model import receptive_field
 from .normalize import Normalizer
 from .options import RestoreOptions
@@ -100,10 +99,8 @@ def upscaled_geometry(scale: dict, translate: dict, factor: int) -> tuple[dict, 
 
 
 def _lead_indices(shape: tuple[int, ...], axes: str) -> tuple[list[tuple], int, int]:
-    """All index tuples over the non-YX axes, plus the positions of Y and X."""
-    yi, xi = axes.index("Y"), axes.index("X")
-    lead_dims = [range(n) for i, n in enumerate(shape) if i not in (yi, xi)]
-    return [tuple(p) for p in product(*lead_dims)], yi, xi
+    """All index tuples over the non-YX axes (`io.plane_indices`), plus the positions of Y and X."""
+    return plane_indices(shape, axes), axes.index("Y"), axes.index("X")
 
 
 def _full_index(lead: tuple, yi: int, xi: int, ys: slice, xs: slice, ndim: int) -> tuple:
@@ -239,11 +236,12 @@ class Job:
             model=str(self.info.path.name) if self.info else "module", model_sha256=self.model_digest(),
             rows_per_group=rows_per_group, norm=self.norm.as_dict(),
             **({"series": self.source.series} if self.source.series else {}),
+            **({"level": self.source.level} if self.source.level else {}),
             **self.options.to_dict(),
         )
 
 
-def prepare(data, model="denoise", *, axes=None, series=None, options: RestoreOptions | None = None,
+def prepare(data, model="denoise", *, axes=None, series=None, level=0, options: RestoreOptions | None = None,
             **option_kw) -> Job:
     """Open the input, load the model, fix the intensity policy and the tiling plan. The restore
     options are ``options`` with any `RestoreOptions` field given as a keyword replacing its value."""
@@ -258,7 +256,7 @@ def prepare(data, model="denoise", *, axes=None, series=None, options: RestoreOp
     if net.config.in_channels != 1:
         raise ValueError(f"the tiled engine runs single-channel models (each channel separately); this model "
                          f"takes {net.config.in_channels} channels")
-    src = open_input(data, axes=axes, series=series)
+    src = open_input(data, axes=axes, series=series, level=level)
     opts = opts.resolved(receptive_field(net), default_tile(net.config, dev, opts.memory_budget))
     norm = Normalizer.for_data(src.array, policy)
     return Job(src, Runner.for_options(net, dev, opts), norm, opts, info)
@@ -281,59 +279,42 @@ def zarr_target(output) -> Path | None:
     """``output`` as a Path when it names a Zarr store, else None."""
     if output is None:
         return None
-    out = Path(output)
-    return out if (is_zarr_path(out) or out.suffix == ".zarr") else None
+    try:
+        return Path(output) if output_format(output) == "zarr" else None
+    except ValueError:  # not an output format at all
+        return None
 
 
 def open_output(job: Job, output, *, overwrite: bool = False, resume: bool = False, rows: int | None = None):
-    """The sink for a job's output, the groups already done (resume) and the tile rows per group (a
-    resumed job keeps those it started with). Only a Zarr output can resume."""
-    if output is None:
-        if resume:
-            raise ValueError("resume needs an on-disk .zarr output")
-        return MemorySink(job.out_shape, job.norm.out_dtype), set(), rows
-    out = Path(output)
-    if zarr_target(out) is not None:
-        return _zarr_output(job, out, overwrite, resume, rows)
-    if resume:
-        raise ValueError(f"resume needs a .zarr output (a TIFF is written sequentially): got {out.name!r}")
-    if out.suffix.lower() in (".tif", ".tiff"):
-        return _tiff_sink(job, out, overwrite), set(), rows
-    raise ValueError(f"unsupported output {out.name!r}: use a .zarr directory or a .tif file")
-
-
-def _zarr_output(job: Job, out: Path, overwrite: bool, resume: bool, rows: int | None):
+    """The sink for a job's output (`io.open_sink`), the groups already done (resume) and the tile rows
+    per group (a resumed job keeps those it started with). Only a Zarr output can resume."""
     src = job.source
     signature = job.describe(rows)
-    if resume and out.exists():
-        if job.plan.blend is not None:
-            raise ValueError("resume works in exact mode only (blended tiles depend on their neighbours)")
-        # Options that change only the speed may differ; an option missing from an older record
-        # had its default then.
-        sink = ZarrSink.reopen(out, signature, src=src, ignore=("rows_per_group", *RestoreOptions.speed_only()),
-                               defaults=RestoreOptions().to_dict(), overwrite=overwrite)
-        rows = sink.job.get("rows_per_group") or rows
-        if sink.complete:  # finished before: nothing to redo (its markers were cleaned up)
-            return sink, {g[0] for g in job.groups(rows or 1)}, rows
-        return sink, sink.done_keys(), rows
-    ch, cw = job.plan.core_shape
-    chunks = tuple(ch if d == job.yi else cw if d == job.xi else 1 for d in range(len(job.out_shape)))
-    return ZarrSink(out, job.out_shape, job.norm.out_dtype, chunks, src.axes, job.out_scale, src.units,
-                    job.out_translate, signature, overwrite=overwrite, src=src), set(), rows
+    resuming = resume and zarr_target(output) is not None and Path(output).exists()
+    if resuming and job.plan.blend is not None:
+        raise ValueError("resume works in exact mode only (blended tiles depend on their neighbours)")
+    # On resume, options that change only the speed may differ; an option missing from an older
+    # record had its default then (outputs from before the pyramid: OME-Zarr 0.4, one level).
+    o = job.options
+    sink = open_sink(output, job.out_shape, job.norm.out_dtype, job.plan.core_shape, src.axes,
+                     scale=job.out_scale, units=src.units, translate=job.out_translate, job=signature, src=src,
+                     overwrite=overwrite, resume=resume, ignore=("rows_per_group", *RestoreOptions.speed_only()),
+                     defaults={**RestoreOptions().to_dict(), "ome_zarr_version": "0.4", "pyramid": 0},
+                     ome_zarr_version=o.ome_zarr_version, pyramid=o.pyramid)
+    if not resuming:
+        return sink, set(), rows
+    rows = sink.job.get("rows_per_group") or rows
+    if sink.complete:  # finished before: nothing to redo (its markers were cleaned up)
+        return sink, {g[0] for g in job.groups(rows or 1)}, rows
+    done = sink.done_keys()
+    sink.resume_rows([(p, t.iy) for p, (key, _, tiles) in _numbered(job, rows) if key in done for t in tiles])
+    return sink, done, rows
 
 
-def _tiff_sink(job: Job, out: Path, overwrite: bool) -> TiffSink:
-    # TIFF tiles are multiples of 16: each axis's core is one, or spans the whole axis (one tile,
-    # padded), so narrow images (100x1000, 1x20000) need nothing from the user.
-    ch, cw = job.plan.core_shape
-    if (ch % 16 and ch != job.plan.height) or (cw % 16 and cw != job.plan.width):
-        t = job.plan.tile
-        raise ValueError(f"TIFF output needs a tile size that is a multiple of 16, got --tile {t}: use "
-                         f"{max(16, t // 16 * 16)} or {-(-t // 16) * 16}, or write a .zarr output")
-    ty, tx = -(-ch // 16) * 16, -(-cw // 16) * 16
-    src = job.source
-    return TiffSink(out, job.out_shape, job.norm.out_dtype, (ty, tx), src.axes, job.out_scale, src.units,
-                    overwrite=overwrite, src=src)
+def _numbered(job: Job, rows: int):
+    """The groups with the number of their plane (its position in ``job.leads``)."""
+    plane = {lead: p for p, lead in enumerate(job.leads)}
+    return [(plane[g[1]], g) for g in job.groups(rows)]
 
 
 def run_group(job: Job, group: tuple[str, tuple, list[Tile]], sink, *, batch_size: int,
@@ -342,7 +323,8 @@ def run_group(job: Job, group: tuple[str, tuple, list[Tile]], sink, *, batch_siz
     """Exact mode: read, run, crop and write one group of tiles, batch by batch, then write the
     group's done-marker (after all its blocks, so a marked group is complete).
 
-    ``sink`` has ``write(index, block)`` and, for a resumable output, ``mark_done(key)``.
+    ``sink`` has ``write(index, block)`` and, for a resumable output, ``mark_done(key)`` and
+    ``rows_written(lead, rows)`` (the tile rows are on disk: the pyramid above them may be built).
     ``batches`` are the group's windows when read ahead elsewhere; by default they are read here.
     ``cancel`` is checked before each batch; ``on_batch(tiles)`` is called after each."""
     key, lead, tiles = group
@@ -356,5 +338,6 @@ def run_group(job: Job, group: tuple[str, tuple, list[Tile]], sink, *, batch_siz
             sink.write(index, block)
         if n == len(chunks) and hasattr(sink, "mark_done"):
             sink.mark_done(key)
+            sink.rows_written(lead, sorted({t.iy for t in tiles}))
         if on_batch is not None:
             on_batch(chunk)

@@ -14,7 +14,7 @@ from .options import RestoreOptions
 __all__ = ["restore_lazy"]
 
 
-def restore_lazy(data, model="denoise", *, axes=None, series=None, options: RestoreOptions | None = None,
+def restore_lazy(data, model="denoise", *, axes=None, series=None, level=0, options: RestoreOptions | None = None,
                  **option_kw):
     """A lazy dask array of the restored data: each output block (one plane, one YX core) is computed
     on demand from its own halo window, with the model loaded once per process. Same tiling plan as
@@ -22,8 +22,8 @@ def restore_lazy(data, model="denoise", *, axes=None, series=None, options: Rest
     needs the neighbours' windows)."""
     import dask.array as da
 
-    job = prepare(data, model, axes=axes, series=series, options=RestoreOptions.build(options, "restore_lazy",
-                                                                                      **option_kw))
+    opts = RestoreOptions.build(options, "restore_lazy", **option_kw)
+    job = prepare(data, model, axes=axes, series=series, level=level, options=opts)
     if job.plan.blend is not None:
         raise ValueError("lazy restore is exact-only: use halo='exact' (or a halo ≥ the receptive field)")
     ndim = len(job.out_shape)

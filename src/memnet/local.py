@@ -28,6 +28,8 @@ def run_local(job: Job, output=None, *, overwrite: bool = False, resume: bool = 
     tally = ProgressTally(groups, todo, progress)
     writer = _Writer(sink)
     try:
+        if hasattr(sink, "pending"):  # pyramid rows an interrupted run left ready but unbuilt
+            writer.build(sink.pending())
         with closing(_read_ahead(job, todo, bs, readers)) as batches:
             if job.plan.blend is None:
                 for group in todo:
@@ -76,6 +78,7 @@ def _run_blended(job: Job, batches, writer: _Writer, cancel, tally: ProgressTall
         for ix in range(nx):
             t = job.plan.tile_at(iy, ix)
             writer.write(job.out_index(lead, *t.core), job.to_output(acc.pop((lead, iy, ix)), lead, t.core))
+        writer.rows_written(lead, [iy])
 
     for lead, tiles, windows in batches:
         if is_cancelled(cancel):
@@ -108,12 +111,12 @@ def _accumulate(plan: TilePlan, acc: dict, lead, t: Tile, pred: np.ndarray) -> N
         acc[key][oy0 - c[0].start: oy1 - c[0].start, ox0 - c[1].start: ox1 - c[1].start] += pred_part * weight
 
 
-_MARK = object()
+_MARK, _ROWS, _BUILD = object(), object(), object()
 
 
 class _Writer:
-    """Write-behind: one thread writes finished blocks and done-markers, in order; the queue bound
-    caps memory. Has the sink interface `run_group` writes to."""
+    """Write-behind: one thread writes finished blocks, done-markers and the pyramid rows they
+    complete, in order; the queue bound caps memory. Has the sink interface `run_group` writes to."""
 
     def __init__(self, sink, maxsize: int = 32):
         self.sink = sink
@@ -131,6 +134,10 @@ class _Writer:
                 try:
                     if item[0] is _MARK:
                         self.sink.mark_done(item[1])
+                    elif item[0] is _ROWS:
+                        self.sink.rows_written(*item[1])
+                    elif item[0] is _BUILD:
+                        self.sink.build_ready(item[1])
                     else:
                         self.sink.write(*item)
                 except BaseException as e:
@@ -140,6 +147,15 @@ class _Writer:
         """Queued after the group's blocks: written only once they are all on disk."""
         if hasattr(self.sink, "mark_done"):
             self.write(_MARK, key)
+
+    def rows_written(self, lead, rows) -> None:
+        """Queued after the rows' blocks: the pyramid above them is built from what is on disk."""
+        if hasattr(self.sink, "rows_written"):
+            self.write(_ROWS, (lead, rows))
+
+    def build(self, units) -> None:
+        if units:
+            self.write(_BUILD, units)
 
     def write(self, index, block):
         if self.error is not None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-__all__ = ["BACKENDS", "RestoreOptions"]
+__all__ = ["BACKENDS", "OME_ZARR_VERSIONS", "RestoreOptions"]
+
+OME_ZARR_VERSIONS = ("0.5", "0.4")  # 0.5: Zarr v3; 0.4: Zarr v2, for readers that predate 0.5
 
 BACKENDS = ("auto", "eager", "compile", "onnxruntime")  # what memnet.inference builds
 _AMP = {"auto": "auto", "on": "on", "off": "off", True: "on", False: "off"}
@@ -35,6 +37,8 @@ class RestoreOptions:
     scale: int = 1  # super-resolution factor (1, or 2/3/4 with an sr model)
     amp: str = "auto"  # mixed precision on CUDA: "auto" (on for CUDA), "on", "off"
     ensemble: bool = False  # geometric self-ensemble (8 flips/rotations per tile, averaged)
+    ome_zarr_version: str = "0.5"  # of a Zarr output: "0.5" or "0.4"
+    pyramid: int = 1024  # a Zarr output's coarser levels (2x2 means) until one fits in pyramid² px; 0: none
     device: str = _speed_only("auto")  # "auto", "cpu", "cuda", "cuda:N" ("auto": each worker its own)
     batch_size: int | str = _speed_only("auto")  # tiles per forward pass, or "auto" from the memory budget
     # "auto" (ONNX Runtime on CPU when installed, else eager PyTorch), "eager", "compile", "onnxruntime".
@@ -65,6 +69,13 @@ class RestoreOptions:
             raise ValueError(f"amp must be 'auto', 'on' or 'off', got {self.amp!r}")
         set_(self, "amp", _AMP[self.amp])
         set_(self, "device", str(self.device))
+        set_(self, "ome_zarr_version", str(self.ome_zarr_version))
+        if self.ome_zarr_version not in OME_ZARR_VERSIONS:
+            raise ValueError(f"ome_zarr_version must be {' or '.join(map(repr, OME_ZARR_VERSIONS))}, "
+                             f"got {self.ome_zarr_version!r}")
+        if not _is_int(self.pyramid) or self.pyramid < 0:
+            raise ValueError(f"pyramid must be a number of pixels ≥ 0 (0: no coarser levels), got {self.pyramid!r}")
+        set_(self, "pyramid", int(self.pyramid))
         if self.batch_size != "auto":
             bs = _as_int(self.batch_size)
             if bs is None or bs < 1:

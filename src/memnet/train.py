@@ -26,6 +26,7 @@ from .degrade import (
 from .engine import Cancelled, resolve_device
 from .evaluate import evaluate_task, percentile_normalize, predictor
 from .fitloop import FitState, atomic_save, fit, stop_requested
+from .io import input_format, is_zarr_path
 from .model import MemNet, deepen, parse_arch, widen
 from .zoo import load_model, save_model
 
@@ -115,7 +116,7 @@ def _read_image(path: Path, task: str = "denoise") -> np.ndarray:
     from .evaluate import load_y
 
     natural = True  # 8-bit or colour: /255 as the natural-image conventions
-    if path.suffix.lower() in (".tif", ".tiff"):
+    if input_format(path) == "tiff":
         import tifffile
 
         a = tifffile.imread(path)
@@ -139,7 +140,7 @@ def _raw_planes(path: Path) -> list[np.ndarray]:
     frames are matched over the whole plane)."""
     if _is_stack(path):
         return [p.src.read_plane(p.lead) for p in _stack_planes(path, "microscopy")]
-    if path.suffix.lower() in (".tif", ".tiff"):
+    if input_format(path) == "tiff":
         import tifffile
 
         return [tifffile.imread(path)]
@@ -190,11 +191,9 @@ def _natural_policy(sample: np.ndarray) -> dict:
 
 
 def _is_stack(path: Path) -> bool:
-    from .io import is_zarr_path
-
     if path.is_dir():
         return is_zarr_path(path)
-    if path.suffix.lower() not in (".tif", ".tiff"):
+    if input_format(path) != "tiff":
         return False
     import tifffile
 
@@ -204,8 +203,6 @@ def _is_stack(path: Path) -> bool:
 
 
 def _training_file(p: Path) -> bool:
-    from .io import is_zarr_path
-
     return p.suffix.lower() in _IMG or (p.is_dir() and is_zarr_path(p))
 
 

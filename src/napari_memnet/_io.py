@@ -9,11 +9,7 @@ import memnet
 
 
 def _is_ours(path: str) -> bool:
-    p = Path(path)
-    s = str(p).lower().rstrip("/")
-    if s.endswith((".tif", ".tiff", ".zarr")):
-        return True
-    return p.is_dir() and any((p / f).exists() for f in (".zattrs", ".zgroup", ".zarray", "zarr.json"))
+    return memnet.io.input_format(path) is not None or (Path(path) / ".zattrs").exists()
 
 
 def get_reader(path):
@@ -38,14 +34,8 @@ def layer_kwargs(src: memnet.Source, name: str) -> dict:
     }
     units = [src.units.get(a) for a in axes]
     if any(units):
-        kw["units"] = tuple(_napari_unit(u) for u in units)
+        kw["units"] = tuple(memnet.io.ngff_unit(u) if u else "pixel" for u in units)
     return kw
-
-
-def _napari_unit(u):
-    if not u:
-        return "pixel"
-    return {"µm": "micrometer", "um": "micrometer", "micron": "micrometer"}.get(u, u)
 
 
 def read_layers(path):
@@ -60,23 +50,27 @@ def read_layers(path):
     layers = []
     for i in range(first.n_series):
         src = first if i == 0 else memnet.open_input(path, series=i)
-        arr = src.array
-        chunks = getattr(arr, "chunks", None)
-        data = da.from_array(arr, chunks=chunks if chunks else "auto", lock=src.path is not None and
-                             str(src.path).lower().endswith((".tif", ".tiff")))
+        lock = src.path is not None and memnet.io.input_format(src.path) == "tiff"
+        # A multiscale OME-Zarr: every level, so napari shows the one that fits the view.
+        levels = [src.array] + [memnet.open_input(path, level=k).array for k in range(1, src.n_levels)]
+        data = [da.from_array(a, chunks=getattr(a, "chunks", None) or "auto", lock=lock) for a in levels]
         kw = layer_kwargs(src, name if first.n_series == 1 else f"{name} [series {i}]")
         kw["metadata"]["memnet_series"] = i
-        layers.append((data, kw, "image"))
+        if len(data) > 1:
+            kw["multiscale"] = True
+        layers.append((data if len(data) > 1 else data[0], kw, "image"))
     return layers
 
 
 def write_image(path: str, data, meta: dict) -> list[str]:
     """Write one image layer to OME-Zarr (.zarr) or OME-TIFF (.tif), keeping scale and axis labels."""
+    if meta.get("multiscale"):  # its full resolution; a .zarr gets its pyramid anew
+        data = data[0]
     labels = meta.get("axis_labels")
     ndim = getattr(data, "ndim", len(getattr(data, "shape", ())))
     axes = meta.get("metadata", {}).get("memnet_axes")
     if not axes or len(axes) != ndim:
-        axes = "".join(str(a)[0].upper() for a in labels) if labels and _valid_letters(labels, ndim) else None
+        axes = memnet.io.axes_from_labels(labels, ndim)
     src = memnet.open_input(data, axes=axes)
     scale = dict(zip(src.axes, meta.get("scale", [1.0] * ndim)))
     translate = dict(zip(src.axes, meta.get("translate", [0.0] * ndim)))
@@ -85,8 +79,3 @@ def write_image(path: str, data, meta: dict) -> list[str]:
     memnet.check_output_path(path, [source])  # never the layer's own source, nor inside or around it
     memnet.save_image(data, path, axes=src.axes, scale=scale, units=units, translate=translate, overwrite=True)
     return [str(path)]
-
-
-def _valid_letters(labels, ndim) -> bool:
-    letters = [str(a)[:1].upper() for a in labels]
-    return len(set(letters)) == ndim and set(letters) <= set("TCZYX") and {"Y", "X"} <= set(letters)

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 
+import memnet
+
 
 def layer_axes(layer) -> str | None:
     """The layer's axis letters (TCZYX): from the reader's metadata, else from its axis labels."""
     axes = (layer.metadata or {}).get("memnet_axes")
     if axes and len(axes) == layer.ndim:
         return axes
-    letters = "".join(str(a)[:1].upper() for a in getattr(layer, "axis_labels", ()))
-    if len(letters) == layer.ndim and len(set(letters)) == layer.ndim and {"Y", "X"} <= set(letters) \
-            and set(letters) <= set("TCZYX"):
-        return letters
-    return None
+    return memnet.io.axes_from_labels(getattr(layer, "axis_labels", ()), layer.ndim)
 
 
 def current_slice(viewer, layer, data, axes: str | None):
