@@ -45,15 +45,15 @@ def _bm3d(noisy: np.ndarray, clean: np.ndarray) -> np.ndarray:
 
 def _finetuned(base: str, mode: str, minutes: float, kept: set):
     """A method: fine-tune ``base`` on the image itself, then restore it with whatever the user ends with."""
-    from memnet.finetune import FinetuneConfig, NotImproved, finetune
+    from memnet.finetune import FinetuneConfig, NoiseCorrelated, NotImproved, finetune
 
     def run(x, c, name):
         cfg = FinetuneConfig(model=base, mode=mode, name=f"bench-{mode}-{name}", minutes=minutes, device="cpu",
                              overwrite=True)
         try:
             model, _ = memnet.load_model(finetune(cfg, x.astype(np.float32)))
-        except NotImproved:
-            kept.add(name)
+        except NotImproved as e:  # the user keeps the starting model
+            kept.add(name + (" (noise check)" if isinstance(e, NoiseCorrelated) else ""))
             model, _ = memnet.load_model(base)
         return predictor(model)(percentile_normalize(x))
 
@@ -130,7 +130,8 @@ def _table(methods, scores, secs, rows, kept) -> None:
     def cell(m, k):
         if k not in scores[m]:
             return "—"
-        star = "*" if any(k in names for mode, names in kept.items() if m.startswith(f"+ {mode} ")) else ""
+        star = "*" if any(k in {n.split(" ")[0] for n in names} for mode, names in kept.items()
+                          if m.startswith(f"+ {mode} ")) else ""
         return f"{scores[m][k]:.2f}{star}"
 
     for k in ood:
@@ -149,8 +150,8 @@ def _table(methods, scores, secs, rows, kept) -> None:
         ahead = sum(scores[m][k] > scores[first][k] for k in common)
         print(f"# {m}: ahead of {first} on {ahead}/{len(common)} OOD images")
     for mode, names in kept.items():
-        print(f"# {mode}: * = not published (held-out score not better), the starting model kept: "
-              f"{len(names)}/{len(ood)} images")
+        print(f"# {mode}: * = not published, the starting model kept: {len(names)}/{len(ood)} images: "
+              + ", ".join(sorted(names)))
 
 
 if __name__ == "__main__":
