@@ -144,6 +144,20 @@ def test_restore_to_disk_adds_a_lazy_layer(make_napari_viewer, qtbot, user_model
     assert zarr.open_group(str(tmp_path / "r.zarr"), mode="r").attrs["memnet"]["complete"] is True
 
 
+def test_an_on_disk_result_with_a_pyramid_is_a_multiscale_layer(make_napari_viewer, qtbot, user_model, tmp_path,
+                                                                 rng):
+    viewer = make_napari_viewer()
+    viewer.add_image((rng.random((1100, 300)) * 255).astype(np.uint8), name="tall")
+    w = _widget(viewer)
+    w._model.value = user_model
+    w._dest.value = "zarr on disk"
+    w._path.value = tmp_path / "t.zarr"
+    _wait(qtbot, w.start())
+    out = viewer.layers["tall [tiny-micro]"]
+    assert out.multiscale and [tuple(d.shape) for d in out.data] == [(1100, 300), (550, 150)]
+    np.testing.assert_array_equal(np.asarray(out.data[0]), np.asarray(memnet.open_input(tmp_path / "t.zarr").array))
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 def test_widgets_open_on_the_microscopy_model(make_napari_viewer, rng, dtype):
     from napari_memnet._finetune_widget import FinetuneWidget

@@ -174,10 +174,14 @@ class RestoreWidget(Container):
             self.viewer.add_image(result, name=name, **kw)
             self._status.value = f"preview of {where or 'the image'} done in {self._job.elapsed:.1f} s"
             return
-        if output is not None:
+        if output is not None:  # the on-disk result with its pyramid: napari shows the level that fits the view
             import dask.array as da
 
-            result = da.from_array(result, chunks=result.chunks)
+            n = memnet.open_input(output).n_levels
+            levels = [result] + [memnet.open_input(output, level=k).array for k in range(1, n)]
+            result = [da.from_array(a, chunks=a.chunks) for a in levels]
+            kw["multiscale"] = n > 1
+            result = result if n > 1 else result[0]
         self.viewer.add_image(result, name=f"{layer.name} [{model}]", **kw)
         where_to = f" → {output}" if output is not None else ""
         self._status.value = f"done in {self._job.elapsed:.1f} s{where_to}"
