@@ -1,10 +1,12 @@
 """The plugin in a real napari viewer (under Xvfb: pytest-xvfb starts it)."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+import torch
 import zarr
 
 import memnet
@@ -382,3 +384,27 @@ def test_super_resolution_layer_geometry(make_napari_viewer, qtbot, tiny_model, 
     np.testing.assert_allclose(out.translate, (0.0, 10.0 - 0.1, 20.0 - 0.1))
     np.testing.assert_allclose(out.data, memnet.restore(data, "tiny-sr", scale=2, device="cpu"), atol=1e-5)
     assert out.metadata["memnet_options"]["scale"] == 2 and "done" in w._status.value
+
+
+def test_export_widget_writes_onnx_and_follows_the_format(make_napari_viewer, qtbot, user_model, tmp_path, rng):
+    import onnxruntime as ort
+
+    viewer = make_napari_viewer()
+    _, w = viewer.window.add_plugin_dock_widget("napari-memnet", "Export model")
+    w._model.value = user_model
+    w._path.value = tmp_path / "tiny.zip"
+    w._format.value = "onnx"
+    assert Path(str(w._path.value)).name == "tiny.onnx"  # the file name follows the format
+    _wait(qtbot, w.start())
+    assert w._status.value.startswith("wrote ") and w._export_btn.enabled
+    x = rng.random((1, 1, 40, 48), dtype=np.float32)
+    model, _ = memnet.load_model(user_model)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    got = ort.InferenceSession(str(tmp_path / "tiny.onnx")).run(None, {"input": x})[0]
+    assert np.abs(got - ref).max() <= 1e-5 * np.ptp(ref)
+    before = (tmp_path / "tiny.onnx").stat().st_mtime_ns
+    assert w.start() is None and "exists" in w._status.value  # nothing is replaced unless asked
+    w._overwrite.value = True
+    _wait(qtbot, w.start())
+    assert w._status.value.startswith("wrote ") and (tmp_path / "tiny.onnx").stat().st_mtime_ns != before
