@@ -114,8 +114,8 @@ def run_case(arch: str, planes: int, size: int, device: torch.device, limit: flo
     r = memnet.receptive_field(model)
     macs = memnet.model.macs_per_pixel(model.config)
     mpx_limit = limit * 1e9 / (2 * macs) / 1e6
-    auto = default_tile(model.config, device)
     data = image(planes, size)
+    auto = default_tile(model.config, device, plane=(size, size))
     n_out = data.size
     print(f"\n## {arch} (radius {r}, {2 * macs / 1e6:.2f} MFLOP/px), {planes}x{size}x{size} float32; "
           f"limit {mpx_limit:.4f} Mpx/s; default tile {auto}")
@@ -210,7 +210,7 @@ def threads_and_batch(device: torch.device) -> None:
     if device.type != "cpu" or not onnxruntime_available():
         return
     model = bench_model("M4R4C32")
-    w = default_tile(model.config, device) + 2 * memnet.receptive_field(model)
+    w = default_tile(model.config, device) + 2 * memnet.receptive_field(model)  # the largest default window
     print(f"\n## threads and batch (M4R4C32, onnxruntime, window {w}²)")
     n_all = torch.get_num_threads()
     for threads in sorted({1, n_all}):

@@ -120,6 +120,10 @@ def test_the_automatic_tile_follows_the_receptive_field():
     assert default_tile(cfg["M4R4C32"], CPU) == 576  # radius 34 -> window 644
     assert default_tile(cfg["M6R6C64"], CPU) == 512  # radius 74 -> window 660
     assert default_tile(cfg["M10R10C64"], CPU) == 256
+    # with the plane: the tile whose windows cover the least area (2 x 2 tiles of 512 on 1024²)
+    assert default_tile(cfg["M4R4C32"], CPU, plane=(1024, 1024)) == 512
+    assert default_tile(cfg["M4R4C32"], CPU, plane=(300, 200)) == 576  # one window either way: the largest
+    assert default_tile(cfg["M6R6C64"], CPU, plane=(1024, 1024)) == 512
     # GPU: the halo costs at most 1.3x the core's work.
     for name in ("M4R4C32", "M6R6C64"):
         c = cfg[name]
@@ -132,7 +136,7 @@ def test_tile_auto_is_resolved_recorded_and_resumable(tiny_model, rng, tmp_path)
     data = rng.random((2, 700, 90), dtype=np.float32)
     out = tmp_path / "o.zarr"
     job = memnet.engine.prepare(data, tiny_model, device="cpu")
-    assert job.options.tile == default_tile(tiny_model.config, CPU)
+    assert job.options.tile == default_tile(tiny_model.config, CPU, plane=(700, 90)) == 384
     memnet.restore(data, tiny_model, output=out, device="cpu")
     arr = memnet.open_input(out).array
     assert arr.chunks[-2:] == (job.options.tile, 90)

@@ -257,7 +257,7 @@ def prepare(data, model="denoise", *, axes=None, series=None, level=0, options: 
         raise ValueError(f"the tiled engine runs single-channel models (each channel separately); this model "
                          f"takes {net.config.in_channels} channels")
     src = open_input(data, axes=axes, series=series, level=level)
-    opts = opts.resolved(receptive_field(net), default_tile(net.config, dev, opts.memory_budget))
+    opts = opts.resolved(receptive_field(net), default_tile(net.config, dev, opts.memory_budget, src.plane_shape))
     norm = Normalizer.for_data(src.array, policy)
     return Job(src, Runner.for_options(net, dev, opts), norm, opts, info)
 
