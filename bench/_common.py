@@ -39,6 +39,23 @@ def timed(fn, repeat: int = 1) -> float:
     return best
 
 
+def best_time(fn, device=None, repeat: int = 3) -> float:
+    """Best of ``repeat`` timed calls after one warm-up call, waiting for a CUDA device to finish."""
+    def sync():
+        if device is not None and getattr(device, "type", "cpu") == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def synthetic_stack(shape, dtype=np.uint16, seed=0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     base = rng.random(shape, dtype=np.float32)

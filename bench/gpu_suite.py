@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import bench_model  # noqa: E402
+from _common import best_time as _best  # noqa: E402
 
 import memnet  # noqa: E402
 from memnet.inference import default_tile, make_backend  # noqa: E402
@@ -72,23 +73,6 @@ def peak_tflops(device: torch.device, log: Log) -> dict[str, float]:
     log(f"# {name}: not in the datasheet table; measured matmul peak " +
         ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()) + " TFLOP/s")
     return peaks
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _best(fn, device, repeat: int = 3) -> float:
-    fn()
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def stack(planes: int, size: int, seed: int = 0) -> np.ndarray:

@@ -32,6 +32,7 @@ import numpy as np
 import tifffile
 import torch
 from _common import bench_model, machine
+from _common import best_time as _best
 
 import memnet
 import memnet.runner
@@ -63,23 +64,6 @@ def conv_limit(device: torch.device) -> dict[str, float]:
         xn = x.numpy()
         out["onnxruntime"] = flops / _best(lambda: sess.run(None, {"x": xn}), device) / 1e9
     return out
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _best(fn, device, repeat: int = 3) -> float:
-    fn()
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 @contextlib.contextmanager

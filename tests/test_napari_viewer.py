@@ -131,17 +131,23 @@ def test_an_error_goes_to_the_status_line_and_the_buttons_come_back(make_napari_
     assert [layer.name for layer in viewer.layers] == ["nan"]
 
 
+def _restore_to_disk(viewer, qtbot, model, data, name, path):
+    """``data`` restored by the Restore widget into the Zarr ``path``: the layer it adds."""
+    viewer.add_image(data, name=name)
+    w = _widget(viewer)
+    w._model.value = model
+    w._dest.value = "zarr on disk"
+    w._path.value = path
+    _wait(qtbot, w.start())
+    return viewer.layers[f"{name} [tiny-micro]"]
+
+
 def test_restore_to_disk_adds_a_lazy_layer(make_napari_viewer, qtbot, user_model, tmp_path, rng):
     import dask.array as da
 
     viewer = make_napari_viewer()
-    viewer.add_image((rng.random((2, 50, 50)) * 255).astype(np.uint8), name="s")
-    w = _widget(viewer)
-    w._model.value = user_model
-    w._dest.value = "zarr on disk"
-    w._path.value = tmp_path / "r.zarr"
-    _wait(qtbot, w.start())
-    out = viewer.layers["s [tiny-micro]"]
+    out = _restore_to_disk(viewer, qtbot, user_model, (rng.random((2, 50, 50)) * 255).astype(np.uint8), "s",
+                           tmp_path / "r.zarr")
     assert isinstance(out.data, da.Array)
     assert zarr.open_group(str(tmp_path / "r.zarr"), mode="r").attrs["memnet"]["complete"] is True
 
@@ -149,13 +155,8 @@ def test_restore_to_disk_adds_a_lazy_layer(make_napari_viewer, qtbot, user_model
 def test_an_on_disk_result_with_a_pyramid_is_a_multiscale_layer(make_napari_viewer, qtbot, user_model, tmp_path,
                                                                  rng):
     viewer = make_napari_viewer()
-    viewer.add_image((rng.random((1100, 300)) * 255).astype(np.uint8), name="tall")
-    w = _widget(viewer)
-    w._model.value = user_model
-    w._dest.value = "zarr on disk"
-    w._path.value = tmp_path / "t.zarr"
-    _wait(qtbot, w.start())
-    out = viewer.layers["tall [tiny-micro]"]
+    out = _restore_to_disk(viewer, qtbot, user_model, (rng.random((1100, 300)) * 255).astype(np.uint8), "tall",
+                           tmp_path / "t.zarr")
     assert out.multiscale and [tuple(d.shape) for d in out.data] == [(1100, 300), (550, 150)]
     np.testing.assert_array_equal(np.asarray(out.data[0]), np.asarray(memnet.open_input(tmp_path / "t.zarr").array))
 
