@@ -167,7 +167,7 @@ def oom_backoff(device: torch.device, log: Log) -> None:
     windows = stack(32, 324, seed=2)
     ref = np.concatenate([runner(windows[i:i + 1]) for i in range(len(windows))])
     _, total = torch.cuda.mem_get_info(device)
-    per_window = (4 + 4 + 6) * 32 * 324**2 * 4
+    per_window = memnet.model.feature_bytes_per_pixel(model.config) * 324**2
     cap = (torch.cuda.memory_allocated(device) + 6 * per_window) / total
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(cap, device)

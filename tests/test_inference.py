@@ -144,3 +144,16 @@ def test_tile_auto_is_resolved_recorded_and_resumable(tiny_model, rng, tmp_path)
     before = np.asarray(arr[...])
     memnet.restore(data, tiny_model, output=out, device="cpu", resume=True)
     np.testing.assert_array_equal(np.asarray(memnet.open_input(out).array[...]), before)
+
+
+def test_a_resume_with_tile_auto_keeps_the_tiling_the_run_started_with(tiny_model, rng, tmp_path):
+    data = rng.random((2, 700, 90), dtype=np.float32)
+    out = tmp_path / "o.zarr"
+    first = memnet.restore(data, tiny_model, output=out, device="cpu", tile=256)  # auto would be 384 here
+    before = np.asarray(first[...])
+    memnet.restore(data, tiny_model, output=out, device="cpu", resume=True)  # tile auto: the recorded 256
+    arr = memnet.open_input(out).array
+    assert arr.chunks[-2:] == (256, 90)
+    np.testing.assert_array_equal(np.asarray(arr[...]), before)
+    with pytest.raises(ValueError, match="tile: 256 then, 384 now"):  # an explicit other tile is still refused
+        memnet.restore(data, tiny_model, output=out, device="cpu", resume=True, tile=384)

@@ -14,7 +14,8 @@ The names below are re-exported here for callers that import them from ``memnet.
 from __future__ import annotations
 
 from .distributed import run_distributed
-from .kernel import Cancelled, Job, Progress, prepare, upscaled_geometry
+from .io import recorded_job
+from .kernel import Cancelled, Job, Progress, prepare, upscaled_geometry, zarr_target
 from .lazy import restore_lazy
 from .local import run_local
 from .options import RestoreOptions
@@ -70,6 +71,10 @@ def restore(data, model="denoise", *, output=None, axes=None, series=None, level
     Returns a numpy array, the opened zarr array (``.zarr`` output) or the path (``.tif`` output).
     """
     opts = RestoreOptions.build(options, "restore", **option_kw)
+    if resume and opts.tile == "auto" and zarr_target(output) is not None:
+        rec = recorded_job(output)  # resume the tiling the run started with (auto may differ on this device)
+        if rec is not None and isinstance(rec[1].get("tile"), int):
+            opts = RestoreOptions.build(opts, tile=rec[1]["tile"])
     if lazy:
         if output is not None:
             raise ValueError("lazy=True returns a dask array: write it with da.to_zarr, or drop output=")

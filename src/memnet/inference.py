@@ -16,7 +16,6 @@ measurement in bench/roofline.py: ONNX Runtime on CPU (about 3× eager there), e
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import math
 import threading
@@ -27,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .model import MemNet, MemNetConfig
+from .model import MemNet, MemNetConfig, feature_bytes_per_pixel, receptive_field, weights_digest
 from .options import BACKENDS
 from .tiling import TilePlan
 
@@ -152,8 +151,7 @@ class _OrtModule:
         # ONNX Runtime's CPU arena keeps every buffer it ever grew to, rounded up to powers of two: measured
         # at a 660² window, M6R6C64 peaked at 15.2 GB with it and 6.7 GB without (and ran faster without);
         # M4R4C32 at 580² ran faster with it. So: the arena only for models with small feature maps.
-        c = net.config
-        so.enable_cpu_mem_arena = (c.blocks + c.recursions + 6) * c.channels * 4 <= 2048
+        so.enable_cpu_mem_arena = feature_bytes_per_pixel(net.config) <= 2048
         self.session = ort.InferenceSession(onnx_bytes(net), so, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,14 +164,6 @@ ONNX_OPSET = 18
 _BUILT: OrderedDict = OrderedDict()  # the last few backends built, by weights digest: a preview or a
 _BUILT_MAX = 4                       # restore of the same model reuses its ONNX session (~3 s to build)
 _BUILT_LOCK = threading.Lock()
-
-
-def _weights_digest(model: nn.Module) -> str:
-    h = hashlib.sha1()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def onnx_bytes(module: nn.Module, example: torch.Tensor | None = None) -> bytes:
@@ -194,7 +184,7 @@ def make_backend(model: MemNet, device: torch.device, backend: str = "auto") -> 
     the backend's name. The caller moves inputs to ``device`` (channels_last for eager and compile).
     Built once per weights, device and backend (a small cache of the most recent)."""
     name = choose_backend(backend, device)
-    key = (_weights_digest(model), str(device), name, torch.get_num_threads())
+    key = (weights_digest(model), str(device), name, torch.get_num_threads())
     with _BUILT_LOCK:
         if key in _BUILT:
             _BUILT.move_to_end(key)
@@ -224,7 +214,7 @@ def default_tile(config: MemNetConfig, device: torch.device, memory_budget: int 
     the ``plane`` (height, width), the tile in that range whose windows cover the least area (a 1024² plane
     takes 2 × 2 tiles of 512, not 2 × 2 of 576 with their wider windows).
     GPU: the smallest tile whose window costs at most 1.3× its core in halo work, capped by memory."""
-    r = 2 + 2 * config.blocks * config.recursions
+    r = receptive_field(config)
     if device.type == "cpu":
         cap = max(256, _round64(640 - 2 * r))
         if plane is None:
@@ -238,7 +228,7 @@ def default_tile(config: MemNetConfig, device: torch.device, memory_budget: int 
     tile = _round64(2 * r / (math.sqrt(1.3) - 1), up=True)
     if device.type == "cuda" and torch.cuda.is_available():
         budget = memory_budget or int(torch.cuda.mem_get_info(device)[0] * 0.5)
-        per_px = (config.blocks + config.recursions + 6) * config.channels * 4  # fp32 maps: safe under any amp
+        per_px = feature_bytes_per_pixel(config)  # fp32 maps: safe under any amp
         while tile > 256 and per_px * (tile + 2 * r) ** 2 > budget:
             tile -= 64
     return tile

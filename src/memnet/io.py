@@ -28,7 +28,7 @@ from .outputs import OutputLock, check_output_path, read_markers, remove_tree, s
 
 __all__ = ["Source", "open_input", "save_image", "normalize_axes", "axes_from_labels", "open_sink", "ZarrSink",
            "TiffSink", "MemorySink", "FORMATS", "input_format", "output_format", "is_zarr_path", "ngff_unit",
-           "short_unit"]
+           "short_unit", "recorded_job"]
 
 # The formats, in one table: the suffixes each is written with, and those it is read from.
 FORMATS = {
@@ -386,6 +386,20 @@ def _full_index(lead: tuple, axes: str, ys: slice, xs: slice) -> tuple:
     return tuple(ys if a == "Y" else xs if a == "X" else next(it) for a in axes)
 
 
+def recorded_job(path) -> tuple[Path, dict] | None:
+    """Where a restore output's chunks are (the output, or the staging copy of an interrupted
+    overwrite) and its job record; None when it has none."""
+    path = Path(path)
+    staging = sidecar(path) / "staging.zarr"
+    write_path = staging if _is_store(staging) else path
+    try:
+        import zarr
+
+        return write_path, dict(zarr.open_group(str(write_path), mode="r").attrs)["memnet"]["job"]
+    except Exception:
+        return None
+
+
 def _is_store(p: Path) -> bool:
     return (p / ".zgroup").exists() or (p / "zarr.json").exists()
 
@@ -496,12 +510,8 @@ class ZarrSink:
         check_output_path(path, [src.path] if src is not None else [])
         lock = OutputLock(path).acquire()
         try:
-            staging = sidecar(path) / "staging.zarr"
-            write_path = staging if _is_store(staging) else path
             try:
-                import zarr
-
-                stored = dict(zarr.open_group(str(write_path), mode="r").attrs)["memnet"]["job"]
+                write_path, stored = recorded_job(path)
                 self = cls._existing(path, write_path, stored["axes"], "r+")
             except Exception:
                 raise ValueError(f"cannot resume {path}: it is not an output of `memnet restore` "

@@ -20,7 +20,7 @@ import numpy as np
 from .degrade import bicubic_up_rows
 from .inference import default_tile
 from .io import Source, job_signature, open_input, open_sink, output_format, plane_indices
-from .model import receptive_field
+from .model import receptive_field, weights_digest
 from .normalize import Normalizer
 from .options import RestoreOptions
 from .runner import Runner, auto_batch, resolve_device, resolve_model
@@ -218,14 +218,9 @@ class Job:
 
     def model_digest(self) -> str:
         """Identity of the weights (file content or tensors), so resume refuses a changed model."""
-        h = hashlib.sha256()
         if self.info is not None:
-            h.update(self.info.path.read_bytes())
-        else:
-            for k, v in sorted(self.runner.model.state_dict().items()):
-                h.update(k.encode())
-                h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+            return hashlib.sha256(self.info.path.read_bytes()).hexdigest()[:16]
+        return weights_digest(self.runner.model)[:16]
 
     def describe(self, rows_per_group: int | None = None) -> dict:
         """The job record (stored in a Zarr output, compared by resume): the input, the model, the

@@ -14,6 +14,7 @@ Layout of the network (M memory blocks, R recursions, C channels):
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import asdict, dataclass
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 __all__ = ["MemNet", "MemNetConfig", "CONFIGS", "receptive_field", "conv_weight_count", "macs_per_pixel",
-           "parse_arch", "widen", "deepen"]
+           "parse_arch", "widen", "deepen", "feature_bytes_per_pixel", "weights_digest"]
 
 
 @dataclass(frozen=True)
@@ -160,13 +161,29 @@ class MemNet(nn.Module):
         return 2 + c.blocks * (2 * c.recursions + 1)
 
 
-def receptive_field(model: nn.Module) -> int:
-    """Receptive-field radius in pixels: one pixel per 3x3 conv on the longest path
-    (FENet + 2 per recursion + reconstruction); 1x1 gates add nothing."""
-    cfg = getattr(model, "config", None)
+def receptive_field(model: nn.Module | MemNetConfig) -> int:
+    """Receptive-field radius in pixels of a MemNet (or its config): one pixel per 3x3 conv on the
+    longest path (FENet + 2 per recursion + reconstruction); 1x1 gates add nothing."""
+    cfg = model if isinstance(model, MemNetConfig) else getattr(model, "config", None)
     if not isinstance(cfg, MemNetConfig):
         raise TypeError(f"receptive_field needs a memnet.MemNet, got {type(model).__name__}")
     return 2 + 2 * cfg.blocks * cfg.recursions
+
+
+def feature_bytes_per_pixel(config: MemNetConfig) -> int:
+    """fp32 bytes of the feature maps alive at once in a forward pass, per pixel: the long-term list
+    (M+1 maps), the short-term one (R) and a few temporaries. Sizes batches, tiles and ONNX Runtime's arena."""
+    return (config.blocks + config.recursions + 6) * config.channels * 4
+
+
+@torch.no_grad()
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's tensors (names and values): the identity of its weights."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def conv_weight_count(model: nn.Module) -> int:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .inference import make_backend
-from .model import MemNet, self_ensemble
+from .model import MemNet, feature_bytes_per_pixel, self_ensemble
 from .zoo import ModelInfo, find_model, load_model
 
 __all__ = ["Runner", "auto_batch", "available_devices", "cached", "load_cached", "resolve_device",
@@ -154,8 +154,7 @@ def auto_batch(model: MemNet, window: tuple[int, int], device: torch.device, bud
     """Windows per forward pass that fit ``budget`` bytes (None: half the free GPU memory, 2 GiB
     on CPU), at most 32; on CPU about 0.25 Mpx per call."""
     c = model.config
-    # Live feature maps in a forward pass: long-term list (M+1) + short-term (R) + a few temporaries.
-    per_window = (c.blocks + c.recursions + 6) * c.channels * window[0] * window[1] * 4
+    per_window = feature_bytes_per_pixel(c) * window[0] * window[1]
     if budget is None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)

@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .model import MemNet, MemNetConfig, macs_per_pixel
+from .model import MemNet, MemNetConfig, macs_per_pixel, receptive_field
 
 __all__ = [
     "TASKS",
@@ -69,7 +69,7 @@ class ModelInfo:
 
     @property
     def receptive_field(self) -> int:
-        return 2 + 2 * self.config.blocks * self.config.recursions
+        return receptive_field(self.config)  # the module function, not this property
 
     @property
     def metrics(self) -> dict:
