@@ -214,7 +214,8 @@ def test_sigterm_mid_run_cleans_up_like_ctrl_c(suffix, micro_file, tmp_path, rng
     from memnet.outputs import sidecar
 
     src = tmp_path / "in.tif"
-    tifffile.imwrite(src, (rng.random((20, 128, 128)) * 3000).astype(np.uint16), imagej=True,
+    # long enough that the signal lands mid-run (the ONNX Runtime backend restores 20 planes of this in < 1 s)
+    tifffile.imwrite(src, (rng.random((200, 128, 128)) * 3000).astype(np.uint16), imagej=True,
                      metadata={"axes": "ZYX"})
     out = tmp_path / f"o{suffix}"
     proc = _slow_run(src, out, micro_file)
