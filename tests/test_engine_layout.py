@@ -88,3 +88,22 @@ def test_training_modules_keep_functions_short():
         for f in ast.walk(ast.parse((SRC / f"{m}.py").read_text())):
             if isinstance(f, ast.FunctionDef):
                 assert f.end_lineno - f.lineno < 85, f"{m}.{f.name} is {f.end_lineno - f.lineno + 1} lines"
+
+
+def test_only_io_reads_pixels_or_transposes_planes():
+    """`io.Source` is the one reader of planes and windows (issue #31): no other core module indexes a
+    source's array or reorders axes. The bicubic matrices' ``.T`` in the kernel is algebra, not layout."""
+    algebra = {("kernel", "mx")}
+    for path in sorted(SRC.glob("*.py")):
+        if path.stem == "io":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute):
+                assert node.value.attr != "array", f"{path.stem}:{node.lineno} indexes a source's array"
+            if isinstance(node, ast.Attribute) and node.attr == "T":
+                name = node.value.id if isinstance(node.value, ast.Name) else None
+                assert (path.stem, name) in algebra, f"{path.stem}:{node.lineno} transposes with .T"
+            if isinstance(node, ast.Attribute) and node.attr in ("swapaxes", "moveaxis"):
+                raise AssertionError(f"{path.stem}:{node.lineno} reorders axes ({node.attr})")
+            if isinstance(node, ast.Compare) and "index(\"Y\")" in ast.unparse(node):
+                raise AssertionError(f"{path.stem}:{node.lineno} decides the Y/X order itself")

@@ -97,10 +97,9 @@ def _plane(sample) -> np.ndarray:
     from .io import open_input
 
     src = open_input(sample)
-    idx = tuple(slice(None) if a in "YX" else n // 2 for a, n in zip(src.axes, src.shape))
-    plane = np.asarray(src.array[idx])
+    plane = src.read_plane(tuple(n // 2 for n in src.lead_shape))
     src.close()
-    return plane.T if src.axes.index("Y") > src.axes.index("X") else plane
+    return plane
 
 
 def _crop(info, plane: np.ndarray, in_min: int) -> np.ndarray:

@@ -20,8 +20,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 from .io import ZarrSink, open_input
 from .kernel import (
     Cancelled,
@@ -35,7 +33,7 @@ from .kernel import (
     zarr_target,
 )
 from .ngff import Unit
-from .normalize import Normalizer
+from .normalize import Intensity
 from .options import RestoreOptions
 from .runner import Runner, cached, resolve_device
 from .zoo import load_model_bytes, model_bytes
@@ -62,10 +60,7 @@ def _worker_job(spec: dict, weights: bytes) -> Job:
                     lambda: Runner.for_options(load_model_bytes(weights, dev), dev, opts))
     src = cached(("source", spec["input"], spec["axes"], spec["series"], spec["level"]),
                  lambda: open_input(spec["input"], axes=spec["axes"], series=spec["series"], level=spec["level"]))
-    n = spec["norm"]
-    norm = Normalizer(scale=n["scale"], offset=n["offset"], out_dtype=np.dtype(n["dtype"]),
-                      clip=tuple(n["clip"]) if n["clip"] else None)
-    return Job(src, runner, norm, opts)
+    return Job(src, runner, Intensity.from_spec(spec["norm"]), opts)
 
 
 def _group_task(spec: dict, weights: bytes, key: str, lead: tuple, tiles: list[tuple[int, int]]) -> str:
@@ -102,8 +97,7 @@ def _spec(job: Job, sink: ZarrSink, weights: bytes, batch: int) -> dict:
         "output": str(Path(sink.path).resolve()), "write_path": str(Path(sink.write_path).resolve()),
         "digest": hashlib.sha256(weights).hexdigest()[:16], "batch": batch,
         "options": job.options.to_dict(), "run": f"{time.time_ns()}",
-        "norm": {"scale": job.norm.scale, "offset": job.norm.offset, "dtype": str(job.norm.out_dtype),
-                 "clip": list(job.norm.clip) if job.norm.clip else None},
+        "norm": job.norm.to_spec(),
     }
 
 

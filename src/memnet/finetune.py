@@ -30,7 +30,7 @@ from .finetune_modes import (
 )
 from .fitloop import FitState, atomic_save, fit
 from .io import input_format, is_zarr_path, open_input
-from .normalize import Normalizer
+from .normalize import Intensity
 from .outputs import check_output_path
 from .train import MixedPrecision, PatchSampler, hardware_name, list_files
 from .zoo import load_model, save_model, user_model_dir
@@ -106,7 +106,7 @@ def _sources(data, include: str | None) -> list:
 def _planes(data, axes, max_planes: int, policy: dict, include: str | None = None,
             neighbours: bool = False) -> list:
     """Normalised 2-D planes (Y, X) from the images in ``data``: at most ``max_planes`` in all, a regular
-    sample. Each image is normalised on its own with the model's policy, as `restore` would.
+    sample. Each image is normalised on its own, channel by channel, with the model's policy, as `restore` would.
     ``neighbours``: (plane, next plane) pairs along Z (else T, else the first other axis) instead."""
     sources = _sources(data, include)
     if len(sources) > max_planes:
@@ -115,29 +115,19 @@ def _planes(data, axes, max_planes: int, policy: dict, include: str | None = Non
     out = []
     for item in sources:
         src = open_input(item, axes=axes)
-        lead_shape = list(src.lead_shape)
+        intensity = Intensity.for_source(src, policy)  # per channel, as restore maps this input
+        leads = src.leads()
+        axis = src.context_axis or (src.lead_axes[:1] or None)
         if neighbours:
-            step_dim = next((src.lead_axes.index(a) for a in "ZT" if a in src.lead_axes), 0) \
-                if lead_shape else None
-            if step_dim is None or lead_shape[step_dim] < 2:
+            leads = [lead for lead in leads if src.neighbour(lead, 1, axis) is not None] if axis else []
+            if not leads:
                 raise ValueError(f"mode 'adjacent' needs stacks with at least two planes along Z or T; "
                                  f"{_describe(item)} has axes {src.axes} and shape {tuple(src.shape)}")
-            first_shape = list(lead_shape)
-            first_shape[step_dim] -= 1  # each pair is (k, k+1) along that axis
-        else:
-            first_shape = lead_shape
-        n = int(np.prod(first_shape)) if first_shape else 1
-        picks = np.unique(np.linspace(0, n - 1, min(n, per_source)).round().astype(int))
-        leads = [tuple(np.unravel_index(f, first_shape)) if first_shape else () for f in picks]
-        planes = [src.read_plane(lead) for lead in leads]
-        if neighbours:
-            nexts = [tuple(v + (d == step_dim) for d, v in enumerate(lead)) for lead in leads]
-            seconds = [src.read_plane(lead) for lead in nexts]
-            norm = Normalizer.for_data(np.stack(planes + seconds), policy)  # one frame for both views
-            out.extend(zip(norm.forward(np.stack(planes)), norm.forward(np.stack(seconds))))
-        else:
-            stack = np.stack(planes)
-            out.extend(Normalizer.for_data(stack, policy).forward(stack))
+        picks = np.unique(np.linspace(0, len(leads) - 1, min(len(leads), per_source)).round().astype(int))
+        for lead in (leads[k] for k in picks):
+            norm = intensity.at(lead)  # one frame for both views of a pair
+            plane = norm.forward(src.read_plane(lead))
+            out.append((plane, norm.forward(src.read_plane(src.neighbour(lead, 1, axis)))) if neighbours else plane)
     return out
 
 

@@ -23,6 +23,7 @@ from .ngff import (
     validate,
     zarr_format,
 )
+from .normalize import sample_plan
 from .options import RestoreOptions
 from .outputs import OutputLock, check_output_path, read_markers, remove_tree, sidecar, write_marker
 
@@ -91,13 +92,62 @@ class Source:
     def plane_shape(self) -> tuple[int, int]:
         return self.shape[self.axes.index("Y")], self.shape[self.axes.index("X")]
 
+    @property
+    def context_axis(self) -> str | None:
+        """The axis along which a plane's neighbours lie: Z, else T; None for a single plane."""
+        return next((a for a in "ZT" if a in self.lead_axes), None)
+
+    def leads(self) -> list[tuple]:
+        """Every plane, as its index over `lead_axes`, in storage order: how every reader enumerates planes."""
+        return plane_indices(self.shape, self.axes)
+
+    def channel(self, lead: tuple) -> tuple:
+        """The plane's indices along its channel axes (C, and RGB samples S): () without channels."""
+        return tuple(i for a, i in zip(self.lead_axes, lead) if a in "CS")
+
+    def neighbour(self, lead: tuple, step: int, axis: str | None = None) -> tuple | None:
+        """The lead of the plane ``step`` planes away along ``axis`` (default `context_axis`), or None
+        past the first or last plane."""
+        axis = axis or self.context_axis
+        if axis is None or axis not in self.lead_axes:
+            return None
+        d = self.lead_axes.index(axis)
+        k = lead[d] + step
+        return lead[:d] + (k,) + lead[d + 1:] if 0 <= k < self.lead_shape[d] else None
+
+    def index(self, lead: tuple, ys: slice = slice(None), xs: slice = slice(None)) -> tuple:
+        """The full storage index of a window of one plane (also valid in an output with these axes)."""
+        return _full_index(lead, self.axes, ys, xs)
+
+    @property
+    def x_first(self) -> bool:
+        """X is stored before Y: windows are transposed on the way in and out."""
+        return self.axes.index("Y") > self.axes.index("X")
+
     def read_plane(self, lead: tuple = (), ys: slice = slice(None), xs: slice = slice(None)) -> np.ndarray:
-        """A window of one plane, as a (Y, X) array whatever the array's axis order. ``lead``: one index
-        per axis in ``lead_axes``."""
-        lead = iter(lead)
-        idx = tuple(ys if a == "Y" else xs if a == "X" else int(next(lead)) for a in self.axes)
-        p = np.asarray(self.array[idx])
-        return p.T if self.axes.index("Y") > self.axes.index("X") else p
+        """A window of one plane, as a (Y, X) array whatever the array's axis order: the one place that
+        reads pixels. ``lead``: one index per axis in ``lead_axes``; ``ys``/``xs`` may carry a step."""
+        try:
+            p = np.asarray(self.array[self.index(tuple(int(i) for i in lead), ys, xs)])
+        except Exception as e:
+            where = self.path or "the input array"
+            raise OSError(f"{where}: cannot read plane {tuple(lead)}, rows {ys.start}:{ys.stop}, columns "
+                          f"{xs.start}:{xs.stop} ({type(e).__name__}: {e}); the file may be truncated or "
+                          "corrupt") from e
+        return p.T if self.x_first else p
+
+    def to_storage(self, block: np.ndarray) -> np.ndarray:
+        """A (Y, X) block in this input's storage order (the inverse of `read_plane`'s transpose)."""
+        return block.T if self.x_first else block
+
+    def sample(self, leads: list[tuple] | None = None, max_samples: int | None = None) -> list[np.ndarray]:
+        """A regular sample of the pixels of ``leads`` (default: every plane) for intensity statistics:
+        the same pixels whatever the axis order."""
+        leads = self.leads() if leads is None else leads
+        h, w = self.plane_shape
+        picks, stride = sample_plan(len(leads), h * w, *(() if max_samples is None else (max_samples,)))
+        every = slice(None, None, stride)
+        return [self.read_plane(leads[k], every, every) for k in picks]
 
     def close(self) -> None:
         for c in self._closers:
@@ -805,10 +855,9 @@ def save_image(data, path, *, axes: str | None = None, scale: dict | None = None
                      translate=translate, job={"saved_by": "memnet.save_image"}, overwrite=overwrite,
                      ome_zarr_version=ome_zarr_version, pyramid=pyramid)
     try:
-        for lead in plane_indices(src.shape, src.axes):
+        for lead in src.leads():
             for t in plan:
-                idx = _full_index(lead, src.axes, *t.core)
-                sink.write(idx, np.asarray(src.array[idx]))
+                sink.write(src.index(lead, *t.core), src.to_storage(src.read_plane(lead, *t.core)))
                 if t.ix == plan.grid[1] - 1 and hasattr(sink, "rows_written"):
                     sink.rows_written(lead, [t.iy])
     except BaseException:

@@ -19,9 +19,9 @@ import numpy as np
 
 from .degrade import bicubic_up_rows
 from .inference import default_tile
-from .io import Source, job_signature, open_input, open_sink, output_format, plane_indices
+from .io import Source, job_signature, open_input, open_sink, output_format
 from .model import receptive_field, weights_digest
-from .normalize import Normalizer
+from .normalize import Intensity
 from .options import RestoreOptions
 from .runner import Runner, auto_batch, resolve_device, resolve_model
 from .tiling import Tile, TilePlan
@@ -98,16 +98,6 @@ def upscaled_geometry(scale: dict, translate: dict, factor: int) -> tuple[dict, 
     return out_s, out_t
 
 
-def _lead_indices(shape: tuple[int, ...], axes: str) -> tuple[list[tuple], int, int]:
-    """All index tuples over the non-YX axes (`io.plane_indices`), plus the positions of Y and X."""
-    return plane_indices(shape, axes), axes.index("Y"), axes.index("X")
-
-
-def _full_index(lead: tuple, yi: int, xi: int, ys: slice, xs: slice, ndim: int) -> tuple:
-    it = iter(lead)
-    return tuple(ys if d == yi else xs if d == xi else next(it) for d in range(ndim))
-
-
 @dataclass
 class Job:
     """Everything a run needs, prepared once: shared by every executor. ``options`` are resolved
@@ -115,7 +105,7 @@ class Job:
 
     source: Source
     runner: Runner
-    norm: Normalizer
+    norm: Intensity
     options: RestoreOptions
     info: ModelInfo | None = None
     plan: TilePlan = field(init=False)  # in output (upscaled) pixels
@@ -127,7 +117,8 @@ class Job:
         o = self.options
         if o.halo == "exact":
             raise ValueError("a Job needs resolved options (RestoreOptions.resolved)")
-        self.leads, self.yi, self.xi = _lead_indices(self.source.shape, self.source.axes)
+        self.leads = self.source.leads()
+        self.yi, self.xi = self.source.axes.index("Y"), self.source.axes.index("X")
         h, w = self.source.shape[self.yi] * o.scale, self.source.shape[self.xi] * o.scale
         self.plan = TilePlan(h, w, tile=o.tile, halo=o.halo, blend=o.blend)
 
@@ -159,31 +150,18 @@ class Job:
             my, y0, y1 = bicubic_up_rows(h, self.scale, ys.start, ys.stop)
             mx, x0, x1 = bicubic_up_rows(w, self.scale, xs.start, xs.stop)
             ys, xs = slice(y0, y1), slice(x0, x1)
-        raw = self._read_raw(lead, ys, xs)
-        if self.yi > self.xi:  # X before Y in storage order
-            raw = raw.T
-        x = self.norm.forward(raw)
-        if self.scale > 1:
-            x = (my @ x.astype(np.float64) @ mx.T).astype(np.float32)
-        return x
-
-    def _read_raw(self, lead: tuple, ys: slice, xs: slice) -> np.ndarray:
-        idx = _full_index(lead, self.yi, self.xi, ys, xs, len(self.out_shape))
-        try:
-            raw = np.asarray(self.source.array[idx])
-        except Exception as e:
-            where = self.source.path or "the input array"
-            raise OSError(f"{where}: cannot read plane {lead}, rows {ys.start}:{ys.stop}, columns "
-                          f"{xs.start}:{xs.stop} ({type(e).__name__}: {e}); the file may be truncated or "
-                          "corrupt") from e
+        raw = self.source.read_plane(lead, ys, xs)
         if raw.dtype.kind == "f" and not np.all(np.isfinite(raw)):
             bad = np.argwhere(~np.isfinite(raw))[0]
             raise ValueError(f"the input contains NaN or Inf (plane {lead}, near y={ys.start + bad[0]}, "
                              f"x={xs.start + bad[1]}): replace them (e.g. numpy.nan_to_num) before restoring")
-        return raw
+        x = self.norm.at(lead).forward(raw)
+        if self.scale > 1:
+            x = (my @ x.astype(np.float64) @ mx.T).astype(np.float32)
+        return x
 
     def out_index(self, lead: tuple, ys: slice, xs: slice) -> tuple:
-        return _full_index(lead, self.yi, self.xi, ys, xs, len(self.out_shape))
+        return self.source.index(lead, ys, xs)
 
     def to_output(self, block: np.ndarray, lead: tuple = (), core: tuple | None = None) -> np.ndarray:
         """A model result (one tile's core) mapped back to the output's range and dtype. A NaN or Inf
@@ -195,8 +173,7 @@ class Job:
                 f"the model produced NaN or Inf in {where}: the weights may be broken (non-finite or diverged) "
                 "or the input overflows the model (float input is taken as already in the model's range, e.g. "
                 "[0, 1] for natural-image models: rescale it); nothing was marked complete")
-        out = self.norm.inverse(block)
-        return out.T if self.yi > self.xi else out
+        return self.source.to_storage(self.norm.at(lead).inverse(block))
 
     def run_tiles(self, lead: tuple, tiles: list[Tile], windows: list[np.ndarray]):
         """Exact mode: run one batch of windows and yield each tile's (output index, output block):
@@ -253,7 +230,7 @@ def prepare(data, model="denoise", *, axes=None, series=None, level=0, options: 
                          f"takes {net.config.in_channels} channels")
     src = open_input(data, axes=axes, series=series, level=level)
     opts = opts.resolved(receptive_field(net), default_tile(net.config, dev, opts.memory_budget, src.plane_shape))
-    norm = Normalizer.for_data(src.array, policy)
+    norm = Intensity.for_source(src, policy)
     return Job(src, Runner.for_options(net, dev, opts), norm, opts, info)
 
 

@@ -6,8 +6,11 @@ The policy comes from the model's metadata ("normalization"), never from the cal
   return as uint8 (rounded, clipped); other integers by their dtype's full range; float is taken as
   already in [0, 1] and returned as float32.
 - ``{"mode": "percentile", "low": 1.0, "high": 99.8}`` (microscopy): low/high percentiles computed
-  ONCE over the whole stack (sampled, never per tile: per-tile statistics draw seams), data mapped
-  so those percentiles become 0 and 1, and results mapped back to the input's range and dtype.
+  ONCE per channel over all of that channel's planes (sampled, never per tile: per-tile statistics draw
+  seams; never across channels: a dim channel mapped with a bright one's range comes out wrong), data
+  mapped so those percentiles become 0 and 1, and results mapped back to the input's range and dtype.
+
+`Intensity` is an input's mapping: one `Normalizer` per channel (the C axis and RGB samples S).
 """
 
 from __future__ import annotations
@@ -16,34 +19,53 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Normalizer", "sample_percentiles"]
+__all__ = ["Intensity", "Normalizer", "percentile_range", "sample_percentiles"]
 
 _SAMPLE_TARGET = 2_000_000  # values drawn for percentiles: exact enough, cheap on 100 GB stacks
 
 
 def sample_percentiles(data, low: float, high: float, max_samples: int = _SAMPLE_TARGET) -> tuple[float, float]:
-    """Percentiles of a (possibly lazy, larger-than-RAM) array from a regular sample of planes
-    and pixels. Reads at most about ``max_samples`` values."""
+    """Percentiles of an array whose last two axes are Y and X (e.g. planes stacked by the caller), from
+    a regular sample of planes and pixels. An input with axes goes through `Intensity.for_source`."""
     shape = data.shape
     if int(np.prod(shape)) == 0:
         raise ValueError("cannot compute intensity percentiles of an empty array")
     lead = shape[:-2]
-    n_planes = int(np.prod(lead)) if lead else 1
-    plane_px = shape[-2] * shape[-1]
-    # Choose how many planes to read and the pixel stride within each.
+    picks, stride = sample_plan(int(np.prod(lead)) if lead else 1, shape[-2] * shape[-1], max_samples)
+    every = slice(None, None, stride)
+    vals = [np.asarray(data[(np.unravel_index(f, lead) if lead else ()) + (every, every)]) for f in picks]
+    return percentile_range(vals, low, high)
+
+
+def sample_plan(n_planes: int, plane_px: int, max_samples: int = _SAMPLE_TARGET) -> tuple[list[int], int]:
+    """Which planes (positions among ``n_planes``) and which pixel stride a percentile sample reads:
+    up to 64 evenly spaced planes, about ``max_samples`` values in all."""
     planes_wanted = max(1, min(n_planes, 64))
     stride = max(1, int(np.sqrt(plane_px * planes_wanted / max_samples)))
     picks = np.unique(np.linspace(0, n_planes - 1, planes_wanted).round().astype(int))
-    vals = []
-    for flat in picks:
-        idx = np.unravel_index(flat, lead) if lead else ()
-        plane = np.asarray(data[idx + (slice(None, None, stride), slice(None, None, stride))])
-        vals.append(plane.astype(np.float64, copy=False).ravel())
-    v = np.concatenate(vals)
+    return [int(p) for p in picks], stride
+
+
+def percentile_range(samples, low: float, high: float) -> tuple[float, float]:
+    """The ``low`` and ``high`` percentiles of the values in ``samples`` (a list of arrays)."""
+    v = np.concatenate([np.asarray(a).astype(np.float64, copy=False).ravel() for a in samples])
     if not np.all(np.isfinite(v)):
         raise ValueError("the data contain NaN or Inf values: clean or mask them before restoring")
     lo, hi = np.percentile(v, [low, high])
     return float(lo), float(hi)
+
+
+def check_dtype(dtype: np.dtype) -> None:
+    """Refuse, in the user's terms, a dtype that is not an intensity image."""
+    if dtype.kind == "b":
+        raise TypeError("the input is boolean (a mask, not an intensity image): nothing to restore; "
+                        "convert it to uint8 if you really mean it")
+    if dtype.kind == "c":
+        raise TypeError(f"complex data ({dtype}) cannot be restored: pass the magnitude or the real part")
+    if dtype.kind not in "iuf":
+        raise TypeError(f"unsupported dtype {dtype}: expected an integer or float image")
+    if dtype.kind == "f" and dtype.itemsize > 8:
+        raise TypeError(f"unsupported dtype {dtype}: use float32 or float64")
 
 
 @dataclass
@@ -57,22 +79,23 @@ class Normalizer:
 
     @classmethod
     def for_data(cls, data, policy: dict | None) -> Normalizer:
-        dtype = np.dtype(data.dtype)
+        """The mapping of one channel held in ``data`` (its last two axes Y and X)."""
+        def percentiles(low, high):
+            return sample_percentiles(data, low, high)
+        return cls.build(data.dtype, policy, percentiles)
+
+    @classmethod
+    def build(cls, dtype, policy: dict | None, percentiles) -> Normalizer:
+        """The mapping for ``dtype`` under ``policy``; ``percentiles(low, high)`` samples the channel's
+        values (called only for the percentile policy)."""
+        dtype = np.dtype(dtype)
         policy = policy or {"mode": "natural"}
         mode = policy.get("mode", "natural")
-        if dtype.kind == "b":
-            raise TypeError("the input is boolean (a mask, not an intensity image): nothing to restore; "
-                            "convert it to uint8 if you really mean it")
-        if dtype.kind == "c":
-            raise TypeError(f"complex data ({dtype}) cannot be restored: pass the magnitude or the real part")
-        if dtype.kind not in "iuf":
-            raise TypeError(f"unsupported dtype {dtype}: expected an integer or float image")
-        if dtype.kind == "f" and dtype.itemsize > 8:
-            raise TypeError(f"unsupported dtype {dtype}: use float32 or float64")
+        check_dtype(dtype)
         out_dtype = dtype  # the dtype policy: uint8 stays uint8, uint16 stays uint16, float stays float
         clip = (float(np.iinfo(dtype).min), float(np.iinfo(dtype).max)) if dtype.kind in "iu" else None
         if mode == "percentile":
-            lo, hi = sample_percentiles(data, float(policy.get("low", 1.0)), float(policy.get("high", 99.8)))
+            lo, hi = percentiles(float(policy.get("low", 1.0)), float(policy.get("high", 99.8)))
             span = hi - lo
             # A flat image (or one whose spread is below float64 resolution at its magnitude): any
             # positive scale keeps it flat; one relative to the magnitude keeps 1e30 finite.
@@ -100,3 +123,57 @@ class Normalizer:
 
     def as_dict(self) -> dict:
         return {"scale": self.scale, "offset": self.offset, "dtype": str(self.out_dtype)}
+
+    def to_spec(self) -> dict:
+        """Everything needed to rebuild this mapping elsewhere (a dask worker): `from_spec`."""
+        return {**self.as_dict(), "clip": list(self.clip) if self.clip else None}
+
+    @classmethod
+    def from_spec(cls, d: dict) -> Normalizer:
+        return cls(scale=d["scale"], offset=d["offset"], out_dtype=np.dtype(d["dtype"]),
+                   clip=tuple(d["clip"]) if d.get("clip") else None)
+
+
+@dataclass(frozen=True)
+class Intensity:
+    """An input's intensity mapping: one `Normalizer` per channel, never one across channels.
+
+    ``channel_at`` are the positions, in a plane's lead index (`Source.leads`), of the channel axes
+    (C and RGB samples S); ``norms`` maps each channel's indices along them to its `Normalizer`. An
+    input without channel axes has one, under the key ``()``."""
+
+    norms: dict
+    channel_at: tuple[int, ...] = ()
+
+    @classmethod
+    def for_source(cls, src, policy: dict | None) -> Intensity:
+        """Each channel's mapping from a sample of that channel's planes (`Source.sample`)."""
+        channel_at = tuple(i for i, a in enumerate(src.lead_axes) if a in "CS")
+        groups: dict[tuple, list[tuple]] = {}
+        for lead in src.leads():
+            groups.setdefault(tuple(lead[i] for i in channel_at), []).append(lead)
+
+        def build(leads):
+            return Normalizer.build(src.dtype, policy, lambda lo, hi: percentile_range(src.sample(leads), lo, hi))
+        return cls({key: build(leads) for key, leads in groups.items()}, channel_at)
+
+    def at(self, lead: tuple) -> Normalizer:
+        """The mapping of the plane at ``lead``."""
+        return self.norms[tuple(lead[i] for i in self.channel_at)]
+
+    @property
+    def out_dtype(self) -> np.dtype:
+        return next(iter(self.norms.values())).out_dtype
+
+    def as_dict(self) -> dict:
+        """For the job record: a single channel's mapping as `Normalizer.as_dict`, else one per channel."""
+        if not self.channel_at:
+            return self.norms[()].as_dict()
+        return {"channels": [[list(k), n.as_dict()] for k, n in self.norms.items()]}
+
+    def to_spec(self) -> dict:
+        return {"channel_at": list(self.channel_at), "norms": [[list(k), n.to_spec()] for k, n in self.norms.items()]}
+
+    @classmethod
+    def from_spec(cls, d: dict) -> Intensity:
+        return cls({tuple(k): Normalizer.from_spec(n) for k, n in d["norms"]}, tuple(d["channel_at"]))

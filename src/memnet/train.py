@@ -164,30 +164,23 @@ class LazyPlane:
 
 
 def _stack_planes(path: Path, task: str) -> list[LazyPlane]:
-    """Every (Y, X) plane of a stack (all other axes, channels included, enumerate planes)."""
+    """Every (Y, X) plane of a stack (all other axes, channels included, enumerate planes), each mapped
+    by its channel's normaliser (`Intensity.for_source`: computed once from a sample of that channel's
+    planes, never per patch, which would teach the model a mapping `restore` does not apply)."""
     from .io import open_input
-    from .normalize import Normalizer
+    from .normalize import Intensity
 
     src = open_input(path)
-    if "Y" not in src.axes or "X" not in src.axes:
-        raise ValueError(f"{path}: axes {src.axes!r} have no Y and X")
-    planes = [LazyPlane(src, tuple(int(i) for i in lead), None) for lead in np.ndindex(*src.lead_shape)]
-    # One normaliser per stack, from a strided sample of up to 16 planes (never per patch: that would
-    # teach the model a different intensity mapping than `restore` applies).
-    picks = np.unique(np.linspace(0, len(planes) - 1, min(16, len(planes))).round().astype(int))
-    stride = max(1, int(np.sqrt(planes[0].shape[0] * planes[0].shape[1] * len(picks) / 2e6)))
-    every = slice(None, None, stride)
-    sample = np.stack([src.read_plane(planes[k].lead, every, every) for k in picks])
-    norm = Normalizer.for_data(sample, NORMALIZATION[task] if task == "microscopy" else _natural_policy(sample))
-    for p in planes:
-        p.normalizer = norm
-    return planes
+    policy = NORMALIZATION[task] if task == "microscopy" else _natural_policy(src.dtype)
+    intensity = Intensity.for_source(src, policy)
+    return [LazyPlane(src, lead, intensity.at(lead)) for lead in src.leads()]
 
 
-def _natural_policy(sample: np.ndarray) -> dict:
+def _natural_policy(dtype) -> dict:
     # As 2-D training images: uint8 by /255, other integer data by percentiles (16-bit cameras rarely
     # fill their range), float as given.
-    return {"mode": "natural"} if sample.dtype == np.uint8 or sample.dtype.kind == "f" else NORMALIZATION["microscopy"]
+    dtype = np.dtype(dtype)
+    return {"mode": "natural"} if dtype == np.uint8 or dtype.kind == "f" else NORMALIZATION["microscopy"]
 
 
 def _is_stack(path: Path) -> bool:
