@@ -107,3 +107,15 @@ def test_only_io_reads_pixels_or_transposes_planes():
                 raise AssertionError(f"{path.stem}:{node.lineno} reorders axes ({node.attr})")
             if isinstance(node, ast.Compare) and "index(\"Y\")" in ast.unparse(node):
                 raise AssertionError(f"{path.stem}:{node.lineno} decides the Y/X order itself")
+
+
+def test_importing_memnet_or_its_options_loads_neither_torch_nor_onnxruntime():
+    """The CLI and the widget read defaults without paying for torch (issue #36); names load on use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, memnet, memnet.options; assert memnet.RestoreOptions().tile == 'auto'; "
+            "print(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules)); "
+            "memnet.MemNet; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["[]", "True"], out
