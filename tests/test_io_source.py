@@ -57,3 +57,54 @@ def test_a_read_failure_names_the_plane_and_window():
         assert "plane (1,), rows 0:4, columns 2:8" in str(e) and "decompression failed" in str(e)
     else:
         raise AssertionError("a failing read must raise")
+
+
+class _CountingArray:
+    """A chunked array (as zarr presents one) that counts the reads reaching it."""
+
+    def __init__(self, data, chunks):
+        self.data, self.chunks, self.shape, self.dtype, self.ndim = data, chunks, data.shape, data.dtype, data.ndim
+        self.reads = 0
+
+    def __getitem__(self, idx):
+        self.reads += 1
+        return self.data[idx]
+
+
+def test_the_chunk_cache_gives_what_the_array_gives_and_decodes_each_chunk_once(rng):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from memnet.io import ChunkCache
+
+    data = rng.integers(0, 65535, (3, 300, 260), dtype=np.uint16)
+    arr = _CountingArray(data, (2, 128, 512))
+    cache = ChunkCache(arr)
+    for idx in [(1, slice(0, 300), slice(0, 260)), (2, slice(100, 290, 3), slice(5, 250, 7)), (0, slice(127, 129),
+                slice(0, 1)), (2, slice(250, 300), slice(200, 260)), (1, slice(5, 5), slice(0, 4))]:
+        np.testing.assert_array_equal(cache[idx], data[idx])
+    n = arr.reads
+    windows = [(z, slice(max(0, y - 20), y + 84), slice(max(0, x - 20), x + 84)) for z in range(3)
+               for y in range(0, 300, 64) for x in range(0, 260, 64)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(cache.__getitem__, windows))
+    for idx, g in zip(windows, got):
+        np.testing.assert_array_equal(g, data[idx])
+    assert arr.reads - n <= 2 * 3  # chunk rows 0-2 of Z chunks 0-1: 6 chunks, none decoded twice
+    small = ChunkCache(_CountingArray(data, (1, 128, 512)), budget=2 * 128 * 260 * 2)  # two chunks fit
+    for z in (0, 1, 2, 0):
+        small[z, slice(0, 10), slice(0, 10)]
+    assert small.array.reads == 4 and len(small.blocks) == 2  # the oldest chunk was evicted and read again
+
+
+def test_a_source_reads_big_tiff_pages_once_for_all_its_windows(tmp_path, rng):
+    import tifffile
+
+    data = rng.integers(0, 4000, (2, 600, 500), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "z.tif", data, compression="zlib", rowsperstrip=600, metadata={"axes": "ZYX"})
+    src = memnet.open_input(tmp_path / "z.tif")
+    assert src._reader() is not src.array  # a page is one chunk: cached
+    for lead in src.leads():
+        for y in range(0, 600, 200):
+            np.testing.assert_array_equal(src.read_plane(lead, slice(max(0, y - 30), y + 230), slice(0, 500)),
+                                          data[lead[0], max(0, y - 30): y + 230])
+    assert memnet.open_input(data)._reader() is data  # numpy: nothing to cache

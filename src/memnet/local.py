@@ -3,6 +3,7 @@ the main thread runs the model, one write-behind thread writes finished blocks a
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -116,32 +117,58 @@ _MARK, _ROWS, _BUILD = object(), object(), object()
 
 class _Writer:
     """Write-behind: one thread writes finished blocks, done-markers and the pyramid rows they
-    complete, in order; the queue bound caps memory. Has the sink interface `run_group` writes to."""
+    complete, in order; the queue bound caps memory. Has the sink interface `run_group` writes to.
+    A sink whose chunks are independent (``parallel_writes``: Zarr, memory) gets its blocks written by
+    a pool of ``writers`` threads (compression releases the GIL), each marker only after every block
+    queued before it is on disk."""
 
-    def __init__(self, sink, maxsize: int = 32):
+    def __init__(self, sink, maxsize: int = 32, writers: int | None = None):
         self.sink = sink
         self.q: queue.Queue = queue.Queue(maxsize=maxsize)
         self.error: BaseException | None = None
+        writers = writers or min(4, os.cpu_count() or 1)
+        self.pool = ThreadPoolExecutor(writers, thread_name_prefix="memnet-write") \
+            if writers > 1 and getattr(sink, "parallel_writes", False) else None
+        self.inflight: list = []
+        self.limit = 2 * writers  # blocks being written at once: bounds memory like the queue
         self.thread = threading.Thread(target=self._run, name="memnet-write", daemon=True)
         self.thread.start()
 
     def _run(self):
         while True:
             item = self.q.get()
-            if item is None:
-                return
             if self.error is None:
                 try:
-                    if item[0] is _MARK:
-                        self.sink.mark_done(item[1])
-                    elif item[0] is _ROWS:
-                        self.sink.rows_written(*item[1])
-                    elif item[0] is _BUILD:
-                        self.sink.build_ready(item[1])
-                    else:
-                        self.sink.write(*item)
+                    self._do(item)
                 except BaseException as e:
                     self.error = e
+            if item is None:
+                if self.pool is not None:
+                    self.pool.shutdown(wait=True)
+                return
+
+    def _do(self, item) -> None:
+        if item is None or item[0] in (_MARK, _ROWS, _BUILD):
+            self._drain()  # what a marker vouches for is on disk first
+        if item is None:
+            return
+        if item[0] is _MARK:
+            self.sink.mark_done(item[1])
+        elif item[0] is _ROWS:
+            self.sink.rows_written(*item[1])
+        elif item[0] is _BUILD:
+            self.sink.build_ready(item[1])
+        elif self.pool is None:
+            self.sink.write(*item)
+        else:
+            self.inflight.append(self.pool.submit(self.sink.write, *item))
+            if len(self.inflight) >= self.limit:
+                self.inflight.pop(0).result()
+
+    def _drain(self) -> None:
+        done, self.inflight = self.inflight, []
+        for f in done:
+            f.result()
 
     def mark_done(self, key: str) -> None:
         """Queued after the group's blocks: written only once they are all on disk."""
