@@ -126,8 +126,8 @@ def run_chunks(args) -> None:
             from memnet.cli import build_parser
 
             ns = build_parser().parse_args(["train", "--task", task, "--out", "-", *_train_args(task, data)])
-            cfg = TrainConfig(task=task, out=str(work / task), data=ns.data or [], pairs=ns.pairs or [],
-                              include=ns.include, val_root=str(data), arch=args.arch, patch=48, batch=args.batch,
+            cfg = TrainConfig(task=task, out=str(work / task), data=ns.data or (), pairs=ns.pairs or (),
+                              include=ns.include, val_root=str(data), arch=args.arch, patch=48, batch_size=args.batch,
                               steps=steps, warmup=min(100, steps // 10), hours=seconds / 3600,
                               lr=args.lr, val_every=max(1, steps // 3), device=args.device, init=init,
                               name=f"{task}-{args.arch}", loss=ns.loss, noise=ns.noise,

@@ -35,19 +35,23 @@ def main() -> None:
     pairs = args.pairs or ([] if args.data else cfg0.get("pairs") or [])
     include = args.include if args.include is not None else cfg0.get("include")
     cfg = TrainConfig(task=info.task, out="", data=data, pairs=pairs, include=include,
-                      patch=args.patch or int(cfg0.get("patch", 48)), batch=args.batch or int(cfg0.get("batch", 32)))
+                      patch=args.patch or int(cfg0.get("patch", 48)),
+                      batch_size=args.batch or int(cfg0.get("batch_size", cfg0.get("batch", 32))))
     clean, pair_list = _load_data(cfg)
     t = time.time()
-    recalibrate_bn(model, PatchSampler(cfg.task, clean, pair_list, cfg.patch, seed=args.seed), args.batches, cfg.batch)
+    sampler = PatchSampler(cfg.task, clean, pair_list, cfg.patch, seed=args.seed)
+    recalibrate_bn(model, sampler, args.batches, cfg.batch_size)
     meta = dict(info.metadata)
     for k in ("format", "name", "task", "config", "created"):
         meta.pop(k, None)
     meta["training"] = {**meta.get("training", {}), "bn_recalibrated": {
-        "batches": args.batches, "patches": args.batches * cfg.batch, "patch": cfg.patch, "data": data or pairs,
+        "batches": args.batches, "patches": args.batches * cfg.batch_size, "patch": cfg.patch,
+        "data": data or pairs,
         "include": include}}
     meta.pop("metrics", None)  # measured again by ship_model
     memnet.save_model(model, args.output, name=info.name, task=info.task, metadata=meta)
-    print(f"recalibrated {info.name} on {args.batches} x {cfg.batch} patches in {time.time() - t:.0f} s: {args.output}")
+    print(f"recalibrated {info.name} on {args.batches} x {cfg.batch_size} patches in {time.time() - t:.0f} s: "
+          f"{args.output}")
 
 
 if __name__ == "__main__":

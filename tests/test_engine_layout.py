@@ -119,3 +119,22 @@ def test_importing_memnet_or_its_options_loads_neither_torch_nor_onnxruntime():
             "memnet.MemNet; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["[]", "True"], out
+
+
+def test_each_training_default_has_one_home():
+    """`memnet train` shows and uses TrainConfig's defaults: none restated in the CLI (issue #36)."""
+    import dataclasses
+
+    from memnet.cli import build_parser
+    from memnet.train_options import TrainConfig, default
+
+    ns = vars(build_parser().parse_args(["train", "--task", "denoise", "--out", "x"]))
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"task", "out"}
+    shown = fields & set(ns)
+    assert shown >= {"patch", "batch_size", "steps", "lr", "optimizer", "loss", "amp", "noise", "bn_batches"}
+    for name in shown:
+        want = default(TrainConfig, name)
+        assert ns[name] == want or (ns[name] is None and want == ()), f"--{name}: CLI {ns[name]!r}, config {want!r}"
+    text = (SRC / "_cli_train.py").read_text()
+    train_part = text[text.index('sub.add_parser("train"'):text.index("_register_finetune(sub)\n")]
+    assert not re.search(r"default=(\d|\"|')", train_part), "a training default is restated in the CLI"

@@ -43,12 +43,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
     cfg = TrainConfig(
-        task=args.task, out=args.out, data=args.data or [], pairs=args.pairs or [], include=args.include,
-        val_root=args.val_root, arch=args.arch, patch=args.patch, batch=args.batch, steps=args.steps,
+        task=args.task, out=args.out, data=args.data or (), pairs=args.pairs or (), include=args.include,
+        val_root=args.val_root, arch=args.arch, patch=args.patch, batch_size=args.batch_size, steps=args.steps,
         warmup=args.warmup, hours=args.hours, lr=args.lr, optimizer=args.optimizer, val_every=args.val_every,
         seed=args.seed, device=args.device, threads=args.threads, amp=args.amp, init=args.init, name=args.name,
         bn_batches=args.bn_batches, loss=args.loss, sampler=args.sampler,
-        sigma=[_sigma_range(r) for r in args.sigma] if args.sigma else None, noise=args.noise,
+        sigma=tuple(_sigma_range(r) for r in args.sigma) if args.sigma else None, noise=args.noise,
     )
     from .engine import Cancelled
 
@@ -116,10 +116,16 @@ def _sigma_range(text: str) -> tuple[float, float]:
 
 
 def register(sub) -> None:
+    from .options import AMP
+    from .train_options import LOSSES, NOISE_MODELS, OPTIMIZERS, SAMPLERS, TASKS, TrainConfig, default
+
+    def d(name):
+        return default(TrainConfig, name)
+
     p = sub.add_parser("train", help="train a model from scratch (or continue from weights)",
                        description="Train MemNet on random patches with on-the-fly degradations and the paper's "
                        "multi-supervised loss. Checkpoints to OUT/last.safetensors, best to OUT/best.safetensors.")
-    p.add_argument("--task", required=True, choices=("denoise", "sr", "jpeg", "microscopy"))
+    p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", nargs="+", help="folder(s) of clean training images")
     p.add_argument("--pairs", nargs=2, metavar=("NOISY_DIR", "CLEAN_DIR"),
                    help="folders of noisy/clean pairs, matched in sorted order (microscopy)")
@@ -128,34 +134,37 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="run folder (checkpoints, best model)")
     p.add_argument("--arch", help="M6R6C64, M4R4C32, ... or MxRyCz [M4R4C32; with --init: the init model's, "
                    "or a wider one grown from it, e.g. --init denoise-M4R4C32 --arch M4R4C48]")
-    p.add_argument("--patch", type=T.count(8, "a patch size in pixels"), default=48)
-    p.add_argument("--batch", type=T.count(1, "a batch size"), default=32)
-    p.add_argument("--steps", type=T.count(1, "a number of steps"), default=20000)
+    p.add_argument("--patch", type=T.count(8, "a patch size in pixels"), default=d("patch"))
+    p.add_argument("--batch-size", "--batch", dest="batch_size", type=T.count(1, "a batch size"),
+                   default=d("batch_size"), help=f"patches per step [{d('batch_size')}]")
+    p.add_argument("--steps", type=T.count(1, "a number of steps"), default=d("steps"))
     p.add_argument("--hours", type=T.positive_float, help="stop and checkpoint after this wall time")
-    p.add_argument("--lr", type=T.positive_float, default=None, help="learning rate [1e-3 for adam, 0.1 for sgd]")
-    p.add_argument("--bn-batches", type=int, default=50,
+    p.add_argument("--lr", type=T.positive_float, default=d("lr"), help="learning rate [1e-3 for adam, 0.1 for sgd]")
+    p.add_argument("--bn-batches", type=int, default=d("bn_batches"),
                    help="training batches that re-estimate the BatchNorm statistics before each validation and "
-                        "checkpoint (0: keep the running averages) [50]")
-    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                        f"checkpoint (0: keep the running averages) [{d('bn_batches')}]")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d("optimizer"),
                    help="adam: Adam + cosine (default); sgd: the paper's SGD 0.9, wd 1e-4, step LR, clip 0.01/lr")
-    p.add_argument("--loss", choices=("mse", "psnr"), default="mse",  # train.LOSSES (not imported: keeps --help fast)
-                   help="mse (the paper's) or psnr: mean log MSE per patch, every noise level weighs alike [mse]")
-    p.add_argument("--warmup", type=int, default=0,
-                   help="steps of linear lr warm-up before the cosine (adam), e.g. 200 when growing a model [0]")
-    p.add_argument("--val-every", type=T.count(1, "a number of steps"), default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or cuda:N [auto]")
-    p.add_argument("--threads", type=T.count(1, "a number of threads"))
-    p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--loss", choices=LOSSES, default=d("loss"),
+                   help="mse (the paper's) or psnr: mean log MSE per patch, every noise level weighs alike "
+                   f"[{d('loss')}]")
+    p.add_argument("--warmup", type=int, default=d("warmup"),
+                   help=f"steps of linear lr warm-up before the cosine (adam), e.g. 200 when growing a model "
+                   f"[{d('warmup')}]")
+    p.add_argument("--val-every", type=T.count(1, "a number of steps"), default=d("val_every"))
+    p.add_argument("--seed", type=int, default=d("seed"))
+    p.add_argument("--device", default=d("device"), help="auto (CUDA, then MPS, then CPU), cpu, cuda or cuda:N [auto]")
+    p.add_argument("--threads", type=T.count(1, "a number of threads"), default=d("threads"))
+    p.add_argument("--amp", choices=AMP, default=d("amp"),
                    help="mixed precision: auto = on for CUDA (bf16, else fp16 with loss scaling); "
                    "on = also bf16 on CPU (about 2x faster on CPUs with AVX512-BF16/AMX) [auto]")
-    p.add_argument("--sampler", choices=("auto", "numpy", "device"), default="auto",
+    p.add_argument("--sampler", choices=SAMPLERS, default=d("sampler"),
                    help="where batches are made: device = on the training device (denoise from 2-D images; "
                    "keeps a GPU fed), numpy = per patch on the CPU, auto = device for denoise on CUDA [auto]")
     p.add_argument("--sigma", action="append", metavar="LO:HI",
                    help="denoise: a Gaussian sigma range on the 0-255 scale; repeat to mix, each patch picks one "
                    "range, e.g. --sigma 0:75 --sigma 5:30 (still blind; two thirds of the patches at 5-30) [0:75]")
-    p.add_argument("--noise", choices=("poisson_gaussian", "camera"), default="poisson_gaussian",
+    p.add_argument("--noise", choices=NOISE_MODELS, default=d("noise"),
                    help="microscopy: synthetic noise on the clean images. poisson_gaussian = the narrow model "
                    "(4-400 photons); camera = wide-range fluorescence cameras (1-1000 photons, background, read "
                    "noise, quantisation, sCMOS pixel variation, blur, gamma, 8-bit renderings) for a generalist "

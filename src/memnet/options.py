@@ -11,12 +11,23 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-__all__ = ["BACKENDS", "OME_ZARR_VERSIONS", "RestoreOptions"]
+__all__ = ["AMP", "BACKENDS", "OME_ZARR_VERSIONS", "RestoreOptions", "check_amp"]
 
 OME_ZARR_VERSIONS = ("0.5", "0.4")  # 0.5: Zarr v3; 0.4: Zarr v2, for readers that predate 0.5
 
 BACKENDS = ("auto", "eager", "compile", "onnxruntime")  # what memnet.inference builds
+# Mixed precision, one vocabulary for restore, training and fine-tuning: "auto" = on where it is safe and
+# fast (CUDA: bf16, else fp16); "on" = wherever the step supports it (CUDA; training and fine-tuning also
+# bf16 on CPU, fast on CPUs with AVX512-BF16/AMX; restore's CPU backends run fp32); "off" = fp32 throughout.
+AMP = ("auto", "on", "off")
 _AMP = {"auto": "auto", "on": "on", "off": "off", True: "on", False: "off"}
+
+
+def check_amp(value) -> str:
+    """``value`` as one of `AMP` (True/False as "on"/"off"); a ValueError naming the choices otherwise."""
+    if not isinstance(value, (str, bool)) or value not in _AMP:
+        raise ValueError(f"amp must be 'auto', 'on' or 'off', got {value!r}")
+    return _AMP[value]
 
 
 def _speed_only(default):
@@ -35,7 +46,7 @@ class RestoreOptions:
     halo: int | str = "exact"  # "exact" (the receptive field) or pixels; below the radius: blended
     blend: str | None = "cosine"  # ramp of blended mode: "cosine" or "linear"
     scale: int = 1  # super-resolution factor (1, or 2/3/4 with an sr model)
-    amp: str = "auto"  # mixed precision on CUDA: "auto" (on for CUDA), "on", "off"
+    amp: str = "auto"  # mixed precision (AMP): "auto" (on for CUDA), "on", "off"
     ensemble: bool = False  # geometric self-ensemble (8 flips/rotations per tile, averaged)
     ome_zarr_version: str = "0.5"  # of a Zarr output: "0.5" or "0.4"
     pyramid: int = 1024  # a Zarr output's coarser levels (2x2 means) until one fits in pyramid² px; 0: none
@@ -65,9 +76,7 @@ class RestoreOptions:
         elif not _is_int(self.scale) or self.scale not in (1, 2, 3, 4):
             raise ValueError(f"scale must be 2, 3 or 4 for super-resolution, got {self.scale!r}")
         set_(self, "scale", int(self.scale))
-        if not isinstance(self.amp, (str, bool)) or self.amp not in _AMP:
-            raise ValueError(f"amp must be 'auto', 'on' or 'off', got {self.amp!r}")
-        set_(self, "amp", _AMP[self.amp])
+        set_(self, "amp", check_amp(self.amp))
         set_(self, "device", str(self.device))
         set_(self, "ome_zarr_version", str(self.ome_zarr_version))
         if self.ome_zarr_version not in OME_ZARR_VERSIONS:

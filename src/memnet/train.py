@@ -7,7 +7,6 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +27,8 @@ from .evaluate import evaluate_task, percentile_normalize, predictor
 from .fitloop import FitState, atomic_save, fit, stop_requested
 from .io import input_format, is_zarr_path
 from .model import MemNet, deepen, parse_arch, widen
+from .train_options import DEFAULT_ARCH, LOSSES, NOISE_MODELS, TrainConfig, sigma_ranges
 from .zoo import load_model, save_model
-
-DEFAULT_ARCH = "M4R4C32"  # CPU-sized: see training/README.md
 
 __all__ = ["TrainConfig", "train", "recalibrate_bn", "PatchSampler", "multi_supervised_loss", "paired_target_frame",
            "DEGRADATIONS", "DevicePatchSampler"]
@@ -45,29 +43,6 @@ DEGRADATIONS = {
         "poisson_gaussian": {"photons_at_1": [4, 400], "read_sigma": [0.0, 0.06]},
     },
 }
-# Synthetic noise for microscopy: the original narrow Poisson-Gaussian model, or "camera": the wide-range
-# fluorescence camera model (gain over three decades, background, read noise, quantisation, sCMOS pixel
-# variation, blur, gamma, 8-bit renderings) normalised as restore does, for a generalist model.
-NOISE_MODELS = ("poisson_gaussian", "camera")
-_SIGMA_RANGES_255 = (tuple(DEGRADATIONS["denoise"]["gaussian_sigma_255"]),)  # both samplers' default
-
-
-def _sigma_ranges(ranges) -> tuple[tuple[float, float], ...]:
-    """Validated Gaussian sigma ranges (on the 0-255 scale). Each patch picks one range at random, then
-    sigma uniformly inside it: ``[(0, 75), (5, 30)]`` stays blind over 0-75 but draws half the patches
-    from 5-30 (two thirds of all patches land there)."""
-    if not ranges:
-        return _SIGMA_RANGES_255
-    out = []
-    for r in ranges:
-        try:
-            lo, hi = (float(v) for v in r)
-        except (TypeError, ValueError):
-            raise ValueError(f"a sigma range is two numbers LO HI on the 0-255 scale, got {r!r}") from None
-        if not 0 <= lo < hi <= 255:
-            raise ValueError(f"sigma range {lo:g}:{hi:g} must satisfy 0 <= LO < HI <= 255 (0-255 scale)")
-        out.append((lo, hi))
-    return tuple(out)
 
 
 NORMALIZATION = {
@@ -76,9 +51,6 @@ NORMALIZATION = {
     "jpeg": {"mode": "natural"},
     "microscopy": {"mode": "percentile", "low": 1.0, "high": 99.8},
 }
-
-
-LOSSES = ("mse", "psnr")
 
 
 def multi_supervised_loss(final: torch.Tensor, branches: list[torch.Tensor], target: torch.Tensor,
@@ -237,7 +209,7 @@ class PatchSampler:
             raise ValueError(f"sr training needs a patch size divisible by 12 (for x2/x3/x4), got {patch}")
         self.task, self.clean, self.pairs, self.patch = task, clean, pairs, patch
         self.pairs_only = pairs_only  # fine-tuning: (input, target) pairs as given, no synthetic degradation
-        self.sigma = _sigma_ranges(sigma)
+        self.sigma = sigma_ranges(sigma)
         if noise not in NOISE_MODELS:
             raise ValueError(f"unknown noise model {noise!r}: expected one of {', '.join(NOISE_MODELS)}")
         self.noise = noise
@@ -326,7 +298,7 @@ class DevicePatchSampler:
                                    dtype=torch.float32, device=self.device)
         self.offsets = torch.arange(patch, device=self.device)
         self.patch = patch
-        ranges = _sigma_ranges(sigma)
+        ranges = sigma_ranges(sigma)
         self.sigma_lo = torch.tensor([r[0] / 255.0 for r in ranges], device=self.device)
         self.sigma_span = torch.tensor([(r[1] - r[0]) / 255.0 for r in ranges], device=self.device)
         self.gen = torch.Generator(device=self.device)
@@ -351,44 +323,11 @@ class DevicePatchSampler:
 
 
 def _use_device_sampler(cfg, dev: torch.device, clean, pairs) -> bool:
-    if cfg.sampler not in ("auto", "numpy", "device"):
-        raise ValueError(f"sampler must be 'auto', 'numpy' or 'device', got {cfg.sampler!r}")
     fits = cfg.task == "denoise" and not pairs and all(isinstance(im, np.ndarray) for im in clean)
     if cfg.sampler == "device" and not fits:
         raise ValueError("sampler 'device' makes Gaussian-denoising batches from in-memory 2-D images only "
                          "(task denoise, no --pairs, no stacks): use 'numpy'")
     return fits and (cfg.sampler == "device" or (cfg.sampler == "auto" and dev.type == "cuda"))
-
-
-@dataclass
-class TrainConfig:
-    task: str
-    out: str
-    data: list[str] = field(default_factory=list)  # folders of clean images
-    pairs: list[str] = field(default_factory=list)  # [NOISY_DIR, CLEAN_DIR] (microscopy)
-    include: str | None = None  # regex on file names
-    val_root: str | None = None  # ../shared/data: validate with the published conventions
-    arch: str | None = None  # default: M4R4C32, or the init model's (a wider one grows it)
-    patch: int = 48
-    batch: int = 32
-    steps: int = 20000
-    hours: float | None = None  # stop (and checkpoint) after this much wall time
-    lr: float | None = None  # default: 1e-3 for adam, 0.1 (the paper's) for sgd
-    optimizer: str = "adam"  # "adam" (default: Adam + cosine) or "sgd" (the paper's recipe)
-    val_every: int = 500
-    log_every: int = 50
-    seed: int = 0
-    device: str = "auto"  # auto: CUDA, then MPS, then CPU
-    threads: int | None = None
-    amp: str = "auto"  # mixed precision: "auto" (on for CUDA), "on" (also bf16 on CPU), "off"
-    init: str | None = None  # start from these weights (e.g. the shipped model)
-    bn_batches: int = 50  # batches that re-estimate BN statistics before each validation (0: off)
-    warmup: int = 0  # linear lr warm-up steps (adam): spares trained weights the first big Adam steps
-    loss: str = "mse"  # "mse" (the paper's) or "psnr" (mean log MSE per patch: balances noise levels)
-    name: str | None = None
-    sampler: str = "auto"  # "auto" (on-device batches for denoise on CUDA), "numpy" or "device"
-    sigma: list[tuple[float, float]] | None = None  # denoise: sigma ranges (0-255), one picked per patch; None: 0-75
-    noise: str = "poisson_gaussian"  # microscopy synthetic noise: "poisson_gaussian" or "camera" (NOISE_MODELS)
 
 
 def _degradation_record(cfg: TrainConfig) -> dict:
@@ -485,29 +424,6 @@ def _validate(model, cfg: TrainConfig, sampler_val) -> dict[str, float]:
     return {"holdout": float(np.mean(vals))}
 
 
-def _checked(cfg: TrainConfig) -> TrainConfig:
-    """The configuration with its defaults filled in; a bad value fails here, before any data is read."""
-    if cfg.optimizer not in ("adam", "sgd"):
-        raise ValueError(f"unknown optimizer {cfg.optimizer!r}: adam or sgd")
-    if cfg.loss not in LOSSES:
-        raise ValueError(f"unknown loss {cfg.loss!r}: {' or '.join(LOSSES)}")
-    if cfg.warmup < 0 or cfg.warmup >= cfg.steps:
-        raise ValueError(f"warmup must be between 0 and steps-1 ({cfg.steps - 1}), got {cfg.warmup}")
-    if cfg.warmup and cfg.optimizer != "adam":
-        raise ValueError("warmup applies to the adam cosine schedule; the paper's sgd recipe has none: drop --warmup")
-    if cfg.sigma is not None:
-        if cfg.task != "denoise":
-            raise ValueError(f"sigma ranges apply to task denoise (Gaussian noise), not {cfg.task!r}: drop --sigma")
-        cfg = replace(cfg, sigma=[list(r) for r in _sigma_ranges(cfg.sigma)])
-    if cfg.noise not in NOISE_MODELS:
-        raise ValueError(f"unknown noise model {cfg.noise!r}: expected one of {', '.join(NOISE_MODELS)}")
-    if cfg.noise != "poisson_gaussian" and cfg.task != "microscopy":
-        raise ValueError(f"--noise {cfg.noise} applies to task microscopy, not {cfg.task!r}: drop --noise")
-    if cfg.lr is None:
-        cfg = replace(cfg, lr=0.1 if cfg.optimizer == "sgd" else 1e-3)
-    return cfg
-
-
 def _optimizer(cfg: TrainConfig, model):
     if cfg.optimizer == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -554,7 +470,7 @@ def _record(cfg: TrainConfig, arch: str) -> dict:
         "degradation": _degradation_record(cfg) if not cfg.sigma else {
             **DEGRADATIONS[cfg.task], "sigma_mixture_255": cfg.sigma,
             "gaussian_sigma_255": [min(r[0] for r in cfg.sigma), max(r[1] for r in cfg.sigma)]},
-        "training": {"config": asdict(cfg)},
+        "training": {"config": cfg.to_dict()},
     }
 
 
@@ -576,14 +492,13 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, cancel=None) -> Pat
     ``threading.Event`` or a callable returning True, as for ``restore`` and ``finetune``; when it fires
     before the last step the run validates, saves a checkpoint (as ``--hours`` does) and raises
     ``Cancelled``; ``resume=True`` continues it."""
-    cfg = _checked(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     dev = resolve_device(cfg.device)
-    cfg = replace(cfg, device=str(dev))  # validation and the saved record use the device actually used
+    cfg = cfg.replace(device=str(dev))  # validation and the saved record use the device actually used
     state_path, last_path, best_path = out / "state.pt", out / "last.safetensors", out / "best.safetensors"
     mp = MixedPrecision(cfg.amp, dev)  # before loading data: a bad value fails at once
     sampler, make_sampler, val_batch = _samplers(cfg, dev)
@@ -606,7 +521,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, cancel=None) -> Pat
     rate = _RateLog(cfg, log, sched)
 
     def train_step(step: int):
-        x, y = sampler.batch(cfg.batch)
+        x, y = sampler.batch(cfg.batch_size)
         x = x.to(dev).contiguous(memory_format=torch.channels_last)
         y = y.to(dev).contiguous(memory_format=torch.channels_last)
         final, branches = mp.forward(model, x)
@@ -619,7 +534,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, cancel=None) -> Pat
 
     def validate():
         if cfg.bn_batches:  # exact BN statistics for the checkpoint (own RNG: the training stream is unchanged)
-            recalibrate_bn(model, make_sampler(cfg.seed + 10**6 + state.step), cfg.bn_batches, cfg.batch, dev)
+            recalibrate_bn(model, make_sampler(cfg.seed + 10**6 + state.step), cfg.bn_batches, cfg.batch_size, dev)
         metrics = _validate(model, cfg, val_batch)
         model.train()
         return {"score": float(np.mean(list(metrics.values()))), **metrics}
@@ -661,8 +576,8 @@ class _RateLog:
         self.n += 1
         if step % cfg.log_every and step != cfg.steps:
             return
-        rate = self.n * cfg.batch / max(time.time() - self.t_log, 1e-9)
-        eta = (cfg.steps - step) * cfg.batch / rate if rate > 0 else 0
+        rate = self.n * cfg.batch_size / max(time.time() - self.t_log, 1e-9)
+        eta = (cfg.steps - step) * cfg.batch_size / rate if rate > 0 else 0
         self.log(f"step {step}/{cfg.steps}  loss {float(self.acc) / self.n:.5f}  {rate:.1f} patches/s  "
                  f"lr {self.sched.get_last_lr()[0]:.2e}  elapsed {(time.time() - self.t0) / 60:.1f} min  "
                  f"ETA {eta / 60:.1f} min")
