@@ -32,8 +32,8 @@ import torch
 from _common import machine
 
 import memnet
-from memnet.degrade import affine_fit, psnr
 from memnet.evaluate import ood_pairs, percentile_normalize, predictor, w2s_pairs
+from memnet.metrics import affine_fit, psnr
 
 
 def _bm3d(noisy: np.ndarray, clean: np.ndarray) -> np.ndarray:

@@ -13,8 +13,8 @@ import time
 import numpy as np
 import tifffile
 
-from memnet.degrade import affine_fit, psnr
 from memnet.evaluate import w2s_pairs
+from memnet.metrics import affine_fit, psnr
 
 
 def main() -> None:

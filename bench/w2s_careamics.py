@@ -36,7 +36,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 
 
 def affine_fit(result: np.ndarray, clean: np.ndarray) -> np.ndarray:
-    """Least-squares a*result + b fitted to clean (as memnet.degrade.affine_fit)."""
+    """Least-squares a*result + b fitted to clean (as memnet.metrics.affine_fit)."""
     r, c = np.asarray(result, np.float64), np.asarray(clean, np.float64)
     rm, cm = r.mean(), c.mean()
     var = np.mean((r - rm) ** 2)

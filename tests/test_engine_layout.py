@@ -138,3 +138,29 @@ def test_each_training_default_has_one_home():
     text = (SRC / "_cli_train.py").read_text()
     train_part = text[text.index('sub.add_parser("train"'):text.index("_register_finetune(sub)\n")]
     assert not re.search(r"default=(\d|\"|')", train_part), "a training default is restated in the CLI"
+
+
+# The floors of memnet, bottom up: a module imports only from its own floor or the floors below.
+FLOORS = [
+    {"runtime", "options", "train_options", "normalize", "outputs", "tiling", "ngff", "metrics", "resample",
+     "_cli_types"},  # standard library, numpy
+    {"model", "degrade", "io", "zoo"},  # the network, synthetic degradations, files and weights
+    {"inference", "graphs", "evaluate", "memory"},  # the network's inference form, exports' graphs, scores
+    {"runner", "kernel"},  # a restore job
+    {"local", "lazy", "distributed"},  # its executors
+    {"engine"},  # restore(): picks an executor
+    {"fitloop", "trainset", "train", "finetune_modes", "finetune", "export", "bioimage_package"},  # training, export
+    {"cli", "_cli_restore", "_cli_train", "_cli_export", "__main__", "__init__"},  # the command line, the façade
+]
+
+
+def test_no_module_imports_from_a_floor_above_it():
+    floor = {m: i for i, names in enumerate(FLOORS) for m in names}
+    modules = {p.stem for p in SRC.glob("*.py")}
+    assert modules <= set(floor), f"modules without a floor: {sorted(modules - set(floor))}"
+    for m in sorted(modules):
+        for node in _imports(m):
+            for t in [node.module.split(".")[0]] if node.module else [a.name for a in node.names]:
+                assert floor.get(t, -1) <= floor[m], f"{m} (floor {floor[m]}) imports {t} (floor {floor[t]})"
+    kernel = {n.module for n in _imports("kernel")}
+    assert "degrade" not in kernel and "engine" not in {n.module for n in _imports("train")}

@@ -50,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         bn_batches=args.bn_batches, loss=args.loss, sampler=args.sampler,
         sigma=tuple(_sigma_range(r) for r in args.sigma) if args.sigma else None, noise=args.noise,
     )
-    from .engine import Cancelled
+    from .runtime import Cancelled
 
     with _graceful_stop("validation and a checkpoint first") as stop:
         try:
@@ -63,8 +63,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .engine import Cancelled
     from .finetune import FinetuneConfig, NotImproved, finetune
+    from .runtime import Cancelled
 
     cfg = FinetuneConfig(model=args.model, mode=args.mode, name=args.output, minutes=args.minutes or None,
                          steps=args.steps, patch=args.patch, batch=args.batch, lr=args.lr,

@@ -1,4 +1,6 @@
-"""Synthetic degradations (training) and the evaluation conventions of ../shared/data/README.md.
+"""Synthetic degradations for training and validation inputs (noise, bicubic down-scaling, JPEG, the
+camera model), as the evaluation conventions of ../shared/data/README.md make them. The restore-time
+upsampler is in `resample`, the scores in `metrics`.
 
 All images here are float arrays in [0, 1] unless a name says otherwise (``*_255``, uint8)."""
 
@@ -10,24 +12,13 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
-    "rgb_to_y",
     "gaussian_noise",
     "poisson_gaussian_noise",
     "bicubic_degrade",
     "jpeg_degrade",
-    "psnr",
-    "affine_fit",
     "camera_noise",
     "CAMERA_RANGES",
 ]
-
-
-def rgb_to_y(rgb: np.ndarray) -> np.ndarray:
-    """ITU-R BT.601 luma as MATLAB's rgb2ycbcr, for uint8 RGB input; returns Y in [0, 255] (float)."""
-    if rgb.ndim == 2:
-        return rgb.astype(np.float64)
-    x = rgb[..., :3].astype(np.float64) / 255.0
-    return 16.0 + 65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]
 
 
 def gaussian_noise(clean: np.ndarray, sigma_255: float, rng: np.random.Generator) -> np.ndarray:
@@ -62,66 +53,6 @@ def jpeg_degrade(clean: np.ndarray, quality: int) -> np.ndarray:
     Image.fromarray(u8, mode="L").save(buf, format="JPEG", quality=int(quality))
     buf.seek(0)
     return np.asarray(Image.open(buf), dtype=np.float32) / 255.0
-
-
-def psnr(result: np.ndarray, clean: np.ndarray, peak: float = 255.0) -> float:
-    mse = np.mean((np.asarray(result, np.float64) - np.asarray(clean, np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(peak**2 / mse))
-
-
-def affine_fit(result: np.ndarray, clean: np.ndarray) -> np.ndarray:
-    """Least-squares a·result + b fitted to ``clean`` (CARE's normalize_minmse), for W2S, whose 8-bit
-    noisy and clean images differ in scale and offset."""
-    x = np.asarray(result, np.float64).ravel()
-    y = np.asarray(clean, np.float64).ravel()
-    xm, ym = x.mean(), y.mean()
-    var = np.mean((x - xm) ** 2)
-    a = np.mean((x - xm) * (y - ym)) / var if var > 0 else 0.0
-    return (a * (np.asarray(result, np.float64) - xm) + ym).reshape(np.shape(result))
-
-
-def _pillow_bicubic(x: float, a: float = -0.5) -> float:
-    x = abs(x)
-    if x < 1.0:
-        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
-    if x < 2.0:
-        return (((x - 5.0) * x + 8.0) * x - 4.0) * a
-    return 0.0
-
-
-def bicubic_up_rows(n_in: int, scale: int, start: int, stop: int) -> tuple[np.ndarray, int, int]:
-    """Rows [start, stop) of Pillow's BICUBIC upscaling matrix along one axis (float images):
-    a = -0.5 kernel, weights clipped at the borders and renormalised, as Pillow does. Returns
-    (rows restricted to their non-zero columns, first column, last column + 1). Applied to a window
-    of the input, these rows reproduce whole-image upscaling exactly (used by tiled SR)."""
-    step = 1.0 / scale  # input pixels per output pixel
-    support = 2.0  # bicubic support; no widening when upscaling
-    spans = []
-    for xx in range(start, stop):
-        center = (xx + 0.5) * step
-        xmin = max(int(center - support + 0.5), 0)
-        xmax = min(int(center + support + 0.5), n_in)
-        w = np.array([_pillow_bicubic(x - center + 0.5) for x in range(xmin, xmax)])
-        total = w.sum()
-        spans.append((xmin, w / total if total != 0 else w))
-    c0 = min(x for x, _ in spans)
-    c1 = max(x + len(w) for x, w in spans)
-    m = np.zeros((stop - start, c1 - c0), np.float64)
-    for i, (x, w) in enumerate(spans):
-        m[i, x - c0: x - c0 + len(w)] = w
-    return m, c0, c1
-
-
-def bicubic_up_kernel(scale: int) -> np.ndarray:
-    """Pillow's BICUBIC upscaling weights along one axis as one transposed-convolution kernel
-    (stride ``scale``, padding ``2 * scale``, 5 * ``scale`` taps), before Pillow's border renormalisation:
-    dividing by the same transposed convolution of ones restores it, so a graph reproduces
-    ``bicubic_up_rows`` on any input size (used by ``memnet export``)."""
-    taps = np.zeros(5 * scale)
-    for phase in range(scale):  # output pixel scale * i + phase reads input pixels i - 2 .. i + 2
-        for k in range(-2, 3):
-            taps[phase - scale * k + 2 * scale] = _pillow_bicubic(k + 0.5 - (phase + 0.5) / scale)
-    return taps
 
 
 # Wide-range fluorescence camera model (the generalist microscopy model's synthetic noise). Ranges are

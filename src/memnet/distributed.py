@@ -22,10 +22,8 @@ from pathlib import Path
 
 from .io import ZarrSink, open_input
 from .kernel import (
-    Cancelled,
     Job,
     ProgressTally,
-    is_cancelled,
     open_output,
     resolve_batch,
     rows_per_group,
@@ -35,7 +33,8 @@ from .kernel import (
 from .ngff import Unit
 from .normalize import Intensity
 from .options import RestoreOptions
-from .runner import Runner, cached, resolve_device
+from .runner import Runner, cached
+from .runtime import Cancelled, resolve_device, stop_requested
 from .zoo import load_model_bytes, model_bytes
 
 __all__ = ["run_distributed", "worker_report"]
@@ -179,6 +178,6 @@ def _submit(cl, spec: dict, weights: bytes, todo: list, tally: ProgressTally, ca
         else:
             tally.add(done[1])
             pyramid(sink.ready_after(done[0], sorted({t.iy for t in done[1]})))
-        if is_cancelled(cancel):
+        if stop_requested(cancel):
             cl.cancel(list(futures))
             raise Cancelled("restore cancelled")

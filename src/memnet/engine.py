@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from .distributed import run_distributed
 from .io import recorded_job
-from .kernel import Cancelled, Job, Progress, prepare, upscaled_geometry, zarr_target
+from .kernel import Job, Progress, prepare, upscaled_geometry, zarr_target
 from .lazy import restore_lazy
 from .local import run_local
 from .options import RestoreOptions
-from .runner import Runner, available_devices, resolve_device
+from .runner import Runner
+from .runtime import Cancelled, available_devices, resolve_device
 
 __all__ = ["restore", "restore_lazy", "Cancelled", "Job", "Progress", "RestoreOptions", "Runner",
            "available_devices", "resolve_device", "prepare", "upscaled_geometry"]

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .degrade import affine_fit, bicubic_degrade, gaussian_noise, jpeg_degrade, psnr, rgb_to_y
+from .degrade import bicubic_degrade, gaussian_noise, jpeg_degrade
+from .metrics import affine_fit, psnr, rgb_to_y
 from .model import self_ensemble
 from .normalize import Normalizer
 

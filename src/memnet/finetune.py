@@ -17,8 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .degrade import psnr
-from .engine import Cancelled, resolve_device
 from .finetune_modes import (
     MAX_EXCESS_CORRELATION,
     MODES,
@@ -30,8 +28,10 @@ from .finetune_modes import (
 )
 from .fitloop import FitState, atomic_save, fit
 from .io import input_format, is_zarr_path, open_input
+from .metrics import psnr
 from .normalize import Intensity
 from .outputs import check_output_path
+from .runtime import Cancelled, resolve_device
 from .train import MixedPrecision, PatchSampler, hardware_name, list_files
 from .zoo import load_model, save_model, user_model_dir
 

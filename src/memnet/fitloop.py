@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["FitState", "fit", "atomic_save", "stop_requested"]
+from .runtime import stop_requested
+
+__all__ = ["FitState", "fit", "atomic_save"]
 
 
 @dataclass
@@ -43,11 +45,6 @@ class FitState:
     def from_dict(cls, d: dict) -> FitState:
         return cls(step=int(d["step"]), best=float(d["best"]), bad=int(d.get("bad", 0)),
                    history=list(d.get("history", [])), hours_before=float(d.get("hours", 0.0)))
-
-
-def stop_requested(stop) -> bool:
-    """``stop``: None, a ``threading.Event`` or a callable returning True."""
-    return stop is not None and bool(stop.is_set() if hasattr(stop, "is_set") else stop())
 
 
 def atomic_save(obj, path: Path) -> None:

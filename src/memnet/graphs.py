@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .degrade import bicubic_up_kernel
 from .inference import ONNX_OPSET, fold, onnx_bytes
 from .model import receptive_field
+from .resample import bicubic_up_kernel
 
 __all__ = ["CITATION", "ONNX_OPSET", "card", "graph_module", "onnx_bytes", "write_graph"]
 

@@ -9,7 +9,6 @@ import each other; `engine.restore` picks one.
 from __future__ import annotations
 
 import hashlib
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -17,32 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .degrade import bicubic_up_rows
 from .inference import default_tile
 from .io import Source, job_signature, open_input, open_sink, output_format
 from .model import receptive_field, weights_digest
 from .normalize import Intensity
 from .options import RestoreOptions
-from .runner import Runner, auto_batch, resolve_device, resolve_model
+from .resample import bicubic_up_rows
+from .runner import Runner, auto_batch, resolve_model
+from .runtime import Cancelled, resolve_device, stop_requested
 from .tiling import Tile, TilePlan
 from .zoo import ModelInfo
 
-__all__ = ["Cancelled", "Job", "Progress", "ProgressTally", "is_cancelled", "open_output", "prepare",
+__all__ = ["Job", "Progress", "ProgressTally", "open_output", "prepare",
            "resolve_batch", "rows_per_group", "run_group", "upscaled_geometry", "zarr_target"]
-
-
-class Cancelled(Exception):
-    """Raised when a run is cancelled; the output is left marked incomplete (or removed).
-    Not a RuntimeError on purpose: Qt worker threads treat RuntimeError as a deleted worker."""
-
-
-def is_cancelled(cancel) -> bool:
-    """``cancel``: None, a ``threading.Event`` or a callable returning True to stop."""
-    if cancel is None:
-        return False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set()
-    return bool(cancel())
 
 
 @dataclass
@@ -304,7 +290,7 @@ def run_group(job: Job, group: tuple[str, tuple, list[Tile]], sink, *, batch_siz
     if batches is None:
         batches = ([job.read_window(lead, t) for t in chunk] for chunk in chunks)
     for n, (chunk, windows) in enumerate(zip(chunks, batches), 1):
-        if is_cancelled(cancel):
+        if stop_requested(cancel):
             raise Cancelled("restore cancelled")
         for index, block in job.run_tiles(lead, chunk, windows):
             sink.write(index, block)

@@ -12,7 +12,8 @@ from itertools import islice
 
 import numpy as np
 
-from .kernel import Cancelled, Job, ProgressTally, is_cancelled, open_output, resolve_batch, rows_per_group, run_group
+from .kernel import Job, ProgressTally, open_output, resolve_batch, rows_per_group, run_group
+from .runtime import Cancelled, stop_requested
 from .tiling import Tile, TilePlan
 
 __all__ = ["run_local"]
@@ -82,7 +83,7 @@ def _run_blended(job: Job, batches, writer: _Writer, cancel, tally: ProgressTall
         writer.rows_written(lead, [iy])
 
     for lead, tiles, windows in batches:
-        if is_cancelled(cancel):
+        if stop_requested(cancel):
             raise Cancelled("restore cancelled")
         for t, pred in zip(tiles, job.runner(np.stack(windows))):
             _accumulate(job.plan, acc, lead, t, pred)

@@ -17,45 +17,7 @@ from .inference import make_backend
 from .model import MemNet, feature_bytes_per_pixel, self_ensemble
 from .zoo import ModelInfo, find_model, load_model
 
-__all__ = ["Runner", "auto_batch", "available_devices", "cached", "load_cached", "resolve_device",
-           "resolve_model"]
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}: expected auto, cpu, cuda or cuda:N; "
-                         f"available here: {', '.join(available_devices())}") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type == "cuda" and dev.index is not None and 0 < torch.cuda.device_count() <= dev.index:
-        raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) found; "
-                         f"available here: {', '.join(available_devices())}")
-    if str(dev) not in available_devices() and dev.type not in {d.split(":")[0] for d in available_devices()}:
-        raise ValueError(f"device {device!r} requested but {dev.type.upper()} is not available here; "
-                         f"available: {', '.join(available_devices())} (e.g. --device cpu)")
-    return dev
-
-
-def available_devices() -> list[str]:
-    """The devices this machine can run on, as --device accepts them."""
-    out = ["auto", "cpu"]
-    if torch.cuda.is_available():
-        out += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        out.append("mps")
-    xpu = getattr(torch, "xpu", None)
-    if xpu is not None and xpu.is_available():
-        out.append("xpu")
-    return out
+__all__ = ["Runner", "auto_batch", "cached", "load_cached", "resolve_model"]
 
 _CACHE: dict = {}
 _CACHE_LOCK = threading.Lock()

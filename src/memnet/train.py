@@ -14,19 +14,18 @@ import torch
 
 from .degrade import (
     CAMERA_RANGES,
-    affine_fit,
     bicubic_degrade,
     camera_noise,
     gaussian_noise,
     jpeg_degrade,
     poisson_gaussian_noise,
-    psnr,
 )
-from .engine import Cancelled, resolve_device
 from .evaluate import evaluate_task, percentile_normalize, predictor
-from .fitloop import FitState, atomic_save, fit, stop_requested
+from .fitloop import FitState, atomic_save, fit
 from .io import input_format, is_zarr_path
+from .metrics import affine_fit, psnr
 from .model import MemNet, deepen, parse_arch, widen
+from .runtime import Cancelled, resolve_device, stop_requested
 from .train_options import DEFAULT_ARCH, LOSSES, NOISE_MODELS, TrainConfig, sigma_ranges
 from .zoo import load_model, save_model
 
@@ -93,7 +92,7 @@ def _read_image(path: Path, task: str = "denoise") -> np.ndarray:
 
         a = tifffile.imread(path)
         if a.ndim == 3 and a.shape[-1] in (3, 4):
-            from .degrade import rgb_to_y
+            from .metrics import rgb_to_y
 
             a = rgb_to_y(a)
         elif a.dtype != np.uint8:

@@ -1,0 +1,67 @@
+"""The bottom floor every run stands on: how a run is stopped (`Cancelled`, `stop_requested`) and which
+device it runs on (`resolve_device`). Restore, training and fine-tuning import these from here, never
+from each other."""
+
+from __future__ import annotations
+
+import threading
+
+__all__ = ["Cancelled", "available_devices", "resolve_device", "stop_requested"]
+
+
+class Cancelled(Exception):
+    """Raised when a run is cancelled; the output is left marked incomplete (or removed).
+    Not a RuntimeError on purpose: Qt worker threads treat RuntimeError as a deleted worker."""
+
+
+def stop_requested(stop) -> bool:
+    """``stop``: None, a ``threading.Event`` (or anything with ``is_set``) or a callable returning True."""
+    if stop is None:
+        return False
+    if isinstance(stop, threading.Event) or hasattr(stop, "is_set"):
+        return bool(stop.is_set())
+    return bool(stop())
+
+
+def resolve_device(device="auto"):
+    """A ``torch.device`` for "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N", ...; a ValueError
+    naming what this machine has otherwise."""
+    import torch
+
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: expected auto, cpu, cuda or cuda:N; "
+                         f"available here: {', '.join(available_devices())}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda" and dev.index is not None and 0 < torch.cuda.device_count() <= dev.index:
+        raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) found; "
+                         f"available here: {', '.join(available_devices())}")
+    if str(dev) not in available_devices() and dev.type not in {d.split(":")[0] for d in available_devices()}:
+        raise ValueError(f"device {device!r} requested but {dev.type.upper()} is not available here; "
+                         f"available: {', '.join(available_devices())} (e.g. --device cpu)")
+    return dev
+
+
+def available_devices() -> list[str]:
+    """The devices this machine can run on, as --device accepts them."""
+    import torch
+
+    out = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        out += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        out.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        out.append("xpu")
+    return out
