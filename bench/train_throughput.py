@@ -20,8 +20,9 @@ from _common import machine
 
 import memnet
 from memnet.engine import resolve_device
+from memnet.fitloop import MixedPrecision, multi_supervised_loss
 from memnet.model import parse_arch
-from memnet.train import DevicePatchSampler, MixedPrecision, PatchSampler, multi_supervised_loss
+from memnet.trainset import DevicePatchSampler, PatchSampler
 
 
 def _sync(dev: torch.device) -> None:

@@ -14,7 +14,8 @@ import argparse
 import time
 
 import memnet
-from memnet.train import PatchSampler, TrainConfig, _load_data, recalibrate_bn
+from memnet.train import TrainConfig, recalibrate_bn
+from memnet.trainset import PatchSampler, load_data
 
 
 def main() -> None:
@@ -37,7 +38,7 @@ def main() -> None:
     cfg = TrainConfig(task=info.task, out="", data=data, pairs=pairs, include=include,
                       patch=args.patch or int(cfg0.get("patch", 48)),
                       batch_size=args.batch or int(cfg0.get("batch_size", cfg0.get("batch", 32))))
-    clean, pair_list = _load_data(cfg)
+    clean, pair_list = load_data(cfg)
     t = time.time()
     sampler = PatchSampler(cfg.task, clean, pair_list, cfg.patch, seed=args.seed)
     recalibrate_bn(model, sampler, args.batches, cfg.batch_size)

@@ -8,7 +8,9 @@ import torch
 from PIL import Image
 
 import memnet
-from memnet.train import PatchSampler, TrainConfig, multi_supervised_loss, train
+from memnet.fitloop import multi_supervised_loss
+from memnet.train import TrainConfig, train
+from memnet.trainset import PatchSampler
 
 
 def _smooth_images(folder, n=6, size=64, seed=0):
@@ -129,7 +131,7 @@ def test_paired_targets_are_mapped_onto_the_noisy_images_intensity_frame(tmp_pat
     # after normalisation the target must sit in the noisy image's frame, not at its own percentiles.
     import tifffile
 
-    from memnet.train import _load_data
+    from memnet.trainset import load_data
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:64, 0:64] / 64
@@ -140,7 +142,7 @@ def test_paired_targets_are_mapped_onto_the_noisy_images_intensity_frame(tmp_pat
     tifffile.imwrite(tmp_path / "n" / "a.tif", (noisy * 180).astype(np.uint8))
     tifffile.imwrite(tmp_path / "c" / "a.tif", (signal * 250 + 3).astype(np.uint8))
     cfg = TrainConfig(task="microscopy", out=str(tmp_path / "r"), pairs=[str(tmp_path / "n"), str(tmp_path / "c")])
-    (x, y), = _load_data(cfg)[1]
+    (x, y), = load_data(cfg)[1]
     # Regressing the noisy input on the target gives gain 1, offset 0 (noise aside).
     a, b = np.polyfit(y.ravel(), x.ravel(), 1)
     assert abs(a - 1) < 0.02 and abs(b) < 0.01
@@ -159,7 +161,7 @@ def test_stacks_are_training_data_read_lazily_one_patch_at_a_time(tmp_path):
     import zarr
 
     from memnet.normalize import Normalizer
-    from memnet.train import LazyPlane, _training_images
+    from memnet.trainset import LazyPlane, training_images
 
     rng = np.random.default_rng(1)
     folder = _smooth_images(tmp_path / "mixed", n=1)
@@ -168,7 +170,7 @@ def test_stacks_are_training_data_read_lazily_one_patch_at_a_time(tmp_path):
     z = zarr.open(str(folder / "stack.zarr"), mode="w", shape=(2, 64, 64), chunks=(1, 32, 32), dtype="uint16")
     z[:] = (rng.random((2, 64, 64)) * 1000).astype(np.uint16)
 
-    planes = _training_images(folder, None, "microscopy")
+    planes = training_images(folder, None, "microscopy")
     lazy = [p for p in planes if isinstance(p, LazyPlane)]
     assert len(planes) == 6 and len(lazy) == 5
     assert sorted(p.shape for p in lazy) == [(64, 64)] * 2 + [(64, 80)] * 3
@@ -187,7 +189,7 @@ def test_stacks_are_training_data_read_lazily_one_patch_at_a_time(tmp_path):
 def test_paired_stacks_pair_plane_for_plane(tmp_path):
     import tifffile
 
-    from memnet.train import _load_data
+    from memnet.trainset import load_data
 
     rng = np.random.default_rng(2)
     clean = (rng.random((3, 48, 48)) * 200 + 20).astype(np.uint8)
@@ -196,7 +198,7 @@ def test_paired_stacks_pair_plane_for_plane(tmp_path):
         (tmp_path / d).mkdir()
         tifffile.imwrite(tmp_path / d / "s.tif", a, imagej=True, metadata={"axes": "ZYX"})
     cfg = TrainConfig(task="microscopy", out=str(tmp_path / "r"), pairs=[str(tmp_path / "n"), str(tmp_path / "c")])
-    _, pairs = _load_data(cfg)
+    _, pairs = load_data(cfg)
     assert len(pairs) == 3 and all(x.shape == y.shape == (48, 48) for x, y in pairs)
     # Each pair is the same plane: the target correlates with its own noisy plane, not a neighbour's.
     assert np.corrcoef(pairs[1][0].ravel(), pairs[1][1].ravel())[0, 1] > 0.8
@@ -204,7 +206,7 @@ def test_paired_stacks_pair_plane_for_plane(tmp_path):
 
     tifffile.imwrite(tmp_path / "c" / "s.tif", clean[:2], imagej=True, metadata={"axes": "ZYX"})
     with pytest.raises(ValueError, match="do not match plane for plane"):
-        _load_data(cfg)
+        load_data(cfg)
 
 
 def test_sgd_is_the_papers_recipe(tmp_path):
@@ -263,14 +265,14 @@ def test_cli_train_each_natural_task_end_to_end(tmp_path, task, capsys):
     assert "validation at step 6: holdout" in text and f"best model: {out / 'best.safetensors'}" in text
     model, info = memnet.load_model(out / "best.safetensors")
     assert info.task == task and info.name == f"t-{task}" and info.metadata["training"]["config"]["bn_batches"] == 2
-    assert info.metadata["degradation"] == memnet.train.DEGRADATIONS[task]
+    assert info.metadata["degradation"] == memnet.trainset.DEGRADATIONS[task]
 
 
 def test_cli_loss_choices_match_the_losses_training_accepts():
     import argparse
 
     from memnet.cli import build_parser
-    from memnet.train import LOSSES
+    from memnet.train_options import LOSSES
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -412,7 +414,7 @@ def _dihedral(a):
 
 @pytest.mark.slow
 def test_device_sampler_cuts_real_crops_in_all_8_orientations_with_blind_noise():
-    from memnet.train import DevicePatchSampler
+    from memnet.trainset import DevicePatchSampler
 
     rng = np.random.default_rng(3)
     ims = [rng.random((40, 30), dtype=np.float32), rng.random((25, 52), dtype=np.float32),
@@ -451,7 +453,7 @@ def test_training_with_the_device_sampler_learns_and_refuses_what_it_cannot_make
 
 @pytest.mark.parametrize("where", ["numpy", "device"])
 def test_sigma_ranges_mix_noise_levels_as_asked(where):
-    from memnet.train import DevicePatchSampler, PatchSampler
+    from memnet.trainset import DevicePatchSampler, PatchSampler
 
     flat = [np.full((40, 40), 0.5, np.float32)]
     ranges = [(0, 75), (10, 20)]

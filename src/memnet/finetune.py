@@ -26,13 +26,13 @@ from .finetune_modes import (
     neighbour_correlation,
     subsample_pairs,
 )
-from .fitloop import FitState, atomic_save, fit
+from .fitloop import FitState, MixedPrecision, atomic_save, fit, hardware_name
 from .io import input_format, is_zarr_path, open_input
 from .metrics import psnr
 from .normalize import Intensity
 from .outputs import check_output_path
 from .runtime import Cancelled, resolve_device
-from .train import MixedPrecision, PatchSampler, hardware_name, list_files
+from .trainset import PatchSampler, list_files
 from .zoo import load_model, save_model, user_model_dir
 
 __all__ = ["FinetuneConfig", "FinetuneProgress", "finetune", "MODES", "fit_noise_model", "NotImproved",

@@ -66,7 +66,7 @@ class Mode:
         return x, y, None
 
     def loss(self, model, mp, x, y, extra) -> torch.Tensor:
-        from .train import multi_supervised_loss
+        from .fitloop import multi_supervised_loss
 
         final, branches = mp.forward(model, x)
         return multi_supervised_loss(final, branches, y)
@@ -81,7 +81,7 @@ class Paired(Mode):
     criterion = "target"
 
     def items(self, planes, others, ctx):
-        from .train import paired_target_frame
+        from .trainset import paired_target_frame
 
         # The clean target in the noisy plane's intensity frame (see paired_target_frame).
         return [paired_target_frame(p, q) for p, q in zip(planes, others)]
@@ -127,7 +127,7 @@ class Nbr2Nbr(Mode):
         return g1, g2, (x, idx)
 
     def loss(self, model, mp, x, y, extra):
-        from .train import multi_supervised_loss
+        from .fitloop import multi_supervised_loss
 
         full, idx = extra
         final, branches = mp.forward(model, x)
