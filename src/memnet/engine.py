@@ -18,7 +18,7 @@ from .io import recorded_job
 from .kernel import Cancelled, Job, Progress, prepare, upscaled_geometry, zarr_target
 from .lazy import restore_lazy
 from .local import run_local
-from .options import RestoreOptions
+from .options import RestoreOptions, check_bool
 from .runner import Runner, available_devices, resolve_device
 
 __all__ = ["restore", "restore_lazy", "Cancelled", "Job", "Progress", "RestoreOptions", "Runner",
@@ -70,6 +70,8 @@ def restore(data, model="denoise", *, output=None, axes=None, series=None, level
 
     Returns a numpy array, the opened zarr array (``.zarr`` output) or the path (``.tif`` output).
     """
+    overwrite, resume, lazy = (check_bool(n, v) for n, v in (("overwrite", overwrite), ("resume", resume),
+                                                               ("lazy", lazy)))
     opts = RestoreOptions.build(options, "restore", **option_kw)
     if resume and opts.tile == "auto" and zarr_target(output) is not None:
         rec = recorded_job(output)  # resume the tiling the run started with (auto may differ on this device)
