@@ -518,6 +518,9 @@ class ZarrSink:
                                  "(no job record); choose another output or pass --overwrite") from None
             then = {**(defaults or {}), **stored}
             diff = sorted(k for k in set(then) | set(job) if k not in ignore and then.get(k) != job.get(k))
+            if "input_sha256" in diff and then.get("shape") == job.get("shape"):
+                raise ValueError(f"cannot resume {path}: the input changed since the run started (same shape "
+                                 f"and dtype, other pixels): restore again with --overwrite (without --resume)")
             if diff:
                 detail = "; ".join(f"{k}: {then.get(k)!r} then, {job.get(k)!r} now" for k in diff[:4])
                 again = ("drop --resume to start over (with --overwrite)" if overwrite
