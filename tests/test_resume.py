@@ -84,3 +84,36 @@ def test_the_fingerprint_is_a_fixed_sample_that_sees_a_replaced_image(rng):
     assert fp != content_fingerprint(b, "ZYX")
     tiny = np.arange(6, dtype=np.uint8).reshape(2, 3)  # smaller than a window
     assert content_fingerprint(tiny, "YX") != content_fingerprint(tiny[::-1].copy(), "YX")
+
+
+def test_resume_on_a_read_only_mount(natural_file, tmp_path, rng, monkeypatch, restore_cli):
+    x = (rng.random((2, 96, 96)) * 200).astype(np.uint8)
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, x, imagej=True, metadata={"axes": "ZYX"})
+    done, part = tmp_path / "done.zarr", tmp_path / "part.zarr"
+    memnet.restore(src, natural_file, output=done, tile=32, device="cpu", batch_size=1)
+    _interrupt(src, natural_file, part)
+
+    def digest(p):
+        return hashlib.sha256(b"".join(f.read_bytes() for f in sorted(p.rglob("*")) if f.is_file())).hexdigest()
+
+    before = digest(done)
+    import errno
+
+    from memnet.outputs import OutputLock
+
+    def refuse(self):
+        raise PermissionError(errno.EROFS, "Read-only file system", str(self.path.parent))
+
+    monkeypatch.setattr(OutputLock, "acquire", refuse)
+    # A complete output needs nothing: resumed without writing, exit 0, its result returned.
+    got = memnet.restore(src, natural_file, output=done, tile=32, device="cpu", resume=True)
+    assert got[:].tobytes() == memnet.restore(x, natural_file, axes="ZYX", tile=32, device="cpu").tobytes()
+    rc, err = restore_cli([src, "-o", done, "--model", natural_file, "--tile", 32, "--resume"])
+    assert rc == 0, err
+    assert digest(done) == before
+    # An unfinished one (read-only too): one line that says why and what to do, no errno dump.
+    rc, err = restore_cli([src, "-o", part, "--model", natural_file, "--tile", 32, "--batch-size", 1, "--resume"])
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert f"cannot resume {part}: its folder is read-only (Read-only file system)" in err
+    assert "copy it to a writable place and resume there" in err and "Errno" not in err

@@ -508,11 +508,14 @@ class ZarrSink:
         interrupted overwrite resumes into its staging copy). Keys in ``ignore`` are not compared;
         a key of ``defaults`` missing from the stored record (an older version's) stands for its default."""
         check_output_path(path, [src.path] if src is not None else [])
-        lock = OutputLock(path).acquire()
+        try:
+            lock = OutputLock(path).acquire()
+        except PermissionError as e:  # a read-only folder or mount (EROFS is a PermissionError too)
+            lock = _read_only_lock(path, e)
         try:
             try:
                 write_path, stored = recorded_job(path)
-                self = cls._existing(path, write_path, stored["axes"], "r+")
+                self = cls._existing(path, write_path, stored["axes"], "r" if lock.read_only else "r+")
             except Exception:
                 raise ValueError(f"cannot resume {path}: it is not an output of `memnet restore` "
                                  "(no job record); choose another output or pass --overwrite") from None
@@ -534,6 +537,9 @@ class ZarrSink:
         self._open_levels(tracked=True)
         if self.complete:
             self.tracker.finish_all()
+        elif lock.read_only:
+            raise PermissionError(f"cannot resume {path}: {lock.why}; an unfinished output needs write access: "
+                                  "copy it to a writable place and resume there")
         return self
 
     @classmethod
@@ -605,6 +611,8 @@ class ZarrSink:
     def finish(self):
         import zarr
 
+        if self.lock is not None and self.lock.read_only:  # a complete output resumed: nothing to write
+            return self.array
         if self.tracker is not None and not self.tracker.complete:
             self.abort()
             raise RuntimeError(f"{self.path}: not every pyramid level was written; left marked incomplete "
@@ -630,6 +638,26 @@ class ZarrSink:
     def abort(self) -> None:
         _settle_zarr()
         self.lock.release()  # "complete" stays false: a reader (and --resume) can tell
+
+
+class _ReadOnly:
+    """Stands for the lock of a complete output on a read-only mount: resuming it writes nothing."""
+
+    read_only = True
+
+    def __init__(self, why: str):
+        self.why = why
+
+    def release(self) -> None:
+        pass
+
+
+def _read_only_lock(path: Path, e: OSError) -> _ReadOnly:
+    rec = recorded_job(path)
+    why = f"its folder is read-only ({e.strerror or e})"
+    if rec is None or rec[0] != path:  # not a restore output, or an interrupted overwrite's staging copy
+        raise PermissionError(f"cannot resume {path}: {why}: copy it to a writable place and resume there") from None
+    return _ReadOnly(why)
 
 
 def _settle_zarr(timeout: float = 60.0) -> None:

@@ -132,6 +132,8 @@ class OutputLock:
     (O_EXCL), holding the owner's pid, host and start time. A lock whose process is gone (same host) is
     stale and taken over; a live one, or one from another host, refuses the run with its holder named."""
 
+    read_only = False  # it writes (a complete output on a read-only mount is resumed without one)
+
     def __init__(self, out):
         self.out = Path(out)
         self.path = sidecar(out) / "lock"
