@@ -26,3 +26,25 @@ def test_numpy_bools_are_bools(tiny_model, tmp_path):
 
     expected = memnet.restore(np.ones((20, 20), np.float32), tiny_model, device="cpu", ensemble=True)
     np.testing.assert_array_equal(tifffile.imread(out), expected)  # replaced, with the ensemble
+
+
+@pytest.mark.parametrize("option, value, cli", [("pyramid", 256, ["--pyramid", "256"]),
+                                                ("ome_zarr_version", "0.4", ["--ome-zarr-version", "0.4"])])
+def test_zarr_only_options_with_a_tiff_output_are_refused(option, value, cli, tiny_model, micro_file, tmp_path,
+                                                         restore_cli):
+    """Issue #32, item 9: never silently ignored."""
+    import tifffile
+
+    x = np.zeros((20, 20), np.float32)
+    with pytest.raises(ValueError, match=rf"^{option} \(--{option.replace('_', '-')}\) applies to a .zarr output "
+                                         r"only, not to .*o.tif: drop it or write a .zarr output$"):
+        memnet.restore(x, tiny_model, output=tmp_path / "o.tif", device="cpu", **{option: value})
+    with pytest.raises(ValueError, match="applies to a .zarr output only, not to an in-memory result"):
+        memnet.restore(x, tiny_model, device="cpu", options=memnet.RestoreOptions(**{option: value}))
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, np.zeros((20, 20), np.uint16))
+    rc, err = restore_cli([src, "-o", tmp_path / "o.tif", "--model", micro_file, *cli])
+    assert rc == 2 and f"--{option.replace('_', '-')}) applies to a .zarr output only" in err
+    assert not (tmp_path / "o.tif").exists()
+    rc, err = restore_cli([src, "-o", tmp_path / "o.zarr", "--model", micro_file, *cli])  # what they are for
+    assert rc == 0, err

@@ -73,6 +73,13 @@ def restore(data, model="denoise", *, output=None, axes=None, series=None, level
     overwrite, resume, lazy = (check_bool(n, v) for n, v in (("overwrite", overwrite), ("resume", resume),
                                                                ("lazy", lazy)))
     opts = RestoreOptions.build(options, "restore", **option_kw)
+    if zarr_target(output) is None:  # a TIFF or in-memory result has no pyramid and no OME-Zarr version
+        asked = [k for k in ("pyramid", "ome_zarr_version") if k in option_kw
+                 or (options is not None and getattr(options, k) != getattr(RestoreOptions, k))]
+        if asked:
+            what = " and ".join(f"{k} (--{k.replace('_', '-')})" for k in asked)
+            raise ValueError(f"{what} {'apply' if len(asked) > 1 else 'applies'} to a .zarr output only, not to "
+                             f"{'an in-memory result' if output is None else output}: drop it or write a .zarr output")
     if resume and opts.tile == "auto" and zarr_target(output) is not None:
         rec = recorded_job(output)  # resume the tiling the run started with (auto may differ on this device)
         if rec is not None and isinstance(rec[1].get("tile"), int):
