@@ -193,6 +193,8 @@ def open_input(data, axes: str | None = None, series: int | None = None, level: 
             raise ValueError(f"cannot read {path.name!r}: expected a .tif/.tiff file or a .zarr directory")
         src.path = path
     else:
+        if type(data).__module__.split(".")[0] == "torch" and hasattr(data, "detach"):
+            data = _tensor_to_numpy(data)
         if not hasattr(data, "shape") or not hasattr(data, "dtype"):
             raise TypeError(f"expected a numpy/dask/zarr array or a path, got {type(data).__name__}")
         src = Source(array=data, axes="")
@@ -222,6 +224,17 @@ def open_input(data, axes: str | None = None, series: int | None = None, level: 
     if 0 in src.shape:
         raise ValueError(f"the input is empty (shape {src.shape})")
     return src
+
+
+def _tensor_to_numpy(t) -> np.ndarray:
+    """A torch tensor as a numpy array on the CPU (a copy from a GPU; bfloat16, which numpy lacks, as
+    float32): restoring reads it tile by tile like any other array."""
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.numpy()
 
 
 def _open_tiff(path: Path, index: int | None = None) -> Source:
