@@ -33,7 +33,7 @@ from .io import input_format, is_zarr_path, open_input
 from .normalize import Normalizer
 from .outputs import check_output_path
 from .train import MixedPrecision, PatchSampler, hardware_name, list_files
-from .zoo import load_model, save_model, user_model_dir
+from .zoo import check_user_model_name, load_model, save_model, user_model_dir
 
 __all__ = ["FinetuneConfig", "FinetuneProgress", "finetune", "MODES", "fit_noise_model", "NotImproved",
            "NoiseCorrelated"]
@@ -190,6 +190,7 @@ def _check(cfg: FinetuneConfig, mode: Mode, target, noisy2) -> None:
         raise ValueError(f"mode {mode.name!r} does not use a second acquisition (--data2): that is mode 'n2n'")
     if not cfg.name or any(c in cfg.name for c in "/\\:"):
         raise ValueError(f"invalid model name {cfg.name!r}: use letters, digits, '-' or '_'")
+    check_user_model_name(cfg.name)  # task and shipped names are reserved
     if cfg.minutes is None and cfg.steps is None:
         raise ValueError("a fine-tune needs a time budget (minutes) or a number of steps")
     if cfg.minutes is not None and not cfg.minutes > 0:
