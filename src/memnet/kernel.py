@@ -8,6 +8,7 @@ import each other; `engine.restore` picks one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 import time
@@ -22,6 +23,7 @@ from .degrade import bicubic_up_rows
 from .fingerprint import content_fingerprint
 from .inference import default_tile
 from .io import Source, job_signature, open_input, open_sink, output_format, plane_indices
+from .memory import fit_tile
 from .model import receptive_field, weights_digest
 from .normalize import Normalizer
 from .options import RestoreOptions
@@ -256,9 +258,19 @@ def prepare(data, model="denoise", *, axes=None, series=None, level=0, options: 
         raise ValueError(f"the tiled engine runs single-channel models (each channel separately); this model "
                          f"takes {net.config.in_channels} channels")
     src = open_input(data, axes=axes, series=series, level=level)
+    auto = opts.tile == "auto"
     opts = opts.resolved(receptive_field(net), default_tile(net.config, dev, opts.memory_budget, src.plane_shape))
     norm = Normalizer.for_data(src.array, policy)
-    return Job(src, Runner.for_options(net, dev, opts), norm, opts, info)
+    runner = Runner.for_options(net, dev, opts)
+    # Memory up front: an explicit tile (and batch) that cannot fit is refused naming what fits; an
+    # automatic one is made to fit.
+    plane = (src.plane_shape[0] * opts.scale, src.plane_shape[1] * opts.scale)
+    batch = None if opts.batch_size == "auto" else opts.batch_size
+    tile = fit_tile(net.config, plane, opts.tile, opts.halo, batch=batch, backend=runner.backend, device=dev,
+                    ensemble=opts.ensemble, auto=auto, min_tile=2 * opts.halo if opts.blend is not None else 16)
+    if tile != opts.tile:
+        opts = dataclasses.replace(opts, tile=tile)
+    return Job(src, runner, norm, opts, info)
 
 
 def resolve_batch(job: Job) -> int:
@@ -266,7 +278,8 @@ def resolve_batch(job: Job) -> int:
     o = job.options
     if o.batch_size != "auto":
         return o.batch_size
-    return auto_batch(job.runner.model, job.plan.window_shape, job.runner.device, o.memory_budget)
+    return auto_batch(job.runner.model, job.plan.window_shape, job.runner.device, o.memory_budget,
+                      backend=job.runner.backend, ensemble=o.ensemble)
 
 
 def rows_per_group(job: Job, batch_size: int) -> int:
