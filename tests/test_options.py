@@ -48,3 +48,12 @@ def test_zarr_only_options_with_a_tiff_output_are_refused(option, value, cli, ti
     assert not (tmp_path / "o.tif").exists()
     rc, err = restore_cli([src, "-o", tmp_path / "o.zarr", "--model", micro_file, *cli])  # what they are for
     assert rc == 0, err
+
+
+def test_save_image_checks_overwrite_strictly(tmp_path):
+    out = tmp_path / "o.tif"
+    memnet.save_image(np.zeros((20, 20), np.uint8), out)
+    before = out.read_bytes()
+    with pytest.raises(TypeError, match="^overwrite must be True or False, got 'no'$"):
+        memnet.save_image(np.ones((20, 20), np.uint8), out, overwrite="no")
+    assert out.read_bytes() == before

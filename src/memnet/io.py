@@ -23,7 +23,7 @@ from .ngff import (
     validate,
     zarr_format,
 )
-from .options import RestoreOptions
+from .options import RestoreOptions, check_bool
 from .outputs import OutputLock, check_output_path, read_markers, remove_tree, sidecar, write_marker
 
 __all__ = ["Source", "open_input", "save_image", "normalize_axes", "axes_from_labels", "open_sink", "ZarrSink",
@@ -841,6 +841,7 @@ def save_image(data, path, *, axes: str | None = None, scale: dict | None = None
     default). Marked complete only at the end."""
     from .tiling import TilePlan
 
+    overwrite = check_bool("overwrite", overwrite)
     tile = 256 if tile in (None, "auto") else tile  # no model here to size tiles from
     src = open_input(data, axes=axes)
     yi, xi = src.axes.index("Y"), src.axes.index("X")
