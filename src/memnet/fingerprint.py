@@ -11,7 +11,8 @@ import numpy as np
 __all__ = ["content_fingerprint"]
 
 
-def content_fingerprint(array, axes: str, planes: int = 16, grid: int = 4, size: int = 64) -> str:
+def content_fingerprint(array, axes: str, planes: int = 16, grid: int = 4, size: int = 64,
+                        where: str = "the input array") -> str:
     """SHA-256 (hex, 16 digits) of the shape, dtype, axes and a fixed sample of the pixels: ``planes``
     planes spread evenly over the stack, and in each a ``grid`` × ``grid`` pattern of ``size``² windows
     (one centred in each cell). The same sample every time, about 1 MB of reads for a 100 GB stack.
@@ -41,5 +42,10 @@ def content_fingerprint(array, axes: str, planes: int = 16, grid: int = 4, size:
                 it = iter(int(i) for i in lead)
                 idx = tuple(slice(y0, y1) if d == yi else slice(x0, x1) if d == xi else next(it)
                             for d in range(len(shape)))
-                h.update(np.ascontiguousarray(np.asarray(array[idx])).tobytes())
+                try:
+                    block = np.asarray(array[idx])
+                except Exception as e:  # e.g. a truncated file: named as a tile read names it
+                    raise OSError(f"{where}: cannot read plane {tuple(int(i) for i in lead)}, rows {y0}:{y1}, columns "
+                                  f"{x0}:{x1} ({type(e).__name__}: {e}); the file may be truncated or corrupt") from e
+                h.update(np.ascontiguousarray(block).tobytes())
     return h.hexdigest()[:16]

@@ -233,7 +233,9 @@ class Job:
         return job_signature(
             input=str(self.source.path.resolve()) if self.source.path else None,
             shape=self.source.shape, dtype=str(self.source.dtype), axes=self.source.axes,
-            **({"input_sha256": content_fingerprint(self.source.array, self.source.axes)} if fingerprint else {}),
+            **({"input_sha256": content_fingerprint(self.source.array, self.source.axes,
+                                                    where=str(self.source.path or "the input array"))}
+               if fingerprint else {}),
             model=str(self.info.path.name) if self.info else "module", model_sha256=self.model_digest(),
             rows_per_group=rows_per_group, norm=self.norm.as_dict(),
             **({"series": self.source.series} if self.source.series else {}),
