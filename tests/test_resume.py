@@ -102,8 +102,8 @@ def test_resume_on_a_read_only_mount(natural_file, tmp_path, rng, monkeypatch, r
 
     from memnet.outputs import OutputLock
 
-    def refuse(self):
-        raise PermissionError(errno.EROFS, "Read-only file system", str(self.path.parent))
+    def refuse(self):  # what mkdir/open raise on a read-only mount
+        raise OSError(errno.EROFS, "Read-only file system", str(self.path.parent))
 
     monkeypatch.setattr(OutputLock, "acquire", refuse)
     # A complete output needs nothing: resumed without writing, exit 0, its result returned.

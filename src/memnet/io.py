@@ -3,6 +3,7 @@ create outputs (Zarr / OME-Zarr, tiled TIFF) without assembling anything in RAM.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import dataclass, field
@@ -523,7 +524,9 @@ class ZarrSink:
         check_output_path(path, [src.path] if src is not None else [])
         try:
             lock = OutputLock(path).acquire()
-        except PermissionError as e:  # a read-only folder or mount (EROFS is a PermissionError too)
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):  # not a read-only mount or folder
+                raise
             lock = _read_only_lock(path, e)
         try:
             try:
