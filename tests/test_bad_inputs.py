@@ -278,3 +278,23 @@ def test_readers_round_trip_random_valid_files(tmp_path_factory, shape, dtype, f
     assert src.shape == x.shape and src.dtype == x.dtype
     np.testing.assert_array_equal(np.asarray(src.array[...]), x)
     src.close()
+
+
+@pytest.mark.parametrize("dtype", ["int32", "uint8", "float32", "bfloat16", "float16"])
+def test_a_torch_tensor_is_restored_like_its_numpy_array(dtype, tiny_model, rng, tmp_path):
+    """Issue #32, item 7: a tensor (any device) is taken as the numpy array it holds, on the CPU."""
+    import torch
+
+    x = (rng.random((2, 40, 40)) * 100).astype(np.float32)
+    t = torch.from_numpy(x).to(getattr(torch, dtype))
+    expected = memnet.restore(t.float().numpy() if dtype == "bfloat16" else t.numpy(), tiny_model, axes="ZYX",
+                              tile=32, device="cpu")
+    got = memnet.restore(t, tiny_model, axes="ZYX", tile=32, device="cpu")
+    assert isinstance(got, np.ndarray) and got.dtype == expected.dtype
+    np.testing.assert_array_equal(got, expected)
+    out = tmp_path / "o.zarr"
+    memnet.restore(t.requires_grad_(True) if t.is_floating_point() else t, tiny_model, axes="ZYX", tile=32,
+                   device="cpu", output=out)
+    np.testing.assert_array_equal(memnet.open_input(out).array[:], expected)
+    with pytest.raises(TypeError, match="boolean"):
+        memnet.restore(torch.zeros(20, 20, dtype=torch.bool), tiny_model, device="cpu")

@@ -228,5 +228,5 @@ def test_self_ensemble_super_resolution_is_exact(tiny_model, rng):
 
 
 def test_ensemble_must_be_a_bool(tiny_model, rng):
-    with pytest.raises(ValueError, match="ensemble must be True or False"):
+    with pytest.raises(TypeError, match="ensemble must be True or False"):
         memnet.restore(rng.random((20, 20), dtype=np.float32), tiny_model, device="cpu", ensemble="yes")

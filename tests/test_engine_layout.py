@@ -142,8 +142,8 @@ def test_each_training_default_has_one_home():
 
 # The floors of memnet, bottom up: a module imports only from its own floor or the floors below.
 FLOORS = [
-    {"runtime", "options", "train_options", "normalize", "outputs", "tiling", "ngff", "metrics", "resample",
-     "_cli_types"},  # standard library, numpy
+    {"runtime", "options", "train_options", "dtypes", "normalize", "outputs", "tiling", "ngff", "metrics",
+     "resample", "fingerprint", "_cli_types"},  # standard library, numpy
     {"model", "degrade", "io", "zoo"},  # the network, synthetic degradations, files and weights
     {"inference", "graphs", "evaluate", "memory"},  # the network's inference form, exports' graphs, scores
     {"runner", "kernel"},  # a restore job

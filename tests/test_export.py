@@ -148,3 +148,28 @@ def test_bioimageio_export_without_the_spec_says_what_to_install(micro_file, tmp
     assert main(["export", str(micro_file), "--format", "bioimageio", "-o", str(tmp_path / "t.onnx")]) == 2
     assert "a bioimage.io package is a .zip file" in capsys.readouterr().err
     assert not list(tmp_path.glob("*t*partial*"))
+
+
+@pytest.mark.parametrize("fmt, name, message", [
+    ("torchscript", "x.onnx", "--format torchscript writes torchscript, but x.onnx is named like onnx: name it e.g. "
+                              "x.pt, or pass --format onnx"),
+    ("onnx", "x.pt", "--format onnx writes onnx, but x.pt is named like torchscript: name it e.g. x.onnx, or pass "
+                     "--format torchscript"),
+    ("onnx", "x.bin", "--format onnx writes onnx, but x.bin has no onnx suffix: name it e.g. x.onnx"),
+    ("bioimageio", "x.onnx", "a bioimage.io package is a .zip file: name the output e.g. x.zip"),
+])
+def test_export_format_and_suffix_must_agree(fmt, name, message, micro_file, tmp_path, capsys):
+    """Issue #32, item 11: a file never holds another format than its name says."""
+    out = tmp_path / name
+    assert main(["export", str(micro_file), "-o", str(out), "--format", fmt]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == [micro_file]
+
+
+def test_export_format_follows_the_suffix_when_not_given(micro_file, tmp_path, capsys):
+    out = tmp_path / "x.pt"
+    assert main(["export", str(micro_file), "-o", str(out)]) == 0
+    assert torch.jit.load(str(out)) is not None  # TorchScript, as the name says
+    assert main(["export", str(micro_file), "-o", str(tmp_path / "x.bin")]) == 2
+    assert "cannot tell the export format from 'x.bin'" in capsys.readouterr().err

@@ -212,13 +212,37 @@ def test_cancel_checkpoints_and_resume_continues_and_only_the_end_publishes(base
     assert [h[0] for h in ft["history"]] == [10.0, 20.0, 30.0]
 
 
-def test_resume_without_a_checkpoint_never_overwrites_a_model(base_model, rng, tiny_model, _isolated_user_models):
-    memnet.save_model(tiny_model, _isolated_user_models / "mine.safetensors", name="mine", task="microscopy")
+def test_resume_without_a_checkpoint_is_an_error_and_never_overwrites_a_model(base_model, rng, tiny_model,
+                                                                              _isolated_user_models, tmp_path, capsys):
+    """Issue #32, item 10: `finetune --resume` with nothing to resume never starts from scratch silently."""
+    mine = _isolated_user_models / "mine.safetensors"
+    memnet.save_model(tiny_model, mine, name="mine", task="microscopy")
+    before = mine.read_bytes()
     logs = []
-    with pytest.raises(FileExistsError, match="'mine' already exists"):
+    with pytest.raises(FileNotFoundError, match="nothing to resume for 'mine': no interrupted fine-tune of that name "
+                                                ".*run again without --resume to start one"):
         finetune(FinetuneConfig(model=base_model, mode="n2v", name="mine", steps=2, patch=24, device="cpu"),
                  _scene(rng), resume=True, log=logs.append)
-    assert logs == ["nothing to resume for 'mine': starting from base-micro"]
+    assert logs == [] and mine.read_bytes() == before
+    data = tmp_path / "n.tif"
+    tifffile.imwrite(data, (_scene(rng) * 3000).astype(np.uint16))
+    rc = main(["finetune", "--model", str(base_model), "--mode", "n2v", "--data", str(data), "-o", "fresh",
+               "--steps", "2", "--device", "cpu", "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nothing to resume for 'fresh'" in err and len(err.strip().splitlines()) == 1
+    assert not (_isolated_user_models / "fresh.safetensors").exists()
+
+
+@pytest.mark.parametrize("mode", ["n2v", "nbr2nbr", "adjacent"])
+def test_finetune_on_a_constant_image_says_so(mode, base_model, tmp_path, capsys):
+    """Issue #32, item 10: not blamed on correlated noise."""
+    data = tmp_path / "flat.tif"
+    tifffile.imwrite(data, np.full((3, 96, 96), 700, np.uint16), imagej=True, metadata={"axes": "ZYX"})
+    rc = main(["finetune", "--model", str(base_model), "--mode", mode, "--data", str(data), "-o", "flat",
+               "--steps", "2", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "the images to fine-tune on are constant" in err and "correlated" not in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_early_stopping_ends_a_run_that_stopped_improving(base_model, rng):

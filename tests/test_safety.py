@@ -160,25 +160,39 @@ def _slow_run(src, out, model, *extra):
 
 
 @pytest.mark.parametrize("suffix, extra", [(".tif", []), (".zarr", ["--overwrite"])])
-@pytest.mark.slow
 def test_two_concurrent_runs_one_output(suffix, extra, micro_file, tmp_path, rng):
-    import time
+    """The first run is held mid-run by the test (its progress callback waits on an event) while the
+    second is started and refused: the order of events does not depend on how fast either runs."""
+    import threading
 
-    from memnet.outputs import sidecar
-
-    x = (rng.random((40, 256, 256)) * 3000).astype(np.uint16)
+    x = (rng.random((3, 64, 64)) * 3000).astype(np.uint16)
     src = tmp_path / "in.tif"
     tifffile.imwrite(src, x, imagej=True, metadata={"axes": "ZYX"})
     out = tmp_path / f"o{suffix}"
-    first = _slow_run(src, out, micro_file)
-    t0 = time.monotonic()
-    while not (sidecar(out) / "lock").exists() and first.poll() is None and time.monotonic() - t0 < 60:
-        time.sleep(0.01)
-    second = _slow_run(src, out, micro_file, *extra)
-    rc = second.wait(120)
-    assert first.poll() is None, "the first run ended before the second was refused: make the image larger"
-    assert rc == 2 and "being written by another run" in second.stderr.read()
-    assert first.wait(300) == 0, first.stderr.read()
+    holding, release, failed = threading.Event(), threading.Event(), []
+
+    def hold(p):  # after the first batch: the output is open and locked
+        holding.set()
+        assert release.wait(300), "the test never released the first run"
+
+    def first_run():
+        try:
+            memnet.restore(src, micro_file, output=out, tile=32, batch_size=1, device="cpu", progress=hold)
+        except BaseException as e:
+            failed.append(e)
+            holding.set()
+
+    first = threading.Thread(target=first_run)
+    first.start()
+    try:
+        assert holding.wait(300) and not failed, failed
+        second = _slow_run(src, out, micro_file, *extra)
+        rc = second.wait(300)
+        assert rc == 2 and "being written by another run" in second.stderr.read()
+    finally:
+        release.set()
+        first.join(300)
+    assert not failed, failed
     expected = memnet.restore(x, micro_file, tile=32, device="cpu")
     got = tifffile.imread(out) if suffix == ".tif" else zarr.open_group(str(out), mode="r")["0"][:]
     # Readable and complete, not a mix of two runs (1 count: float rounding of other batch shapes/threads).
@@ -206,23 +220,42 @@ def test_a_failed_overwrite_keeps_the_old_output(micro_file, tmp_path, rng):
                                   memnet.restore(x + 7, micro_file, tile=32, device="cpu"))
 
 
+# A `memnet restore` that stops after its first batch (output open and locked) until it gets a signal,
+# after creating the file argv[1]: the test knows it is mid-run without guessing how long a run takes.
+_HELD_RUN = """
+import sys, time
+from pathlib import Path
+import memnet.kernel
+from memnet.cli import main
+add = memnet.kernel.ProgressTally.add
+def held(self, tiles):
+    add(self, tiles)
+    Path(sys.argv[1]).touch()
+    time.sleep(600)
+memnet.kernel.ProgressTally.add = held
+sys.exit(main(["restore", *sys.argv[2:]]))
+"""
+
+
 @pytest.mark.parametrize("suffix", [".tif", ".zarr"])
 def test_sigterm_mid_run_cleans_up_like_ctrl_c(suffix, micro_file, tmp_path, rng):
+    import os
     import signal
     import time
 
     from memnet.outputs import sidecar
 
     src = tmp_path / "in.tif"
-    # long enough that the signal lands mid-run (the ONNX Runtime backend restores 20 planes of this in < 1 s)
-    tifffile.imwrite(src, (rng.random((200, 128, 128)) * 3000).astype(np.uint16), imagej=True,
-                     metadata={"axes": "ZYX"})
-    out = tmp_path / f"o{suffix}"
-    proc = _slow_run(src, out, micro_file)
+    tifffile.imwrite(src, (rng.random((3, 64, 64)) * 3000).astype(np.uint16), imagej=True, metadata={"axes": "ZYX"})
+    out, held = tmp_path / f"o{suffix}", tmp_path / "held"
+    proc = subprocess.Popen([sys.executable, "-c", _HELD_RUN, str(held), str(src), "-o", str(out), "--model",
+                             str(micro_file), "--tile", "32", "--batch-size", "1", "--device", "cpu", "-q"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     t0 = time.monotonic()
-    while not (sidecar(out) / "lock").exists() and time.monotonic() - t0 < 60:
+    while not held.exists() and proc.poll() is None and time.monotonic() - t0 < 300:  # a hang guard only
         time.sleep(0.01)
-    time.sleep(0.5)
+    assert held.exists(), proc.communicate()[1]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 143
     err = proc.stderr.read()

@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 
 import memnet
@@ -75,7 +76,7 @@ def test_task_without_a_model_names_what_is_installed(tiny_model, _isolated_user
     from memnet import zoo
 
     mine = _save(tiny_model, _isolated_user_models / "j.safetensors", name="my-jpeg", task="jpeg")
-    monkeypatch.setattr(zoo, "list_models", lambda: [mine])  # whatever ships, no denoise model here
+    monkeypatch.setattr(zoo, "_scan_all", lambda: ([mine], []))  # whatever ships, no denoise model here
     with pytest.raises(LookupError, match=r"task 'denoise'.*microscopy.*installed models: my-jpeg \(jpeg\)"):
         memnet.load_model("denoise")
 
@@ -205,14 +206,15 @@ def _rewrite(tiny_model, path, config=None, tensors=None):
 @pytest.mark.parametrize("config, what", [({"blocks": 100000}, "blocks=100000"),
                                           ({"channels": 200000}, "channels=200000"),
                                           ({"recursions": "6"}, "recursions='6'")])
-def test_a_metadata_bomb_is_refused_before_anything_is_built(tiny_model, tmp_path, config, what):
-    import time
-
+def test_a_metadata_bomb_is_refused_before_anything_is_built(tiny_model, tmp_path, config, what, monkeypatch):
     p = _rewrite(tiny_model, tmp_path / "bomb.safetensors", config)
-    t0 = time.perf_counter()
+
+    def never(*a, **k):
+        raise AssertionError("a model was built from a metadata bomb")
+
+    monkeypatch.setattr(memnet.model.MemNet, "__init__", never)  # refused from the header, nothing built
     with pytest.raises(ModelFileError, match=f"bomb.safetensors: metadata claims {re.escape(what)}"):
         memnet.load_model(p)
-    assert time.perf_counter() - t0 < 5  # refused from the header, not after building 100,000 blocks
     from memnet.zoo import load_model_bytes
 
     with pytest.raises(ModelFileError, match="model bytes: metadata claims"):
@@ -292,3 +294,74 @@ def test_bad_intensity_policy_in_metadata_names_the_file(tiny_model, tmp_path, p
               metadata={"memnet": json.dumps(meta)})
     with pytest.raises(ModelFileError, match=f"policy.safetensors: metadata .*{re.escape(what)}"):
         memnet.load_model(p)
+
+
+# --- model names (issue #32, item 4): task and shipped names reserved, duplicates named, paths only as paths ---
+
+def test_a_reserved_name_is_refused_for_a_new_user_model(tiny_model, _isolated_user_models, tmp_path, capsys):
+    from memnet.cli import main
+    from memnet.finetune import FinetuneConfig, finetune
+
+    shipped = next(m.name for m in memnet.list_models() if m.source == "shipped")
+    for name, what in (("microscopy", "a task name"), (shipped, "the name of a shipped model")):
+        with pytest.raises(ValueError, match=f"'{name}' is {what}, reserved .* e.g. '{name}-1'"):
+            memnet.save_model(tiny_model, _isolated_user_models / "x.safetensors", name=name, task="microscopy")
+        with pytest.raises(ValueError, match=f"'{name}' is {what}"):
+            finetune(FinetuneConfig(model="microscopy", mode="n2v", name=name, steps=2), np.zeros((64, 64)))
+    assert not _isolated_user_models.exists() or not list(_isolated_user_models.iterdir())
+    data = tmp_path / "n.tif"
+    tifffile.imwrite(data, np.zeros((64, 64), np.uint16))
+    rc = main(["finetune", "--model", "microscopy", "--mode", "n2v", "--data", str(data), "-o", "microscopy",
+               "--steps", "2", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "'microscopy' is a task name, reserved for the shipped models" in err
+    memnet.save_model(tiny_model, tmp_path / "elsewhere.safetensors", name="microscopy", task="microscopy")  # a path
+
+
+def test_a_user_file_declaring_a_reserved_name_is_shown_ignored_never_chosen(tiny_model, _isolated_user_models,
+                                                                             tmp_path, capsys):
+    from memnet.cli import main
+
+    shipped = {m.name: m for m in memnet.list_models() if m.source == "shipped"}
+    _isolated_user_models.mkdir()
+    for name in ("microscopy", "microscopy-M4R4C32"):  # copied in by hand, bypassing save_model's check
+        p = tmp_path / f"{name}.safetensors"
+        memnet.save_model(tiny_model, p, name=name, task="microscopy", metadata={"rank": 99})
+        p.rename(_isolated_user_models / f"hand-{name}.safetensors")
+    with pytest.warns(UserWarning, match="hand-microscopy.safetensors is ignored .*'microscopy' is a task name"):
+        names = [m.name for m in memnet.list_models()]
+    assert names.count("microscopy-M4R4C32") == (1 if "microscopy-M4R4C32" in shipped else 0)
+    assert "microscopy" not in names
+    _, info = memnet.load_model("microscopy")
+    assert info.source == "shipped"  # the task picks the shipped model, despite the user file's rank 99
+    if "microscopy-M4R4C32" in shipped:
+        assert memnet.load_model("microscopy-M4R4C32")[1].source == "shipped"
+    assert main(["models"]) == 0
+    out, err = capsys.readouterr()
+    assert "user, ignored" in out and "microscopy -> microscopy-M4R4C32" in out and "(user)" not in out
+    assert "warning: user model file" in err and "hand-microscopy.safetensors" in err
+
+
+def test_two_user_files_with_one_name_are_an_error_naming_both(tiny_model, _isolated_user_models, capsys):
+    from memnet.cli import main
+
+    for f in ("a.safetensors", "b.safetensors"):
+        _save(tiny_model, _isolated_user_models / f, name="lab", task="microscopy")
+    with pytest.raises(LookupError, match=r"two user model files declare the name 'lab': .*a.safetensors and "
+                                          r".*b.safetensors; rename or remove one"):
+        memnet.load_model("lab")
+    assert memnet.load_model(_isolated_user_models / "b.safetensors")[1].path.name == "b.safetensors"  # by path
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("user, ambiguous") == 2
+
+
+def test_a_folder_named_like_a_model_does_not_hijack_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "microscopy").mkdir()
+    (tmp_path / "nope").mkdir()
+    assert memnet.load_model("microscopy")[1].source == "shipped"
+    with pytest.raises(LookupError, match=r"unknown model 'nope'.*\('nope' here is not a model file: pass ./nope"):
+        memnet.load_model("nope")
+    with pytest.raises(ModelFileError, match="microscopy: a folder, not a .safetensors model file"):
+        memnet.load_model("./microscopy")  # a path is a path

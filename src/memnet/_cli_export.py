@@ -8,13 +8,14 @@ from . import _cli_types as T
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_model
+    from .export import export_model, format_for
 
+    fmt = args.format or format_for(args.output)
     try:
-        path = export_model(args.model, args.output, args.format, scale=args.scale, overwrite=args.overwrite,
+        path = export_model(args.model, args.output, fmt, scale=args.scale, overwrite=args.overwrite,
                             sample=args.sample)
     except ModuleNotFoundError as e:
-        raise LookupError(f"--format {args.format} needs the {e.name!r} package: pip install "
+        raise LookupError(f"--format {fmt} needs the {e.name!r} package: pip install "
                           "'napari-memnet[export]'") from e
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0
@@ -33,7 +34,8 @@ def register(sub) -> None:
                        "bicubic pre-upsampling (--scale).")
     e.add_argument("model", help="task, model name (see `memnet models`) or .safetensors path")
     e.add_argument("-o", "--output", required=True, help="output file (.onnx, .pt, or .zip for bioimageio)")
-    e.add_argument("--format", choices=FORMATS, default="onnx", help="[onnx]")
+    e.add_argument("--format", choices=FORMATS, default=None,
+                   help="[from the output's suffix: .onnx, .pt/.ts (torchscript), .zip (bioimageio)]")
     e.add_argument("--sample", default=None, help="bioimageio: an image (TIFF/Zarr; a stack's middle plane) for the "
                    "package's test tensors and cover [a synthetic image of the model's task]")
     e.add_argument("--scale", type=T.sr_scale, default=None, help="super-resolution factor to build in (2, 3 or 4)")

@@ -68,12 +68,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     bar = None if args.quiet else ProgressBar()
     t0 = time.perf_counter()
-    options = RestoreOptions(**{f: getattr(args, f) for f in _OPTIONS})
+    options = RestoreOptions(**{f: getattr(args, f) for f in _OPTIONS if f not in _ZARR_ONLY})
+    zarr_only = {f: getattr(args, f) for f in _ZARR_ONLY if getattr(args, f) is not None}  # only when given
     previous = _on_sigterm()
     try:
         restore(args.input, args.model, output=args.output, axes=args.axes, series=args.series, level=args.level,
-                options=options, progress=bar, overwrite=args.overwrite, resume=args.resume, workers=args.workers,
-                scheduler=args.scheduler)
+                options=options, **zarr_only, progress=bar, overwrite=args.overwrite, resume=args.resume,
+                workers=args.workers, scheduler=args.scheduler)
     except Cancelled:
         if bar is not None:
             bar.end_line()
@@ -101,6 +102,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 # The RestoreOptions fields set on the command line (the others keep their defaults).
 _OPTIONS = ("tile", "halo", "blend", "scale", "amp", "ensemble", "device", "batch_size", "backend", "ome_zarr_version",
             "pyramid")
+_ZARR_ONLY = ("ome_zarr_version", "pyramid")  # refused with a TIFF output when given, so None by default
 _D = RestoreOptions()  # the defaults, shown in --help
 
 
@@ -140,10 +142,10 @@ def register(sub) -> None:
     p.add_argument("--ensemble", action="store_true", default=_D.ensemble,
                    help="self-ensemble: average over the 8 flips/rotations of each tile (8x slower, a little "
                    "better; exact mode stays exact)")
-    p.add_argument("--ome-zarr-version", choices=OME_ZARR_VERSIONS, default=_D.ome_zarr_version,
+    p.add_argument("--ome-zarr-version", choices=OME_ZARR_VERSIONS, default=None,
                    help=f"OME-Zarr version of a .zarr output: 0.5 (Zarr v3) or 0.4 (Zarr v2, for older readers) "
                    f"[{_D.ome_zarr_version}]")
-    p.add_argument("--pyramid", type=T.count(0, "a size in pixels"), default=_D.pyramid,
+    p.add_argument("--pyramid", type=T.count(0, "a size in pixels"), default=None,
                    help="a .zarr output's resolution pyramid: levels halving Y and X (2x2 means), written while "
                    f"restoring, until one fits in PX x PX; 0: level 0 only [{_D.pyramid}]", metavar="PX")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")

@@ -23,7 +23,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .zoo import TASKS, describe, find_model, list_models, user_model_dir
+    from .zoo import TASKS, describe, find_model, list_models, unusable_models, user_model_dir
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -33,11 +33,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not models:
         print("no models installed (shipped weights missing?); user models go to", user_model_dir())
         return 0
-    print(_table([describe(m) for m in models]))
+    shadowed = [{**describe(m), "source": f"user, {why.split(' (')[0]}"} for m, why in unusable_models()]
+    print(_table([describe(m) for m in models] + shadowed))
     defaults = []
     for task in TASKS:
         try:
-            defaults.append(f"{task} -> {find_model(task).name}")
+            m = find_model(task)
+            defaults.append(f"{task} -> {m.name}" + (f" ({m.source})" if m.source != "shipped" else ""))
         except LookupError:
             defaults.append(f"{task} -> (none)")
     print("\ntask names pick: " + ", ".join(defaults))

@@ -18,7 +18,7 @@ from .io import recorded_job
 from .kernel import Job, Progress, prepare, upscaled_geometry, zarr_target
 from .lazy import restore_lazy
 from .local import run_local
-from .options import RestoreOptions
+from .options import RestoreOptions, check_bool
 from .runner import Runner
 from .runtime import Cancelled, available_devices, resolve_device
 
@@ -71,7 +71,16 @@ def restore(data, model="denoise", *, output=None, axes=None, series=None, level
 
     Returns a numpy array, the opened zarr array (``.zarr`` output) or the path (``.tif`` output).
     """
+    overwrite, resume, lazy = (check_bool(n, v) for n, v in (("overwrite", overwrite), ("resume", resume),
+                                                               ("lazy", lazy)))
     opts = RestoreOptions.build(options, "restore", **option_kw)
+    if zarr_target(output) is None:  # a TIFF or in-memory result has no pyramid and no OME-Zarr version
+        asked = [k for k in ("pyramid", "ome_zarr_version") if k in option_kw
+                 or (options is not None and getattr(options, k) != getattr(RestoreOptions, k))]
+        if asked:
+            what = " and ".join(f"{k} (--{k.replace('_', '-')})" for k in asked)
+            raise ValueError(f"{what} {'apply' if len(asked) > 1 else 'applies'} to a .zarr output only, not to "
+                             f"{'an in-memory result' if output is None else output}: drop it or write a .zarr output")
     if resume and opts.tile == "auto" and zarr_target(output) is not None:
         rec = recorded_job(output)  # resume the tiling the run started with (auto may differ on this device)
         if rec is not None and isinstance(rec[1].get("tile"), int):

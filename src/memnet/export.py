@@ -17,9 +17,32 @@ from .graphs import card, graph_module, write_graph
 from .outputs import check_output_path
 from .zoo import load_model
 
-__all__ = ["export_model", "FORMATS"]
+__all__ = ["export_model", "format_for", "FORMATS", "SUFFIXES"]
 
 FORMATS = ("onnx", "torchscript", "bioimageio")
+SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".ts"), "bioimageio": (".zip",)}  # the first: the usual one
+
+
+def format_for(output: str | Path) -> str:
+    """The export format an output file's name asks for (its suffix)."""
+    suffix = Path(output).suffix.lower()
+    for fmt, sfx in SUFFIXES.items():
+        if suffix in sfx:
+            return fmt
+    raise ValueError(f"cannot tell the export format from {Path(output).name!r}: name it .onnx, .pt or .zip "
+                     "(bioimage.io), or pass --format")
+
+
+def _check_suffix(out: Path, fmt: str) -> None:
+    if out.suffix.lower() in SUFFIXES[fmt]:
+        return
+    usual = out.with_suffix(SUFFIXES[fmt][0]).name
+    if fmt == "bioimageio":
+        raise ValueError(f"a bioimage.io package is a .zip file: name the output e.g. {usual}")
+    other = next((f for f, sfx in SUFFIXES.items() if out.suffix.lower() in sfx), None)
+    mismatch = f"{out.name} is named like {other}" if other else f"{out.name} has no {fmt} suffix"
+    raise ValueError(f"--format {fmt} writes {fmt}, but {mismatch}: name it e.g. {usual}"
+                     + (f", or pass --format {other}" if other else ""))
 
 
 def export_model(model: str | Path, output: str | Path, fmt: str = "onnx", scale: int | None = None,
@@ -28,12 +51,11 @@ def export_model(model: str | Path, output: str | Path, fmt: str = "onnx", scale
     bioimage.io package (.zip; ``sample``: an optional 2-D image for its test tensors and cover)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    out = Path(output)
+    _check_suffix(out, fmt)  # a file's name says what it holds
     net, info = load_model(model, device="cpu")
     net.eval()
     module = graph_module(net, info, scale)
-    out = Path(output)
-    if fmt == "bioimageio" and out.suffix.lower() != ".zip":
-        raise ValueError(f"a bioimage.io package is a .zip file: name the output e.g. {out.stem}.zip")
     if sample is not None and fmt != "bioimageio":
         raise ValueError("a sample image is for --format bioimageio (its test tensors and cover)")
     check_output_path(out, [info.path] if info.path else [])

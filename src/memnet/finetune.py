@@ -33,7 +33,7 @@ from .normalize import Intensity
 from .outputs import check_output_path
 from .runtime import Cancelled, resolve_device
 from .trainset import PatchSampler, list_files
-from .zoo import load_model, save_model, user_model_dir
+from .zoo import check_user_model_name, load_model, save_model, user_model_dir
 
 __all__ = ["FinetuneConfig", "FinetuneProgress", "finetune", "MODES", "fit_noise_model", "NotImproved",
            "NoiseCorrelated"]
@@ -180,6 +180,7 @@ def _check(cfg: FinetuneConfig, mode: Mode, target, noisy2) -> None:
         raise ValueError(f"mode {mode.name!r} does not use a second acquisition (--data2): that is mode 'n2n'")
     if not cfg.name or any(c in cfg.name for c in "/\\:"):
         raise ValueError(f"invalid model name {cfg.name!r}: use letters, digits, '-' or '_'")
+    check_user_model_name(cfg.name)  # task and shipped names are reserved
     if cfg.minutes is None and cfg.steps is None:
         raise ValueError("a fine-tune needs a time budget (minutes) or a number of steps")
     if cfg.minutes is not None and not cfg.minutes > 0:
@@ -193,8 +194,11 @@ def _check(cfg: FinetuneConfig, mode: Mode, target, noisy2) -> None:
 def _items(cfg, mode: Mode, ctx: _Context, policy, noisy, target, noisy2) -> tuple[list, dict]:
     """Training items of the mode, and what goes into the model's record about them."""
     if mode.stack_pairs:
-        return _planes(noisy, cfg.axes, cfg.max_planes, policy, cfg.include, neighbours=True), ctx.record
+        pairs = _planes(noisy, cfg.axes, cfg.max_planes, policy, cfg.include, neighbours=True)
+        _check_not_constant([p for pair in pairs for p in pair])
+        return pairs, ctx.record
     planes = _planes(noisy, cfg.axes, cfg.max_planes, policy, cfg.include)
+    _check_not_constant(planes)
     if mode.pixel_independent and cfg.noise_check:
         _noise_check(ctx, planes, mode)
     second = target if mode.takes_target else noisy2 if mode.needs == "noisy2" else None
@@ -205,6 +209,14 @@ def _items(cfg, mode: Mode, ctx: _Context, policy, noisy, target, noisy2) -> tup
         raise ValueError(f"the {mode.name} data do not match the noisy data plane for plane "
                          f"({len(planes)} planes of {planes[0].shape} vs {len(others)} of {others[0].shape})")
     return mode.items(planes, others, ctx), ctx.record
+
+
+def _check_not_constant(planes: list[np.ndarray]) -> None:
+    """Constant data hold neither signal nor noise: say so, before any check blames the noise."""
+    if all(float(p.max()) == float(p.min()) for p in planes):
+        raise ValueError("the images to fine-tune on are constant (every pixel of every sampled plane has the same "
+                         "value): there is nothing to learn from; check the data (a blank or saturated acquisition, "
+                         "the wrong channel or file?)")
 
 
 def _noise_check(ctx: _Context, planes: list[np.ndarray], mode: Mode, size: int = 512) -> None:
@@ -361,8 +373,9 @@ def _output(cfg: FinetuneConfig, data: tuple, resume: bool, log) -> tuple[Path, 
     check_output_path(out_path, [p for p in inputs if isinstance(p, (str, os.PathLike))])
     run = _RunFiles(user_model_dir() / ".runs" / cfg.name)
     resuming = resume and run.state.exists() and run.last.exists()
-    if resume and not resuming:
-        log(f"nothing to resume for {cfg.name!r}: starting from {cfg.model}")
+    if resume and not resuming:  # never a silent fresh start: the user expected to continue something
+        raise FileNotFoundError(f"nothing to resume for {cfg.name!r}: no interrupted fine-tune of that name in "
+                                f"{run.dir.parent}; run again without --resume to start one")
     if out_path.exists() and not (resuming or cfg.overwrite):
         raise FileExistsError(f"a user model named {cfg.name!r} already exists ({out_path}): choose another name, "
                               "or overwrite it explicitly")

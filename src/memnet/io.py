@@ -3,6 +3,7 @@ create outputs (Zarr / OME-Zarr, tiled TIFF) without assembling anything in RAM.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections import OrderedDict
@@ -26,7 +27,7 @@ from .ngff import (
     zarr_format,
 )
 from .normalize import sample_plan
-from .options import RestoreOptions
+from .options import RestoreOptions, check_bool
 from .outputs import OutputLock, check_output_path, read_markers, remove_tree, sidecar, write_marker
 
 __all__ = ["Source", "open_input", "save_image", "normalize_axes", "axes_from_labels", "open_sink", "ZarrSink",
@@ -332,6 +333,8 @@ def open_input(data, axes: str | None = None, series: int | None = None, level: 
             raise ValueError(f"cannot read {path.name!r}: expected a .tif/.tiff file or a .zarr directory")
         src.path = path
     else:
+        if type(data).__module__.split(".")[0] == "torch" and hasattr(data, "detach"):
+            data = _tensor_to_numpy(data)
         if not hasattr(data, "shape") or not hasattr(data, "dtype"):
             raise TypeError(f"expected a numpy/dask/zarr array or a path, got {type(data).__name__}")
         src = Source(array=data, axes="")
@@ -361,6 +364,17 @@ def open_input(data, axes: str | None = None, series: int | None = None, level: 
     if 0 in src.shape:
         raise ValueError(f"the input is empty (shape {src.shape})")
     return src
+
+
+def _tensor_to_numpy(t) -> np.ndarray:
+    """A torch tensor as a numpy array on the CPU (a copy from a GPU; bfloat16, which numpy lacks, as
+    float32): restoring reads it tile by tile like any other array."""
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.numpy()
 
 
 def _open_tiff(path: Path, index: int | None = None) -> Source:
@@ -651,16 +665,24 @@ class ZarrSink:
         interrupted overwrite resumes into its staging copy). Keys in ``ignore`` are not compared;
         a key of ``defaults`` missing from the stored record (an older version's) stands for its default."""
         check_output_path(path, [src.path] if src is not None else [])
-        lock = OutputLock(path).acquire()
+        try:
+            lock = OutputLock(path).acquire()
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):  # not a read-only mount or folder
+                raise
+            lock = _read_only_lock(path, e)
         try:
             try:
                 write_path, stored = recorded_job(path)
-                self = cls._existing(path, write_path, stored["axes"], "r+")
+                self = cls._existing(path, write_path, stored["axes"], "r" if lock.read_only else "r+")
             except Exception:
                 raise ValueError(f"cannot resume {path}: it is not an output of `memnet restore` "
                                  "(no job record); choose another output or pass --overwrite") from None
             then = {**(defaults or {}), **stored}
             diff = sorted(k for k in set(then) | set(job) if k not in ignore and then.get(k) != job.get(k))
+            if "input_sha256" in diff and then.get("shape") == job.get("shape"):
+                raise ValueError(f"cannot resume {path}: the input changed since the run started (same shape "
+                                 f"and dtype, other pixels): restore again with --overwrite (without --resume)")
             if diff:
                 detail = "; ".join(f"{k}: {then.get(k)!r} then, {job.get(k)!r} now" for k in diff[:4])
                 again = ("drop --resume to start over (with --overwrite)" if overwrite
@@ -674,6 +696,9 @@ class ZarrSink:
         self._open_levels(tracked=True)
         if self.complete:
             self.tracker.finish_all()
+        elif lock.read_only:
+            raise PermissionError(f"cannot resume {path}: {lock.why}; an unfinished output needs write access: "
+                                  "copy it to a writable place and resume there")
         return self
 
     @classmethod
@@ -745,6 +770,8 @@ class ZarrSink:
     def finish(self):
         import zarr
 
+        if self.lock is not None and self.lock.read_only:  # a complete output resumed: nothing to write
+            return self.array
         if self.tracker is not None and not self.tracker.complete:
             self.abort()
             raise RuntimeError(f"{self.path}: not every pyramid level was written; left marked incomplete "
@@ -770,6 +797,26 @@ class ZarrSink:
     def abort(self) -> None:
         _settle_zarr()
         self.lock.release()  # "complete" stays false: a reader (and --resume) can tell
+
+
+class _ReadOnly:
+    """Stands for the lock of a complete output on a read-only mount: resuming it writes nothing."""
+
+    read_only = True
+
+    def __init__(self, why: str):
+        self.why = why
+
+    def release(self) -> None:
+        pass
+
+
+def _read_only_lock(path: Path, e: OSError) -> _ReadOnly:
+    rec = recorded_job(path)
+    why = f"its folder is read-only ({e.strerror or e})"
+    if rec is None or rec[0] != path:  # not a restore output, or an interrupted overwrite's staging copy
+        raise PermissionError(f"cannot resume {path}: {why}: copy it to a writable place and resume there") from None
+    return _ReadOnly(why)
 
 
 def _settle_zarr(timeout: float = 60.0) -> None:
@@ -940,6 +987,7 @@ def save_image(data, path, *, axes: str | None = None, scale: dict | None = None
     default). Marked complete only at the end."""
     from .tiling import TilePlan
 
+    overwrite = check_bool("overwrite", overwrite)
     tile = 256 if tile in (None, "auto") else tile  # no model here to size tiles from
     src = open_input(data, axes=axes)
     yi, xi = src.axes.index("Y"), src.axes.index("X")

@@ -8,16 +8,20 @@ import each other; `engine.restore` picks one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .fingerprint import content_fingerprint
 from .inference import default_tile
 from .io import Source, job_signature, open_input, open_sink, output_format
+from .memory import fit_tile
 from .model import receptive_field, weights_digest
 from .normalize import Intensity
 from .options import RestoreOptions
@@ -185,12 +189,14 @@ class Job:
             return hashlib.sha256(self.info.path.read_bytes()).hexdigest()[:16]
         return weights_digest(self.runner.model)[:16]
 
-    def describe(self, rows_per_group: int | None = None) -> dict:
-        """The job record (stored in a Zarr output, compared by resume): the input, the model, the
-        intensity mapping, the groups and every restore option."""
+    def describe(self, rows_per_group: int | None = None, fingerprint: bool = True) -> dict:
+        """The job record (stored in a Zarr output, compared by resume): the input (with a sample of its
+        content, `content_fingerprint`, unless ``fingerprint`` is False), the model, the intensity mapping,
+        the groups and every restore option."""
         return job_signature(
             input=str(self.source.path.resolve()) if self.source.path else None,
             shape=self.source.shape, dtype=str(self.source.dtype), axes=self.source.axes,
+            **({"input_sha256": content_fingerprint(self.source)} if fingerprint else {}),
             model=str(self.info.path.name) if self.info else "module", model_sha256=self.model_digest(),
             rows_per_group=rows_per_group, norm=self.norm.as_dict(),
             **({"series": self.source.series} if self.source.series else {}),
@@ -215,9 +221,19 @@ def prepare(data, model="denoise", *, axes=None, series=None, level=0, options: 
         raise ValueError(f"the tiled engine runs single-channel models (each channel separately); this model "
                          f"takes {net.config.in_channels} channels")
     src = open_input(data, axes=axes, series=series, level=level)
+    auto = opts.tile == "auto"
     opts = opts.resolved(receptive_field(net), default_tile(net.config, dev, opts.memory_budget, src.plane_shape))
     norm = Intensity.for_source(src, policy)
-    return Job(src, Runner.for_options(net, dev, opts), norm, opts, info)
+    runner = Runner.for_options(net, dev, opts)
+    # Memory up front: an explicit tile (and batch) that cannot fit is refused naming what fits; an
+    # automatic one is made to fit.
+    plane = (src.plane_shape[0] * opts.scale, src.plane_shape[1] * opts.scale)
+    batch = None if opts.batch_size == "auto" else opts.batch_size
+    tile = fit_tile(net.config, plane, opts.tile, opts.halo, batch=batch, backend=runner.backend, device=dev,
+                    ensemble=opts.ensemble, auto=auto, min_tile=2 * opts.halo if opts.blend is not None else 16)
+    if tile != opts.tile:
+        opts = dataclasses.replace(opts, tile=tile)
+    return Job(src, runner, norm, opts, info)
 
 
 def resolve_batch(job: Job) -> int:
@@ -225,7 +241,8 @@ def resolve_batch(job: Job) -> int:
     o = job.options
     if o.batch_size != "auto":
         return o.batch_size
-    return auto_batch(job.runner.model, job.plan.window_shape, job.runner.device, o.memory_budget)
+    return auto_batch(job.runner.model, job.plan.window_shape, job.runner.device, o.memory_budget,
+                      backend=job.runner.backend, ensemble=o.ensemble)
 
 
 def rows_per_group(job: Job, batch_size: int) -> int:
@@ -247,7 +264,7 @@ def open_output(job: Job, output, *, overwrite: bool = False, resume: bool = Fal
     """The sink for a job's output (`io.open_sink`), the groups already done (resume) and the tile rows
     per group (a resumed job keeps those it started with). Only a Zarr output can resume."""
     src = job.source
-    signature = job.describe(rows)
+    signature = job.describe(rows, fingerprint=zarr_target(output) is not None)  # only a Zarr keeps its record
     resuming = resume and zarr_target(output) is not None and Path(output).exists()
     if resuming and job.plan.blend is not None:
         raise ValueError("resume works in exact mode only (blended tiles depend on their neighbours)")
@@ -257,10 +274,14 @@ def open_output(job: Job, output, *, overwrite: bool = False, resume: bool = Fal
     sink = open_sink(output, job.out_shape, job.norm.out_dtype, job.plan.core_shape, src.axes,
                      scale=job.out_scale, units=src.units, translate=job.out_translate, job=signature, src=src,
                      overwrite=overwrite, resume=resume, ignore=("rows_per_group", *RestoreOptions.speed_only()),
-                     defaults={**RestoreOptions().to_dict(), "ome_zarr_version": "0.4", "pyramid": 0},
+                     defaults={**RestoreOptions().to_dict(), "ome_zarr_version": "0.4", "pyramid": 0,
+                               "input_sha256": signature.get("input_sha256")},
                      ome_zarr_version=o.ome_zarr_version, pyramid=o.pyramid)
     if not resuming:
         return sink, set(), rows
+    if "input_sha256" not in sink.job:  # an output started before content fingerprints: accepted, said
+        warnings.warn(f"{output} was started by an older memnet that did not record the input's content: "
+                      "resuming without checking that the input is unchanged", stacklevel=3)
     rows = sink.job.get("rows_per_group") or rows
     if sink.complete:  # finished before: nothing to redo (its markers were cleaned up)
         return sink, {g[0] for g in job.groups(rows or 1)}, rows

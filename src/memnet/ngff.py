@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .dtypes import saturating_cast
 from .options import OME_ZARR_VERSIONS as VERSIONS
 
 __all__ = ["VERSIONS", "Level", "Pyramid", "PyramidTracker", "Unit", "axis_type", "mean2x2", "multiscales_attrs",
@@ -277,6 +278,8 @@ def mean2x2(block: np.ndarray) -> np.ndarray:
             total[: part.shape[0], : part.shape[1]] += part
             count[: part.shape[0], : part.shape[1]] += 1
     mean = total / count
-    if block.dtype.kind in "iub":
+    if block.dtype.kind in "iu":
+        return saturating_cast(np.rint(mean), block.dtype)  # int64/uint64 max stays max
+    if block.dtype.kind == "b":
         mean = np.rint(mean)
     return mean.astype(block.dtype)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .dtypes import saturating_cast
+
 __all__ = ["Intensity", "Normalizer", "percentile_range", "sample_percentiles"]
 
 _SAMPLE_TARGET = 2_000_000  # values drawn for percentiles: exact enough, cheap on 100 GB stacks
@@ -119,6 +121,7 @@ class Normalizer:
             out = np.rint(out)
             if self.clip is not None:
                 np.clip(out, *self.clip, out=out)
+            return saturating_cast(out, self.out_dtype)  # int64/uint64 max: no wrap
         return out.astype(self.out_dtype)
 
     def as_dict(self) -> dict:

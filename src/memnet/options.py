@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-__all__ = ["AMP", "BACKENDS", "OME_ZARR_VERSIONS", "RestoreOptions", "check_amp"]
+__all__ = ["AMP", "BACKENDS", "OME_ZARR_VERSIONS", "RestoreOptions", "check_amp", "check_bool"]
 
 OME_ZARR_VERSIONS = ("0.5", "0.4")  # 0.5: Zarr v3; 0.4: Zarr v2, for readers that predate 0.5
 
@@ -28,6 +28,14 @@ def check_amp(value) -> str:
     if not isinstance(value, (str, bool)) or value not in _AMP:
         raise ValueError(f"amp must be 'auto', 'on' or 'off', got {value!r}")
     return _AMP[value]
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` as a bool when it is one (Python or numpy), else a TypeError naming ``name``: a truthy
+    string such as "no" must never be taken as yes."""
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def _speed_only(default):
@@ -59,9 +67,7 @@ class RestoreOptions:
 
     def __post_init__(self):
         set_ = object.__setattr__
-        if not isinstance(self.ensemble, bool) and type(self.ensemble).__name__ not in ("bool_", "bool"):
-            raise ValueError(f"ensemble must be True or False, got {self.ensemble!r}")
-        set_(self, "ensemble", bool(self.ensemble))
+        set_(self, "ensemble", check_bool("ensemble", self.ensemble))
         if self.tile != "auto":
             if _as_int(self.tile) is None or _as_int(self.tile) < 16:
                 raise ValueError(f"tile must be 'auto' or an integer ≥ 16 pixels, got {self.tile!r}")

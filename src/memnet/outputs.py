@@ -5,6 +5,7 @@ copy of an overwrite) lives beside the output in ``NAME.memnet/``, where readers
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -76,38 +77,87 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _read(p: Path) -> bytes | None:
+    try:
+        return p.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return b""
+
+
+def _parse(raw: bytes | None) -> dict:
+    try:
+        h = json.loads(raw or b"")
+    except ValueError:
+        return {}
+    return h if isinstance(h, dict) else {}
+
+
+def _stale(h: dict) -> bool:
+    """A lock (or claim) of a process on this host that is gone."""
+    return h.get("host") == socket.gethostname() and isinstance(h.get("pid"), int) and not _alive(h["pid"])
+
+
+def _take_over(path: Path, raw: bytes, depth: int = 0) -> None:
+    """Remove the stale lock ``path`` if it still holds ``raw``, so that of many runs taking over the same
+    stale lock exactly one removes it (and then only one can create the next, by O_EXCL). The remover is
+    whoever creates the claim file named after this very lock's content (O_EXCL): while it holds the
+    claim no one else can remove or replace that lock, so its re-check cannot be overtaken. A claim left
+    by a taker that died is stale in turn, and taken over the same way."""
+    claim = path.with_name(f"{path.name}.claim.{hashlib.sha256(raw).hexdigest()[:16]}")
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "token": os.urandom(8).hex()}
+    try:
+        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:  # another run is removing this stale lock
+        craw = _read(claim)
+        if craw is not None and _stale(_parse(craw)) and depth < 3:
+            _take_over(claim, craw, depth + 1)
+        else:
+            time.sleep(0.01)
+        return
+    except FileNotFoundError:
+        return
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        if _read(path) == raw:  # still the stale lock we saw, not a newer one
+            path.unlink(missing_ok=True)
+    finally:
+        claim.unlink(missing_ok=True)
+
+
 class OutputLock:
     """An exclusive claim on an output, from start to finish: ``NAME.memnet/lock``, created atomically
     (O_EXCL), holding the owner's pid, host and start time. A lock whose process is gone (same host) is
     stale and taken over; a live one, or one from another host, refuses the run with its holder named."""
 
+    read_only = False  # it writes (a complete output on a read-only mount is resumed without one)
+
     def __init__(self, out):
         self.out = Path(out)
         self.path = sidecar(out) / "lock"
-        self.held = False
+        self.held, self.token = False, None
 
     def _holder(self) -> dict:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
+        return _parse(_read(self.path))
 
     def acquire(self) -> OutputLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S%z")}
-        for _ in range(3):
+              "started": time.strftime("%Y-%m-%d %H:%M:%S%z"), "token": os.urandom(8).hex()}
+        for _ in range(200):
             try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileNotFoundError:  # the folder was removed by a run releasing it: make it again
+                continue
             except FileExistsError:
-                h = self._holder()
-                if h.get("host") == me["host"] and isinstance(h.get("pid"), int) and not _alive(h["pid"]):
-                    # Stale (its process died): move it aside atomically, so of two runs taking it over
-                    # only one succeeds, then try again.
-                    try:
-                        os.replace(self.path, self.path.with_name(f"lock.stale.{h['pid']}"))
-                    except FileNotFoundError:
-                        pass
+                raw = _read(self.path)
+                if raw is None:  # released meanwhile
+                    continue
+                h = _parse(raw)
+                if _stale(h):
+                    _take_over(self.path, raw)
                     continue
                 if not h:  # being written by its creator right now, or unreadable
                     time.sleep(0.2)
@@ -128,8 +178,8 @@ class OutputLock:
                 except OSError:
                     pass
                 raise
-            self.held = True
-            for stale in self.path.parent.glob("lock.stale.*"):
+            self.held, self.token = True, me["token"]
+            for stale in self.path.parent.glob("lock.stale.*"):  # left by versions before the claim files
                 stale.unlink(missing_ok=True)
             return self
         raise OutputLocked(f"could not take the lock {self.path}: it keeps changing hands")
@@ -138,7 +188,7 @@ class OutputLock:
         if not self.held:
             return
         self.held = False
-        if self._holder().get("pid") == os.getpid():
+        if self._holder().get("token") == self.token:
             self.path.unlink(missing_ok=True)
         try:
             self.path.parent.rmdir()  # only when nothing else (resume markers) is kept there

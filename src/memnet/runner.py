@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from .inference import make_backend
-from .model import MemNet, feature_bytes_per_pixel, self_ensemble
+from .memory import available_bytes, batch_peak_bytes
+from .model import MemNet, self_ensemble
 from .zoo import ModelInfo, find_model, load_model
 
 __all__ = ["Runner", "auto_batch", "cached", "load_cached", "resolve_model"]
@@ -112,20 +113,23 @@ class Runner:
         return self_ensemble(self.net, x) if self.ensemble else self.net(x)
 
 
-def auto_batch(model: MemNet, window: tuple[int, int], device: torch.device, budget: int | None) -> int:
+def auto_batch(model: MemNet, window: tuple[int, int], device: torch.device, budget: int | None,
+               backend: str = "eager", ensemble: bool = False) -> int:
     """Windows per forward pass that fit ``budget`` bytes (None: half the free GPU memory, 2 GiB
-    on CPU), at most 32; on CPU about 0.25 Mpx per call."""
-    c = model.config
-    per_window = feature_bytes_per_pixel(c) * window[0] * window[1]
+    on CPU) and the memory there is (`memory.available_bytes`), each window costing
+    `memory.batch_peak_bytes`; at most 32; on CPU about 0.25 Mpx per call."""
+    per_window = batch_peak_bytes(model.config, window, 1, backend, device.type, ensemble)
     if budget is None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             budget = int(free * 0.5)
         else:
             budget = 2 * 1024**3
+    avail = available_bytes(device)
+    if avail is not None:
+        budget = min(budget, int(avail * 0.9))
     n = int(max(1, min(32, budget // max(per_window, 1))))
     if device.type == "cpu":
         # CPU convolutions run best on ~0.25 Mpx per call (cache-bound beyond; measured in bench/).
         n = min(n, max(1, round(262_144 / (window[0] * window[1]))))
     return n
-

@@ -33,6 +33,9 @@ __all__ = [
     "ModelInfo",
     "ModelFileError",
     "list_models",
+    "unusable_models",
+    "reserved_names",
+    "check_user_model_name",
     "find_model",
     "load_model",
     "save_model",
@@ -134,6 +137,8 @@ def save_model(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"weights must be saved as .safetensors, got {path.name!r}")
+    if path.parent.resolve() == user_model_dir().resolve():  # where names pick models
+        check_user_model_name(name)
     meta = dict(metadata or {})
     meta.update(
         format=FORMAT_VERSION,
@@ -168,6 +173,8 @@ def _sniff(path: Path) -> str | None:
 def _open_header(path: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"model file not found: {path}")
+    if path.is_dir():
+        raise ModelFileError(f"{path}: a folder, not a .safetensors model file")
     if path.stat().st_size < 8:
         raise ModelFileError(f"{path}: empty or truncated weights file ({path.stat().st_size} bytes)")
     try:
@@ -286,21 +293,89 @@ def _scan(directory: Path, source: str) -> list[ModelInfo]:
     return out
 
 
+# Model names. Task names and shipped models' names are reserved: a user model cannot be saved under one,
+# and a user file that declares one anyway (copied in by hand) is ignored with a warning, never chosen.
+# Two user files declaring the same name are both unusable by that name (an error naming both files).
+# A model argument is a path only when it ends in .safetensors or contains a path separator.
+
+
+def reserved_names() -> set[str]:
+    """The task names and the shipped models' names: no user model may take one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return set(TASKS) | {m.name for m in _scan(shipped_model_dir(), "shipped")}
+
+
+def free_name(name: str) -> str:
+    """A name like ``name`` that no model has and none reserves (``NAME-1``, ``NAME-2``, ...)."""
+    taken = reserved_names() | {m.name for m in _scan_all()[0]} | {p.stem for p in user_model_dir().glob("*")}
+    k = 1
+    while f"{name}-{k}" in taken:
+        k += 1
+    return f"{name}-{k}"
+
+
+def check_user_model_name(name: str) -> None:
+    """Refuse a reserved name for a new user model, suggesting a free one."""
+    if name in reserved_names():
+        what = "a task name" if name in TASKS else "the name of a shipped model"
+        raise ValueError(f"{name!r} is {what}, reserved for the shipped models: choose another name for your "
+                         f"model, e.g. {free_name(name)!r}")
+
+
+def _scan_all() -> tuple[list[ModelInfo], list[tuple[ModelInfo, str]]]:
+    """The usable models (shipped, then user) and the user files that cannot be chosen, with why."""
+    shipped = _scan(shipped_model_dir(), "shipped")
+    reserved = set(TASKS) | {m.name for m in shipped}
+    users = _scan(user_model_dir(), "user")
+    usable, unusable = [], []
+    for m in users:
+        same = [o for o in users if o.name == m.name and o is not m]
+        if m.name in reserved:
+            what = "a task name" if m.name in TASKS else "a shipped model's name"
+            unusable.append((m, f"ignored (its name {m.name!r} is {what})"))
+        elif same:
+            others = ", ".join(o.path.name for o in same)
+            unusable.append((m, f"ambiguous ({others} declares the same name {m.name!r})"))
+        else:
+            usable.append(m)
+    return shipped + usable, unusable
+
+
 def list_models() -> list[ModelInfo]:
-    """Shipped models, then user models (fine-tuned), each with its metadata."""
-    return _scan(shipped_model_dir(), "shipped") + _scan(user_model_dir(), "user")
+    """Shipped models, then user models (fine-tuned), each with its metadata. A user file that cannot be
+    chosen by its name (a reserved name, or a name two files declare) is left out, with a warning."""
+    usable, unusable = _scan_all()
+    for m, why in unusable:
+        warnings.warn(f"user model file {m.path} is {why}: rename it "
+                      f"(e.g. {free_name(m.name)!r}: memnet finetune -o / save_model(name=...)) or remove it",
+                      stacklevel=2)
+    return usable
+
+
+def unusable_models() -> list[tuple[ModelInfo, str]]:
+    """The user model files `list_models` leaves out, each with why (for `memnet models`)."""
+    return _scan_all()[1]
+
+
+def _is_path(s: str) -> bool:
+    return s.endswith(".safetensors") or os.sep in s or (os.altsep is not None and os.altsep in s)
 
 
 def find_model(name_or_path: str | os.PathLike) -> ModelInfo:
-    """The model a task name, model name or .safetensors path stands for (its info; nothing loaded)."""
+    """The model a task name, model name or .safetensors path stands for (its info; nothing loaded).
+    A name is a path only when it ends in .safetensors or contains a path separator."""
     s = str(name_or_path)
-    p = Path(s).expanduser()
-    if s.endswith(".safetensors") or p.exists() or os.sep in s:
-        return read_info(p, source="file")
-    models = list_models()
+    if isinstance(name_or_path, os.PathLike) or _is_path(s):
+        return read_info(Path(s).expanduser(), source="file")
+    models, unusable = _scan_all()
     for info in models:
         if info.name == s:
             return info
+    dup = [m for m, why in unusable if m.name == s and why.startswith("ambiguous")]
+    if dup:
+        raise LookupError(f"two user model files declare the name {s!r}: {' and '.join(str(m.path) for m in dup)}; "
+                          "rename or remove one, or pass the file's path")
     if s in TASKS:
         candidates = [m for m in models if m.task == s]
         if not candidates:
@@ -313,8 +388,9 @@ def find_model(name_or_path: str | os.PathLike) -> ModelInfo:
         # Best = highest rank; shipped beats user at equal rank (user models are opt-in by name).
         return max(candidates, key=lambda m: (m.rank, m.source == "shipped"))
     known = ", ".join(sorted({m.name for m in models} | set(TASKS)))
+    here = f" ({s!r} here is not a model file: pass ./{s}/... or a .safetensors path)" if Path(s).exists() else ""
     raise LookupError(f"unknown model {s!r}: expected a task ({', '.join(TASKS)}), a model name "
-                      f"({known}) or a path to a .safetensors file")
+                      f"({known}) or a path to a .safetensors file{here}")
 
 
 def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[MemNet, ModelInfo]:

@@ -1,0 +1,59 @@
+"""Intensity mapping back to integer dtypes: the top of int64/uint64 stays at the top (issue #32, item 2)."""
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import memnet
+from memnet.ngff import mean2x2
+from memnet.normalize import Normalizer
+
+
+def _shifting_model(shift: float) -> memnet.MemNet:
+    """A MemNet that returns its input plus ``shift``: every conv weight zero, the reconstruction bias
+    ``shift`` and the branch weights summing to one (y = x + shift in every branch)."""
+    m = memnet.MemNet(blocks=2, recursions=2, channels=8)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        m.recon_conv.bias.fill_(shift)
+        m.branch_weights.fill_(0.5)
+    return m.eval()
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64, np.int32, np.uint32])
+def test_inverse_keeps_the_top_of_the_range(dtype):
+    info = np.iinfo(dtype)
+    x = np.array([[info.min, info.max]], dtype=dtype)
+    norm = Normalizer.for_data(x, {"mode": "natural"})
+    out = norm.inverse(np.array([[-0.5, 1.0], [1.5, 0.0]], np.float32))
+    assert out.dtype == dtype
+    assert out[0, 1] == info.max and out[1, 0] == info.max  # exactly at the top, and above it
+    assert out[0, 0] == info.min and out[1, 1] == info.min
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_mean2x2_of_saturated_pixels_stays_saturated(dtype):
+    info = np.iinfo(dtype)
+    block = np.full((4, 5), info.max, dtype=dtype)
+    out = mean2x2(block)
+    assert out.dtype == dtype and (out == info.max).all()
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_saturated_64_bit_pixels_stay_saturated_in_the_output_and_its_pyramid(dtype, rng, tmp_path):
+    info = np.iinfo(dtype)
+    x = np.full((64, 64), info.max, dtype=dtype)
+    x[:, :32] = info.max // 4 * 2  # a dimmer half: mapped back near the middle, not wrapped
+    model = _shifting_model(0.01)  # pushes the bright half above the top of the range
+    out = tmp_path / "o.zarr"
+    memnet.restore(x, model, output=out, tile=32, device="cpu", pyramid=16)
+    root = zarr.open_group(str(out), mode="r")
+    lv0 = root["0"][:]
+    assert lv0.dtype == dtype
+    assert (lv0[:, 32:] == info.max).all()  # saturated, never wrapped to the minimum
+    assert (lv0[:, :32] > info.max // 4).all()
+    for k in ("1", "2"):
+        lv = root[k][:]
+        assert (lv[:, lv.shape[1] // 2:] == info.max).all(), f"level {k} wrapped"
