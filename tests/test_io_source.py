@@ -108,3 +108,21 @@ def test_a_source_reads_big_tiff_pages_once_for_all_its_windows(tmp_path, rng):
             np.testing.assert_array_equal(src.read_plane(lead, slice(max(0, y - 30), y + 230), slice(0, 500)),
                                           data[lead[0], max(0, y - 30): y + 230])
     assert memnet.open_input(data)._reader() is data  # numpy: nothing to cache
+
+
+def test_a_new_input_format_is_its_opener_and_its_table_row(tmp_path, monkeypatch, rng):
+    """docs/developing.md's recipe, followed: a .npy reader added to `FORMATS` is read like any input."""
+    from memnet.sources import FORMATS, InputFormat, Source
+
+    def open_npy(path, series, level):
+        return Source(array=np.load(path, mmap_mode="r"), axes="ZYX")
+
+    monkeypatch.setitem(FORMATS, "npy", InputFormat((".npy",), open_npy))
+    data = rng.integers(0, 255, (2, 40, 30), dtype=np.uint8)
+    np.save(tmp_path / "stack.npy", data)
+    assert memnet.io.input_format(tmp_path / "stack.npy") == "npy"
+    src = memnet.open_input(tmp_path / "stack.npy")
+    assert src.axes == "ZYX" and src.path == tmp_path / "stack.npy"
+    np.testing.assert_array_equal(src.read_plane((1,)), data[1])
+    out = memnet.restore(str(tmp_path / "stack.npy"), memnet.MemNet(2, 2, 8), device="cpu", tile=16)
+    assert out.shape == data.shape and out.dtype == np.uint8

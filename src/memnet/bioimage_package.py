@@ -94,7 +94,7 @@ def _default_sample(info, scale: int, n: int) -> np.ndarray:
 
 def _plane(sample) -> np.ndarray:
     """A 2-D plane of ``sample`` (array or image path): the middle plane of a stack, in YX order."""
-    from .io import open_input
+    from .sources import open_input
 
     src = open_input(sample)
     plane = src.read_plane(tuple(n // 2 for n in src.lead_shape))

@@ -20,7 +20,6 @@ import threading
 import time
 from pathlib import Path
 
-from .io import ZarrSink, open_input
 from .kernel import (
     Job,
     ProgressTally,
@@ -35,6 +34,8 @@ from .normalize import Intensity
 from .options import RestoreOptions
 from .runner import Runner, cached
 from .runtime import Cancelled, resolve_device, stop_requested
+from .sinks import ZarrSink
+from .sources import open_input
 from .zoo import load_model_bytes, model_bytes
 
 __all__ = ["run_distributed", "worker_report"]

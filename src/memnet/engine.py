@@ -14,13 +14,13 @@ The names below are re-exported here for callers that import them from ``memnet.
 from __future__ import annotations
 
 from .distributed import run_distributed
-from .io import recorded_job
 from .kernel import Job, Progress, prepare, upscaled_geometry, zarr_target
 from .lazy import restore_lazy
 from .local import run_local
 from .options import RestoreOptions, check_bool
 from .runner import Runner
 from .runtime import Cancelled, available_devices, resolve_device
+from .sinks import recorded_job
 
 __all__ = ["restore", "restore_lazy", "Cancelled", "Job", "Progress", "RestoreOptions", "Runner",
            "available_devices", "resolve_device", "prepare", "upscaled_geometry"]

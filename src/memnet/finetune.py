@@ -27,11 +27,11 @@ from .finetune_modes import (
     subsample_pairs,
 )
 from .fitloop import FitState, MixedPrecision, atomic_save, fit, hardware_name
-from .io import input_format, is_zarr_path, open_input
 from .metrics import psnr
 from .normalize import Intensity
 from .outputs import check_output_path
 from .runtime import Cancelled, resolve_device
+from .sources import input_format, is_zarr_path, open_input
 from .trainset import PatchSampler, list_files
 from .zoo import check_user_model_name, load_model, save_model, user_model_dir
 

@@ -20,7 +20,6 @@ import numpy as np
 
 from .fingerprint import content_fingerprint
 from .inference import default_tile
-from .io import Source, job_signature, open_input, open_sink, output_format
 from .memory import fit_tile
 from .model import receptive_field, weights_digest
 from .normalize import Intensity
@@ -28,6 +27,8 @@ from .options import RestoreOptions
 from .resample import bicubic_up_rows
 from .runner import Runner, auto_batch, resolve_model
 from .runtime import Cancelled, resolve_device, stop_requested
+from .sinks import job_signature, open_sink, output_format
+from .sources import Source, open_input
 from .tiling import Tile, TilePlan
 from .zoo import ModelInfo
 
@@ -315,7 +316,7 @@ def run_group(job: Job, group: tuple[str, tuple, list[Tile]], sink, *, batch_siz
             raise Cancelled("restore cancelled")
         for index, block in job.run_tiles(lead, chunk, windows):
             sink.write(index, block)
-        if n == len(chunks) and hasattr(sink, "mark_done"):
+        if n == len(chunks):
             sink.mark_done(key)
             sink.rows_written(lead, sorted({t.iy for t in tiles}))
         if on_batch is not None:

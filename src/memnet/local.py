@@ -30,8 +30,7 @@ def run_local(job: Job, output=None, *, overwrite: bool = False, resume: bool = 
     tally = ProgressTally(groups, todo, progress)
     writer = _Writer(sink)
     try:
-        if hasattr(sink, "pending"):  # pyramid rows an interrupted run left ready but unbuilt
-            writer.build(sink.pending())
+        writer.build(sink.pending())  # pyramid rows an interrupted run left ready but unbuilt
         with closing(_read_ahead(job, todo, bs, readers)) as batches:
             if job.plan.blend is None:
                 for group in todo:
@@ -173,13 +172,11 @@ class _Writer:
 
     def mark_done(self, key: str) -> None:
         """Queued after the group's blocks: written only once they are all on disk."""
-        if hasattr(self.sink, "mark_done"):
-            self.write(_MARK, key)
+        self.write(_MARK, key)
 
     def rows_written(self, lead, rows) -> None:
         """Queued after the rows' blocks: the pyramid above them is built from what is on disk."""
-        if hasattr(self.sink, "rows_written"):
-            self.write(_ROWS, (lead, rows))
+        self.write(_ROWS, (lead, rows))
 
     def build(self, units) -> None:
         if units:

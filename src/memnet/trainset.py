@@ -12,8 +12,8 @@ import torch
 
 from .degrade import bicubic_degrade, camera_noise, gaussian_noise, jpeg_degrade, poisson_gaussian_noise
 from .evaluate import percentile_normalize
-from .io import input_format, is_zarr_path
 from .metrics import affine_fit
+from .sources import input_format, is_zarr_path
 from .train_options import NOISE_MODELS, sigma_ranges
 
 __all__ = ["DEGRADATIONS", "NORMALIZATION", "DevicePatchSampler", "LazyPlane", "PatchSampler", "is_stack",
@@ -109,8 +109,8 @@ def stack_planes(path: Path, task: str) -> list[LazyPlane]:
     """Every (Y, X) plane of a stack (all other axes, channels included, enumerate planes), each mapped
     by its channel's normaliser (`Intensity.for_source`: computed once from a sample of that channel's
     planes, never per patch, which would teach the model a mapping `restore` does not apply)."""
-    from .io import open_input
     from .normalize import Intensity
+    from .sources import open_input
 
     src = open_input(path)
     policy = NORMALIZATION[task] if task == "microscopy" else natural_policy(src.dtype)
