@@ -33,7 +33,8 @@ from _common import bench_model  # noqa: E402
 from _common import best_time as _best  # noqa: E402
 
 import memnet  # noqa: E402
-from memnet.inference import default_tile, make_backend  # noqa: E402
+from memnet.inference import make_backend  # noqa: E402
+from memnet.memory import default_tile  # noqa: E402
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from the vendors' datasheets: fp32 (no TF32), bf16, fp16.
 PEAKS = {

@@ -36,7 +36,8 @@ from _common import best_time as _best
 
 import memnet
 import memnet.runner
-from memnet.inference import default_tile, make_backend, onnxruntime_available
+from memnet.inference import make_backend, onnxruntime_available
+from memnet.memory import default_tile
 
 
 def conv_limit(device: torch.device) -> dict[str, float]:

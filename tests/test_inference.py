@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import memnet
-from memnet.inference import choose_backend, default_tile, fold, make_backend, onnxruntime_available
+from memnet.inference import choose_backend, fold, make_backend, onnxruntime_available
+from memnet.memory import default_tile
 from memnet.zoo import list_models, load_model
 
 CPU = torch.device("cpu")

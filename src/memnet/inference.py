@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import io
-import math
 import threading
 import warnings
 from collections import OrderedDict
@@ -26,11 +25,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .model import MemNet, MemNetConfig, feature_bytes_per_pixel, receptive_field, weights_digest
+from .model import MemNet, MemNetConfig, feature_bytes_per_pixel, weights_digest
 from .options import BACKENDS
-from .tiling import TilePlan
 
-__all__ = ["BACKENDS", "ONNX_OPSET", "FoldedMemNet", "choose_backend", "default_tile", "fold", "make_backend",
+__all__ = ["BACKENDS", "ONNX_OPSET", "FoldedMemNet", "choose_backend", "fold", "make_backend",
            "onnx_bytes", "onnxruntime_available"]
 
 
@@ -203,36 +201,3 @@ def _build(model: MemNet, device: torch.device, name: str) -> Callable:
         return _OrtModule(net.float(), torch.get_num_threads())
     net = net.to(memory_format=torch.channels_last)
     return torch.compile(net, dynamic=False) if name == "compile" else net
-
-
-def default_tile(config: MemNetConfig, device: torch.device, memory_budget: int | None = None,
-                 plane: tuple[int, int] | None = None) -> int:
-    """The output tile size for ``tile="auto"``, a multiple of 64, from the receptive field and the device.
-
-    CPU: windows up to about 640² px, the largest that keep the measured speed per pixel (bench/roofline.py;
-    beyond, the feature maps leave the cache and the speed falls): tile ≤ 640 - 2 × radius, ≥ 256. Given
-    the ``plane`` (height, width), the tile in that range whose windows cover the least area (a 1024² plane
-    takes 2 × 2 tiles of 512, not 2 × 2 of 576 with their wider windows).
-    GPU: the smallest tile whose window costs at most 1.3× its core in halo work, capped by memory."""
-    r = receptive_field(config)
-    if device.type == "cpu":
-        cap = max(256, _round64(640 - 2 * r))
-        if plane is None:
-            return cap
-
-        def area(t: int) -> int:  # pixels the model sees for one plane at tile t
-            p = TilePlan(plane[0], plane[1], tile=t, halo=r)
-            return p.grid[0] * p.grid[1] * p.window_shape[0] * p.window_shape[1]
-
-        return min(range(cap, 255, -64), key=area)  # the first (largest) of equals: fewer, bigger chunks
-    tile = _round64(2 * r / (math.sqrt(1.3) - 1), up=True)
-    if device.type == "cuda" and torch.cuda.is_available():
-        budget = memory_budget or int(torch.cuda.mem_get_info(device)[0] * 0.5)
-        per_px = feature_bytes_per_pixel(config)  # fp32 maps: safe under any amp
-        while tile > 256 and per_px * (tile + 2 * r) ** 2 > budget:
-            tile -= 64
-    return tile
-
-
-def _round64(v: float, up: bool = False) -> int:
-    return int(64 * (math.ceil(v / 64) if up else round(v / 64)))

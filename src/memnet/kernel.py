@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .fingerprint import content_fingerprint
-from .inference import default_tile
-from .memory import fit_tile
+from .memory import default_tile, fit_tile
 from .model import receptive_field, weights_digest
 from .normalize import Intensity
 from .options import RestoreOptions

@@ -1,5 +1,6 @@
-"""Memory up front: the peak memory one batch of windows needs, and the memory there is, so that a run
-that cannot fit is refused (or given a tile that fits) before it starts, not killed half-way.
+"""How big a tile and a batch are: the automatic tile from the receptive field and the device
+(`default_tile`), and memory up front, the peak memory one batch of windows needs and the memory there is,
+so that a run that cannot fit is refused (or given a tile that fits) before it starts, not killed half-way.
 
 The estimate builds on `model.feature_bytes_per_pixel` (fp32 feature maps alive at once), scaled by
 what each backend was measured to need on top (bench/window_memory.py), plus the batch's own buffers.
@@ -7,11 +8,13 @@ what each backend was measured to need on top (bench/window_memory.py), plus the
 
 from __future__ import annotations
 
+import math
 import os
 
-from .model import MemNetConfig, feature_bytes_per_pixel
+from .model import MemNetConfig, feature_bytes_per_pixel, receptive_field
+from .tiling import TilePlan
 
-__all__ = ["BACKEND_OVERHEAD", "available_bytes", "batch_peak_bytes", "fit_tile", "fmt_bytes"]
+__all__ = ["BACKEND_OVERHEAD", "available_bytes", "batch_peak_bytes", "default_tile", "fit_tile", "fmt_bytes"]
 
 # Measured peak of one forward pass / the feature maps (bench/window_memory.py, CPU, M4R4C32 to M6R6C64 at
 # 256² and 512² windows): eager 2.3-3.0, ONNX Runtime 1.3-2.9 (the gate's concatenations and BN/ReLU
@@ -98,7 +101,6 @@ def fit_tile(config: MemNetConfig, plane: tuple[int, int], tile: int, halo: int,
     (`available_bytes`); else, with ``auto``, the largest multiple of 16 that fits; else a ValueError in
     one line naming what fits. ``batch`` None ("auto"): one window must fit (the batch adapts);
     ``plane``: the (output) plane, which bounds the windows; ``min_tile``: a blended halo's 2 × halo."""
-    from .tiling import TilePlan
 
     avail = available_bytes(device)
     if avail is None:
@@ -132,3 +134,39 @@ def fit_tile(config: MemNetConfig, plane: tuple[int, int], tile: int, halo: int,
 
 def fmt_bytes(n: int) -> str:
     return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
+def default_tile(config: MemNetConfig, device, memory_budget: int | None = None,
+                 plane: tuple[int, int] | None = None) -> int:
+    """The output tile size for ``tile="auto"``, a multiple of 64, from the receptive field and the device.
+
+    CPU: windows up to about 640² px, the largest that keep the measured speed per pixel (bench/roofline.py;
+    beyond, the feature maps leave the cache and the speed falls): tile ≤ 640 - 2 × radius, ≥ 256. Given
+    the ``plane`` (height, width), the tile in that range whose windows cover the least area (a 1024² plane
+    takes 2 × 2 tiles of 512, not 2 × 2 of 576 with their wider windows).
+    GPU: the smallest tile whose window costs at most 1.3× its core in halo work, capped by memory."""
+    r = receptive_field(config)
+    if device.type == "cpu":
+        cap = max(256, _round64(640 - 2 * r))
+        if plane is None:
+            return cap
+
+        def area(t: int) -> int:  # pixels the model sees for one plane at tile t
+            p = TilePlan(plane[0], plane[1], tile=t, halo=r)
+            return p.grid[0] * p.grid[1] * p.window_shape[0] * p.window_shape[1]
+
+        return min(range(cap, 255, -64), key=area)  # the first (largest) of equals: fewer, bigger chunks
+    tile = _round64(2 * r / (math.sqrt(1.3) - 1), up=True)
+    if device.type == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            budget = memory_budget or int(torch.cuda.mem_get_info(device)[0] * 0.5)
+            per_px = feature_bytes_per_pixel(config)  # fp32 maps: safe under any amp
+            while tile > 256 and per_px * (tile + 2 * r) ** 2 > budget:
+                tile -= 64
+    return tile
+
+
+def _round64(v: float, up: bool = False) -> int:
+    return int(64 * (math.ceil(v / 64) if up else round(v / 64)))

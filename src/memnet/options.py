@@ -49,7 +49,7 @@ class RestoreOptions:
     None in exact mode: the values the tiling plan is made from."""
 
     # Output core size in pixels (the chunk size of a Zarr output); "auto": from the model's receptive
-    # field and the device (`memnet.inference.default_tile`), fixed by `resolved`.
+    # field and the device (`memnet.memory.default_tile`), fixed by `resolved`.
     tile: int | str = "auto"
     halo: int | str = "exact"  # "exact" (the receptive field) or pixels; below the radius: blended
     blend: str | None = "cosine"  # ramp of blended mode: "cosine" or "linear"
@@ -117,7 +117,7 @@ class RestoreOptions:
         where tiles really are blended (halo below the radius), and ``tile="auto"`` as ``auto_tile``."""
         if self.tile == "auto":
             if auto_tile is None:
-                raise ValueError("tile='auto' needs the model and device's tile (memnet.inference.default_tile)")
+                raise ValueError("tile='auto' needs the model and device's tile (memnet.memory.default_tile)")
             self = dataclasses.replace(self, tile=auto_tile)
         if self.halo == "exact" or self.halo >= radius:
             halo = radius if self.halo == "exact" else self.halo  # a wider halo is exact too
