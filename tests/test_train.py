@@ -556,8 +556,8 @@ def test_a_checkpoint_written_before_the_shared_fit_loop_still_resumes():
     """state.pt files in training/ were written with step/best/hours/history at the top level."""
     import json as _json
 
-    from memnet.train import _fit_state
+    from memnet.train import fit_state_of
 
     old = {"step": 4000, "best": 29.68, "hours": 3.1, "history": _json.dumps([{"step": 4000, "sigma25": 29.68}])}
-    st = _fit_state(old)
+    st = fit_state_of(old)
     assert (st.step, st.best, st.hours_before) == (4000, 29.68, 3.1) and st.history[0]["sigma25"] == 29.68

@@ -30,7 +30,7 @@ from .trainset import (
 )
 from .zoo import load_model, save_model
 
-__all__ = ["TrainConfig", "train", "recalibrate_bn"]
+__all__ = ["TrainConfig", "fit_state_of", "recalibrate_bn", "train"]
 
 def _degradation_record(cfg: TrainConfig) -> dict:
     if cfg.task == "microscopy" and cfg.noise == "camera":
@@ -114,7 +114,7 @@ def _optimizer(cfg: TrainConfig, model):
     return opt, sched
 
 
-def _fit_state(st: dict) -> FitState:
+def fit_state_of(st: dict) -> FitState:
     """The run's state from a checkpoint (also those written before the shared fit loop)."""
     if "fit" in st:
         return FitState.from_dict(json.loads(st["fit"]))
@@ -127,7 +127,7 @@ def _resume(out: Path, model, opt, sched, mp, log) -> FitState:
     model_l, info_l = load_model(last_path)
     model.load_state_dict(model_l.state_dict())
     st = torch.load(state_path, weights_only=True)
-    state = _fit_state(st)
+    state = fit_state_of(st)
     w_step = (info_l.metadata.get("training") or {}).get("steps")
     if w_step is not None and int(w_step) != state.step:
         raise ValueError(f"cannot resume {out}: last.safetensors is from step {w_step} but state.pt from step "
