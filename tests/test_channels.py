@@ -90,3 +90,19 @@ def test_one_channel_keeps_the_job_record_it_had(rng):
                                                                            "high": 99.8})
     assert len(two.as_dict()["channels"]) == 2 and two.at((0,)) is not two.at((1,))
     assert Intensity.from_spec(two.to_spec()) == two
+
+
+def test_a_plane_restored_alone_for_a_preview_equals_that_plane_of_the_full_result(micro_file):
+    st = np.stack([_two_channels(64, 48, seed=s) for s in (1, 2, 3)])  # Z C Y X: 3 planes of 2 channels
+    st[2] *= 3  # the last plane is brighter: a plane's own percentiles would map it differently
+    full = memnet.restore(st, str(micro_file), axes="ZCYX", device="cpu", tile=32)
+    for lead in [(0, 1), (2, 0), (1, 1)]:
+        plane = memnet.restore_plane(st, str(micro_file), lead, axes="ZCYX", device="cpu", tile=32)
+        np.testing.assert_array_equal(plane, full[lead])
+    xy = np.ascontiguousarray(st.transpose(0, 1, 3, 2))  # X before Y in storage
+    plane = memnet.restore_plane(xy, str(micro_file), (1, 0), axes="ZCXY", device="cpu", tile=32)
+    np.testing.assert_array_equal(plane, full[1, 0])
+    alone = memnet.restore(st[2, 0], str(micro_file), device="cpu", tile=32)
+    assert not np.array_equal(alone, full[2, 0])  # what a preview of the plane on its own would have shown
+    with pytest.raises(ValueError, match=r"plane \(3, 0\) is not in the input: its planes are indexed over ZC"):
+        memnet.restore_plane(st, str(micro_file), (3, 0), axes="ZCYX", device="cpu", tile=32)

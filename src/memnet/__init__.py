@@ -18,7 +18,7 @@ _PUBLIC = {
     "model": ("CONFIGS", "MemNet", "MemNetConfig", "conv_weight_count", "deepen", "macs_per_pixel",
               "receptive_field", "self_ensemble", "widen"),
     "zoo": ("TASKS", "ModelFileError", "ModelInfo", "list_models", "load_model", "save_model", "user_model_dir"),
-    "engine": ("Progress", "restore", "restore_lazy", "upscaled_geometry"),
+    "engine": ("Progress", "restore", "restore_lazy", "restore_plane", "upscaled_geometry"),
     "runtime": ("Cancelled",),
     "io": ("Source", "open_input", "save_image"),
     "options": ("RestoreOptions",),

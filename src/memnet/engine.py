@@ -20,9 +20,9 @@ from .local import run_local
 from .options import RestoreOptions, check_bool
 from .runner import Runner
 from .runtime import Cancelled, available_devices, resolve_device
-from .sinks import recorded_job
+from .sinks import PlaneSink, recorded_job
 
-__all__ = ["restore", "restore_lazy", "Cancelled", "Job", "Progress", "RestoreOptions", "Runner",
+__all__ = ["restore", "restore_lazy", "restore_plane", "Cancelled", "Job", "Progress", "RestoreOptions", "Runner",
            "available_devices", "resolve_device", "prepare", "upscaled_geometry"]
 
 
@@ -98,3 +98,26 @@ def restore(data, model="denoise", *, output=None, axes=None, series=None, level
     finally:
         if output is not None:
             job.source.close()
+
+
+def restore_plane(data, model="denoise", lead: tuple = (), *, axes=None, series=None, level=0, progress=None,
+                  cancel=None, options: RestoreOptions | None = None, **option_kw):
+    """One plane of what `restore` gives for ``data``, as a (Y, X) array: the same pixels, for a preview.
+    Only that plane is restored, but each channel's intensity mapping is the whole input's (a plane
+    restored on its own would be mapped by its own percentiles and differ from the full result).
+
+    ``lead``: the plane's index over the axes other than Y and X, in the input's order (`Source.leads`);
+    the other arguments as for `restore`."""
+    opts = RestoreOptions.build(options, "restore_plane", **option_kw)
+    job = prepare(data, model, axes=axes, series=series, level=level, options=opts)
+    try:
+        lead = tuple(int(i) for i in lead)
+        if lead not in set(job.leads):
+            src = job.source
+            raise ValueError(f"plane {lead} is not in the input: its planes are indexed over "
+                             f"{src.lead_axes or 'no axes'} of sizes {src.lead_shape or '()'}")
+        job.leads = [lead]
+        h, w = job.out_shape[job.yi], job.out_shape[job.xi]
+        return run_local(job, PlaneSink(job.source, (h, w), job.norm.out_dtype), progress=progress, cancel=cancel)
+    finally:
+        job.source.close()

@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from os import PathLike
 from pathlib import Path
 
 import numpy as np
@@ -252,7 +253,7 @@ def rows_per_group(job: Job, batch_size: int) -> int:
 
 def zarr_target(output) -> Path | None:
     """``output`` as a Path when it names a Zarr store, else None."""
-    if output is None:
+    if output is None or not isinstance(output, (str, PathLike)):  # in memory, or a ready `Sink`
         return None
     try:
         return Path(output) if output_format(output) == "zarr" else None

@@ -27,7 +27,7 @@ from .options import RestoreOptions, check_bool
 from .outputs import OutputLock, check_output_path, read_markers, remove_tree, sidecar, write_marker
 from .sources import Source, full_index, is_zarr_path, is_zarr_store, ngff_unit, open_input, plane_indices, short_unit
 
-__all__ = ["OUTPUT_FORMATS", "MemorySink", "Sink", "TiffSink", "ZarrSink", "job_signature", "open_sink",
+__all__ = ["OUTPUT_FORMATS", "MemorySink", "PlaneSink", "Sink", "TiffSink", "ZarrSink", "job_signature", "open_sink",
            "output_format", "recorded_job", "save_image"]
 
 # The output formats: the names each is written with.
@@ -87,6 +87,23 @@ class MemorySink(Sink):
 
     def write(self, index: tuple, block: np.ndarray) -> None:
         self.array[index] = block
+
+    def finish(self):
+        return self.array
+
+
+class PlaneSink(Sink):
+    """One plane of a result, as a (Y, X) array: the blocks of other planes are not expected (restore
+    only the plane's groups), those of this plane are put back in (Y, X) order."""
+
+    parallel_writes = True
+
+    def __init__(self, src: Source, shape: tuple[int, int], dtype):
+        self.src, self.array = src, np.empty(shape, dtype=dtype)
+        self.yi, self.xi = src.axes.index("Y"), src.axes.index("X")
+
+    def write(self, index: tuple, block: np.ndarray) -> None:
+        self.array[index[self.yi], index[self.xi]] = self.src.to_storage(block)  # its own inverse
 
     def finish(self):
         return self.array
@@ -508,7 +525,12 @@ def open_sink(path, shape, dtype, core: tuple[int, int], axes: str, *, scale: di
     ``ome_zarr_version`` and ``pyramid``: a new Zarr output's (see `RestoreOptions`).
 
     Every sink has ``write(index, block)``, ``finish()`` and ``abort()``; a Zarr sink also takes
-    done-markers (``mark_done``) and builds its pyramid as level-0 rows are reported (``rows_written``)."""
+    done-markers (``mark_done``) and builds its pyramid as level-0 rows are reported (``rows_written``).
+    A `Sink` given as ``path`` is used as it is (e.g. `PlaneSink`)."""
+    if isinstance(path, Sink):
+        if resume:
+            raise ValueError("resume needs an on-disk .zarr output")
+        return path
     if path is None:
         if resume:
             raise ValueError("resume needs an on-disk .zarr output")
