@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, PushButton
 
 from ._models import follow_models, model_choices, model_task
-from ._worker import BackgroundJob
+from ._worker import BackgroundJob, status_label
 
 # File name ending of each format (bioimage.io packages are .zip files).
 SUFFIX = {"bioimageio": ".zip", "onnx": ".onnx", "torchscript": ".pt"}
@@ -26,7 +26,7 @@ class ExportWidget(Container):
         self._path = FileEdit(label="Save as", mode="w", filter="*.zip")
         self._overwrite = CheckBox(text="Replace an existing file", value=False)
         self._export_btn = PushButton(text="Export")
-        self._status = Label(value="")
+        self._status = status_label()
         super().__init__(widgets=[self._model, self._format, self._scale, self._path, self._overwrite,
                                   self._export_btn, self._status])
         self._model.changed.connect(self._on_model)

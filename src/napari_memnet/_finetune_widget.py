@@ -9,7 +9,6 @@ from magicgui.widgets import (
     ComboBox,
     Container,
     FloatSpinBox,
-    Label,
     LineEdit,
     ProgressBar,
     PushButton,
@@ -26,7 +25,7 @@ from memnet.finetune_modes import MODES, self_supervised_modes
 
 from ._models import follow_models, model_choices, models
 from ._slices import current_slice, layer_axes, plane_geometry
-from ._worker import CANCELLED, BackgroundJob
+from ._worker import CANCELLED, BackgroundJob, status_label
 
 _SECOND_LABEL = {"target": "Clean layer", "noisy2": "Second noisy layer"}
 _NEEDS_SECOND = {n: _SECOND_LABEL[m.needs] for n, m in MODES.items() if m.needs}
@@ -114,7 +113,7 @@ class FinetuneWidget(Container):
         self._compare_btn = PushButton(text="Before / after on current slice", enabled=False,
                                        tooltip="restore the slice on screen with the starting model and the new one")
         self._progress = ProgressBar(label="Progress", min=0, max=100, value=0)
-        self._status = Label(value="")
+        self._status = status_label()
         self.plot = LossPlot()
         super().__init__(widgets=[self._noisy, self._mode, self._second, self._model, self._name, self._minutes,
                                   self._steps, self._patch, self._val, self._start_btn, self._stop_btn,

@@ -16,8 +16,19 @@ def layer_axes(layer) -> str | None:
     return memnet.io.axes_from_labels(getattr(layer, "axis_labels", ()), layer.ndim)
 
 
+def calibration(layer, axes: str) -> dict:
+    """``memnet.restore``'s pixel_size / units / translate from the layer's scale, units and translate
+    (``axes``: the letters the data are restored with), so every result carries the layer's geometry."""
+    units = {a: str(u) for a, u in zip(axes, layer.units) if str(u) not in ("pixel", "None", "")}
+    return {"pixel_size": {a: float(s) for a, s in zip(axes, layer.scale)}, "units": units,
+            "translate": {a: float(t) for a, t in zip(axes, layer.translate)}}
+
+
 def current_slice(viewer, layer, data, axes: str | None):
-    """(plane, its axes, where) for ``layer``: every non-YX axis at the viewer's current position."""
+    """(plane, its axes, where) for ``layer``: every non-YX axis at the viewer's current position.
+    ``where`` names the position by axis letter ("z=3") when the layer says what its axes are, else by
+    the dimension's number ("plane 3 of axis 0")."""
+    named = axes is not None
     axes = axes or ("Q" * (layer.ndim - 2) + "YX")
     world = [viewer.dims.point[-layer.ndim:][d] for d in range(layer.ndim)]
     idx, where = [], []
@@ -27,7 +38,7 @@ def current_slice(viewer, layer, data, axes: str | None):
         else:
             i = int(np.clip(round((world[d] - layer.translate[d]) / layer.scale[d]), 0, data.shape[d] - 1))
             idx.append(i)
-            where.append(f"{a.lower()}={i}")
+            where.append(f"{a.lower()}={i}" if named else f"plane {i} of axis {d}")
     return np.asarray(data[tuple(idx)]), "".join(a for a in axes if a in "YX"), ", ".join(where)
 
 

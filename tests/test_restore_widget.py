@@ -1,0 +1,188 @@
+"""The Restore widget in a real napari viewer (Xvfb): calibrated results, one-line errors, layout."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import memnet
+from napari_memnet._io import layer_kwargs
+
+UM = ("micrometer",) * 3
+
+
+def _stack(viewer, rng, **kw):
+    data = (rng.random((3, 48, 40)) * 3000).astype(np.uint16)
+    return viewer.add_image(data, name="stack", scale=(0.5, 0.1, 0.1), translate=(2.0, 1.0, 3.0),
+                            axis_labels=("z", "y", "x"), units=("um",) * 3, **kw)
+
+
+def _geometry(layer) -> tuple:
+    return (tuple(np.round(layer.scale, 9)), tuple(np.round(layer.translate, 9)), tuple(map(str, layer.units)),
+            tuple(layer.axis_labels))
+
+
+@pytest.mark.parametrize("dest", ["memory", "zarr on disk"])
+def test_results_keep_the_layers_calibration_and_reopen_with_it(dock, wait_worker, user_model, rng, tmp_path, dest):
+    viewer, w = dock("Restore")
+    src = _stack(viewer, rng)
+    w._model.value = user_model
+    w._dest.value = dest
+    w._path.value = tmp_path / "r.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # napari's "Inconsistent units across layers" among them
+        wait_worker(w.start())
+        out = viewer.layers["stack [tiny-micro]"]
+        assert _geometry(out) == _geometry(src) == ((0.5, 0.1, 0.1), (2.0, 1.0, 3.0), UM, ("z", "y", "x"))
+        assert viewer.layers.extent.units is not None  # one set of units across the layers
+        if dest == "zarr on disk":
+            on_disk = memnet.open_input(tmp_path / "r.zarr")
+            assert on_disk.axes == "ZYX" and on_disk.scale == {"Z": 0.5, "Y": 0.1, "X": 0.1}
+            assert on_disk.translate == {"Z": 2.0, "Y": 1.0, "X": 3.0}
+            assert set(map(memnet.io.ngff_unit, on_disk.units.values())) == {"micrometer"}
+            (again,) = viewer.open(str(tmp_path / "r.zarr"), plugin="napari-memnet")
+            assert _geometry(again) == _geometry(src)
+            assert viewer.layers.extent.units is not None
+            # the writer keeps it too
+            viewer.layers.selection = {out}
+            viewer.layers.save(str(tmp_path / "w.zarr"), selected=True, plugin="napari-memnet")
+            written = memnet.open_input(tmp_path / "w.zarr")
+            assert _geometry(viewer.add_image(written.array, **layer_kwargs(written, "w"))) == _geometry(src)
+
+
+def test_preview_layer_keeps_the_planes_calibration(dock, wait_worker, user_model, rng):
+    viewer, w = dock("Restore")
+    src = _stack(viewer, rng)
+    w._model.value = user_model
+    viewer.dims.set_point(0, 2.0 + 0.5 * 2)  # plane 2
+    wait_worker(w.start(preview=True))
+    prev = viewer.layers["stack [tiny-micro] preview"]
+    assert _geometry(prev) == ((0.1, 0.1), (1.0, 3.0), UM[:2], ("y", "x"))
+    assert "z=2" in w._status.value
+    np.testing.assert_array_equal(src.data[2].shape, prev.data.shape)
+
+
+def test_preview_names_the_plane_of_a_layer_without_axis_names(dock, wait_worker, user_model, rng):
+    viewer, w = dock("Restore")
+    viewer.add_image(rng.random((4, 32, 32), dtype=np.float32), name="plain")
+    w._model.value = user_model
+    viewer.dims.set_current_step(0, 3)
+    wait_worker(w.start(preview=True))
+    assert "plane 3 of axis 0" in w._status.value and "q=" not in w._status.value
+
+
+def test_restore_passes_the_calibration_to_memnet(dock, user_model, rng, monkeypatch):
+    """What the widget hands to memnet.restore: the layer's calibration, under memnet's names."""
+    viewer, w = dock("Restore")
+    _stack(viewer, rng)
+    w._model.value = user_model
+    seen = {}
+    monkeypatch.setattr(memnet, "restore", lambda data, model, **kw: seen.update(kw) or np.zeros(data.shape))
+    w._job.start = lambda call, on_done, **kw: call(lambda p: None, None)
+    w.start()
+    assert seen["pixel_size"] == {"Z": 0.5, "Y": 0.1, "X": 0.1} and seen["axes"] == "ZYX"
+    assert seen["translate"] == {"Z": 2.0, "Y": 1.0, "X": 3.0}
+    assert seen["units"] == {"Z": "micrometer", "Y": "micrometer", "X": "micrometer"}
+
+
+def test_an_existing_zarr_is_one_line_with_a_replace_box_and_a_free_name(dock, wait_worker, user_model, rng,
+                                                                         tmp_path, qtbot):
+    viewer, w = dock("Restore")
+    _stack(viewer, rng)
+    w._model.value = user_model
+    w._dest.value = "zarr on disk"
+    assert not w._replace.native.isHidden()
+    target = tmp_path / "r.zarr"
+    w._path.value = target
+    wait_worker(w.start())
+    first = memnet.open_input(target).array[:]
+    viewer.layers.remove("stack [tiny-micro]")
+    assert w.start() is None  # refused before any work
+    assert w._status.value == "r.zarr exists: tick 'Replace existing' to replace it, or save as r-2.zarr"
+    # memnet's own refusal (the file appeared after the check) reads the same, without a traceback
+    with qtbot.capture_exceptions() as raised:
+        w._replace.value = False
+        job = w._job.start(lambda p, c: memnet.restore(np.zeros((40, 40), np.float32), user_model, output=target),
+                           lambda res: None)
+        wait_worker(job)
+    assert raised == [] and w._status.value.startswith("r.zarr exists: tick 'Replace existing'")
+    assert "\n" not in w._status.value and "--overwrite" not in w._status.value
+    w._replace.value = True
+    wait_worker(w.start())
+    assert "done" in w._status.value
+    np.testing.assert_array_equal(memnet.open_input(target).array[:], first)
+
+
+def test_expected_errors_are_one_line_and_nothing_escapes(dock, wait_worker, user_model, qtbot, monkeypatch):
+    from napari.utils.notifications import notification_manager
+
+    viewer, w = dock("Restore")
+    shown = []
+    monkeypatch.setattr(notification_manager, "receive_error", lambda *exc: shown.append(exc))
+    x = np.ones((40, 40), np.float32)
+    x[3, 4] = np.nan
+    viewer.add_image(x, name="nan")
+    w._model.value = user_model
+    with qtbot.capture_exceptions() as raised:
+        wait_worker(w.start())
+    assert raised == [] and shown == []
+    assert "NaN or Inf" in w._status.value and "\n" not in w._status.value
+    assert not w._status.value.startswith("error")
+    assert w._run_btn.enabled and w._preview_btn.enabled and not w._cancel_btn.enabled
+    assert [layer.name for layer in viewer.layers] == ["nan"]
+
+
+def test_a_bug_still_shows_its_traceback(dock, wait_worker, qtbot, monkeypatch):
+    from napari.utils.notifications import notification_manager
+
+    viewer, w = dock("Restore")
+    shown = []
+    monkeypatch.setattr(notification_manager, "receive_error", lambda *exc: shown.append(exc))
+
+    def bug(progress, cancel):
+        raise KeyError("internal")
+
+    with qtbot.capture_exceptions() as raised:
+        wait_worker(w._job.start(bug, lambda res: None))
+    assert raised == []  # not re-raised on the GUI thread (that can abort a script's viewer)
+    assert [e[0] for e in shown] == [KeyError] and shown[0][2] is not None  # napari's traceback notification
+    assert w._status.value.startswith("error: KeyError") and "a bug" in w._status.value
+
+
+def test_the_tile_box_offers_auto(dock):
+    _, w = dock("Restore")
+    assert w._tile.value == "auto" and w._tile.native.currentText() == "auto" and w._options()["tile"] == "auto"
+    w._tile.value = 64
+    assert w._options()["tile"] == 64
+
+
+def test_cancel_resets_the_progress_bar(dock, wait_worker, user_model, rng):
+    viewer, w = dock("Restore")
+    viewer.add_image(rng.random((20, 64, 64), dtype=np.float32), name="big")
+    w._model.value = user_model
+    w._tile.value = 32
+
+    def cancel_after_some(p):
+        if p.done >= 2:
+            w.cancel()
+
+    worker = w.start()
+    worker.yielded.connect(cancel_after_some)
+    wait_worker(worker)
+    assert "cancelled" in w._status.value and w._progress.value == 0
+
+
+def test_a_long_error_does_not_widen_the_dock(dock, qtbot):
+    viewer, w = dock("Restore")
+    viewer.window._qt_window.resize(1200, 900)
+    viewer.window._qt_window.show()
+    qtbot.wait(50)
+    dock_widget = w.native.parentWidget()
+    while dock_widget is not None and type(dock_widget).__name__ != "QtViewerDockWidget":
+        dock_widget = dock_widget.parentWidget()
+    before, window = dock_widget.width(), viewer.window._qt_window.width()
+    w._job._on_failed(type("F", (), {"error": ValueError("x" * 300), "message": "/a/long/path/" * 25})())
+    qtbot.wait(50)
+    assert dock_widget.width() <= before and viewer.window._qt_window.width() == window
+    assert w._status.value == "/a/long/path/" * 25  # the text is all there, wrapped over several lines:
+    assert w._status.native.height() >= 3 * w._status.native.fontMetrics().height()
