@@ -18,8 +18,9 @@ import memnet
 CANCELLED = object()  # returned (not raised) when the call was cancelled: a normal outcome
 
 # What a user's input, files or machine can cause (memnet's own errors derive from these: ModelFileError,
-# OutputLocked, FileExistsError...): shown as one line in the widget. Anything else is a bug: a traceback.
-EXPECTED = (ValueError, OSError, MemoryError)
+# OutputLocked, FileExistsError...) or a missing optional library: shown as one line in the widget. Anything else
+# is a bug: a traceback.
+EXPECTED = (ValueError, OSError, MemoryError, ImportError)
 
 
 class Failed:
