@@ -183,9 +183,9 @@ def test_a_published_model_reaches_every_open_widget(make_napari_viewer, tiny_mo
     memnet.save_model(tiny_model, _isolated_user_models / "new.safetensors", name="new", task="microscopy")
     assert not any("new" in _values(w._model) for w in (docked, loose, ft))
     ft._name.value = "new"
-    ft._on_done(_isolated_user_models / "new.safetensors", layer, user_model)  # what a published run returns to
+    ft._on_done(_isolated_user_models / "new.safetensors", layer, user_model, "new")  # a published run's end
     assert all("new" in _values(w._model) for w in (docked, loose, ft))
-    assert ft._compare_btn.enabled and ft._status.value.startswith("saved 'new'")
+    assert ft._compare_btn.enabled and ft._status.value.startswith("saved as 'new'")
     assert len(models.changed) <= listeners - 1  # at least the deleted widget's listener let go
 
 
@@ -278,7 +278,7 @@ def test_finetune_widget_trains_and_the_model_appears_in_restore(make_napari_vie
     ft._patch.value = 24
     worker = ft.start()
     _wait(qtbot, worker, timeout=120_000)
-    assert "saved 'from-widget'" in ft._status.value
+    assert "saved as 'from-widget'" in ft._status.value and "held-out score" in ft._status.value
     assert len(ft.plot.history) >= 2
     assert "from-widget" in [c for c in restore._model.choices]
     restore._model.value = "from-widget"

@@ -172,17 +172,36 @@ def test_cancel_resets_the_progress_bar(dock, wait_worker, user_model, rng):
     assert "cancelled" in w._status.value and w._progress.value == 0
 
 
-def test_a_long_error_does_not_widen_the_dock(dock, qtbot):
-    viewer, w = dock("Restore")
+def _dock_of(widget):
+    d = widget.native.parentWidget()
+    while d is not None and type(d).__name__ != "QtViewerDockWidget":
+        d = d.parentWidget()
+    return d
+
+
+@pytest.mark.parametrize("name", ["Restore", "Fine-tune", "Export model"])
+def test_a_long_error_does_not_widen_the_dock(dock, qtbot, name):
+    viewer, w = dock(name)
     viewer.window._qt_window.resize(1200, 900)
     viewer.window._qt_window.show()
     qtbot.wait(50)
-    dock_widget = w.native.parentWidget()
-    while dock_widget is not None and type(dock_widget).__name__ != "QtViewerDockWidget":
-        dock_widget = dock_widget.parentWidget()
+    dock_widget = _dock_of(w)
     before, window = dock_widget.width(), viewer.window._qt_window.width()
-    w._job._on_failed(type("F", (), {"error": ValueError("x" * 300), "message": "/a/long/path/" * 25})())
+    w._job._on_failed(type("F", (), {"error": ValueError("x"), "message": "/a/long/path/" * 25})())
     qtbot.wait(50)
     assert dock_widget.width() <= before and viewer.window._qt_window.width() == window
     assert w._status.value == "/a/long/path/" * 25  # the text is all there, wrapped over several lines:
     assert w._status.native.height() >= 3 * w._status.native.fontMetrics().height()
+
+
+def test_the_three_docks_fit_a_1000_px_screen(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    docks = [viewer.window.add_plugin_dock_widget("napari-memnet", n)[1] for n in ("Restore", "Fine-tune",
+                                                                                   "Export model")]
+    win = viewer.window._qt_window
+    win.show()
+    qtbot.wait(50)
+    assert win.minimumSizeHint().height() <= 900  # room left for the desktop's own bars
+    win.resize(1500, 900)
+    qtbot.wait(50)
+    assert win.height() <= 1000 and all(_dock_of(w).height() >= 150 for w in docks)  # none squeezed to its title

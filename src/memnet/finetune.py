@@ -74,6 +74,7 @@ class FinetuneConfig:
     lr: float = 3e-5  # low: adapt what the pretrained model knows, do not relearn it
     val_fraction: float = 0.1
     val_every: int = 25
+    val_seconds: float | None = None  # also validate after this long (None: a tenth of the time budget)
     patience: int = 5  # validation rounds without improvement before stopping
     mask_fraction: float | None = None  # blind-spot modes: masked pixels per patch (None: the mode's default)
     bn: str = "frozen"  # "frozen": BatchNorm keeps the pretrained statistics; "train": batch statistics
@@ -206,6 +207,7 @@ def _items(cfg, mode: Mode, ctx: _Context, policy, noisy, target, noisy2) -> tup
         return _planes(noisy, cfg.axes, cfg.max_planes, policy, cfg.include, neighbours=True), ctx.record
     planes = _planes(noisy, cfg.axes, cfg.max_planes, policy, cfg.include)
     if mode.pixel_independent and cfg.noise_check:
+        ctx.log("checking the noise…")
         _noise_check(ctx, planes, mode)
     second = target if mode.takes_target else noisy2 if mode.needs == "noisy2" else None
     others = _planes(second, cfg.axes, cfg.max_planes, policy, cfg.include) if second is not None else None
@@ -289,6 +291,7 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
     user model directory (``.runs/NAME``) so ``resume=True`` continues an interrupted run.
     Raises ``NotImproved`` (nothing published) when the result does not beat the starting model on the
     held-out data, and ``Cancelled`` when ``cancel`` fires (the best model so far is published)."""
+    t_start = time.time()  # the budget counts from here: reading the data and scoring are part of it
     mode = get_mode(cfg.mode)
     _check(cfg, mode, target, noisy2)
     log = log or (lambda s: None)
@@ -303,6 +306,7 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
         mode = type(mode)()
         mode.fraction = cfg.mask_fraction
     ctx = _Context(model, dev, log)
+    log("reading the data…")
     items, record = _items(cfg, mode, ctx, info.normalization, noisy, target, noisy2)
     patch = cfg.patch * mode.patch_scale
     if min(min(it[0].shape) for it in items) < patch:
@@ -321,11 +325,16 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
         baseline = run.load(model, opt, mp, state)
         sampler.rng = np.random.default_rng(cfg.seed + state.step)  # new patches, not a replay of the first ones
         log(f"resumed at step {state.step}")
-    else:
+    t_score = time.time()
+    if not resuming:
+        log(f"scoring {info.name} on the held-out data…")
         baseline = held_out.score(model, dev)
         log(f"held-out score of {info.name} before fine-tuning: {baseline:.3f} dB ({mode.criterion})")
+    val_cost = time.time() - t_score if not resuming else 0.0  # the last validation must fit in the budget too
     meta = _record(cfg, info, mode, dev, baseline, record, noisy=noisy, target=target, noisy2=noisy2)
-    session_t0 = time.time()
+    budget = None if cfg.minutes is None else cfg.minutes * 60
+    seconds = None if budget is None else max(0.0, budget - (time.time() - t_start) - val_cost)
+    val_seconds = cfg.val_seconds if cfg.val_seconds is not None or budget is None else budget / 10
 
     def train_step(step: int):
         model.train(cfg.bn == "train")  # frozen: BN keeps the pretrained statistics (small, correlated batches)
@@ -351,11 +360,10 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
 
     def on_step(st: FitState, loss, score):
         if progress is not None:
-            progress(FinetuneProgress(st.step, cfg.steps, float(loss), score, time.time() - session_t0,
-                                      [tuple(h) for h in _history(st)],
-                                      None if cfg.minutes is None else cfg.minutes * 60, baseline))
+            progress(FinetuneProgress(st.step, cfg.steps, float(loss), score, time.time() - t_start,
+                                      [tuple(h) for h in _history(st)], budget, baseline))
 
-    fit(state, steps=cfg.steps, seconds=None if cfg.minutes is None else cfg.minutes * 60, val_every=cfg.val_every,
+    fit(state, steps=cfg.steps, seconds=seconds, val_every=cfg.val_every, val_seconds=val_seconds,
         train_step=train_step, validate=lambda: {"score": held_out.score(model, dev)}, checkpoint=checkpoint,
         patience=cfg.patience, stop=cancel, log=log, min_delta=1e-3, validate_on_stop=False, on_step=on_step)
     if state.ended == "stopped" and state.step:

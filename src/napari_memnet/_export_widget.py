@@ -10,7 +10,7 @@ from pathlib import Path
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, PushButton
 
 from ._models import follow_models, model_choices, model_task
-from ._worker import BackgroundJob, free_path, status_label
+from ._worker import BackgroundJob, ScrollingDock, free_path, status_label
 
 # File name ending of each format (bioimage.io packages are .zip files), in the order they are offered.
 SUFFIX = {"bioimageio": ".zip", "onnx": ".onnx", "torchscript": ".pt"}
@@ -28,7 +28,7 @@ def format_available(fmt: str) -> bool:
         return False
 
 
-class ExportWidget(Container):
+class ExportWidget(ScrollingDock, Container):
     def __init__(self, napari_viewer=None):
         self.viewer = napari_viewer
         offered = [f for f in SUFFIX if format_available(f)]
@@ -46,8 +46,8 @@ class ExportWidget(Container):
         self._overwrite = CheckBox(text="Replace existing", value=False)
         self._export_btn = PushButton(text="Export")
         self._status = status_label()
-        super().__init__(widgets=[self._model, self._format, self._hint, self._scale, self._path, self._overwrite,
-                                  self._export_btn, self._status])
+        super().__init__(scrollable=True, widgets=[self._model, self._format, self._hint, self._scale, self._path,
+                                                   self._overwrite, self._export_btn, self._status])
         self._model.changed.connect(self._on_model)
         self._format.changed.connect(self._on_format)
         self._export_btn.clicked.connect(self.start)
@@ -55,6 +55,7 @@ class ExportWidget(Container):
                                   self._explain)
         follow_models(self._model)
         self._on_model(self._model.value)
+        self.fit_dock()
 
     def _on_model(self, name) -> None:
         self._scale.visible = model_task(name) == "sr"

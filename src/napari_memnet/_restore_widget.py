@@ -24,7 +24,7 @@ import memnet
 
 from ._models import follow_models, model_choices, model_task
 from ._slices import calibration, current_slice, layer_axes
-from ._worker import CANCELLED, BackgroundJob, free_path, one_line, status_label
+from ._worker import CANCELLED, BackgroundJob, ScrollingDock, free_path, one_line, status_label
 
 TILES = (32, 64, 128, 256, 512, 1024, 2048)  # what the tile box offers besides "auto"
 DISK_THRESHOLD_BYTES = 1 << 30  # inputs above 1 GiB default to an on-disk Zarr result
@@ -41,7 +41,7 @@ def _exists(path: Path) -> str:
     return (f"{path.name} exists: tick 'Replace existing' to replace it, or save as {free_path(path).name}")
 
 
-class RestoreWidget(Container):
+class RestoreWidget(ScrollingDock, Container):
     def __init__(self, napari_viewer):
         self.viewer = napari_viewer
         # magicgui's layer picker: napari fills it with the viewer's image layers and, once docked, resets
@@ -70,10 +70,13 @@ class RestoreWidget(Container):
         self._cancel_btn = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(label="Progress", min=0, max=100, value=0)
         self._status = status_label()
-        super().__init__(widgets=[
+        buttons = Container(layout="horizontal", labels=False,
+                            widgets=[self._preview_btn, self._run_btn, self._cancel_btn])
+        buttons.margins = (0, 0, 0, 0)
+        # Scrollable: the dock can be shorter than its contents, so three docks fit a 1000 px screen.
+        super().__init__(scrollable=True, widgets=[
             self._layer, self._model, self._scale, self._device, self._tile, self._mode, self._halo,
-            self._ensemble, self._dest, self._path, self._replace, self._preview_btn, self._run_btn, self._cancel_btn,
-            self._progress, self._status,
+            self._ensemble, self._dest, self._path, self._replace, buttons, self._progress, self._status,
         ])
         self._model.changed.connect(self._on_model)
         self._mode.changed.connect(lambda v: setattr(self._halo, "visible", v == "blended"))
@@ -86,6 +89,7 @@ class RestoreWidget(Container):
         follow_models(self._model)  # a fine-tune that publishes a model adds it here
         self._on_model(self._model.value)
         self._on_layer(self._layer.value)
+        self.fit_dock()
 
     # Choices ------------------------------------------------------------------------------------
     @staticmethod

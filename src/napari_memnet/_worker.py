@@ -187,3 +187,23 @@ class _Status(Label):
         self._plain = str(text)
         Label.value.fset(self, _breakable(self._plain))
         self.tooltip = self._plain
+
+
+class ScrollingDock:
+    """Mixed into a scrollable magicgui Container that napari docks: napari docks ``.native``, which for
+    a scrollable container is its contents without the scroll area; answering the scroll area lets a
+    dock be shorter than its contents (three docks fit a 1000 px screen; the contents scroll)."""
+
+    @property
+    def native(self):
+        return self.root_native_widget
+
+    @property
+    def contents(self):
+        """The widget holding the rows (inside the scroll area)."""
+        return self.root_native_widget.widget()
+
+    def fit_dock(self, at_least: int = 240) -> None:
+        """Keep the dock at least ``at_least`` px tall (or its whole contents, when shorter): three docks
+        then fit a 1000 px screen, and none is squeezed to its title."""
+        self.root_native_widget.setMinimumHeight(min(at_least, self.contents.sizeHint().height()))
