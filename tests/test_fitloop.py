@@ -85,3 +85,8 @@ def test_slow_steps_are_validated_on_a_time_schedule(monkeypatch):
         validate=lambda: {"score": 1.0}, checkpoint=lambda st, improved: None)
     assert len(steps) == 15 and state.ended == "time budget"
     assert [h["step"] for h in state.history] == [3, 6, 9, 12, 15]  # every 12 s (>= 10 s), never at step 25
+
+
+def test_a_spent_budget_still_runs_one_step_and_validates_it():
+    state, seen = _run(steps=None, seconds=0.0, val_every=10**9)
+    assert seen["steps"] == [0] and state.ended == "time budget" and seen["checkpoints"] == [(1, True)]

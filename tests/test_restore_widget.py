@@ -1,5 +1,6 @@
 """The Restore widget in a real napari viewer (Xvfb): calibrated results, one-line errors, layout."""
 
+import threading
 import warnings
 
 import numpy as np
@@ -205,3 +206,33 @@ def test_the_three_docks_fit_a_1000_px_screen(make_napari_viewer, qtbot):
     win.resize(1500, 900)
     qtbot.wait(50)
     assert win.height() <= 1000 and all(_dock_of(w).height() >= 150 for w in docks)  # none squeezed to its title
+
+
+def test_the_widget_warms_the_model_up_and_a_preview_waits_for_it(make_napari_viewer, wait_worker, user_model,
+                                                                    rng, monkeypatch, qtbot):
+    """Opening the widget (or picking a model) prepares the model in the background; a preview started
+    meanwhile waits for it instead of preparing the model a second time."""
+    from napari_memnet._restore_widget import WARM_PX, RestoreWidget
+
+    calls, gate = [], threading.Event()
+
+    def fake_restore(data, model, **kw):
+        calls.append((data.shape, model, kw.get("device")))
+        if data.shape == (WARM_PX, WARM_PX):
+            assert gate.wait(30)
+        return np.zeros(data.shape, np.float32)
+
+    monkeypatch.setattr(memnet, "restore", fake_restore)
+    viewer = make_napari_viewer()
+    viewer.add_image(rng.random((40, 50), dtype=np.float32), name="img")
+    w = RestoreWidget(viewer)
+    qtbot.waitUntil(lambda: len(calls) == 1, timeout=10_000)
+    assert calls == [((WARM_PX, WARM_PX), "microscopy", "auto")]
+    w._model.value = user_model  # a new model: warmed up too
+    qtbot.waitUntil(lambda: len(calls) == 2, timeout=10_000)
+    assert calls[-1] == ((WARM_PX, WARM_PX), user_model, "auto")
+    worker = w.start(preview=True)
+    assert w._warming.is_alive() and len(calls) == 2  # the preview waits for the warm-up
+    gate.set()
+    wait_worker(worker)
+    assert calls[-1] == ((40, 50), user_model, "auto") and "preview" in w._status.value

@@ -64,7 +64,8 @@ def fit(state: FitState, *, steps: int | None, val_every: int, train_step: Calla
         on_step: Callable[[FitState, float, float | None], None] | None = None,
         val_seconds: float | None = None) -> FitState:
     """Run ``train_step(step)`` until ``steps`` (None: no step limit), the ``seconds`` budget of this
-    session, ``patience`` validations without improvement, or ``stop``; whichever comes first.
+    session (after at least one step), ``patience`` validations without improvement, or ``stop``; whichever
+    comes first.
 
     ``validate()`` returns a dict with a ``score`` (higher is better) and any other figures; it runs
     every ``val_every`` steps, and also once ``val_seconds`` have passed since the last one (so slow steps
@@ -75,10 +76,12 @@ def fit(state: FitState, *, steps: int | None, val_every: int, train_step: Calla
     if steps is None and seconds is None:
         raise ValueError("a run needs a step count or a time budget")
     t0 = last_val = time.time()
+    first = state.step
     loss_sum, n_loss, since_val = 0.0, 0, 0
     while True:
         out_of_steps = steps is not None and state.step >= steps
-        out_of_time = seconds is not None and time.time() - t0 >= seconds
+        # at least one step per session, however little time is left (the caller's set-up may have used it)
+        out_of_time = seconds is not None and state.step > first and time.time() - t0 >= seconds
         stopped = stop_requested(stop)
         if out_of_steps or out_of_time or stopped:
             state.ended = "completed" if out_of_steps else ("stopped" if stopped else "time budget")

@@ -4,6 +4,7 @@ a background thread with progress and Cancel. Calls only memnet's public API."""
 from __future__ import annotations
 
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from ._models import follow_models, model_choices, model_task
 from ._slices import calibration, current_slice, layer_axes
 from ._worker import CANCELLED, BackgroundJob, ScrollingDock, free_path, one_line, status_label
 
+WARM_PX = 96  # the image a warm-up restores: small, but it builds the model's backend like a real one
 TILES = (32, 64, 128, 256, 512, 1024, 2048)  # what the tile box offers besides "auto"
 DISK_THRESHOLD_BYTES = 1 << 30  # inputs above 1 GiB default to an on-disk Zarr result
 
@@ -79,6 +81,8 @@ class RestoreWidget(ScrollingDock, Container):
             self._ensemble, self._dest, self._path, self._replace, buttons, self._progress, self._status,
         ])
         self._model.changed.connect(self._on_model)
+        self._model.changed.connect(self.warm_up)
+        self._device.changed.connect(self.warm_up)
         self._mode.changed.connect(lambda v: setattr(self._halo, "visible", v == "blended"))
         self._dest.changed.connect(self._on_dest)
         self._layer.changed.connect(self._on_layer)
@@ -90,6 +94,8 @@ class RestoreWidget(ScrollingDock, Container):
         self._on_model(self._model.value)
         self._on_layer(self._layer.value)
         self.fit_dock()
+        self._warming: threading.Thread | None = None
+        self.warm_up()
 
     # Choices ------------------------------------------------------------------------------------
     @staticmethod
@@ -104,6 +110,24 @@ class RestoreWidget(ScrollingDock, Container):
     def refresh_models(self) -> None:
         """Re-read the model list (e.g. after a fine-tune saved a new model)."""
         self._model.reset_choices()
+
+    def warm_up(self, *_) -> threading.Thread | None:
+        """Prepare the chosen model on the chosen device in the background (load the weights, build the
+        inference backend: most of a first preview's time), so the first preview is as fast as the next.
+        Best effort: a failure here shows when the user runs the model."""
+        model, device = self._model.value, self._device.value
+        if not model:
+            return None
+
+        def run():
+            try:
+                memnet.restore(np.zeros((WARM_PX, WARM_PX), np.float32), model, device=device)
+            except Exception:  # reported by the real run, in the widget's words
+                pass
+
+        self._warming = threading.Thread(target=run, name="memnet-warm-up", daemon=True)
+        self._warming.start()
+        return self._warming
 
     def _on_model(self, name) -> None:
         self._scale.visible = bool(name) and model_task(name) == "sr"
@@ -159,9 +183,16 @@ class RestoreWidget(ScrollingDock, Container):
                 return None
         overwrite = output is not None and self._replace.value
         self._progress.value = 0
+        warming = self._warming
+
+        def run(progress, cancel):
+            if warming is not None:
+                warming.join()  # the model is being prepared: wait for it rather than prepare it twice
+            return memnet.restore(data, model, axes=axes, output=output, progress=progress, cancel=cancel,
+                                  overwrite=overwrite, **calib, **opts)
+
         return self._job.start(
-            lambda progress, cancel: memnet.restore(data, model, axes=axes, output=output, progress=progress,
-                                                    cancel=cancel, overwrite=overwrite, **calib, **opts),
+            run,
             lambda res: self._on_done(layer, model, res, opts, preview, output, where),
             on_progress=self._on_progress, message="previewing…" if preview else "restoring…")
 
