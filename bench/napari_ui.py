@@ -29,6 +29,8 @@ def _parse():
     ap.add_argument("--previews", type=int, default=3, help="previews after the first (default 3)")
     ap.add_argument("--delay", type=float, default=5.0, help="seconds from the dock opening to the first preview")
     ap.add_argument("--timer-ms", type=int, default=50, help="the GUI timer's period (default 50 ms)")
+    ap.add_argument("--finetune-minutes", type=float, default=0,
+                    help="then fine-tune (nbr2nbr) with this budget through the Fine-tune widget (0: skip)")
     return ap.parse_args()
 
 
@@ -90,6 +92,15 @@ def main() -> int:
     restore_s = time.perf_counter() - t
     gaps = np.diff(ticks) * 1000
     timer.stop()
+    tuned = None
+    if args.finetune_minutes:
+        os.environ["MEMNET_MODEL_DIR"] = tempfile.mkdtemp(prefix="memnet-bench-models-")  # a throwaway model
+        _, ft = viewer.window.add_plugin_dock_widget("napari-memnet", "Fine-tune")
+        ft._model.value = args.model
+        ft._minutes.value = args.finetune_minutes
+        t = time.perf_counter()
+        wait(worker=ft.start())
+        tuned = (time.perf_counter() - t, len(ft.plot.history), ft._status.value)
     print(f"napari_ui: model {args.model}, {args.planes}x{args.size}x{args.size} uint16, "
           f"first preview {args.delay:g} s after the dock opened")
     print(f"  import napari {import_s:.2f} s; Restore dock opens in {dock_s:.2f} s")
@@ -97,6 +108,9 @@ def main() -> int:
           f"(first / median later = {first / float(np.median(later)):.2f}x)")
     print(f"  restore {restore_s:.1f} s: worst GUI gap {gaps.max():.0f} ms with a {args.timer_ms} ms timer, "
           f"{int((gaps > 200).sum())} gaps over 200 ms, median {np.median(gaps):.0f} ms; status: {w._status.value}")
+    if tuned is not None:
+        print(f"  fine-tune, {args.finetune_minutes:g} min budget: {tuned[0]:.0f} s, {tuned[1]} points on the plot; "
+              f"status: {tuned[2]}")
     viewer.close()
     return 0
 
