@@ -74,7 +74,7 @@ class FinetuneConfig:
     lr: float = 3e-5  # low: adapt what the pretrained model knows, do not relearn it
     val_fraction: float = 0.1
     val_every: int = 25
-    val_seconds: float | None = None  # also validate after this long (None: a tenth of a time-only budget)
+    val_seconds: float | None = None  # also validate this often (None: 8 times in a time-only run)
     patience: int = 5  # validation rounds without improvement before stopping
     mask_fraction: float | None = None  # blind-spot modes: masked pixels per patch (None: the mode's default)
     bn: str = "frozen"  # "frozen": BatchNorm keeps the pretrained statistics; "train": batch statistics
@@ -335,7 +335,8 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
     budget = None if cfg.minutes is None else cfg.minutes * 60
     seconds = None if budget is None else max(0.0, budget - (time.time() - t_start) - val_cost)
     # A run bounded by time alone also validates on a time schedule, so a short budget still shows a curve.
-    val_seconds = cfg.val_seconds if cfg.val_seconds is not None or budget is None or cfg.steps else budget / 10
+    val_seconds = cfg.val_seconds if cfg.val_seconds is not None or budget is None or cfg.steps else \
+        max(seconds, 1.0) / 8  # about 8 points whatever the set-up took
 
     def train_step(step: int):
         model.train(cfg.bn == "train")  # frozen: BN keeps the pretrained statistics (small, correlated batches)
