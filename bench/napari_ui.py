@@ -114,7 +114,14 @@ def main() -> int:
         t = time.perf_counter()
         first_step = []
         worker = ft.start()
-        worker.yielded.connect(lambda p: first_step or isinstance(p, str) or first_step.append(time.perf_counter()))
+        stages = []  # (seconds since Start, what the fine-tune reported) until its first step
+
+        def seen(p):
+            if not first_step:
+                (stages.append((time.perf_counter() - t, p)) if isinstance(p, str) else
+                 first_step.append(time.perf_counter()))
+
+        worker.yielded.connect(seen)
         wait(worker=worker)
         tuned = (time.perf_counter() - t, len(ft.plot.history), ft._status.value, first_step[0] - t)
     print(f"napari_ui: model {args.model}, {args.planes}x{args.size}x{args.size} uint16, "
@@ -128,6 +135,7 @@ def main() -> int:
     if tuned is not None:
         print(f"  fine-tune, {args.finetune_minutes:g} min budget: {tuned[0]:.0f} s (first step after "
               f"{tuned[3]:.0f} s), {tuned[1]} points on the plot; status: {tuned[2]}")
+        print("  set-up: " + "; ".join(f"{t:.1f} s {msg[:40]}" for t, msg in stages))
     viewer.close()
     return 0
 
