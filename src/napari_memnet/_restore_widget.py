@@ -125,7 +125,8 @@ class RestoreWidget(ScrollingDock, Container):
             except Exception:  # reported by the real run, in the widget's words
                 pass
 
-        self._warming = threading.Thread(target=run, name="memnet-warm-up", daemon=True)
+        # not a daemon: quitting napari waits for it rather than tearing torch down under it (an abort)
+        self._warming = threading.Thread(target=run, name="memnet-warm-up", daemon=False)
         self._warming.start()
         return self._warming
 

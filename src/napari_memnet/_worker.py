@@ -205,5 +205,9 @@ class ScrollingDock:
 
     def fit_dock(self, at_least: int = 240) -> None:
         """Keep the dock at least ``at_least`` px tall (or its whole contents, when shorter): three docks
-        then fit a 1000 px screen, and none is squeezed to its title."""
-        self.root_native_widget.setMinimumHeight(min(at_least, self.contents.sizeHint().height()))
+        then fit a 1000 px screen, and none is squeezed to its title. As wide as the rows need (they are
+        never cut off at the right), and the rows keep their height when the dock is taller."""
+        root, contents = self.root_native_widget, self.contents
+        contents.layout().addStretch()  # napari adds this to a dock's layout; the scroll area hides it from napari
+        root.setMinimumWidth(contents.minimumSizeHint().width() + root.verticalScrollBar().sizeHint().width())
+        root.setMinimumHeight(min(at_least, contents.sizeHint().height()))
