@@ -95,6 +95,7 @@ class RestoreWidget(ScrollingDock, Container):
         self._on_layer(self._layer.value)
         self.fit_dock()
         self._warming: threading.Thread | None = None
+        self._warmed: set[tuple] = set()  # (model, device) pairs warmed up (or being warmed up)
         self.warm_up()
 
     # Choices ------------------------------------------------------------------------------------
@@ -116,12 +117,14 @@ class RestoreWidget(ScrollingDock, Container):
         inference backend: most of a first preview's time), so the first preview is as fast as the next.
         Best effort: a failure here shows when the user runs the model."""
         model, device = self._model.value, self._device.value
-        if not model:
+        if not model or (model, device) in self._warmed:
             return None
+        self._warmed.add((model, device))
+        scale = {"scale": 2} if model_task(model) == "sr" else {}  # one backend serves every factor
 
         def run():
             try:
-                memnet.restore(np.zeros((WARM_PX, WARM_PX), np.float32), model, device=device)
+                memnet.restore(np.zeros((WARM_PX, WARM_PX), np.float32), model, device=device, **scale)
             except Exception:  # reported by the real run, in the widget's words
                 pass
 

@@ -207,7 +207,21 @@ class ScrollingDock:
         """Keep the dock at least ``at_least`` px tall (or its whole contents, when shorter): three docks
         then fit a 1000 px screen, and none is squeezed to its title. As wide as the rows need (they are
         never cut off at the right), and the rows keep their height when the dock is taller."""
+        from qtpy.QtCore import QEvent, QObject
+
         root, contents = self.root_native_widget, self.contents
         contents.layout().addStretch()  # napari adds this to a dock's layout; the scroll area hides it from napari
+
+        class FollowContents(QObject):
+            """The scroll area's minimum width follows its rows' (they widen once napari's style applies)."""
+
+            def eventFilter(self, obj, event):  # noqa: N802 (Qt API)
+                if event.type() in (QEvent.Type.LayoutRequest, QEvent.Type.Show, QEvent.Type.StyleChange):
+                    root.setMinimumWidth(contents.minimumSizeHint().width() + root.verticalScrollBar().sizeHint()
+                                         .width())
+                return False
+
+        self._follow = FollowContents(root)
+        contents.installEventFilter(self._follow)
         root.setMinimumWidth(contents.minimumSizeHint().width() + root.verticalScrollBar().sizeHint().width())
         root.setMinimumHeight(min(at_least, contents.sizeHint().height()))
