@@ -321,22 +321,17 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     mp = MixedPrecision(cfg.amp, dev)
     state = FitState()
+    t_score = time.time()
     if resuming:
         baseline = run.load(model, opt, mp, state)
         sampler.rng = np.random.default_rng(cfg.seed + state.step)  # new patches, not a replay of the first ones
         log(f"resumed at step {state.step}")
-    t_score = time.time()
-    if not resuming:
+    else:
         log(f"scoring {info.name} on the held-out data…")
         baseline = held_out.score(model, dev)
         log(f"held-out score of {info.name} before fine-tuning: {baseline:.3f} dB ({mode.criterion})")
-    val_cost = time.time() - t_score if not resuming else 0.0  # the last validation must fit in the budget too
     meta = _record(cfg, info, mode, dev, baseline, record, noisy=noisy, target=target, noisy2=noisy2)
-    budget = None if cfg.minutes is None else cfg.minutes * 60
-    seconds = None if budget is None else max(0.0, budget - (time.time() - t_start) - val_cost)
-    # A run bounded by time alone also validates on a time schedule, so a short budget still shows a curve.
-    val_seconds = cfg.val_seconds if cfg.val_seconds is not None or budget is None or cfg.steps else \
-        max(seconds, 1.0) / 8  # about 8 points whatever the set-up took
+    budget, seconds, val_seconds = _schedule(cfg, t_start, 0.0 if resuming else time.time() - t_score)
 
     def train_step(step: int):
         model.train(cfg.bn == "train")  # frozen: BN keeps the pretrained statistics (small, correlated batches)
@@ -371,6 +366,18 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
     if state.ended == "stopped" and state.step:
         save_state(state)  # weights and optimizer as they are: resume continues from here
     return _publish(cfg, state, run, out_path, info, baseline, log)
+
+
+def _schedule(cfg: FinetuneConfig, t_start: float, val_cost: float) -> tuple:
+    """(the budget, the seconds left for training, the validation period in seconds or None). The budget
+    counts from ``t_start`` (set-up included) and keeps ``val_cost`` for the last validation. A run bounded
+    by time alone also validates on a time schedule (about 8 times), so a short budget still draws a curve."""
+    if cfg.minutes is None:
+        return None, None, cfg.val_seconds
+    budget = cfg.minutes * 60
+    seconds = max(0.0, budget - (time.time() - t_start) - val_cost)
+    auto = None if cfg.steps else max(seconds, 1.0) / 8
+    return budget, seconds, cfg.val_seconds if cfg.val_seconds is not None else auto
 
 
 def _output(cfg: FinetuneConfig, data: tuple, resume: bool, log) -> tuple[Path, _RunFiles, bool]:
