@@ -122,7 +122,7 @@ def _run(args, model_value: str, out: Path, width: int, height: int, t_start: fl
     def wait(worker, what: str, status_label, stop) -> None:
         state = watch(worker, what, status_label, stop)
         deadline = time.monotonic() + args.timeout
-        while not state["done"]:
+        while not (state["done"] or getattr(worker, "ended", False)):  # ended: set by the widget's job
             if time.monotonic() > deadline:
                 raise StepFailed(f"{what}: not finished after {args.timeout:.0f} s ({status_label.value!r})")
             app.processEvents()

@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -54,3 +56,34 @@ def restore_cli(capsys):
         return rc, capsys.readouterr().err
 
     return run
+
+
+@pytest.fixture
+def user_model(micro_file, _isolated_user_models):
+    """The tiny microscopy model installed in the (isolated) user model directory."""
+    _isolated_user_models.mkdir(parents=True, exist_ok=True)
+    shutil.copy(micro_file, _isolated_user_models)
+    return "tiny-micro"
+
+
+@pytest.fixture
+def wait_worker(qtbot):
+    """``wait_worker(worker)``: block until a widget's background worker has finished."""
+
+    def wait(worker, timeout=60_000):
+        assert worker is not None, "the widget started no work"
+        qtbot.waitUntil(lambda: worker.ended, timeout=timeout)  # BackgroundJob sets it when finished
+
+    return wait
+
+
+@pytest.fixture
+def dock(make_napari_viewer):
+    """``dock(name)``: a new viewer and the plugin's dock widget ``name`` as napari finds it (manifest)."""
+
+    def make(name, viewer=None):
+        viewer = viewer or make_napari_viewer()
+        _, w = viewer.window.add_plugin_dock_widget("napari-memnet", name)
+        return viewer, w
+
+    return make

@@ -205,7 +205,10 @@ def test_cancel_checkpoints_and_resume_continues_and_only_the_end_publishes(base
     assert stopped["ended"] == "stopped" and stopped["steps"] == 10 and stopped["steps_run"] == 15
     logs = []
     finetune(cfg, str(tmp_path / "n.tif"), resume=True, log=logs.append)
-    assert [line for line in logs if not line.startswith("noise check:")][0] == "resumed at step 15"
+    stages = [line for line in logs if line.endswith("…")]  # what runs before the steps, for the widget
+    assert stages == ["reading the data…", "checking the noise…"]
+    assert [line for line in logs if not line.startswith("noise check:") and line not in stages][0] == \
+        "resumed at step 15"
     ft = memnet.load_model("lab-c")[1].metadata["finetune"]
     assert ft["steps_run"] == 30 and ft["ended"] == "completed" and ft["hours"] > 0
     assert ft["data"]["noisy"] == str((tmp_path / "n.tif").resolve()) and "CPU" in ft["hardware"]

@@ -64,3 +64,29 @@ def test_state_round_trips_and_a_resumed_run_continues_its_count_and_hours():
 def test_a_run_needs_a_bound():
     with pytest.raises(ValueError, match="needs a step count or a time budget"):
         _run(steps=None, seconds=None)
+
+
+def test_slow_steps_are_validated_on_a_time_schedule(monkeypatch):
+    """A budget that holds few steps still gives a curve: a validation once ``val_seconds`` have passed,
+    whatever the step cadence (a fake clock: each step takes 4 s)."""
+    import memnet.fitloop as fl
+
+    now = [1000.0]
+    monkeypatch.setattr(fl.time, "time", lambda: now[0])
+    state = FitState()
+    steps = []
+
+    def step(i):
+        steps.append(i)
+        now[0] += 4.0
+        return 0.5
+
+    fit(state, steps=None, seconds=60, val_every=25, val_seconds=10, train_step=step,
+        validate=lambda: {"score": 1.0}, checkpoint=lambda st, improved: None)
+    assert len(steps) == 15 and state.ended == "time budget"
+    assert [h["step"] for h in state.history] == [3, 6, 9, 12, 15]  # every 12 s (>= 10 s), never at step 25
+
+
+def test_a_spent_budget_still_runs_one_step_and_validates_it():
+    state, seen = _run(steps=None, seconds=0.0, val_every=10**9)
+    assert seen["steps"] == [0] and state.ended == "time budget" and seen["checkpoints"] == [(1, True)]

@@ -158,3 +158,28 @@ def test_a_resume_with_tile_auto_keeps_the_tiling_the_run_started_with(tiny_mode
     np.testing.assert_array_equal(np.asarray(arr[...]), before)
     with pytest.raises(ValueError, match="tile: 256 then, 384 now"):  # an explicit other tile is still refused
         memnet.restore(data, tiny_model, output=out, device="cpu", resume=True, tile=384)
+
+
+def test_two_threads_can_export_at_once(tiny_model):
+    """A napari warm-up and a restore of another model may build their ONNX backends at the same time."""
+    import threading
+
+    from memnet.inference import onnx_bytes
+
+    other = memnet.MemNet(blocks=1, recursions=1, channels=4).eval()
+    errors, start = [], threading.Barrier(2)
+
+    def export(m):
+        start.wait()
+        try:
+            for _ in range(3):
+                onnx_bytes(m)
+        except Exception as e:  # the exporter's global state, shared between threads
+            errors.append(e)
+
+    threads = [threading.Thread(target=export, args=(m,)) for m in (tiny_model, other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

@@ -26,7 +26,8 @@ __all__ = ["restore", "restore_lazy", "restore_plane", "Cancelled", "Job", "Prog
            "available_devices", "resolve_device", "prepare", "upscaled_geometry"]
 
 
-def restore(data, model="denoise", *, output=None, axes=None, series=None, level=0, progress=None, cancel=None,
+def restore(data, model="denoise", *, output=None, axes=None, series=None, level=0, pixel_size=None, units=None,
+            translate=None, progress=None, cancel=None,
             overwrite=False, lazy=False, resume=False, client=None, workers=None, scheduler=None,
             options: RestoreOptions | None = None, **option_kw):
     """Restore an image or stack, tile by tile.
@@ -44,6 +45,10 @@ def restore(data, model="denoise", *, output=None, axes=None, series=None, level
     series : which series of a multi-series TIFF (default: the first, with a warning naming the others).
     level : which resolution level of a multiscale OME-Zarr input (default 0, full resolution); the
         output has that level's size, pixel size and origin.
+    pixel_size, units, translate : the input's calibration as {axis letter: value}, e.g.
+        ``pixel_size={"Z": 0.5, "Y": 0.1, "X": 0.1}, units={"Z": "µm", "Y": "µm", "X": "µm"}``: an array's
+        calibration, or, for a file, replacing what the file says for those axes. A ``.zarr`` / ``.tif``
+        output carries it (``scale`` is the super-resolution factor, not the pixel size).
     progress : callable receiving a ``Progress`` after every batch.
     cancel : a ``threading.Event`` or a callable returning True to stop; raises ``Cancelled``.
     lazy : return a lazy dask array instead (see ``restore_lazy``).
@@ -88,8 +93,10 @@ def restore(data, model="denoise", *, output=None, axes=None, series=None, level
     if lazy:
         if output is not None:
             raise ValueError("lazy=True returns a dask array: write it with da.to_zarr, or drop output=")
-        return restore_lazy(data, model, axes=axes, series=series, level=level, options=opts)
-    job = prepare(data, model, axes=axes, series=series, level=level, options=opts)
+        return restore_lazy(data, model, axes=axes, series=series, level=level, pixel_size=pixel_size, units=units,
+                            translate=translate, options=opts)
+    job = prepare(data, model, axes=axes, series=series, level=level, pixel_size=pixel_size, units=units,
+                  translate=translate, options=opts)
     try:
         if client is not None or workers or scheduler:
             return run_distributed(job, output, client=client, workers=workers, scheduler=scheduler,

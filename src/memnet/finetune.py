@@ -74,6 +74,7 @@ class FinetuneConfig:
     lr: float = 3e-5  # low: adapt what the pretrained model knows, do not relearn it
     val_fraction: float = 0.1
     val_every: int = 25
+    val_seconds: float | None = None  # also validate this often (None: 8 times in a time-only run)
     patience: int = 5  # validation rounds without improvement before stopping
     mask_fraction: float | None = None  # blind-spot modes: masked pixels per patch (None: the mode's default)
     bn: str = "frozen"  # "frozen": BatchNorm keeps the pretrained statistics; "train": batch statistics
@@ -200,6 +201,7 @@ def _items(cfg, mode: Mode, ctx: _Context, policy, noisy, target, noisy2) -> tup
     planes = _planes(noisy, cfg.axes, cfg.max_planes, policy, cfg.include)
     _check_not_constant(planes)
     if mode.pixel_independent and cfg.noise_check:
+        ctx.log("checking the noise…")
         _noise_check(ctx, planes, mode)
     second = target if mode.takes_target else noisy2 if mode.needs == "noisy2" else None
     others = _planes(second, cfg.axes, cfg.max_planes, policy, cfg.include) if second is not None else None
@@ -291,6 +293,7 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
     user model directory (``.runs/NAME``) so ``resume=True`` continues an interrupted run.
     Raises ``NotImproved`` (nothing published) when the result does not beat the starting model on the
     held-out data, and ``Cancelled`` when ``cancel`` fires (the best model so far is published)."""
+    t_start = time.time()  # the budget counts from here: reading the data and scoring are part of it
     mode = get_mode(cfg.mode)
     _check(cfg, mode, target, noisy2)
     log = log or (lambda s: None)
@@ -305,6 +308,7 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
         mode = type(mode)()
         mode.fraction = cfg.mask_fraction
     ctx = _Context(model, dev, log)
+    log("reading the data…")
     items, record = _items(cfg, mode, ctx, info.normalization, noisy, target, noisy2)
     patch = cfg.patch * mode.patch_scale
     if min(min(it[0].shape) for it in items) < patch:
@@ -319,15 +323,17 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     mp = MixedPrecision(cfg.amp, dev)
     state = FitState()
+    t_score = time.time()
     if resuming:
         baseline = run.load(model, opt, mp, state)
         sampler.rng = np.random.default_rng(cfg.seed + state.step)  # new patches, not a replay of the first ones
         log(f"resumed at step {state.step}")
     else:
+        log(f"scoring {info.name} on the held-out data…")
         baseline = held_out.score(model, dev)
         log(f"held-out score of {info.name} before fine-tuning: {baseline:.3f} dB ({mode.criterion})")
     meta = _record(cfg, info, mode, dev, baseline, record, noisy=noisy, target=target, noisy2=noisy2)
-    session_t0 = time.time()
+    budget, seconds, val_seconds = _schedule(cfg, t_start, 0.0 if resuming else time.time() - t_score)
 
     def train_step(step: int):
         model.train(cfg.bn == "train")  # frozen: BN keeps the pretrained statistics (small, correlated batches)
@@ -353,16 +359,27 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
 
     def on_step(st: FitState, loss, score):
         if progress is not None:
-            progress(FinetuneProgress(st.step, cfg.steps, float(loss), score, time.time() - session_t0,
-                                      [tuple(h) for h in _history(st)],
-                                      None if cfg.minutes is None else cfg.minutes * 60, baseline))
+            progress(FinetuneProgress(st.step, cfg.steps, float(loss), score, time.time() - t_start,
+                                      [tuple(h) for h in _history(st)], budget, baseline))
 
-    fit(state, steps=cfg.steps, seconds=None if cfg.minutes is None else cfg.minutes * 60, val_every=cfg.val_every,
+    fit(state, steps=cfg.steps, seconds=seconds, val_every=cfg.val_every, val_seconds=val_seconds,
         train_step=train_step, validate=lambda: {"score": held_out.score(model, dev)}, checkpoint=checkpoint,
         patience=cfg.patience, stop=cancel, log=log, min_delta=1e-3, validate_on_stop=False, on_step=on_step)
     if state.ended == "stopped" and state.step:
         save_state(state)  # weights and optimizer as they are: resume continues from here
     return _publish(cfg, state, run, out_path, info, baseline, log)
+
+
+def _schedule(cfg: FinetuneConfig, t_start: float, val_cost: float) -> tuple:
+    """(the budget, the seconds left for training, the validation period in seconds or None). The budget
+    counts from ``t_start`` (set-up included) and keeps ``val_cost`` for the last validation. A run bounded
+    by time alone also validates on a time schedule (about 8 times), so a short budget still draws a curve."""
+    if cfg.minutes is None:
+        return None, None, cfg.val_seconds
+    budget = cfg.minutes * 60
+    seconds = max(0.0, budget - (time.time() - t_start) - val_cost)
+    auto = None if cfg.steps else max(seconds, 1.0) / 8
+    return budget, seconds, cfg.val_seconds if cfg.val_seconds is not None else auto
 
 
 def _output(cfg: FinetuneConfig, data: tuple, resume: bool, log) -> tuple[Path, _RunFiles, bool]:

@@ -59,22 +59,27 @@ def fit(state: FitState, *, steps: int | None, val_every: int, train_step: Calla
         validate: Callable[[], dict], checkpoint: Callable[[FitState, bool], None], seconds: float | None = None,
         patience: int | None = None, stop=None, log: Callable[[str], None] = lambda s: None,
         min_delta: float = 0.0, validate_on_stop: bool = True,
-        on_step: Callable[[FitState, float, float | None], None] | None = None) -> FitState:
+        on_step: Callable[[FitState, float, float | None], None] | None = None,
+        val_seconds: float | None = None) -> FitState:
     """Run ``train_step(step)`` until ``steps`` (None: no step limit), the ``seconds`` budget of this
-    session, ``patience`` validations without improvement, or ``stop``; whichever comes first.
+    session (after at least one step), ``patience`` validations without improvement, or ``stop``; whichever
+    comes first.
 
     ``validate()`` returns a dict with a ``score`` (higher is better) and any other figures; it runs
-    every ``val_every`` steps and once more at the end of the run, whatever ended it (a stop only with
+    every ``val_every`` steps, and also once ``val_seconds`` have passed since the last one (so slow steps
+    still give a curve), and once more at the end of the run, whatever ended it (a stop only with
     ``validate_on_stop``). ``checkpoint(state, improved)`` is called after each validation. A stop sets
     ``state.ended = "stopped"`` and returns (the caller decides whether that is an error).
     ``on_step(state, loss, score)``, if given, follows every step (``score`` None between validations)."""
     if steps is None and seconds is None:
         raise ValueError("a run needs a step count or a time budget")
-    t0 = time.time()
+    t0 = last_val = time.time()
+    first = state.step
     loss_sum, n_loss, since_val = 0.0, 0, 0
     while True:
         out_of_steps = steps is not None and state.step >= steps
-        out_of_time = seconds is not None and time.time() - t0 >= seconds
+        # at least one step per session, however little time is left (the caller's set-up may have used it)
+        out_of_time = seconds is not None and state.step > first and time.time() - t0 >= seconds
         stopped = stop_requested(stop)
         if out_of_steps or out_of_time or stopped:
             state.ended = "completed" if out_of_steps else ("stopped" if stopped else "time budget")
@@ -86,10 +91,11 @@ def fit(state: FitState, *, steps: int | None, val_every: int, train_step: Calla
         since_val += 1
         loss_sum += float(loss) if not torch.is_tensor(loss) else loss.detach()
         n_loss += 1
-        validated = state.step % val_every == 0
+        validated = state.step % val_every == 0 or (val_seconds is not None and time.time() - last_val >= val_seconds)
         if validated:
             _validate(state, validate, checkpoint, loss_sum / n_loss, min_delta)
             loss_sum, n_loss, since_val = 0.0, 0, 0
+            last_val = time.time()
         if on_step is not None:
             on_step(state, loss, state.history[-1]["score"] if validated else None)
         if validated and patience is not None and state.bad >= patience:

@@ -162,6 +162,7 @@ ONNX_OPSET = 18
 _BUILT: OrderedDict = OrderedDict()  # the last few backends built, by weights digest: a preview or a
 _BUILT_MAX = 4                       # restore of the same model reuses its ONNX session (~3 s to build)
 _BUILT_LOCK = threading.Lock()
+_EXPORT_LOCK = threading.Lock()
 
 
 def onnx_bytes(module: nn.Module, example: torch.Tensor | None = None) -> bytes:
@@ -169,7 +170,9 @@ def onnx_bytes(module: nn.Module, example: torch.Tensor | None = None) -> bytes:
     example = torch.rand(1, 1, 64, 64) if example is None else example
     buf = io.BytesIO()
     dyn = {0: "n", 2: "height", 3: "width"}
-    with torch.inference_mode(False), warnings.catch_warnings():  # the exporter traces; not under inference_mode
+    # torch.onnx.export keeps global state: two threads exporting at once (a napari warm-up and a restore of
+    # another model) fail with "GLOBALS.in_onnx_export must be False". One export at a time.
+    with _EXPORT_LOCK, torch.inference_mode(False), warnings.catch_warnings():  # the exporter traces
         warnings.simplefilter("ignore")  # tracer notes about Python ints in the graph: shapes stay dynamic
         # The TorchScript-based exporter: one graph, dynamic axes, no onnxscript needed.
         torch.onnx.export(module, (example,), buf, input_names=["input"], output_names=["output"],

@@ -206,10 +206,11 @@ class Job:
         )
 
 
-def prepare(data, model="denoise", *, axes=None, series=None, level=0, options: RestoreOptions | None = None,
-            **option_kw) -> Job:
+def prepare(data, model="denoise", *, axes=None, series=None, level=0, pixel_size=None, units=None, translate=None,
+            options: RestoreOptions | None = None, **option_kw) -> Job:
     """Open the input, load the model, fix the intensity policy and the tiling plan. The restore
-    options are ``options`` with any `RestoreOptions` field given as a keyword replacing its value."""
+    options are ``options`` with any `RestoreOptions` field given as a keyword replacing its value;
+    ``pixel_size`` / ``units`` / ``translate`` calibrate the input (`io.open_input`)."""
     opts = RestoreOptions.build(options, "prepare", **option_kw)
     dev = resolve_device(opts.device)
     net, policy, info = resolve_model(model, dev)
@@ -221,7 +222,8 @@ def prepare(data, model="denoise", *, axes=None, series=None, level=0, options: 
     if net.config.in_channels != 1:
         raise ValueError(f"the tiled engine runs single-channel models (each channel separately); this model "
                          f"takes {net.config.in_channels} channels")
-    src = open_input(data, axes=axes, series=series, level=level)
+    src = open_input(data, axes=axes, series=series, level=level, pixel_size=pixel_size, units=units,
+                     translate=translate)
     auto = opts.tile == "auto"
     opts = opts.resolved(receptive_field(net), default_tile(net.config, dev, opts.memory_budget, src.plane_shape))
     norm = Intensity.for_source(src, policy)

@@ -14,8 +14,8 @@ from .options import RestoreOptions
 __all__ = ["restore_lazy"]
 
 
-def restore_lazy(data, model="denoise", *, axes=None, series=None, level=0, options: RestoreOptions | None = None,
-                 **option_kw):
+def restore_lazy(data, model="denoise", *, axes=None, series=None, level=0, pixel_size=None, units=None,
+                 translate=None, options: RestoreOptions | None = None, **option_kw):
     """A lazy dask array of the restored data: each output block (one plane, one YX core) is computed
     on demand from its own halo window, with the model loaded once per process. Same tiling plan as
     ``restore`` and the same options (`RestoreOptions` fields as keywords); exact mode only (blending
@@ -23,7 +23,8 @@ def restore_lazy(data, model="denoise", *, axes=None, series=None, level=0, opti
     import dask.array as da
 
     opts = RestoreOptions.build(options, "restore_lazy", **option_kw)
-    job = prepare(data, model, axes=axes, series=series, level=level, options=opts)
+    job = prepare(data, model, axes=axes, series=series, level=level, pixel_size=pixel_size, units=units,
+                  translate=translate, options=opts)
     if job.plan.blend is not None:
         raise ValueError("lazy restore is exact-only: use halo='exact' (or a halo ≥ the receptive field)")
     ndim = len(job.out_shape)

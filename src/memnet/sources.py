@@ -276,13 +276,17 @@ def input_format(p: str | os.PathLike) -> str | None:
     return next((name for name, fmt in FORMATS.items() if fmt.matches(Path(p))), None)
 
 
-def open_input(data, axes: str | None = None, series: int | None = None, level: int = 0) -> Source:
+def open_input(data, axes: str | None = None, series: int | None = None, level: int = 0, *,
+               pixel_size: dict | None = None, units: dict | None = None, translate: dict | None = None) -> Source:
     """Open ``data`` lazily: a path to a TIFF / Zarr / OME-Zarr, or a numpy / dask / zarr array.
 
     Axes come from the file's metadata (OME, ImageJ, OME-Zarr) when present, else from ``axes``,
     else a default (the last two dimensions are YX). An explicit ``axes`` must match the data.
     ``series``: of a multi-series TIFF; ``level``: of a multiscale OME-Zarr (0: full resolution), with
     that level's pixel size and origin.
+    ``pixel_size`` / ``units`` / ``translate``: the calibration, as {axis letter: value} (e.g.
+    ``{"Z": 0.5, "Y": 0.1, "X": 0.1}``, ``{"Y": "µm"}``); for an array they are its calibration, for a
+    file they replace what the file says for the axes they name.
     """
     if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or level < 0:
         raise ValueError(f"level must be a whole number ≥ 0 (0: full resolution), got {level!r}")
@@ -326,7 +330,29 @@ def open_input(data, axes: str | None = None, series: int | None = None, level: 
         src.axes = normalize_axes(src.axes, ndim)
     if 0 in src.shape:
         raise ValueError(f"the input is empty (shape {src.shape})")
+    _calibrate(src, pixel_size, units, translate)
     return src
+
+
+def _calibrate(src: Source, pixel_size: dict | None, units: dict | None, translate: dict | None) -> None:
+    """Set the given calibration on ``src`` (over the file's), checking each axis letter and value."""
+    for what, given, target in (("pixel_size", pixel_size, src.scale), ("units", units, src.units),
+                                ("translate", translate, src.translate)):
+        for key, v in (given or {}).items():
+            a = str(key).upper()
+            if a not in src.axes:
+                raise ValueError(f"{what} names axis {key!r}, which the input does not have (axes {src.axes})")
+            if what == "units":
+                target[a] = str(v)
+                continue
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"{what}[{key!r}] must be a number, got {v!r}") from None
+            if not np.isfinite(v) or (what == "pixel_size" and v <= 0):
+                raise ValueError(f"{what}[{key!r}] must be a finite{' positive' if what == 'pixel_size' else ''} "
+                                 f"number, got {v!r}")
+            target[a] = v
 
 
 def _tensor_to_numpy(t) -> np.ndarray:

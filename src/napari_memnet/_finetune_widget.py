@@ -6,10 +6,10 @@ result appears in Restore (only when it beat the starting model on held-out data
 from __future__ import annotations
 
 from magicgui.widgets import (
+    CheckBox,
     ComboBox,
     Container,
     FloatSpinBox,
-    Label,
     LineEdit,
     ProgressBar,
     PushButton,
@@ -21,12 +21,13 @@ from qtpy.QtCore import QPointF
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
+import memnet
 from memnet.finetune import DEFAULT_MINUTES
 from memnet.finetune_modes import MODES, self_supervised_modes
 
 from ._models import follow_models, model_choices, models
 from ._slices import current_slice, layer_axes, plane_geometry
-from ._worker import CANCELLED, BackgroundJob
+from ._worker import CANCELLED, BackgroundJob, ScrollingDock, one_line, status_label
 
 _SECOND_LABEL = {"target": "Clean layer", "noisy2": "Second noisy layer"}
 _NEEDS_SECOND = {n: _SECOND_LABEL[m.needs] for n, m in MODES.items() if m.needs}
@@ -34,9 +35,27 @@ _NEEDS_SECOND = {n: _SECOND_LABEL[m.needs] for n, m in MODES.items() if m.needs}
 _MODE_ORDER = self_supervised_modes() + [n for n in MODES if n not in self_supervised_modes()]
 
 
+DEFAULT_NAME = "my-finetuned"
+
+
+def model_exists(name: str) -> bool:
+    """Whether a user model of this name exists (a fine-tune would replace it)."""
+    return (memnet.user_model_dir() / f"{name}.safetensors").exists()
+
+
+def free_model_name(name: str) -> str:
+    """``name`` if no user model has it, else the first free "name-2", "name-3"..."""
+    if not model_exists(name):
+        return name
+    k = 2
+    while model_exists(f"{name}-{k}"):
+        k += 1
+    return f"{name}-{k}"
+
+
 class _NotPublished:
-    """The run ended without beating the starting model (returned, not raised: a worker that returns
-    an exception is reported as failed)."""
+    """The run ended without beating the starting model, or refused the data (returned, not raised: a
+    worker that returns an exception is reported as failed). ``message``: in the widget's words."""
 
     def __init__(self, message: str):
         self.message = message
@@ -94,7 +113,7 @@ class LossPlot(QWidget):
         p.end()
 
 
-class FinetuneWidget(Container):
+class FinetuneWidget(ScrollingDock, Container):
     def __init__(self, napari_viewer):
         self.viewer = napari_viewer
         # magicgui's layer pickers: napari keeps them in step with the viewer's image layers once docked.
@@ -103,7 +122,9 @@ class FinetuneWidget(Container):
                               tooltip="\n".join(f"{n}: {MODES[n].help}" for n in _MODE_ORDER))
         self._second = create_widget(annotation=Image, label="Clean layer", options={"visible": False})
         self._model = ComboBox(label="Start from", choices=model_choices)
-        self._name = LineEdit(label="Save as", value="my-finetuned")
+        self._name = LineEdit(label="Save as", value=free_model_name(DEFAULT_NAME))
+        self._replace = CheckBox(text="Replace existing model", value=False,
+                                 tooltip="replace a fine-tuned model of this name (only if the new one is saved)")
         self._minutes = FloatSpinBox(label="Budget (minutes)", min=0.5, max=600, step=0.5, value=DEFAULT_MINUTES,
                                      tooltip="the run stops after this time (or earlier, when it stops improving)")
         self._steps = SpinBox(label="Max steps (0: none)", min=0, max=100_000, step=50, value=0)
@@ -114,19 +135,24 @@ class FinetuneWidget(Container):
         self._compare_btn = PushButton(text="Before / after on current slice", enabled=False,
                                        tooltip="restore the slice on screen with the starting model and the new one")
         self._progress = ProgressBar(label="Progress", min=0, max=100, value=0)
-        self._status = Label(value="")
+        self._status = status_label()
         self.plot = LossPlot()
-        super().__init__(widgets=[self._noisy, self._mode, self._second, self._model, self._name, self._minutes,
-                                  self._steps, self._patch, self._val, self._start_btn, self._stop_btn,
-                                  self._progress, self._status, self._compare_btn])
-        self.native.layout().addWidget(self.plot)
+        buttons = Container(layout="horizontal", labels=False, widgets=[self._start_btn, self._stop_btn])
+        buttons.margins = (0, 0, 0, 0)
+        # Scrollable: the dock can be shorter than its contents, so three docks fit a 1000 px screen.
+        super().__init__(scrollable=True, widgets=[
+            self._noisy, self._mode, self._second, self._model, self._name, self._replace, self._minutes,
+            self._steps, self._patch, self._val, buttons, self._progress, self._status, self._compare_btn])
+        self.contents.layout().addWidget(self.plot)
+        self.fit_dock()
         self._mode.changed.connect(self._on_mode)
         self._start_btn.clicked.connect(self.start)
         self._stop_btn.clicked.connect(self.stop)
         self._compare_btn.clicked.connect(self.compare)
-        self._job = BackgroundJob(self._status, self._set_busy)
+        self._job = BackgroundJob(self._status, self._set_busy, self._explain)
         follow_models(self._model)  # "Start from" offers what this or another fine-tune published
         self.saved_path = None
+        self._last = None  # the run's last FinetuneProgress: its scores make the end message
         self._trained: tuple | None = None  # (layer, base model, new model) of the last published run
 
     def _on_mode(self, mode) -> None:
@@ -135,7 +161,7 @@ class FinetuneWidget(Container):
             self._second.label = _NEEDS_SECOND[mode]
 
     def start(self):
-        from memnet.finetune import FinetuneConfig, NotImproved, finetune
+        from memnet.finetune import FinetuneConfig, NoiseCorrelated, NotImproved, finetune
 
         noisy = self._noisy.value
         if noisy is None:
@@ -146,8 +172,18 @@ class FinetuneWidget(Container):
         if mode in _NEEDS_SECOND and (second is None or second is noisy):
             self._status.value = f"mode {mode} needs a {_NEEDS_SECOND[mode].lower()} (a different layer)"
             return None
+        name = self._name.value.strip()
+        if not name:
+            self._status.value = "name the new model (Save as)"
+            return None
+        if name == self._model.value:
+            self._status.value = f"save the new model under another name than {name!r}, the model it starts from"
+            return None
+        if model_exists(name) and not self._replace.value:
+            self._status.value = self._exists(name)
+            return None
         steps = int(self._steps.value) or None
-        cfg = FinetuneConfig(model=self._model.value, mode=mode, name=self._name.value.strip(),
+        cfg = FinetuneConfig(model=self._model.value, mode=mode, name=name, overwrite=bool(self._replace.value),
                              minutes=float(self._minutes.value), steps=steps, patch=int(self._patch.value),
                              val_fraction=float(self._val.value),
                              val_every=max(10, steps // 20) if steps else 25, axes=layer_axes(noisy))
@@ -157,19 +193,54 @@ class FinetuneWidget(Container):
         def run(progress, cancel):
             try:
                 return finetune(cfg, data, target=other if mode == "paired" else None,
-                                noisy2=other if mode == "n2n" else None, progress=progress, cancel=cancel)
+                                noisy2=other if mode == "n2n" else None, progress=progress, cancel=cancel,
+                                log=progress)  # what runs before the first step shows in the status line
+            except NoiseCorrelated:
+                return _NotPublished(f"not fine-tuned: the noise in this layer is correlated between neighbouring "
+                                     f"pixels, which mode {mode} would learn as signal: use mode adjacent on a stack, "
+                                     "or paired / n2n with a second layer")
             except NotImproved as e:  # a normal outcome, not an error: the starting model stays the better one
                 return _NotPublished(str(e))
 
         self._compare_btn.enabled = False
+        self._last = None
+        self._progress.value = 0
         self.plot.set_history([])
-        return self._job.start(run, lambda res: self._on_done(res, noisy, cfg.model), on_progress=self._on_progress,
-                               message=f"fine-tuning {cfg.model} ({mode}) for up to {cfg.minutes:g} min…")
+        return self._job.start(run, lambda res: self._on_done(res, noisy, cfg.model, name),
+                               on_progress=self._on_progress,
+                               message=f"fine-tuning {cfg.model} ({mode}) for up to {cfg.minutes:g} min: starting…")
+
+    @staticmethod
+    def _exists(name: str) -> str:
+        return (f"a model named {name!r} exists: tick 'Replace existing model' to replace it, or save as "
+                f"{free_model_name(name)!r}")
+
+    def _explain(self, err: BaseException) -> str | None:
+        if isinstance(err, FileExistsError) and "user model" in str(err):
+            return self._exists(self._name.value.strip())
+        return None
+
+    def _not_published(self, message: str, base: str) -> str:
+        """Why nothing was saved, with the scores when there were any (on the GUI thread, after the last
+        progress report)."""
+        p = self._last
+        if message.startswith("not published") and p is not None and p.history and p.baseline is not None:
+            best = max(h[2] for h in p.history)
+            return (f"not published: held-out score {p.baseline:.2f} → {best:.2f} dB did not beat {base}; "
+                    "try another mode, more data or more time")
+        return one_line(message).split(". Try")[0]
 
     def stop(self) -> None:
         self._job.cancel("stopping…")
 
     def _on_progress(self, p) -> None:
+        budget = 60 * float(self._minutes.value)
+        if isinstance(p, str):  # a stage before (or between) the steps: reading, noise check, scoring...
+            if self._last is None:  # once steps run, the step line says more
+                self._status.value = one_line(p)
+                self._progress.value = int(100 * min(0.99, self._job.elapsed / budget))
+            return
+        self._last = p
         fractions = [p.step / p.total if p.total else 0.0, p.elapsed / p.budget_s if p.budget_s else 0.0]
         self._progress.value = int(100 * min(1.0, max(fractions)))
         val = f"  held-out {p.history[-1][2]:.2f} dB" if p.history else ""
@@ -178,21 +249,32 @@ class FinetuneWidget(Container):
         if p.val_psnr is not None:
             self.plot.set_history(p.history)
 
-    def _on_done(self, result, layer, base) -> None:
-        name = self._name.value.strip()
+    def _on_done(self, result, layer, base, name) -> None:
         models.changed.emit()  # even when stopped: the best model so far may have been saved
         if result is CANCELLED:
-            self._status.value = f"stopped; the best model so far (if it beat {base}) is saved as {name!r}"
+            self._progress.value = 0
+            saved = model_exists(name) and self._last is not None and self._last.history
+            self._status.value = (f"stopped; the best model so far is saved as {name!r}" if saved else
+                                  "stopped before a model beat the starting one: nothing saved")
+            self._next_name(name)
             return
+        self._progress.value = 100
         if isinstance(result, _NotPublished):
-            self._progress.value = 100
-            self._status.value = result.message.split(". Try")[0]
+            self._status.value = self._not_published(result.message, base)
             return
         self.saved_path = result
         self._trained = (layer, base, name)
         self._compare_btn.enabled = True
-        self._progress.value = 100
-        self._status.value = f"saved {name!r} in {self._job.elapsed:.0f} s: pick it in Restore"
+        p = self._last
+        scores = (f"held-out score {p.baseline:.2f} → {max(h[2] for h in p.history):.2f} dB, "
+                  if p is not None and p.history and p.baseline is not None else "")
+        self._status.value = f"{scores}saved as {name!r} in {self._job.elapsed:.0f} s: pick it in Restore"
+        self._next_name(name)
+
+    def _next_name(self, used: str) -> None:
+        """After a run saved ``used``: the name box offers a free name, so the next run adds a model."""
+        if self._name.value.strip() == used and model_exists(used):
+            self._name.value = free_model_name(used)
 
     def compare(self):
         """Restore the slice on screen with the starting and the new model; add both as layers."""

@@ -4,6 +4,7 @@ a background thread with progress and Cancel. Calls only memnet's public API."""
 from __future__ import annotations
 
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,6 @@ from magicgui.widgets import (
     ComboBox,
     Container,
     FileEdit,
-    Label,
     ProgressBar,
     PushButton,
     RadioButtons,
@@ -24,9 +24,11 @@ from napari.layers import Image
 import memnet
 
 from ._models import follow_models, model_choices, model_task
-from ._slices import current_slice, layer_axes
-from ._worker import CANCELLED, BackgroundJob
+from ._slices import calibration, current_position, layer_axes
+from ._worker import CANCELLED, BackgroundJob, ScrollingDock, free_path, one_line, status_label
 
+WARM_PX = 96  # the image a warm-up restores: small, but it builds the model's backend like a real one
+TILES = (32, 64, 128, 256, 512, 1024, 2048)  # what the tile box offers besides "auto"
 DISK_THRESHOLD_BYTES = 1 << 30  # inputs above 1 GiB default to an on-disk Zarr result
 
 
@@ -37,7 +39,11 @@ def _fmt_eta(p: memnet.Progress) -> str:
     return f"ETA {int(eta) // 60:d}:{int(eta) % 60:02d}"
 
 
-class RestoreWidget(Container):
+def _exists(path: Path) -> str:
+    return (f"{path.name} exists: tick 'Replace existing' to replace it, or save as {free_path(path).name}")
+
+
+class RestoreWidget(ScrollingDock, Container):
     def __init__(self, napari_viewer):
         self.viewer = napari_viewer
         # magicgui's layer picker: napari fills it with the viewer's image layers and, once docked, resets
@@ -46,9 +52,9 @@ class RestoreWidget(Container):
         self._model = ComboBox(label="Model", choices=model_choices)
         self._scale = ComboBox(label="SR scale", choices=[2, 3, 4], value=2, visible=False)
         self._device = ComboBox(label="Device", choices=self._devices(), value="auto")
-        # 0 = auto: the tile follows the model's receptive field and the device (memnet.RestoreOptions.tile).
-        self._tile = SpinBox(label="Tile (px, 0 = auto)", min=0, max=4096, step=32, value=0,
-                             tooltip="output tile size; 0 (auto) sizes it from the model and the device")
+        # auto: the tile follows the model's receptive field and the device (memnet.RestoreOptions.tile).
+        self._tile = ComboBox(label="Tile (px)", choices=["auto", *TILES], value="auto",
+                              tooltip="output tile size; auto sizes it from the model and the device")
         self._mode = RadioButtons(label="Mode", choices=["exact", "blended"], value="exact",
                                   orientation="horizontal",
                                   tooltip="exact: seam-free, equal to whole-image inference; "
@@ -59,27 +65,38 @@ class RestoreWidget(Container):
                                           "a little better, still seam-free")
         self._dest = ComboBox(label="Result", choices=["memory", "zarr on disk"], value="memory")
         self._path = FileEdit(label="Zarr path", mode="w", filter="*.zarr", visible=False)
+        self._replace = CheckBox(text="Replace existing", value=False, visible=False,
+                                 tooltip="replace a Zarr that exists at this path (only once the new one is complete)")
         self._preview_btn = PushButton(text="Preview current slice")
         self._run_btn = PushButton(text="Restore")
         self._cancel_btn = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(label="Progress", min=0, max=100, value=0)
-        self._status = Label(value="")
-        super().__init__(widgets=[
+        self._status = status_label()
+        buttons = Container(layout="horizontal", labels=False,
+                            widgets=[self._preview_btn, self._run_btn, self._cancel_btn])
+        buttons.margins = (0, 0, 0, 0)
+        # Scrollable: the dock can be shorter than its contents, so three docks fit a 1000 px screen.
+        super().__init__(scrollable=True, widgets=[
             self._layer, self._model, self._scale, self._device, self._tile, self._mode, self._halo,
-            self._ensemble, self._dest, self._path, self._preview_btn, self._run_btn, self._cancel_btn,
-            self._progress, self._status,
+            self._ensemble, self._dest, self._path, self._replace, buttons, self._progress, self._status,
         ])
         self._model.changed.connect(self._on_model)
+        self._model.changed.connect(self.warm_up)
+        self._device.changed.connect(self.warm_up)
         self._mode.changed.connect(lambda v: setattr(self._halo, "visible", v == "blended"))
-        self._dest.changed.connect(lambda v: setattr(self._path, "visible", v == "zarr on disk"))
+        self._dest.changed.connect(self._on_dest)
         self._layer.changed.connect(self._on_layer)
         self._run_btn.clicked.connect(lambda: self.start(preview=False))
         self._preview_btn.clicked.connect(lambda: self.start(preview=True))
         self._cancel_btn.clicked.connect(self.cancel)
-        self._job = BackgroundJob(self._status, self._set_busy)
+        self._job = BackgroundJob(self._status, self._set_busy, self._explain)
         follow_models(self._model)  # a fine-tune that publishes a model adds it here
         self._on_model(self._model.value)
         self._on_layer(self._layer.value)
+        self.fit_dock()
+        self._warming: threading.Thread | None = None
+        self._warmed: set[tuple] = set()  # (model, device) pairs warmed up (or being warmed up)
+        self.warm_up()
 
     # Choices ------------------------------------------------------------------------------------
     @staticmethod
@@ -95,8 +112,32 @@ class RestoreWidget(Container):
         """Re-read the model list (e.g. after a fine-tune saved a new model)."""
         self._model.reset_choices()
 
+    def warm_up(self, *_) -> threading.Thread | None:
+        """Prepare the chosen model on the chosen device in the background (load the weights, build the
+        inference backend: most of a first preview's time), so the first preview is as fast as the next.
+        Best effort: a failure here shows when the user runs the model."""
+        model, device = self._model.value, self._device.value
+        if not model or (model, device) in self._warmed:
+            return None
+        self._warmed.add((model, device))
+        scale = {"scale": 2} if model_task(model) == "sr" else {}  # one backend serves every factor
+
+        def run():
+            try:
+                memnet.restore(np.zeros((WARM_PX, WARM_PX), np.float32), model, device=device, **scale)
+            except Exception:  # reported by the real run, in the widget's words
+                pass
+
+        # not a daemon: quitting napari waits for it rather than tearing torch down under it (an abort)
+        self._warming = threading.Thread(target=run, name="memnet-warm-up", daemon=False)
+        self._warming.start()
+        return self._warming
+
     def _on_model(self, name) -> None:
         self._scale.visible = bool(name) and model_task(name) == "sr"
+
+    def _on_dest(self, dest) -> None:
+        self._path.visible = self._replace.visible = dest == "zarr on disk"
 
     def _on_layer(self, layer) -> None:
         if layer is None:
@@ -108,7 +149,7 @@ class RestoreWidget(Container):
     # Running ------------------------------------------------------------------------------------
     def _options(self) -> dict:
         """The memnet.RestoreOptions fields this widget sets (the others keep their defaults)."""
-        opts = {"tile": int(self._tile.value) or "auto", "device": self._device.value,
+        opts = {"tile": self._tile.value, "device": self._device.value,
                 "halo": "exact" if self._mode.value == "exact" else int(self._halo.value)}
         if self._ensemble.value:
             opts["ensemble"] = True
@@ -126,27 +167,51 @@ class RestoreWidget(Container):
             self._status.value = "no model installed: see `memnet models`"
             return None
         data = layer.data[0] if layer.multiscale else layer.data
-        axes = layer_axes(layer)
+        try:  # the layer's axis letters, else memnet's default for its shape (what restore would assume)
+            axes = layer_axes(layer) or memnet.open_input(data).axes
+        except ValueError as e:
+            self._status.value = one_line(str(e))
+            return None
+        calib = calibration(layer, axes)  # the results carry the layer's pixel size, origin and units
         opts = self._options()
-        output = None
-        if preview:
-            data, axes, where = self._current_slice(layer, data)
+        output = where = None
+        lead = None
+        if preview:  # the plane's pixels as the full restore gives them (each channel's mapping from the stack)
+            lead, where = current_position(self.viewer, layer, data.shape, layer_axes(layer))
         elif self._dest.value == "zarr on disk":
             output = Path(str(self._path.value)) if str(self._path.value) not in ("", ".") else \
                 Path(tempfile.mkdtemp(prefix="memnet-")) / f"{layer.name}-restored.zarr"
+            if output.exists() and not self._replace.value:
+                self._status.value = _exists(output)
+                return None
+        overwrite = output is not None and self._replace.value
         self._progress.value = 0
+        warming = self._warming
+
+        def run(progress, cancel):
+            if warming is not None:
+                warming.join()  # the model is being prepared: wait for it rather than prepare it twice
+            if lead is not None:
+                return memnet.restore_plane(data, model, lead, axes=axes, progress=progress, cancel=cancel, **opts)
+            return memnet.restore(data, model, axes=axes, output=output, progress=progress, cancel=cancel,
+                                  overwrite=overwrite, **calib, **opts)
+
         return self._job.start(
-            lambda progress, cancel: memnet.restore(data, model, axes=axes, output=output, progress=progress,
-                                                    cancel=cancel, **opts),
-            lambda res: self._on_done(layer, model, res, opts, preview, output, where if preview else None),
+            run,
+            lambda res: self._on_done(layer, model, res, opts, preview, output, where),
             on_progress=self._on_progress, message="previewing…" if preview else "restoring…")
+
+    def _explain(self, err: BaseException) -> str | None:
+        """An expected error in this widget's words (None: the error's own first line)."""
+        path = Path(str(getattr(err, "filename", None) or self._path.value))
+        if isinstance(err, memnet.OutputLocked):
+            return f"another run is writing {path.name}: wait for it to end, or choose another Zarr path"
+        if isinstance(err, FileExistsError):
+            return _exists(path)
+        return None
 
     def cancel(self) -> None:
         self._job.cancel()
-
-    def _current_slice(self, layer, data):
-        """The slice the viewer shows: every non-YX axis at its current position."""
-        return current_slice(self.viewer, layer, data, layer_axes(layer))
 
     def _on_progress(self, p: memnet.Progress) -> None:
         self._progress.value = int(100 * p.fraction)
@@ -154,6 +219,7 @@ class RestoreWidget(Container):
 
     def _on_done(self, layer, model, result, opts, preview, output, where) -> None:
         if result is CANCELLED:
+            self._progress.value = 0
             self._status.value = "cancelled: no layer was added"
             return
         s = opts.get("scale", 1)

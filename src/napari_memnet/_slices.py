@@ -16,19 +16,37 @@ def layer_axes(layer) -> str | None:
     return memnet.io.axes_from_labels(getattr(layer, "axis_labels", ()), layer.ndim)
 
 
-def current_slice(viewer, layer, data, axes: str | None):
-    """(plane, its axes, where) for ``layer``: every non-YX axis at the viewer's current position."""
+def calibration(layer, axes: str) -> dict:
+    """``memnet.restore``'s pixel_size / units / translate from the layer's scale, units and translate
+    (``axes``: the letters the data are restored with), so every result carries the layer's geometry."""
+    units = {a: str(u) for a, u in zip(axes, layer.units) if str(u) not in ("pixel", "None", "")}
+    return {"pixel_size": {a: float(s) for a, s in zip(axes, layer.scale)}, "units": units,
+            "translate": {a: float(t) for a, t in zip(axes, layer.translate)}}
+
+
+def current_position(viewer, layer, shape, axes: str | None) -> tuple[tuple, str]:
+    """(lead, where) for ``layer``: the index of the plane the viewer shows over every non-YX axis (as
+    `memnet.Source.leads` orders them), and its name ("z=3" when the layer says what its axes are, else
+    "plane 3 of axis 0")."""
+    named = axes is not None
     axes = axes or ("Q" * (layer.ndim - 2) + "YX")
     world = [viewer.dims.point[-layer.ndim:][d] for d in range(layer.ndim)]
-    idx, where = [], []
+    lead, where = [], []
     for d, a in enumerate(axes):
-        if a in "YX":
-            idx.append(slice(None))
-        else:
-            i = int(np.clip(round((world[d] - layer.translate[d]) / layer.scale[d]), 0, data.shape[d] - 1))
-            idx.append(i)
-            where.append(f"{a.lower()}={i}")
-    return np.asarray(data[tuple(idx)]), "".join(a for a in axes if a in "YX"), ", ".join(where)
+        if a not in "YX":
+            i = int(np.clip(round((world[d] - layer.translate[d]) / layer.scale[d]), 0, shape[d] - 1))
+            lead.append(i)
+            where.append(f"{a.lower()}={i}" if named else f"plane {i} of axis {d}")
+    return tuple(lead), ", ".join(where)
+
+
+def current_slice(viewer, layer, data, axes: str | None):
+    """(plane, its axes, where) for ``layer``: every non-YX axis at the viewer's current position."""
+    lead, where = current_position(viewer, layer, data.shape, axes)
+    axes = axes or ("Q" * (layer.ndim - 2) + "YX")
+    it = iter(lead)
+    idx = tuple(slice(None) if a in "YX" else next(it) for a in axes)
+    return np.asarray(data[idx]), "".join(a for a in axes if a in "YX"), where
 
 
 def plane_geometry(layer, axes: str | None) -> dict:

@@ -1,0 +1,257 @@
+"""The Restore widget in a real napari viewer (Xvfb): calibrated results, one-line errors, layout."""
+
+import threading
+import warnings
+
+import numpy as np
+import pytest
+
+import memnet
+from napari_memnet._io import layer_kwargs
+
+UM = ("micrometer",) * 3
+
+
+def _stack(viewer, rng, **kw):
+    data = (rng.random((3, 48, 40)) * 3000).astype(np.uint16)
+    return viewer.add_image(data, name="stack", scale=(0.5, 0.1, 0.1), translate=(2.0, 1.0, 3.0),
+                            axis_labels=("z", "y", "x"), units=("um",) * 3, **kw)
+
+
+def _geometry(layer) -> tuple:
+    return (tuple(np.round(layer.scale, 9)), tuple(np.round(layer.translate, 9)), tuple(map(str, layer.units)),
+            tuple(layer.axis_labels))
+
+
+@pytest.mark.parametrize("dest", ["memory", "zarr on disk"])
+def test_results_keep_the_layers_calibration_and_reopen_with_it(dock, wait_worker, user_model, rng, tmp_path, dest):
+    viewer, w = dock("Restore")
+    src = _stack(viewer, rng)
+    w._model.value = user_model
+    w._dest.value = dest
+    w._path.value = tmp_path / "r.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # napari's "Inconsistent units across layers" among them
+        wait_worker(w.start())
+        out = viewer.layers["stack [tiny-micro]"]
+        assert _geometry(out) == _geometry(src) == ((0.5, 0.1, 0.1), (2.0, 1.0, 3.0), UM, ("z", "y", "x"))
+        assert viewer.layers.extent.units is not None  # one set of units across the layers
+        if dest == "zarr on disk":
+            on_disk = memnet.open_input(tmp_path / "r.zarr")
+            assert on_disk.axes == "ZYX" and on_disk.scale == {"Z": 0.5, "Y": 0.1, "X": 0.1}
+            assert on_disk.translate == {"Z": 2.0, "Y": 1.0, "X": 3.0}
+            assert set(map(memnet.io.ngff_unit, on_disk.units.values())) == {"micrometer"}
+            (again,) = viewer.open(str(tmp_path / "r.zarr"), plugin="napari-memnet")
+            assert _geometry(again) == _geometry(src)
+            assert viewer.layers.extent.units is not None
+            # the writer keeps it too
+            viewer.layers.selection = {out}
+            viewer.layers.save(str(tmp_path / "w.zarr"), selected=True, plugin="napari-memnet")
+            written = memnet.open_input(tmp_path / "w.zarr")
+            assert _geometry(viewer.add_image(written.array, **layer_kwargs(written, "w"))) == _geometry(src)
+
+
+def test_preview_layer_keeps_the_planes_calibration(dock, wait_worker, user_model, rng):
+    viewer, w = dock("Restore")
+    src = _stack(viewer, rng)
+    w._model.value = user_model
+    viewer.dims.set_point(0, 2.0 + 0.5 * 2)  # plane 2
+    wait_worker(w.start(preview=True))
+    prev = viewer.layers["stack [tiny-micro] preview"]
+    assert _geometry(prev) == ((0.1, 0.1), (1.0, 3.0), UM[:2], ("y", "x"))
+    assert "z=2" in w._status.value
+    np.testing.assert_array_equal(src.data[2].shape, prev.data.shape)
+
+
+def test_the_preview_of_a_channel_is_that_plane_of_the_full_restore(dock, wait_worker, user_model, rng):
+    """Each channel is mapped by its own percentiles over the whole stack, in the preview as in the full run."""
+    viewer, w = dock("Restore")
+    data = np.stack([rng.poisson(2000, (3, 40, 40)), rng.poisson(40, (3, 40, 40))], axis=1).astype(np.uint16)
+    data[2] *= 2  # the planes differ: a plane's own percentiles would give another preview
+    viewer.add_image(data, name="two", axis_labels=("z", "c", "y", "x"))
+    w._model.value = user_model
+    viewer.dims.set_current_step(0, 2)
+    viewer.dims.set_current_step(1, 1)
+    wait_worker(w.start(preview=True))
+    full = memnet.restore(data, user_model, axes="ZCYX", **w._options())
+    np.testing.assert_array_equal(viewer.layers["two [tiny-micro] preview"].data, full[2, 1])
+    assert "z=2, c=1" in w._status.value
+
+
+def test_preview_names_the_plane_of_a_layer_without_axis_names(dock, wait_worker, user_model, rng):
+    viewer, w = dock("Restore")
+    viewer.add_image(rng.random((4, 32, 32), dtype=np.float32), name="plain")
+    w._model.value = user_model
+    viewer.dims.set_current_step(0, 3)
+    wait_worker(w.start(preview=True))
+    assert "plane 3 of axis 0" in w._status.value and "q=" not in w._status.value
+
+
+def test_restore_passes_the_calibration_to_memnet(dock, user_model, rng, monkeypatch):
+    """What the widget hands to memnet.restore: the layer's calibration, under memnet's names."""
+    viewer, w = dock("Restore")
+    _stack(viewer, rng)
+    w._model.value = user_model
+    seen = {}
+    monkeypatch.setattr(memnet, "restore", lambda data, model, **kw: seen.update(kw) or np.zeros(data.shape))
+    w._job.start = lambda call, on_done, **kw: call(lambda p: None, None)
+    w.start()
+    assert seen["pixel_size"] == {"Z": 0.5, "Y": 0.1, "X": 0.1} and seen["axes"] == "ZYX"
+    assert seen["translate"] == {"Z": 2.0, "Y": 1.0, "X": 3.0}
+    assert seen["units"] == {"Z": "micrometer", "Y": "micrometer", "X": "micrometer"}
+
+
+def test_an_existing_zarr_is_one_line_with_a_replace_box_and_a_free_name(dock, wait_worker, user_model, rng,
+                                                                         tmp_path, qtbot):
+    viewer, w = dock("Restore")
+    _stack(viewer, rng)
+    w._model.value = user_model
+    w._dest.value = "zarr on disk"
+    assert not w._replace.native.isHidden()
+    target = tmp_path / "r.zarr"
+    w._path.value = target
+    wait_worker(w.start())
+    first = memnet.open_input(target).array[:]
+    viewer.layers.remove("stack [tiny-micro]")
+    assert w.start() is None  # refused before any work
+    assert w._status.value == "r.zarr exists: tick 'Replace existing' to replace it, or save as r-2.zarr"
+    # memnet's own refusal (the file appeared after the check) reads the same, without a traceback
+    with qtbot.capture_exceptions() as raised:
+        w._replace.value = False
+        job = w._job.start(lambda p, c: memnet.restore(np.zeros((40, 40), np.float32), user_model, output=target),
+                           lambda res: None)
+        wait_worker(job)
+    assert raised == [] and w._status.value.startswith("r.zarr exists: tick 'Replace existing'")
+    assert "\n" not in w._status.value and "--overwrite" not in w._status.value
+    w._replace.value = True
+    wait_worker(w.start())
+    assert "done" in w._status.value
+    np.testing.assert_array_equal(memnet.open_input(target).array[:], first)
+
+
+def test_expected_errors_are_one_line_and_nothing_escapes(dock, wait_worker, user_model, qtbot, monkeypatch):
+    from napari.utils.notifications import notification_manager
+
+    viewer, w = dock("Restore")
+    shown = []
+    monkeypatch.setattr(notification_manager, "receive_error", lambda *exc: shown.append(exc))
+    x = np.ones((40, 40), np.float32)
+    x[3, 4] = np.nan
+    viewer.add_image(x, name="nan")
+    w._model.value = user_model
+    with qtbot.capture_exceptions() as raised:
+        wait_worker(w.start())
+    assert raised == [] and shown == []
+    assert "NaN or Inf" in w._status.value and "\n" not in w._status.value
+    assert not w._status.value.startswith("error")
+    assert w._run_btn.enabled and w._preview_btn.enabled and not w._cancel_btn.enabled
+    assert [layer.name for layer in viewer.layers] == ["nan"]
+
+
+def test_a_bug_still_shows_its_traceback(dock, wait_worker, qtbot, monkeypatch):
+    from napari.utils.notifications import notification_manager
+
+    viewer, w = dock("Restore")
+    shown = []
+    monkeypatch.setattr(notification_manager, "receive_error", lambda *exc: shown.append(exc))
+
+    def bug(progress, cancel):
+        raise KeyError("internal")
+
+    with qtbot.capture_exceptions() as raised:
+        wait_worker(w._job.start(bug, lambda res: None))
+    assert raised == []  # not re-raised on the GUI thread (that can abort a script's viewer)
+    assert [e[0] for e in shown] == [KeyError] and shown[0][2] is not None  # napari's traceback notification
+    assert w._status.value.startswith("error: KeyError") and "a bug" in w._status.value
+
+
+def test_the_tile_box_offers_auto(dock):
+    _, w = dock("Restore")
+    assert w._tile.value == "auto" and w._tile.native.currentText() == "auto" and w._options()["tile"] == "auto"
+    w._tile.value = 64
+    assert w._options()["tile"] == 64
+
+
+def test_cancel_resets_the_progress_bar(dock, wait_worker, user_model, rng):
+    viewer, w = dock("Restore")
+    viewer.add_image(rng.random((20, 64, 64), dtype=np.float32), name="big")
+    w._model.value = user_model
+    w._tile.value = 32
+
+    def cancel_after_some(p):
+        if p.done >= 2:
+            w.cancel()
+
+    worker = w.start()
+    worker.yielded.connect(cancel_after_some)
+    wait_worker(worker)
+    assert "cancelled" in w._status.value and w._progress.value == 0
+
+
+def _dock_of(widget):
+    d = widget.native.parentWidget()
+    while d is not None and type(d).__name__ != "QtViewerDockWidget":
+        d = d.parentWidget()
+    return d
+
+
+@pytest.mark.parametrize("name", ["Restore", "Fine-tune", "Export model"])
+def test_a_long_error_does_not_widen_the_dock(dock, qtbot, name):
+    viewer, w = dock(name)
+    viewer.window._qt_window.resize(1200, 900)
+    viewer.window._qt_window.show()
+    qtbot.wait(50)
+    dock_widget = _dock_of(w)
+    before, window = dock_widget.width(), viewer.window._qt_window.width()
+    w._job._on_failed(type("F", (), {"error": ValueError("x"), "message": "/a/long/path/" * 25})())
+    qtbot.wait(50)
+    assert dock_widget.width() <= before and viewer.window._qt_window.width() == window
+    assert w._status.value == "/a/long/path/" * 25  # the text is all there, wrapped over several lines:
+    assert w._status.native.height() >= 3 * w._status.native.fontMetrics().height()
+
+
+def test_the_three_docks_fit_a_1000_px_screen(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    docks = [viewer.window.add_plugin_dock_widget("napari-memnet", n)[1] for n in ("Restore", "Fine-tune",
+                                                                                   "Export model")]
+    win = viewer.window._qt_window
+    win.show()
+    qtbot.wait(50)
+    assert win.minimumSizeHint().height() <= 900  # room left for the desktop's own bars
+    win.resize(1500, 900)
+    qtbot.wait(50)
+    assert win.height() <= 1000 and all(_dock_of(w).height() >= 150 for w in docks)  # none squeezed to its title
+
+
+def test_the_widget_warms_the_model_up_and_a_preview_waits_for_it(make_napari_viewer, wait_worker, user_model,
+                                                                    rng, monkeypatch, qtbot):
+    """Opening the widget (or picking a model) prepares the model in the background; a preview started
+    meanwhile waits for it instead of preparing the model a second time."""
+    from napari_memnet._restore_widget import WARM_PX, RestoreWidget
+
+    calls, gate = [], threading.Event()
+
+    def fake_restore(data, model, **kw):
+        calls.append((data.shape, model, kw.get("device")))
+        if data.shape == (WARM_PX, WARM_PX):
+            assert gate.wait(30)
+        return np.zeros(data.shape, np.float32)
+
+    def fake_restore_plane(data, model, lead, **kw):
+        return fake_restore(data, model, **kw)
+
+    monkeypatch.setattr(memnet, "restore", fake_restore)
+    monkeypatch.setattr(memnet, "restore_plane", fake_restore_plane)
+    viewer = make_napari_viewer()
+    viewer.add_image(rng.random((40, 50), dtype=np.float32), name="img")
+    w = RestoreWidget(viewer)
+    qtbot.waitUntil(lambda: len(calls) == 1, timeout=10_000)
+    assert calls == [((WARM_PX, WARM_PX), "microscopy", "auto")]
+    w._model.value = user_model  # a new model: warmed up too
+    qtbot.waitUntil(lambda: len(calls) == 2, timeout=10_000)
+    assert calls[-1] == ((WARM_PX, WARM_PX), user_model, "auto")
+    worker = w.start(preview=True)
+    assert w._warming.is_alive() and len(calls) == 2  # the preview waits for the warm-up
+    gate.set()
+    wait_worker(worker)
+    assert calls[-1] == ((40, 50), user_model, "auto") and "preview" in w._status.value
