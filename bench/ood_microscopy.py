@@ -43,19 +43,35 @@ def _bm3d(noisy: np.ndarray, clean: np.ndarray) -> np.ndarray:
     return bm3d.bm3d(noisy, sigma_psd=sigma)
 
 
-def _finetuned(base: str, mode: str, minutes: float, kept: set):
-    """A method: fine-tune ``base`` on the image itself, then restore it with whatever the user ends with."""
+def _finetuned(base: str, mode: str, minutes: float, kept: set, decisions: dict):
+    """A method: fine-tune ``base`` on the image itself, then restore it with whatever the user ends with.
+    ``decisions[name]``: the publish decision (criterion gain ± SE), the mode that ran, and the real PSNR of
+    the starting model and of the candidate (scored even when it was not published)."""
     from memnet.finetune import FinetuneConfig, NoiseCorrelated, NotImproved, finetune
+    from memnet.zoo import user_model_dir
+
+    base_model, _ = memnet.load_model(base)
 
     def run(x, c, name):
         cfg = FinetuneConfig(model=base, mode=mode, name=f"bench-{mode}-{name}", minutes=minutes, device="cpu",
                              overwrite=True)
+        logs = []
         try:
-            model, _ = memnet.load_model(finetune(cfg, x.astype(np.float32)))
+            path = finetune(cfg, x.astype(np.float32), log=logs.append)
+            model, _ = memnet.load_model(path)
+            d = path.decision
         except NotImproved as e:  # the user keeps the starting model
             kept.add(name + (" (noise check)" if isinstance(e, NoiseCorrelated) else ""))
-            model, _ = memnet.load_model(base)
-        return predictor(model)(percentile_normalize(x))
+            model, d = base_model, e.decision
+        xn = percentile_normalize(x)
+        rec = {"decision": None if d is None else d.as_dict(),
+               "mode": next((ln.split("mode ")[1].split(" ")[0] for ln in logs if ln.startswith("auto: ")), mode),
+               "base_psnr": psnr(affine_fit(predictor(base_model)(xn), c), c)}
+        cand = user_model_dir() / ".runs" / cfg.name / "best.safetensors"
+        if d is not None and cand.exists():
+            rec["candidate_psnr"] = psnr(affine_fit(predictor(memnet.load_model(cand)[0])(xn), c), c)
+        decisions[name] = rec
+        return predictor(model)(xn)
 
     return run
 
@@ -86,8 +102,10 @@ def main() -> None:
         label = info.name if spec == info.name or not spec.endswith(".safetensors") else f"{info.name} ({spec})"
         methods[label] = lambda x, c, pred=pred: pred(percentile_normalize(x))
     kept = {m: set() for m in args.finetune}
+    decisions = {m: {} for m in args.finetune}
     for mode in args.finetune:
-        methods[f"+ {mode} {args.minutes:g} min"] = _finetuned(args.models[0], mode, args.minutes, kept[mode])
+        methods[f"+ {mode} {args.minutes:g} min"] = _finetuned(args.models[0], mode, args.minutes, kept[mode],
+                                                               decisions[mode])
     if args.careamics:
         methods[f"CAREamics N2V {args.minutes:g} min"] = None  # its figures are read at the end
     rows = [(n.stem, n, c) for n, c in ood_pairs(root / "microscopy_ood") if not args.images or n.stem in args.images]
@@ -115,8 +133,10 @@ def main() -> None:
             scores[m][r["image"]] = r["psnr"]
             secs[m] += r["train_s"] + r["predict_s"]
     _table(methods, scores, secs, rows, kept)
+    for mode, recs in decisions.items():
+        _decisions(mode, recs, scores.get(f"CAREamics N2V {args.minutes:g} min", {}))
     if args.save:
-        Path(args.save).write_text(json.dumps({"scores": scores, "seconds": secs,
+        Path(args.save).write_text(json.dumps({"scores": scores, "seconds": secs, "decisions": decisions,
                                                "kept": {k: sorted(v) for k, v in kept.items()}}, indent=1))
 
 
@@ -152,6 +172,32 @@ def _table(methods, scores, secs, rows, kept) -> None:
     for mode, names in kept.items():
         print(f"# {mode}: * = not published, the starting model kept: {len(names)}/{len(ood)} images: "
               + ", ".join(sorted(names)))
+
+
+def _decisions(mode: str, recs: dict, peer: dict) -> None:
+    """Per image: the mode that ran, the publish decision with the criterion's gain ± standard error, the
+    candidate's real PSNR change (published or not) and what the user ends with; then how well the
+    criterion's gain tracks the real change."""
+    print(f"\n# fine-tune {mode}: publish decisions (criterion gain on held-out crops) vs the real PSNR change")
+    print("| image | mode | decision | criterion gain (dB) | candidate's real change (dB) | user's change (dB) |"
+          + (" vs CAREamics (dB) |" if peer else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if peer else ""))
+    pairs = []
+    for name, r in recs.items():
+        d = r["decision"]
+        real = r.get("candidate_psnr", r["base_psnr"]) - r["base_psnr"]
+        mine = real if d and d["published"] else 0.0
+        crit = "—" if d is None else f"{d['gain']:+.3f} ± {d['se']:.3f} ({d['crops']} crops)"
+        what = "refused (noise check)" if d is None else ("published" if d["published"] else "kept start")
+        ahead = f" {r['base_psnr'] + mine - peer[name]:+.2f} |" if name in peer else (" — |" if peer else "")
+        print(f"| {name} | {r['mode']} | {what} | {crit} | {real:+.2f} | {mine:+.2f} |{ahead}")
+        if d is not None and "candidate_psnr" in r:
+            pairs.append((d["gain"], real))
+    if len(pairs) >= 3:
+        g, t = np.array(pairs).T
+        rank = np.corrcoef(np.argsort(np.argsort(g)), np.argsort(np.argsort(t)))[0, 1]
+        print(f"# criterion gain vs real change over {len(pairs)} images: Pearson {np.corrcoef(g, t)[0, 1]:+.2f}, "
+              f"Spearman {rank:+.2f}; sign agrees on {int(np.sum(np.sign(g) == np.sign(t)))}/{len(pairs)}")
 
 
 if __name__ == "__main__":

@@ -156,13 +156,18 @@ def test_cli_paired_from_folders_with_include(base_model, tmp_path, rng, capsys)
     assert re.search(r"no TIFF or Zarr images in .*noisy matching '_999_'", capsys.readouterr().err)
 
 
-def test_single_images_hold_out_a_strip_at_least_one_patch_tall(rng):
+def test_single_images_hold_out_bands_one_patch_tall_spread_over_the_image(rng):
     from memnet.finetune import _split
 
-    img = rng.random((100, 64)).astype(np.float32)
+    img = np.arange(100 * 64, dtype=np.float32).reshape(100, 64)  # value = row * 64 + column
     train, val = _split([(img, img)], 0.1, rng, patch=24)
-    assert train[0][0].shape == (76, 64) and val[0][0].shape == (24, 64)  # 10% would be 10 rows
-    np.testing.assert_array_equal(np.concatenate([train[0][0], val[0][0]]), img)  # disjoint, complete
+    assert [v[0].shape for v in val] == [(24, 64)]  # 10% would be 10 rows: one band, a patch tall
+    assert val[0][0][0, 0] == 48 * 64  # the middle band, not an edge
+    assert [t[0].shape for t in train] == [(48, 64), (28, 64)]
+    rows = np.concatenate([a[0][:, 0] for a in train + val]) // 64
+    assert sorted(rows.tolist()) == list(range(100))  # disjoint, complete
+    train, val = _split([(img[:96], img[:96])], 0.5, rng, patch=16)  # 6 bands, 3 held out, evenly spaced
+    assert [int(v[0][0, 0]) // 64 for v in val] == [16, 48, 80]
     with pytest.raises(ValueError, match="too small to hold out a validation strip"):
         _split([(img[:40], img[:40])], 0.1, rng, patch=24)
 
