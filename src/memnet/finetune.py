@@ -53,7 +53,7 @@ class Decision:
     gain: float  # mean per-crop gain, dB
     se: float  # its standard error, dB
     crops: int
-    criterion: str  # the mode's held-out criterion ("subsample", "blindspot", "target")
+    criterion: str  # the mode's held-out criterion ("subsample", "strided", "target")
     baseline: float = float("nan")  # the starting model's score on the decision crops, dB
     score: float = float("nan")  # the candidate's
     z: float = Z_MARGIN
@@ -360,16 +360,20 @@ class _HeldOut:
     pooled error) and the other half decide publication (``errors``: per-crop errors for the paired test),
     so the decision is not inflated by picking the best of many validations on the same crops."""
 
-    SELECT_DRAWS, DECIDE_DRAWS, MAX_CROPS, SPLIT_FROM = 2, 8, 48, 12
+    SELECT_DRAWS, DECIDE_DRAWS, MAX_CROPS, SPLIT_FROM, MIN_CROPS, MIN_SIZE = 2, 8, 48, 12, 8, 12
 
     def __init__(self, mode: Mode, val_items: list, patch: int, seed: int):
-        size = min(patch * (1 if mode.criterion == "target" else 2), min(min(it[0].shape) for it in val_items))
-        crops = []
-        for it in val_items:
-            arrs = it if isinstance(it, tuple) else (it, it)
-            h, w = arrs[0].shape
-            crops += [tuple(a[y:y + size, x:x + size] for a in arrs[:2])
-                      for y in range(0, h - size + 1, size) for x in range(0, w - size + 1, size)]
+        size = min(patch * mode.held_out_scale, min(min(it[0].shape) for it in val_items))
+        while True:  # smaller crops where the held-out data give too few for a standard error
+            crops = []
+            for it in val_items:
+                arrs = it if isinstance(it, tuple) else (it, it)
+                h, w = arrs[0].shape
+                crops += [tuple(a[y:y + size, x:x + size] for a in arrs[:2])
+                          for y in range(0, h - size + 1, size) for x in range(0, w - size + 1, size)]
+            if len(crops) >= self.MIN_CROPS or size < 2 * self.MIN_SIZE:
+                break
+            size = size // 4 * 2
         if len(crops) > self.MAX_CROPS:
             crops = [crops[i] for i in np.linspace(0, len(crops) - 1, self.MAX_CROPS).round().astype(int)]
         split = len(crops) >= self.SPLIT_FROM
@@ -432,7 +436,8 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
     patch = cfg.patch * mode.patch_scale
     if min(min(it[0].shape) for it in items) < patch:
         raise ValueError(f"images are smaller than the patch size {patch}: use a smaller --patch")
-    train_items, val_items = _split(items, cfg.val_fraction, rng, patch)
+    band = min(cfg.patch * mode.held_out_scale, min(it[0].shape[0] for it in items) // 3)  # strided: large
+    train_items, val_items = _split(items, cfg.val_fraction, rng, max(patch, band))
     sampler = PatchSampler(info.task, [], train_items, patch, seed=cfg.seed, pairs_only=True)
     held_out = _HeldOut(mode, val_items, cfg.patch, cfg.seed)
     base_errors = held_out.errors(model, dev)  # the starting model, for the paired publish decision
