@@ -86,7 +86,8 @@ def main() -> None:
                     help="self-supervised fine-tune of the first model on each OOD image alone")
     ap.add_argument("--minutes", type=float, default=3.0, help="fine-tuning budget per image [3]")
     ap.add_argument("--threads", type=int, default=1, help="torch threads [1]")
-    ap.add_argument("--careamics", help="JSON lines of bench/careamics_n2v.py (same minutes and threads)")
+    ap.add_argument("--careamics", help="JSON lines of bench/careamics_n2v.py (same threads)")
+    ap.add_argument("--careamics-minutes", type=float, help="the minutes CAREamics trained [--minutes]")
     ap.add_argument("--save", help="also write the per-image scores as JSON here")
     ap.add_argument("--images", nargs="*", help="only these microscopy_ood names (default: all)")
     args = ap.parse_args()
@@ -107,7 +108,7 @@ def main() -> None:
         methods[f"+ {mode} {args.minutes:g} min"] = _finetuned(args.models[0], mode, args.minutes, kept[mode],
                                                                decisions[mode])
     if args.careamics:
-        methods[f"CAREamics N2V {args.minutes:g} min"] = None  # its figures are read at the end
+        methods[f"CAREamics N2V {args.careamics_minutes or args.minutes:g} min"] = None  # read at the end
     rows = [(n.stem, n, c) for n, c in ood_pairs(root / "microscopy_ood") if not args.images or n.stem in args.images]
     if not args.no_w2s:
         rows += [("W2S " + n.stem.replace("input_avg1_", ""), n, c)
@@ -127,14 +128,14 @@ def main() -> None:
         print(f"# {name}: " + ", ".join(f"{m} {scores[m][name]:.2f}" for m in methods if name in scores[m]),
               file=sys.stderr, flush=True)
     if args.careamics:  # read now: the peer may have been running beside this script
-        m = f"CAREamics N2V {args.minutes:g} min"
+        m = f"CAREamics N2V {args.careamics_minutes or args.minutes:g} min"
         lines = [ln for ln in Path(args.careamics).read_text().splitlines() if ln.startswith("{")]  # skip its logs
         for r in map(json.loads, lines):
             scores[m][r["image"]] = r["psnr"]
             secs[m] += r["train_s"] + r["predict_s"]
     _table(methods, scores, secs, rows, kept)
     for mode, recs in decisions.items():
-        _decisions(mode, recs, scores.get(f"CAREamics N2V {args.minutes:g} min", {}))
+        _decisions(mode, recs, scores.get(f"CAREamics N2V {args.careamics_minutes or args.minutes:g} min", {}))
     if args.save:
         Path(args.save).write_text(json.dumps({"scores": scores, "seconds": secs, "decisions": decisions,
                                                "kept": {k: sorted(v) for k, v in kept.items()}}, indent=1))

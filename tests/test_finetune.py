@@ -389,9 +389,11 @@ def test_the_cli_refuses_correlated_noise_with_exit_3_and_modes_with_a_second_vi
     tifffile.imwrite(data, _microscope(rng, True))
     args = ["finetune", "--model", "microscopy", "--data", str(data), "--steps", "2", "--val-every", "1",
             "--patch", "24", "--batch", "2", "--device", "cpu", "--publish", "always"]
-    assert main([*args, "-o", "c1"]) == 3
+    assert main([*args, "-o", "c1", "--mode", "nbr2nbr"]) == 3
     assert "--no-noise-check" in capsys.readouterr().out
-    assert main([*args, "-o", "c2", "--no-noise-check"]) == 0
+    assert main([*args, "-o", "c2", "--mode", "nbr2nbr", "--no-noise-check"]) == 0
+    assert main([*args, "-o", "c4"]) == 0  # the default, auto, trains structured blind spots instead
+    assert "auto: correlated noise, so mode structn2v" in capsys.readouterr().out
     assert main([*args, "-o", "c3", "--mode", "adjacent"]) == 0  # planes as the two views: no check
 
 
@@ -449,8 +451,9 @@ def test_struct_blind_spot_hides_a_block_with_pixels_from_outside_it(rng):
 @pytest.mark.noise_check
 def test_auto_picks_structn2v_on_correlated_noise_and_it_improves_where_nbr2nbr_learns_the_noise(rng):
     """White noise blurred by a 3x3 kernel: the noise check finds the correlation and `auto` trains
-    structured blind spots, which beat the starting model against the clean image; nbr2nbr forced on the
-    same data scores a gain on its own criterion while it learns the noise and lowers the real PSNR."""
+    structured blind spots, which beat the starting model against the clean image (29.7 -> 34.1 dB when
+    written); nbr2nbr forced on the same data scores a gain on its own criterion while it learns the
+    noise and lowers the real PSNR (-> 27.8)."""
     from scipy.ndimage import convolve1d
 
     from memnet.degrade import psnr
@@ -472,6 +475,5 @@ def test_auto_picks_structn2v_on_correlated_noise_and_it_improves_where_nbr2nbr_
     assert any(line.startswith("auto: correlated noise, so mode structn2v") for line in logs)
     forced = finetune(FinetuneConfig(name="n2n-forced", mode="nbr2nbr", noise_check=False, **cfg), noisy)
     base = real("microscopy")
-    assert auto.decision.published and not auto.decision.forced
-    assert real(str(auto)) > base + 0.5
-    assert forced.decision.gain > 0 and real(str(forced)) < base
+    assert real(str(auto)) > base + 2
+    assert forced.decision.gain > 0 and real(str(forced)) < base - 1
