@@ -240,7 +240,7 @@ class Synthetic(Mode):
 
 
 # The order the CLI lists and the widget offers: single-image self-supervised modes first, best first.
-MODES.update({n: MODES.pop(n) for n in ("nbr2nbr", "structn2v", "n2v2", "n2v", "adjacent", "synthetic", "paired",
+MODES.update({n: MODES.pop(n) for n in ("nbr2nbr", "n2v2", "n2v", "structn2v", "adjacent", "synthetic", "paired",
                                          "n2n")})
 
 
