@@ -82,6 +82,9 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["microscopy"], help="zoo names or .safetensors paths")
     ap.add_argument("--bm3d", action="store_true", help="add BM3D at its best-case sigma (slow)")
     ap.add_argument("--no-w2s", action="store_true", help="skip W2S 031-040")
+    ap.add_argument("--no-ood", action="store_true", help="skip microscopy_ood")
+    ap.add_argument("--w2s-channels", type=int, nargs="+", default=[0, 1, 2], help="W2S channels [0 1 2]")
+    ap.add_argument("--finetune-w2s", action="store_true", help="fine-tune on each W2S image too")
     ap.add_argument("--finetune", nargs="*", default=[], metavar="MODE",
                     help="self-supervised fine-tune of the first model on each OOD image alone")
     ap.add_argument("--minutes", type=float, default=3.0, help="fine-tuning budget per image [3]")
@@ -109,17 +112,18 @@ def main() -> None:
                                                                decisions[mode])
     if args.careamics:
         methods[f"CAREamics N2V {args.careamics_minutes or args.minutes:g} min"] = None  # read at the end
-    rows = [(n.stem, n, c) for n, c in ood_pairs(root / "microscopy_ood") if not args.images or n.stem in args.images]
+    rows = [] if args.no_ood else [(n.stem, n, c) for n, c in ood_pairs(root / "microscopy_ood")
+                                   if not args.images or n.stem in args.images]
     if not args.no_w2s:
         rows += [("W2S " + n.stem.replace("input_avg1_", ""), n, c)
-                 for n, c in w2s_pairs(root / "W2S_train_8bit", range(31, 41))]
+                 for n, c in w2s_pairs(root / "W2S_train_8bit", range(31, 41), args.w2s_channels)]
     scores = {m: {} for m in methods}
     secs = {m: 0.0 for m in methods}
     for name, n, c in rows:
         noisy = tifffile.imread(n).astype(np.float64)
         clean = tifffile.imread(c).astype(np.float64)
         for m, fn in methods.items():
-            if fn is None or (m.startswith("+ ") and name.startswith("W2S")):
+            if fn is None or (m.startswith("+ ") and name.startswith("W2S") and not args.finetune_w2s):
                 continue  # the peer comes from its own venv; per-image fine-tuning is for the other microscopes
             t0 = time.perf_counter()
             res = fn(noisy, clean, name) if m.startswith("+ ") else fn(noisy, clean)
@@ -157,9 +161,10 @@ def _table(methods, scores, secs, rows, kept) -> None:
 
     for k in ood:
         print(f"| {k} | " + " | ".join(cell(m, k) for m in methods) + " |")
-    print("| **OOD mean** | " + " | ".join(
-        f"**{np.mean([scores[m][k] for k in ood]):.2f}**" if all(k in scores[m] for k in ood) else "—"
-        for m in methods) + " |")
+    if ood:
+        print("| **OOD mean** | " + " | ".join(
+            f"**{np.mean([scores[m][k] for k in ood]):.2f}**" if all(k in scores[m] for k in ood) else "—"
+            for m in methods) + " |")
     if w2s:
         print(f"| W2S 031-040 mean ({len(w2s)}) | " + " | ".join(
             f"{np.mean([scores[m][k] for k in w2s]):.2f}" if all(k in scores[m] for k in w2s) else "—"
