@@ -175,8 +175,9 @@ def _register_finetune(sub) -> None:
     f = sub.add_parser("finetune", help=f"fine-tune a model on your own data ({', '.join(MODES)})",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Fine-tune a model on your data; the result goes to the user model directory, "
-                       "and only if it beats the starting model on a held-out part of your data (exit 3 when it "
-                       "does not: nothing is published). Modes:\n" + "\n".join(
+                       "and only if it beats the starting model clearly on held-out crops of your data (mean gain "
+                       "above --z standard errors; exit 3 when it does not: nothing is published). Modes (default "
+                       "auto: nbr2nbr, or structn2v where the noise is correlated between neighbours):\n" + "\n".join(
                            textwrap.fill(m.help, 100, initial_indent=f"  {n:11s}", subsequent_indent=" " * 13)
                            for n, m in MODES.items()))
     f.add_argument("--model", default="microscopy", help="model to start from [microscopy]")
