@@ -129,8 +129,11 @@ def main() -> None:
             res = fn(noisy, clean, name) if m.startswith("+ ") else fn(noisy, clean)
             secs[m] += time.perf_counter() - t0
             scores[m][name] = psnr(affine_fit(res, clean), clean)
-        print(f"# {name}: " + ", ".join(f"{m} {scores[m][name]:.2f}" for m in methods if name in scores[m]),
-              file=sys.stderr, flush=True)
+        said = [f"{mode}: {r['mode']} {'published' if r['decision'] and r['decision']['published'] else 'kept'}"
+                + (f" {r['decision']['gain']:+.3f} ± {r['decision']['se']:.3f}" if r["decision"] else "")
+                for mode, recs in decisions.items() for r in [recs.get(name)] if r]
+        print(f"# {name}: " + ", ".join(f"{m} {scores[m][name]:.2f}" for m in methods if name in scores[m])
+              + "".join(f"; {d}" for d in said), file=sys.stderr, flush=True)
     if args.careamics:  # read now: the peer may have been running beside this script
         m = f"CAREamics N2V {args.careamics_minutes or args.minutes:g} min"
         lines = [ln for ln in Path(args.careamics).read_text().splitlines() if ln.startswith("{")]  # skip its logs
