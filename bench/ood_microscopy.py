@@ -43,19 +43,35 @@ def _bm3d(noisy: np.ndarray, clean: np.ndarray) -> np.ndarray:
     return bm3d.bm3d(noisy, sigma_psd=sigma)
 
 
-def _finetuned(base: str, mode: str, minutes: float, kept: set):
-    """A method: fine-tune ``base`` on the image itself, then restore it with whatever the user ends with."""
+def _finetuned(base: str, mode: str, minutes: float, kept: set, decisions: dict):
+    """A method: fine-tune ``base`` on the image itself, then restore it with whatever the user ends with.
+    ``decisions[name]``: the publish decision (criterion gain ± SE), the mode that ran, and the real PSNR of
+    the starting model and of the candidate (scored even when it was not published)."""
     from memnet.finetune import FinetuneConfig, NoiseCorrelated, NotImproved, finetune
+    from memnet.zoo import user_model_dir
+
+    base_model, _ = memnet.load_model(base)
 
     def run(x, c, name):
         cfg = FinetuneConfig(model=base, mode=mode, name=f"bench-{mode}-{name}", minutes=minutes, device="cpu",
                              overwrite=True)
+        logs = []
         try:
-            model, _ = memnet.load_model(finetune(cfg, x.astype(np.float32)))
+            path = finetune(cfg, x.astype(np.float32), log=logs.append)
+            model, _ = memnet.load_model(path)
+            d = path.decision
         except NotImproved as e:  # the user keeps the starting model
             kept.add(name + (" (noise check)" if isinstance(e, NoiseCorrelated) else ""))
-            model, _ = memnet.load_model(base)
-        return predictor(model)(percentile_normalize(x))
+            model, d = base_model, e.decision
+        xn = percentile_normalize(x)
+        rec = {"decision": None if d is None else d.as_dict(),
+               "mode": next((ln.split("mode ")[1].split(" ")[0] for ln in logs if ln.startswith("auto: ")), mode),
+               "base_psnr": psnr(affine_fit(predictor(base_model)(xn), c), c)}
+        cand = user_model_dir() / ".runs" / cfg.name / "best.safetensors"
+        if d is not None and cand.exists():
+            rec["candidate_psnr"] = psnr(affine_fit(predictor(memnet.load_model(cand)[0])(xn), c), c)
+        decisions[name] = rec
+        return predictor(model)(xn)
 
     return run
 
@@ -66,11 +82,15 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["microscopy"], help="zoo names or .safetensors paths")
     ap.add_argument("--bm3d", action="store_true", help="add BM3D at its best-case sigma (slow)")
     ap.add_argument("--no-w2s", action="store_true", help="skip W2S 031-040")
+    ap.add_argument("--no-ood", action="store_true", help="skip microscopy_ood")
+    ap.add_argument("--w2s-channels", type=int, nargs="+", default=[0, 1, 2], help="W2S channels [0 1 2]")
+    ap.add_argument("--finetune-w2s", action="store_true", help="fine-tune on each W2S image too")
     ap.add_argument("--finetune", nargs="*", default=[], metavar="MODE",
                     help="self-supervised fine-tune of the first model on each OOD image alone")
     ap.add_argument("--minutes", type=float, default=3.0, help="fine-tuning budget per image [3]")
     ap.add_argument("--threads", type=int, default=1, help="torch threads [1]")
-    ap.add_argument("--careamics", help="JSON lines of bench/careamics_n2v.py (same minutes and threads)")
+    ap.add_argument("--careamics", help="JSON lines of bench/careamics_n2v.py (same threads)")
+    ap.add_argument("--careamics-minutes", type=float, help="the minutes CAREamics trained [--minutes]")
     ap.add_argument("--save", help="also write the per-image scores as JSON here")
     ap.add_argument("--images", nargs="*", help="only these microscopy_ood names (default: all)")
     args = ap.parse_args()
@@ -86,37 +106,45 @@ def main() -> None:
         label = info.name if spec == info.name or not spec.endswith(".safetensors") else f"{info.name} ({spec})"
         methods[label] = lambda x, c, pred=pred: pred(percentile_normalize(x))
     kept = {m: set() for m in args.finetune}
+    decisions = {m: {} for m in args.finetune}
     for mode in args.finetune:
-        methods[f"+ {mode} {args.minutes:g} min"] = _finetuned(args.models[0], mode, args.minutes, kept[mode])
+        methods[f"+ {mode} {args.minutes:g} min"] = _finetuned(args.models[0], mode, args.minutes, kept[mode],
+                                                               decisions[mode])
     if args.careamics:
-        methods[f"CAREamics N2V {args.minutes:g} min"] = None  # its figures are read at the end
-    rows = [(n.stem, n, c) for n, c in ood_pairs(root / "microscopy_ood") if not args.images or n.stem in args.images]
+        methods[f"CAREamics N2V {args.careamics_minutes or args.minutes:g} min"] = None  # read at the end
+    rows = [] if args.no_ood else [(n.stem, n, c) for n, c in ood_pairs(root / "microscopy_ood")
+                                   if not args.images or n.stem in args.images]
     if not args.no_w2s:
         rows += [("W2S " + n.stem.replace("input_avg1_", ""), n, c)
-                 for n, c in w2s_pairs(root / "W2S_train_8bit", range(31, 41))]
+                 for n, c in w2s_pairs(root / "W2S_train_8bit", range(31, 41), args.w2s_channels)]
     scores = {m: {} for m in methods}
     secs = {m: 0.0 for m in methods}
     for name, n, c in rows:
         noisy = tifffile.imread(n).astype(np.float64)
         clean = tifffile.imread(c).astype(np.float64)
         for m, fn in methods.items():
-            if fn is None or (m.startswith("+ ") and name.startswith("W2S")):
+            if fn is None or (m.startswith("+ ") and name.startswith("W2S") and not args.finetune_w2s):
                 continue  # the peer comes from its own venv; per-image fine-tuning is for the other microscopes
             t0 = time.perf_counter()
             res = fn(noisy, clean, name) if m.startswith("+ ") else fn(noisy, clean)
             secs[m] += time.perf_counter() - t0
             scores[m][name] = psnr(affine_fit(res, clean), clean)
-        print(f"# {name}: " + ", ".join(f"{m} {scores[m][name]:.2f}" for m in methods if name in scores[m]),
-              file=sys.stderr, flush=True)
+        said = [f"{mode}: {r['mode']} {'published' if r['decision'] and r['decision']['published'] else 'kept'}"
+                + (f" {r['decision']['gain']:+.3f} ± {r['decision']['se']:.3f}" if r["decision"] else "")
+                for mode, recs in decisions.items() for r in [recs.get(name)] if r]
+        print(f"# {name}: " + ", ".join(f"{m} {scores[m][name]:.2f}" for m in methods if name in scores[m])
+              + "".join(f"; {d}" for d in said), file=sys.stderr, flush=True)
     if args.careamics:  # read now: the peer may have been running beside this script
-        m = f"CAREamics N2V {args.minutes:g} min"
+        m = f"CAREamics N2V {args.careamics_minutes or args.minutes:g} min"
         lines = [ln for ln in Path(args.careamics).read_text().splitlines() if ln.startswith("{")]  # skip its logs
         for r in map(json.loads, lines):
             scores[m][r["image"]] = r["psnr"]
             secs[m] += r["train_s"] + r["predict_s"]
     _table(methods, scores, secs, rows, kept)
+    for mode, recs in decisions.items():
+        _decisions(mode, recs, scores.get(f"CAREamics N2V {args.careamics_minutes or args.minutes:g} min", {}))
     if args.save:
-        Path(args.save).write_text(json.dumps({"scores": scores, "seconds": secs,
+        Path(args.save).write_text(json.dumps({"scores": scores, "seconds": secs, "decisions": decisions,
                                                "kept": {k: sorted(v) for k, v in kept.items()}}, indent=1))
 
 
@@ -136,9 +164,10 @@ def _table(methods, scores, secs, rows, kept) -> None:
 
     for k in ood:
         print(f"| {k} | " + " | ".join(cell(m, k) for m in methods) + " |")
-    print("| **OOD mean** | " + " | ".join(
-        f"**{np.mean([scores[m][k] for k in ood]):.2f}**" if all(k in scores[m] for k in ood) else "—"
-        for m in methods) + " |")
+    if ood:
+        print("| **OOD mean** | " + " | ".join(
+            f"**{np.mean([scores[m][k] for k in ood]):.2f}**" if all(k in scores[m] for k in ood) else "—"
+            for m in methods) + " |")
     if w2s:
         print(f"| W2S 031-040 mean ({len(w2s)}) | " + " | ".join(
             f"{np.mean([scores[m][k] for k in w2s]):.2f}" if all(k in scores[m] for k in w2s) else "—"
@@ -152,6 +181,32 @@ def _table(methods, scores, secs, rows, kept) -> None:
     for mode, names in kept.items():
         print(f"# {mode}: * = not published, the starting model kept: {len(names)}/{len(ood)} images: "
               + ", ".join(sorted(names)))
+
+
+def _decisions(mode: str, recs: dict, peer: dict) -> None:
+    """Per image: the mode that ran, the publish decision with the criterion's gain ± standard error, the
+    candidate's real PSNR change (published or not) and what the user ends with; then how well the
+    criterion's gain tracks the real change."""
+    print(f"\n# fine-tune {mode}: publish decisions (criterion gain on held-out crops) vs the real PSNR change")
+    print("| image | mode | decision | criterion gain (dB) | candidate's real change (dB) | user's change (dB) |"
+          + (" vs CAREamics (dB) |" if peer else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if peer else ""))
+    pairs = []
+    for name, r in recs.items():
+        d = r["decision"]
+        real = r.get("candidate_psnr", r["base_psnr"]) - r["base_psnr"]
+        mine = real if d and d["published"] else 0.0
+        crit = "—" if d is None else f"{d['gain']:+.3f} ± {d['se']:.3f} ({d['crops']} crops)"
+        what = "refused (noise check)" if d is None else ("published" if d["published"] else "kept start")
+        ahead = f" {r['base_psnr'] + mine - peer[name]:+.2f} |" if name in peer else (" — |" if peer else "")
+        print(f"| {name} | {r['mode']} | {what} | {crit} | {real:+.2f} | {mine:+.2f} |{ahead}")
+        if d is not None and "candidate_psnr" in r:
+            pairs.append((d["gain"], real))
+    if len(pairs) >= 3:
+        g, t = np.array(pairs).T
+        rank = np.corrcoef(np.argsort(np.argsort(g)), np.argsort(np.argsort(t)))[0, 1]
+        print(f"# criterion gain vs real change over {len(pairs)} images: Pearson {np.corrcoef(g, t)[0, 1]:+.2f}, "
+              f"Spearman {rank:+.2f}; sign agrees on {int(np.sum(np.sign(g) == np.sign(t)))}/{len(pairs)}")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                          val_fraction=args.val_fraction, val_every=args.val_every, patience=args.patience,
                          mask_fraction=args.mask_fraction, bn=args.bn, publish=args.publish, axes=args.axes,
                          include=args.include, max_planes=args.max_planes, device=args.device, amp=args.amp,
-                         seed=args.seed, overwrite=args.overwrite, noise_check=args.noise_check)
+                         seed=args.seed, overwrite=args.overwrite, noise_check=args.noise_check, z=args.z)
     with _graceful_stop("the best model so far is saved") as stop:
         try:
             path = finetune(cfg, args.data, target=args.target, noisy2=args.data2, resume=args.resume,
@@ -179,17 +179,19 @@ def register(sub) -> None:
 
 def _register_finetune(sub) -> None:
     from .finetune import DEFAULT_MINUTES
-    from .finetune_modes import MODES
+    from .finetune_modes import AUTO, MODES
 
     f = sub.add_parser("finetune", help=f"fine-tune a model on your own data ({', '.join(MODES)})",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Fine-tune a model on your data; the result goes to the user model directory, "
-                       "and only if it beats the starting model on a held-out part of your data (exit 3 when it "
-                       "does not: nothing is published). Modes:\n" + "\n".join(
+                       "and only if it beats the starting model clearly on held-out crops of your data (mean gain "
+                       "above --z standard errors; exit 3 when it does not: nothing is published). Modes (default "
+                       "auto: nbr2nbr, or structn2v where the noise is correlated between neighbours):\n" + "\n".join(
                            textwrap.fill(m.help, 100, initial_indent=f"  {n:11s}", subsequent_indent=" " * 13)
                            for n, m in MODES.items()))
     f.add_argument("--model", default="microscopy", help="model to start from [microscopy]")
-    f.add_argument("--mode", default="nbr2nbr", choices=tuple(MODES), help="see above [nbr2nbr]")
+    f.add_argument("--mode", default=AUTO, choices=(AUTO, *MODES),
+                   help="see above; auto: nbr2nbr, or structn2v where the noise check finds correlated noise [auto]")
     f.add_argument("--data", required=True, help="noisy image, stack (TIFF/Zarr) or folder of them")
     f.add_argument("--target", help="clean counterpart of --data (paired; folders match in sorted order)")
     f.add_argument("--data2", help="second noisy acquisition of the same field (n2n)")
@@ -206,7 +208,11 @@ def _register_finetune(sub) -> None:
     f.add_argument("--batch", type=T.count(1, "a batch size"), default=8)
     f.add_argument("--lr", type=T.positive_float, default=3e-5,
                    help="learning rate; low adapts what the pretrained model knows [3e-5]")
-    f.add_argument("--val-fraction", type=T.fraction, default=0.1)
+    f.add_argument("--val-fraction", type=T.fraction, default=0.2,
+                   help="share of the data held out (spread bands of each image, or whole images) to judge the "
+                   "model: half chooses the checkpoint, half decides publication [0.2]")
+    f.add_argument("--z", type=T.positive_float, default=2.0,
+                   help="publish only when the held-out gain exceeds this many standard errors [2]")
     f.add_argument("--val-every", type=T.count(1, "a number of steps"), default=25)
     f.add_argument("--patience", type=T.count(1, "a number of validations"), default=5,
         help="validations without improvement before stopping")
@@ -218,7 +224,8 @@ def _register_finetune(sub) -> None:
                    help="train a sub-sampling or blind-spot mode (nbr2nbr, n2v, n2v2) even when the noise is "
                    "correlated between neighbouring pixels (by default refused: it makes the model worse)")
     f.add_argument("--publish", choices=("improved", "always"), default="improved",
-                   help="improved: save the model only if it beats the starting model on held-out data [improved]")
+                   help="improved: save the model only if it beats the starting model clearly on held-out data "
+                   "[improved]")
     f.add_argument("--axes", help="axis letters of the data, e.g. ZYX")
     f.add_argument("--device", default="auto")
     f.add_argument("--amp", choices=("auto", "on", "off"), default="auto",

@@ -1,10 +1,11 @@
 """Fine-tuning a model on a lab's own data (``memnet finetune`` and the Fine-tune widget).
 
 The modes (``memnet.finetune_modes.MODES``) range from clean pairs to the noisy data alone. Whatever the
-mode, a held-out part of the user's data scores the starting model first; the fine-tuned model is
-published to the user model directory only if it beats that score (``publish="improved"``, the
-default), so fine-tuning never leaves a user with a model worse than the one they started from on their
-own data. A time budget in minutes bounds the run (``minutes``); steps are optional.
+mode, held-out crops of the user's data score the starting model first; the fine-tuned model is
+published to the user model directory only if it beats the starting model clearly (``publish="improved"``,
+the default): the mean per-crop gain on crops that did not choose the checkpoint must exceed twice its
+standard error (a paired test, `publish_decision`), so a gain that is only noise keeps the starting
+model. A time budget in minutes bounds the run (``minutes``); steps are optional.
 """
 
 from __future__ import annotations
@@ -18,16 +19,16 @@ import numpy as np
 import torch
 
 from .finetune_modes import (
+    AUTO,
     MAX_EXCESS_CORRELATION,
+    MAX_LAG,
     MODES,
     Mode,
     fit_noise_model,
     get_mode,
     neighbour_correlation,
-    subsample_pairs,
 )
 from .fitloop import FitState, MixedPrecision, atomic_save, fit, hardware_name
-from .metrics import psnr
 from .normalize import Intensity
 from .outputs import check_output_path
 from .runtime import Cancelled, resolve_device
@@ -35,14 +36,71 @@ from .sources import input_format, is_zarr_path, open_input
 from .trainset import PatchSampler, list_files
 from .zoo import check_user_model_name, load_model, save_model, user_model_dir
 
-__all__ = ["FinetuneConfig", "FinetuneProgress", "finetune", "MODES", "fit_noise_model", "NotImproved",
-           "NoiseCorrelated"]
+__all__ = ["FinetuneConfig", "FinetuneProgress", "FinetuneResult", "Decision", "publish_decision", "finetune",
+           "MODES", "fit_noise_model", "NotImproved", "NoiseCorrelated"]
 
 DEFAULT_MINUTES = 5.0  # a CPU default: a few hundred steps of an M4R4C32 on 2 cores
+Z_MARGIN = 2.0  # publish when mean gain - Z_MARGIN * its standard error > 0 (about 97.5 % one-sided)
+MIN_GAIN_DB = 1e-3
+
+
+@dataclass
+class Decision:
+    """The publish decision: the candidate's gain over the starting model on held-out crops, in dB of the
+    mode's criterion, as mean ± standard error over ``crops`` paired per-crop gains."""
+
+    published: bool
+    gain: float  # mean per-crop gain, dB
+    se: float  # its standard error, dB
+    crops: int
+    criterion: str  # the mode's held-out criterion ("subsample", "strided", "target")
+    baseline: float = float("nan")  # the starting model's score on the decision crops, dB
+    score: float = float("nan")  # the candidate's
+    z: float = Z_MARGIN
+    forced: bool = False  # published with publish="always", whatever the test said
+
+    @property
+    def clear(self) -> bool:
+        return self.gain > MIN_GAIN_DB and self.gain - self.z * self.se > 0
+
+    def summary(self) -> str:
+        what = "published" if self.published else "kept the starting model"
+        return f"{what}: gain {self.gain:+.3f} ± {self.se:.3f} dB"
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def publish_decision(base_mse, new_mse, *, z: float = Z_MARGIN, criterion: str = "", always: bool = False) -> Decision:
+    """Paired test over held-out crops: ``base_mse``/``new_mse`` are the starting model's and the candidate's
+    errors on the same crops. Gain per crop = 10·log10(base/new) dB; publish when its mean exceeds ``z``
+    standard errors (and ``MIN_GAIN_DB``), or ``always``."""
+    b, n = np.asarray(base_mse, np.float64), np.asarray(new_mse, np.float64)
+    if b.shape != n.shape or b.ndim != 1 or not len(b):
+        raise ValueError(f"publish_decision needs the two models' errors on the same crops, got {b.shape} and "
+                         f"{n.shape}")
+    g = 10 * np.log10(np.maximum(b, 1e-12) / np.maximum(n, 1e-12))
+    se = float(g.std(ddof=1) / np.sqrt(len(g))) if len(g) > 1 else float("inf")
+    d = Decision(False, float(g.mean()), se, len(g), criterion, -10 * float(np.log10(max(b.mean(), 1e-12))),
+                 -10 * float(np.log10(max(n.mean(), 1e-12))), z)
+    d.published = d.clear or always
+    d.forced = always and not d.clear
+    return d
+
+
+class FinetuneResult(type(Path())):
+    """The published model's path (use it wherever a path goes), with the publish ``decision``."""
+
+    decision: Decision | None = None
 
 
 class NotImproved(Exception):
-    """The fine-tuned model did not beat the starting model on the held-out data: nothing was published."""
+    """The fine-tuned model did not beat the starting model on the held-out data: nothing was published.
+    ``decision`` holds the held-out figures (None when no candidate was trained)."""
+
+    def __init__(self, msg: str, decision: Decision | None = None):
+        super().__init__(msg)
+        self.decision = decision
 
 
 class NoiseCorrelated(NotImproved):
@@ -65,14 +123,14 @@ class FinetuneProgress:
 @dataclass
 class FinetuneConfig:
     model: str = "microscopy"
-    mode: str = "nbr2nbr"
+    mode: str = AUTO  # "auto": nbr2nbr, or structn2v where the noise is correlated between neighbours
     name: str = "finetuned"
     minutes: float | None = DEFAULT_MINUTES  # time budget of this session; None: steps only
     steps: int | None = None  # a step limit (with or without the time budget)
     patch: int = 32  # small, cheap steps: more of them, and more validations, in a CPU's minutes
     batch: int = 8
     lr: float = 3e-5  # low: adapt what the pretrained model knows, do not relearn it
-    val_fraction: float = 0.1
+    val_fraction: float = 0.2  # held-out crops: the publish decision's paired test needs several
     val_every: int = 25
     val_seconds: float | None = None  # also validate this often (None: 8 times in a time-only run)
     patience: int = 5  # validation rounds without improvement before stopping
@@ -87,6 +145,7 @@ class FinetuneConfig:
     max_planes: int = 64  # planes sampled from large stacks
     overwrite: bool = False  # replace an existing user model of the same name
     noise_check: bool = True  # refuse pixel-independent modes on noise correlated between neighbours
+    z: float = Z_MARGIN  # publish when gain - z * standard error > 0
 
 
 def _sources(data, include: str | None) -> list:
@@ -133,8 +192,9 @@ def _planes(data, axes, max_planes: int, policy: dict, include: str | None = Non
 
 
 def _split(items: list, fraction: float, rng, patch: int) -> tuple[list, list]:
-    """Hold out whole planes when there are several; else the bottom strip of each plane, at least one
-    patch tall (validation must never see training pixels, or early stopping measures memorisation)."""
+    """Hold out whole planes when there are several; else bands one patch tall spread over each plane
+    (validation must never see training pixels, or early stopping measures memorisation; spread, so the
+    held-out crops sample the whole field, not one edge of it)."""
     if len(items) >= 4:
         k = max(1, int(round(fraction * len(items))))
         order = rng.permutation(len(items))
@@ -145,15 +205,24 @@ def _split(items: list, fraction: float, rng, patch: int) -> tuple[list, list]:
     for it in items:
         arrs = it if isinstance(it, tuple) else (it,)
         h = arrs[0].shape[0]
-        cut = min(int(h * (1 - fraction)), h - patch)
-        if cut < patch:
+        n = h // patch
+        if n < 2:
             raise ValueError(f"a {h}-row image is too small to hold out a validation strip: with --patch {patch} "
                              f"it needs at least {2 * patch} rows; give more images (4 or more hold out whole "
                              "ones) or a smaller --patch")
-        tr = tuple(a[:cut] for a in arrs)
-        va = tuple(a[cut:] for a in arrs)
-        train.append(tr if isinstance(it, tuple) else tr[0])
-        val.append(va if isinstance(it, tuple) else va[0])
+        k = min(n - 1, max(1, int(round(fraction * n))))
+        held = {int((i + 0.5) * n / k) for i in range(k)}  # evenly spaced bands
+        rows, start = [], 0
+        for band in range(n + 1):  # contiguous training runs between the held-out bands
+            if band == n or band in held:
+                end = h if band == n else band * patch
+                if end - start >= patch:
+                    rows.append((start, end))
+                start = (band + 1) * patch
+        pieces = [(tuple(a[s0:s1] for a in arrs), train) for s0, s1 in rows]
+        pieces += [(tuple(a[b * patch:(b + 1) * patch] for a in arrs), val) for b in sorted(held)]
+        for part, dest in pieces:
+            dest.append(part if isinstance(it, tuple) else part[0])
     return train, val
 
 
@@ -192,15 +261,38 @@ def _check(cfg: FinetuneConfig, mode: Mode, target, noisy2) -> None:
         raise ValueError(f"publish must be 'improved' or 'always', got {cfg.publish!r}")
 
 
-def _items(cfg, mode: Mode, ctx: _Context, policy, noisy, target, noisy2) -> tuple[list, dict]:
-    """Training items of the mode, and what goes into the model's record about them."""
+def _variant(mode: Mode, **attrs) -> Mode:
+    """A copy of a registered mode with some attributes set (the registry's instances stay as they are)."""
+    m = type(mode)()
+    for k, v in attrs.items():
+        setattr(m, k, v)
+    return m
+
+
+def _items(cfg, mode: Mode, ctx: _Context, policy, noisy, target, noisy2) -> tuple[list, dict, Mode]:
+    """Training items of the mode, what goes into the model's record about them, and the mode itself
+    (``auto`` becomes ``structn2v`` where the noise is correlated; ``structn2v`` gets the measured extent)."""
     if mode.stack_pairs:
         pairs = _planes(noisy, cfg.axes, cfg.max_planes, policy, cfg.include, neighbours=True)
         _check_not_constant([p for pair in pairs for p in pair])
-        return pairs, ctx.record
+        return pairs, ctx.record, mode
     planes = _planes(noisy, cfg.axes, cfg.max_planes, policy, cfg.include)
     _check_not_constant(planes)
-    if mode.pixel_independent and cfg.noise_check:
+    if mode.name == "structn2v":
+        ctx.log("checking the noise…")
+        extent = _noise_check(ctx, planes, mode, refuse=False) if cfg.noise_check else 0
+        mode = _variant(mode, extent=max(1, extent))
+        ctx.log(f"structn2v: blind blocks of {2 * mode.extent + 1}x{2 * mode.extent + 1} pixels")
+    elif cfg.mode == AUTO and cfg.noise_check:
+        ctx.log("checking the noise…")
+        extent = _noise_check(ctx, planes, mode, refuse=False)
+        if extent:
+            mode = _variant(get_mode("structn2v"), extent=extent)
+            ctx.log(f"auto: correlated noise, so mode structn2v (blind blocks of {2 * extent + 1}x{2 * extent + 1} "
+                    "pixels) instead of nbr2nbr")
+        else:
+            ctx.log("auto: mode nbr2nbr (the noise is independent between neighbouring pixels)")
+    elif mode.pixel_independent and cfg.noise_check:
         ctx.log("checking the noise…")
         _noise_check(ctx, planes, mode)
     second = target if mode.takes_target else noisy2 if mode.needs == "noisy2" else None
@@ -210,7 +302,9 @@ def _items(cfg, mode: Mode, ctx: _Context, policy, noisy, target, noisy2) -> tup
     if mode.needs and mismatch:  # pairs must match plane for plane; optional clean images need not
         raise ValueError(f"the {mode.name} data do not match the noisy data plane for plane "
                          f"({len(planes)} planes of {planes[0].shape} vs {len(others)} of {others[0].shape})")
-    return mode.items(planes, others, ctx), ctx.record
+    if cfg.mask_fraction is not None and hasattr(mode, "fraction"):
+        mode = _variant(mode, fraction=cfg.mask_fraction)
+    return mode.items(planes, others, ctx), ctx.record, mode
 
 
 def _check_not_constant(planes: list[np.ndarray]) -> None:
@@ -221,10 +315,12 @@ def _check_not_constant(planes: list[np.ndarray]) -> None:
                          "the wrong channel or file?)")
 
 
-def _noise_check(ctx: _Context, planes: list[np.ndarray], mode: Mode, size: int = 512) -> None:
-    """Refuse ``mode`` when the noise is correlated between neighbouring pixels (see
+def _noise_check(ctx: _Context, planes: list[np.ndarray], mode: Mode, size: int = 512, refuse: bool = True) -> int:
+    """Refuse ``mode`` (with ``refuse``) when the noise is correlated between neighbouring pixels (see
     `finetune_modes.MAX_EXCESS_CORRELATION`): the starting model's residual on up to four centre crops,
-    against white noise of the same local strength through the same model."""
+    against white noise of the same local strength through the same model. Returns the correlation length:
+    the longest lag (up to ``MAX_LAG``) with an excess correlation beyond the threshold on either axis, 0
+    for white noise."""
     crops = []
     for p in planes[:4]:
         y0, x0 = max(0, (p.shape[0] - size) // 2), max(0, (p.shape[1] - size) // 2)
@@ -236,18 +332,27 @@ def _noise_check(ctx: _Context, planes: list[np.ndarray], mode: Mode, size: int 
     res0 = [w - o for w, o in zip(white, ctx.predictions(white))]
     rho, rho0 = neighbour_correlation(res), neighbour_correlation(res0)
     excess = max((a - b for a, b in zip(rho, rho0)), key=abs)
+    by_lag = [float(excess)] + [max((a - b for a, b in zip(neighbour_correlation(res, lag),
+                                                          neighbour_correlation(res0, lag))), key=abs)
+                                for lag in range(2, MAX_LAG + 1)]
+    extent = max((lag for lag, e in enumerate(by_lag, 1) if abs(e) > MAX_EXCESS_CORRELATION), default=0)
+    extent = extent if abs(excess) > MAX_EXCESS_CORRELATION else 0
     ctx.record["noise_check"] = {"neighbour_correlation_yx": [round(float(v), 4) for v in rho],
                                  "white_noise_yx": [round(float(v), 4) for v in rho0],
-                                 "excess": round(float(excess), 4)}
+                                 "excess": round(float(excess), 4),
+                                 "excess_by_lag": [round(float(v), 4) for v in by_lag], "extent": extent}
     ctx.log(f"noise check: neighbour correlation of the residual {rho[0]:+.3f} (y) {rho[1]:+.3f} (x), "
-            f"white noise through the same model {rho0[0]:+.3f} {rho0[1]:+.3f}: excess {excess:+.3f}")
-    if abs(excess) > MAX_EXCESS_CORRELATION:
+            f"white noise through the same model {rho0[0]:+.3f} {rho0[1]:+.3f}: excess {excess:+.3f}"
+            + (f"; correlated up to {extent} px" if extent else ""))
+    if refuse and abs(excess) > MAX_EXCESS_CORRELATION:
         msg = (f"not fine-tuned: the noise in these images is correlated between neighbouring pixels (excess "
                f"correlation {excess:+.3f}, beyond ±{MAX_EXCESS_CORRELATION}), and mode {mode.name!r} assumes it is "
-               "not: it would learn that noise as signal and make the model worse. Use --mode adjacent for a "
-               "stack, paired or n2n with a second acquisition, or --no-noise-check to train anyway")
+               "not: it would learn that noise as signal and make the model worse. Use --mode auto or structn2v "
+               "(structured blind spots), adjacent for a stack, paired or n2n with a second acquisition, or "
+               "--no-noise-check to train anyway")
         ctx.log(msg)
         raise NoiseCorrelated(msg)
+    return extent
 
 
 def _local_sd(r: np.ndarray, k: int = 9) -> np.ndarray:
@@ -258,29 +363,58 @@ def _local_sd(r: np.ndarray, k: int = 9) -> np.ndarray:
 
 
 class _HeldOut:
-    """The held-out score: PSNR (peak 1, normalised units) of the model on data it never trains on.
-    ``target`` modes: against the held-out target (clean image or second noisy view). ``subsample``: one
-    neighbour sub-image predicted from the other (the noise in the target only adds a constant, so the
-    score ranks models by their error on the signal)."""
+    """Held-out crops (non-overlapping, from data the run never trains on) and how the mode scores a model
+    on them. Where there are enough crops, half choose the checkpoint (``score``: PSNR, peak 1, of the
+    pooled error) and the other half decide publication (``errors``: per-crop errors for the paired test),
+    so the decision is not inflated by picking the best of many validations on the same crops."""
 
-    def __init__(self, mode: Mode, val_items: list, patch: int, task: str, seed: int):
-        big = patch * 2 if mode.criterion == "subsample" else patch
-        sampler = PatchSampler(task, [], val_items, min(big, min(min(it[0].shape) for it in val_items)),
-                               seed=seed + 1, pairs_only=True)
-        x, y = sampler.batch(32)
-        if mode.criterion == "subsample":
-            rng = np.random.default_rng(7)
-            a, b = zip(*(subsample_pairs(x, rng)[:2] for _ in range(2)))
-            x, y = torch.cat(a), torch.cat(b)
-        self.x, self.y = x, y
+    SELECT_DRAWS, DECIDE_DRAWS, MAX_CROPS, SPLIT_FROM, MIN_CROPS, MIN_SIZE = 2, 8, 48, 12, 8, 12
 
-    def score(self, model, dev) -> float:
+    def __init__(self, mode: Mode, val_items: list, patch: int, seed: int):
+        size = min(patch * mode.held_out_scale, min(min(it[0].shape) for it in val_items))
+        while True:  # smaller crops where the held-out data give too few for a standard error
+            crops = []
+            for it in val_items:
+                arrs = it if isinstance(it, tuple) else (it, it)
+                h, w = arrs[0].shape
+                crops += [tuple(a[y:y + size, x:x + size] for a in arrs[:2])
+                          for y in range(0, h - size + 1, size) for x in range(0, w - size + 1, size)]
+            if len(crops) >= self.MIN_CROPS or size < 2 * self.MIN_SIZE:
+                break
+            size = size // 4 * 2
+        if len(crops) > self.MAX_CROPS:
+            crops = [crops[i] for i in np.linspace(0, len(crops) - 1, self.MAX_CROPS).round().astype(int)]
+        split = len(crops) >= self.SPLIT_FROM
+        select = crops[0::2] if split else crops
+        decide = crops[1::2] if split else crops
+        self.mode, self.crops = mode, len(decide)
+        self.select = self._draws(select, self.SELECT_DRAWS, seed + 1)
+        self.decide = self._draws(decide, self.DECIDE_DRAWS, seed + 2)
+
+    def _draws(self, crops, draws, seed):
+        x = torch.from_numpy(np.stack([c[0] for c in crops]).astype(np.float32))[:, None]
+        y = torch.from_numpy(np.stack([c[1] for c in crops]).astype(np.float32))[:, None]
+        return self.mode.held_out(x, y, np.random.default_rng(seed), draws if self.mode.criterion != "target" else 1)
+
+    @staticmethod
+    def _errors(model, dev, draws) -> np.ndarray:
         was = model.training
         model.eval()
+        num = den = 0.0
         with torch.inference_mode():
-            out = torch.cat([model(self.x[i: i + 16].to(dev)).float().cpu() for i in range(0, len(self.x), 16)])
+            for x, y, mask in draws:
+                out = torch.cat([model(x[i: i + 16].to(dev)).float().cpu() for i in range(0, len(x), 16)])
+                m = torch.ones_like(y) if mask is None else mask
+                num = num + (((out - y) ** 2) * m).sum(dim=(1, 2, 3)).double().numpy()
+                den = den + m.sum(dim=(1, 2, 3)).double().numpy()
         model.train(was)
-        return psnr(out.numpy(), self.y.numpy(), peak=1.0)
+        return num / np.maximum(den, 1)
+
+    def score(self, model, dev) -> float:
+        return -10 * float(np.log10(max(float(self._errors(model, dev, self.select).mean()), 1e-12)))
+
+    def errors(self, model, dev) -> np.ndarray:
+        return self._errors(model, dev, self.decide)
 
 
 def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=None, cancel=None,
@@ -294,28 +428,25 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
     Raises ``NotImproved`` (nothing published) when the result does not beat the starting model on the
     held-out data, and ``Cancelled`` when ``cancel`` fires (the best model so far is published)."""
     t_start = time.time()  # the budget counts from here: reading the data and scoring are part of it
-    mode = get_mode(cfg.mode)
+    mode = get_mode("nbr2nbr" if cfg.mode == AUTO else cfg.mode)
     _check(cfg, mode, target, noisy2)
     log = log or (lambda s: None)
     out_path, run, resuming = _output(cfg, (noisy, target, noisy2), resume, log)
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     dev = resolve_device(cfg.device)
-    model, info = load_model(cfg.model, device=dev)
-    if info.name == cfg.name:
-        raise ValueError(f"the new model needs a name different from the model it starts from ({cfg.name!r})")
-    if cfg.mask_fraction is not None and hasattr(mode, "fraction"):
-        mode = type(mode)()
-        mode.fraction = cfg.mask_fraction
+    model, info = _starting_model(cfg, dev)
     ctx = _Context(model, dev, log)
     log("reading the data…")
-    items, record = _items(cfg, mode, ctx, info.normalization, noisy, target, noisy2)
+    items, record, mode = _items(cfg, mode, ctx, info.normalization, noisy, target, noisy2)
     patch = cfg.patch * mode.patch_scale
     if min(min(it[0].shape) for it in items) < patch:
         raise ValueError(f"images are smaller than the patch size {patch}: use a smaller --patch")
-    train_items, val_items = _split(items, cfg.val_fraction, rng, patch)
+    band = min(cfg.patch * mode.held_out_scale, min(it[0].shape[0] for it in items) // 3)  # strided: large
+    train_items, val_items = _split(items, cfg.val_fraction, rng, max(patch, band))
     sampler = PatchSampler(info.task, [], train_items, patch, seed=cfg.seed, pairs_only=True)
-    held_out = _HeldOut(mode, val_items, cfg.patch, info.task, cfg.seed)
+    held_out = _HeldOut(mode, val_items, cfg.patch, cfg.seed)
+    base_errors = held_out.errors(model, dev)  # the starting model, for the paired publish decision
 
     run.dir.mkdir(parents=True, exist_ok=True)
     if not resuming:  # a fresh run: nothing of an earlier run of this name may end up in the result
@@ -333,6 +464,7 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
         baseline = held_out.score(model, dev)
         log(f"held-out score of {info.name} before fine-tuning: {baseline:.3f} dB ({mode.criterion})")
     meta = _record(cfg, info, mode, dev, baseline, record, noisy=noisy, target=target, noisy2=noisy2)
+    meta["finetune"]["mode"] = mode.name  # what "auto" chose
     budget, seconds, val_seconds = _schedule(cfg, t_start, 0.0 if resuming else time.time() - t_score)
 
     def train_step(step: int):
@@ -367,7 +499,14 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
         patience=cfg.patience, stop=cancel, log=log, min_delta=1e-3, validate_on_stop=False, on_step=on_step)
     if state.ended == "stopped" and state.step:
         save_state(state)  # weights and optimizer as they are: resume continues from here
-    return _publish(cfg, state, run, out_path, info, baseline, log)
+    return _publish(cfg, state, run, out_path, info, baseline, log, held_out, base_errors, dev)
+
+
+def _starting_model(cfg: FinetuneConfig, dev):
+    model, info = load_model(cfg.model, device=dev)
+    if info.name == cfg.name:
+        raise ValueError(f"the new model needs a name different from the model it starts from ({cfg.name!r})")
+    return model, info
 
 
 def _schedule(cfg: FinetuneConfig, t_start: float, val_cost: float) -> tuple:
@@ -402,7 +541,7 @@ def _output(cfg: FinetuneConfig, data: tuple, resume: bool, log) -> tuple[Path, 
 def _record(cfg: FinetuneConfig, info, mode: Mode, dev, baseline: float, record: dict, **data) -> dict:
     """The new model's card: where it came from, on what data, how it was judged."""
     return {
-        "description": f"{info.name} fine-tuned ({cfg.mode}) on user data",
+        "description": f"{info.name} fine-tuned ({mode.name}) on user data",
         "normalization": info.normalization,
         "degradation": info.metadata.get("degradation", {}),
         "finetune": {"base_model": info.name, "base_metadata_training": info.metadata.get("training", {}),
@@ -413,33 +552,42 @@ def _record(cfg: FinetuneConfig, info, mode: Mode, dev, baseline: float, record:
     }
 
 
-def _publish(cfg, state: FitState, run, out_path: Path, info, baseline: float, log) -> Path:
+def _publish(cfg, state: FitState, run, out_path: Path, info, baseline: float, log, held_out: _HeldOut,
+             base_errors: np.ndarray, dev) -> FinetuneResult:
     stopped = state.ended == "stopped"
     if not run.best.exists():
         if stopped:
             raise Cancelled(f"fine-tuning stopped at step {state.step}, before its first validation: no model "
                             "saved; resume to continue")
         raise NotImproved("the run ended before its first validation: no model saved; give it more time or steps")
-    final, final_info = load_model(run.best)
+    final, final_info = load_model(run.best, device=dev)
+    decision = publish_decision(base_errors, held_out.errors(final, dev), z=cfg.z, criterion=held_out.mode.criterion,
+                                always=cfg.publish == "always")
     fm = dict(final_info.metadata)
     best = float(fm.get("metrics", {}).get("val_psnr", state.best))
     fm["finetune"] = {**fm["finetune"], "steps_run": state.step, "ended": state.ended,
                       "early_stopped": state.ended == "early stop", "history": _history(state)[-100:],
                       "hours": round(state.hours, 4),
-                      "criterion": {**fm["finetune"].get("criterion", {}), "best": best}}
-    gain = best - baseline
-    if cfg.publish == "improved" and not gain > 1e-3:
-        msg = (f"not published: on the held-out part of your data the fine-tuned model scored {best:.3f} dB against "
-               f"{baseline:.3f} dB for {info.name} ({gain:+.3f} dB), so {info.name} stays the better model for these "
-               "data. Try another mode, more data or time, or publish anyway (--publish always)")
+                      "criterion": {**fm["finetune"].get("criterion", {}), "best": best},
+                      "decision": decision.as_dict()}
+    figures = (f"gain {decision.gain:+.3f} ± {decision.se:.3f} dB on {decision.crops} held-out crops "
+               f"({decision.criterion} criterion; {info.name} {decision.baseline:.3f} dB, fine-tuned "
+               f"{decision.score:.3f})")
+    if not decision.published:
+        msg = (f"not published: kept the starting model {info.name}: {figures}, not clearly above zero (publishing "
+               f"needs the gain above {decision.z:g} standard errors). Try another mode, more data or time, or "
+               "publish anyway (--publish always)")
         log(msg)
-        raise NotImproved(msg)
+        raise NotImproved(msg, decision)
     save_model(final, out_path, name=cfg.name, task=info.task, metadata=fm)
-    log(f"held-out score {baseline:.3f} -> {best:.3f} dB ({gain:+.3f}): saved as {cfg.name!r}")
+    log(f"published: {figures}" + (" (--publish always: not a clear gain)" if decision.forced else "")
+        + f": saved as {cfg.name!r}")
     if stopped:
         raise Cancelled(f"fine-tuning stopped at step {state.step}: the best model so far is saved as "
                         f"{cfg.name!r}; resume to continue training it")
-    return out_path
+    result = FinetuneResult(out_path)
+    result.decision = decision
+    return result
 
 
 class _RunFiles:
