@@ -120,13 +120,20 @@ def test_importing_memnet_or_its_options_loads_neither_torch_nor_onnxruntime():
             "memnet.MemNet; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["[]", "True"], out
+    # `memnet --help` builds every subcommand's parser (modes, defaults, formats) without them too
+    code = ("import sys, memnet.cli; memnet.cli.build_parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() \
+        == ["[]"]
 
 
 def test_each_training_default_has_one_home():
-    """`memnet train` shows and uses TrainConfig's defaults: none restated in the CLI (issue #36)."""
+    """`memnet train` and `memnet finetune` show and use TrainConfig's and FinetuneConfig's defaults: none
+    restated in the CLI (issue #36)."""
     import dataclasses
 
     from memnet.cli import build_parser
+    from memnet.finetune_modes import FinetuneConfig
     from memnet.train_options import TrainConfig, default
 
     ns = vars(build_parser().parse_args(["train", "--task", "denoise", "--out", "x"]))
@@ -136,9 +143,17 @@ def test_each_training_default_has_one_home():
     for name in shown:
         want = default(TrainConfig, name)
         assert ns[name] == want or (ns[name] is None and want == ()), f"--{name}: CLI {ns[name]!r}, config {want!r}"
+    ns = vars(build_parser().parse_args(["finetune", "--data", "x", "-o", "y"]))
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"name"}
+    shown = fields & set(ns)
+    assert shown >= {"model", "mode", "minutes", "patch", "batch_size", "lr", "val_fraction", "z", "amp", "bn"}
+    for name in shown:
+        assert ns[name] == default(FinetuneConfig, name), f"finetune --{name}: {ns[name]!r}"
     text = (SRC / "_cli_train.py").read_text()
-    train_part = text[text.index('sub.add_parser("train"'):text.index("_register_finetune(sub)\n")]
-    assert not re.search(r"default=(\d|\"|')", train_part), "a training default is restated in the CLI"
+    for start, end in (('sub.add_parser("train"', "_register_finetune(sub)\n"),
+                       ('sub.add_parser("finetune"', "def _register_eval")):
+        part = text[text.index(start):text.index(end)]
+        assert not re.search(r"default=(\d|\"|')", part), f"a default is restated in the CLI: {start}"
 
 
 # The floors of memnet, bottom up: a module imports only from its own floor or the floors below.

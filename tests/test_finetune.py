@@ -41,7 +41,7 @@ def base_model(tiny_model, _isolated_user_models):
 def test_each_mode_trains_saves_and_is_listed(base_model, tmp_path, rng, mode):
     clean = _scene(rng)
     noisy, noisy2 = _noisy(clean, rng), _noisy(clean, rng)
-    cfg = FinetuneConfig(model=base_model, mode=mode, name=f"lab-{mode}", steps=40, patch=24, batch=8, lr=2e-3,
+    cfg = FinetuneConfig(model=base_model, mode=mode, name=f"lab-{mode}", steps=40, patch=24, batch_size=8, lr=2e-3,
                          val_every=10, patience=100, device="cpu", publish="always")
     seen = []
     path = finetune(cfg, noisy, target=clean if mode == "paired" else None,
@@ -62,7 +62,7 @@ def test_each_mode_trains_saves_and_is_listed(base_model, tmp_path, rng, mode):
 @pytest.mark.parametrize("amp", ["off", "on"])  # on: bf16 autocast on CPU
 def test_paired_finetune_improves_validation_psnr(base_model, rng, amp):
     clean = _scene(rng, (6, 64, 64))
-    cfg = FinetuneConfig(model=base_model, mode="paired", name="lab-p", steps=60, patch=24, batch=8, lr=3e-3,
+    cfg = FinetuneConfig(model=base_model, mode="paired", name="lab-p", steps=60, patch=24, batch_size=8, lr=3e-3,
                          val_every=20, patience=100, device="cpu", amp=amp)
     seen = []
     finetune(cfg, _noisy(clean, rng), target=clean, progress=seen.append)
@@ -109,9 +109,8 @@ def test_cli_finetune_and_resume(base_model, tmp_path, rng, capsys):
      (dict(mode="n2v", patch=200), "smaller than the patch size")],
 )
 def test_finetune_errors(base_model, rng, kwargs, msg):
-    cfg = FinetuneConfig(model=base_model, steps=2, device="cpu", **kwargs)
-    with pytest.raises(ValueError, match=msg):
-        finetune(cfg, _scene(rng))
+    with pytest.raises(ValueError, match=msg):  # a bad value already on construction, the rest when it runs
+        finetune(FinetuneConfig(model=base_model, steps=2, device="cpu", **kwargs), _scene(rng))
 
 
 def test_finetune_never_silently_replaces_a_model(base_model, rng, tiny_model, _isolated_user_models):
@@ -174,7 +173,7 @@ def test_single_images_hold_out_bands_one_patch_tall_spread_over_the_image(rng):
 
 def test_synthetic_adds_the_fitted_noise_to_given_clean_images(base_model, rng, _isolated_user_models):
     clean = _scene(rng)
-    cfg = FinetuneConfig(model=base_model, mode="synthetic", name="lab-s", steps=20, patch=24, batch=4,
+    cfg = FinetuneConfig(model=base_model, mode="synthetic", name="lab-s", steps=20, patch=24, batch_size=4,
                          val_every=10, patience=100, device="cpu")
     logs = []
     finetune(cfg, _noisy(clean, rng, photons=20), target=clean, log=logs.append)
@@ -193,7 +192,7 @@ def test_cancel_checkpoints_and_resume_continues_and_only_the_end_publishes(base
 
     noisy = _noisy(_scene(rng), rng)
     tifffile.imwrite(tmp_path / "n.tif", noisy)
-    cfg = FinetuneConfig(model=base_model, mode="n2v", name="lab-c", steps=30, patch=24, batch=4, val_every=10,
+    cfg = FinetuneConfig(model=base_model, mode="n2v", name="lab-c", steps=30, patch=24, batch_size=4, val_every=10,
                          patience=100, device="cpu", publish="always")
     seen = []
 
@@ -254,7 +253,7 @@ def test_finetune_on_a_constant_image_says_so(mode, base_model, tmp_path, capsys
 
 
 def test_early_stopping_ends_a_run_that_stopped_improving(base_model, rng):
-    cfg = FinetuneConfig(model=base_model, mode="paired", name="lab-e", steps=200, patch=24, batch=4, lr=0.0,
+    cfg = FinetuneConfig(model=base_model, mode="paired", name="lab-e", steps=200, patch=24, batch_size=4, lr=0.0,
                          val_every=5, patience=2, device="cpu", publish="always")
     logs = []
     clean = _scene(rng)
@@ -326,7 +325,7 @@ def test_nothing_is_published_unless_it_beats_the_starting_model(base_model, rng
     """lr 0 cannot improve on the starting model: the run ends without a model, says why, and the
     CLI exits 3; the held-out scores before and after are in the message."""
     clean = _scene(rng)
-    cfg = FinetuneConfig(model=base_model, mode="nbr2nbr", name="lab-same", steps=10, patch=16, batch=4, lr=0.0,
+    cfg = FinetuneConfig(model=base_model, mode="nbr2nbr", name="lab-same", steps=10, patch=16, batch_size=4, lr=0.0,
                          val_every=5, device="cpu")
     with pytest.raises(NotImproved, match=r"not published: kept the starting model base-micro: gain \+0\.000 ± 0\.000"):
         finetune(cfg, _noisy(clean, rng))
@@ -343,7 +342,7 @@ def test_self_supervised_modes_learn_and_publish_when_they_improve(base_model, r
     """From the noisy data alone: the loss goes down and the held-out score rises above the starting
     model's, so the model is published with both scores on record."""
     clean = _scene(rng, (6, 64, 64))
-    cfg = FinetuneConfig(model=base_model, mode=mode, name=f"lab-{mode}", steps=60, patch=16, batch=8, lr=3e-3,
+    cfg = FinetuneConfig(model=base_model, mode=mode, name=f"lab-{mode}", steps=60, patch=16, batch_size=8, lr=3e-3,
                          val_every=20, patience=100, device="cpu", minutes=None)
     seen = []
     res = finetune(cfg, _noisy(clean, rng, photons=10), progress=seen.append)
@@ -364,7 +363,7 @@ def test_adjacent_needs_a_stack(base_model, rng):
 
 def test_a_time_budget_ends_the_run(base_model, rng):
     cfg = FinetuneConfig(model=base_model, mode="nbr2nbr", name="lab-t", minutes=0.03, steps=None, patch=16,
-                         batch=4, lr=3e-3, val_every=5, patience=1000, device="cpu", publish="always")
+                         batch_size=4, lr=3e-3, val_every=5, patience=1000, device="cpu", publish="always")
     finetune(cfg, _noisy(_scene(rng), rng))
     ft = memnet.load_model("lab-t")[1].metadata["finetune"]
     assert ft["ended"] == "time budget" and ft["steps_run"] >= 1 and ft["hours"] < 0.01
@@ -394,7 +393,7 @@ def _microscope(rng, correlated: bool):
 def test_pixel_independent_modes_refuse_correlated_noise_and_train_on_white_noise(rng, mode, _isolated_user_models):
     from memnet.finetune import NoiseCorrelated
 
-    cfg = dict(model="microscopy", mode=mode, steps=2, val_every=1, patch=24, batch=2, device="cpu",
+    cfg = dict(model="microscopy", mode=mode, steps=2, val_every=1, patch=24, batch_size=2, device="cpu",
                publish="always")
     logs = []
     with pytest.raises(NoiseCorrelated, match="correlated between neighbouring pixels"):
@@ -447,7 +446,7 @@ def test_a_candidate_that_differs_by_noise_only_is_not_published(base_model, rng
     """A run at a vanishing learning rate ends with a model all but equal to the starting one: its held-out
     gain is within noise, the starting model is kept, and the CLI and the exception carry gain ± SE."""
     clean = _scene(rng, (6, 64, 64))
-    cfg = FinetuneConfig(model=base_model, mode="nbr2nbr", name="lab-noise", steps=10, patch=16, batch=4, lr=1e-9,
+    cfg = FinetuneConfig(model=base_model, mode="nbr2nbr", name="lab-noise", steps=10, patch=16, batch_size=4, lr=1e-9,
                          val_every=5, device="cpu", minutes=None)
     with pytest.raises(NotImproved) as err:
         finetune(cfg, _noisy(clean, rng))
@@ -495,7 +494,7 @@ def test_auto_picks_structn2v_on_correlated_noise_and_it_improves_where_nbr2nbr_
     def real(model):
         return np.mean([psnr(o, c, peak=255) for o, c in zip(memnet.restore(noisy, model), clean)])
 
-    cfg = dict(steps=60, minutes=None, val_every=20, lr=1e-4, patch=24, batch=8, device="cpu", publish="always")
+    cfg = dict(steps=60, minutes=None, val_every=20, lr=1e-4, patch=24, batch_size=8, device="cpu", publish="always")
     logs = []
     auto = finetune(FinetuneConfig(name="auto", **cfg), noisy, log=logs.append)
     assert memnet.load_model(auto)[1].metadata["finetune"]["mode"] == "structn2v"

@@ -111,11 +111,14 @@ def test_setup_stages_show_before_the_first_step_and_the_end_gives_the_scores(ft
 def test_not_published_says_the_scores(ft, monkeypatch, wait_worker):
     gate = threading.Event()
     gate.set()
-    refused = mf.NotImproved("not published: …")
+    decision = mf.publish_decision([1.0] * 8, [0.999, 1.001] * 4)
+    refused = mf.NotImproved("not published: …", decision)
     monkeypatch.setattr(mf, "finetune", _stand_in([], gate, [(5, 0.02, 19.5)], 20.0, refused))
+    assert ft._mode.value == "auto"  # the CLI's default mode is the widget's first
     wait_worker(ft.start())
-    assert ft._status.value == ("not published: held-out score 20.00 → 19.50 dB did not beat tiny-micro; try another "
-                                "mode, more data or more time")
+    assert ft._status.value == ("not published: held-out score 20.00 → 19.50 dB did not clearly beat tiny-micro "
+                                f"({decision.summary()}); try another mode, more data or more time")
+    assert decision.summary().startswith("kept the starting model: gain +0.000 ± ")
 
 
 def test_correlated_noise_is_explained_in_the_widgets_words(ft, monkeypatch, wait_worker):

@@ -67,7 +67,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .runtime import Cancelled
 
     cfg = FinetuneConfig(model=args.model, mode=args.mode, name=args.output, minutes=args.minutes or None,
-                         steps=args.steps, patch=args.patch, batch=args.batch, lr=args.lr,
+                         steps=args.steps, patch=args.patch, batch_size=args.batch_size, lr=args.lr,
                          val_fraction=args.val_fraction, val_every=args.val_every, patience=args.patience,
                          mask_fraction=args.mask_fraction, bn=args.bn, publish=args.publish, axes=args.axes,
                          include=args.include, max_planes=args.max_planes, device=args.device, amp=args.amp,
@@ -178,8 +178,12 @@ def register(sub) -> None:
 
 
 def _register_finetune(sub) -> None:
-    from .finetune import DEFAULT_MINUTES
-    from .finetune_modes import AUTO, MODES
+    from .finetune_modes import AUTO, MODES, FinetuneConfig  # mode names and help: no torch
+    from .options import AMP
+    from .train_options import default
+
+    def d(name):
+        return default(FinetuneConfig, name)
 
     f = sub.add_parser("finetune", help=f"fine-tune a model on your own data ({', '.join(MODES)})",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -189,48 +193,50 @@ def _register_finetune(sub) -> None:
                        "auto: nbr2nbr, or structn2v where the noise is correlated between neighbours):\n" + "\n".join(
                            textwrap.fill(m.help, 100, initial_indent=f"  {n:11s}", subsequent_indent=" " * 13)
                            for n, m in MODES.items()))
-    f.add_argument("--model", default="microscopy", help="model to start from [microscopy]")
-    f.add_argument("--mode", default=AUTO, choices=(AUTO, *MODES),
-                   help="see above; auto: nbr2nbr, or structn2v where the noise check finds correlated noise [auto]")
+    f.add_argument("--model", default=d("model"), help=f"model to start from [{d('model')}]")
+    f.add_argument("--mode", default=d("mode"), choices=(AUTO, *MODES),
+                   help=f"see above; auto: nbr2nbr, or structn2v where the noise check finds correlated noise "
+                   f"[{d('mode')}]")
     f.add_argument("--data", required=True, help="noisy image, stack (TIFF/Zarr) or folder of them")
     f.add_argument("--target", help="clean counterpart of --data (paired; folders match in sorted order)")
     f.add_argument("--data2", help="second noisy acquisition of the same field (n2n)")
     f.add_argument("--include", help="regex on file names when the data are folders, e.g. '_(03[1-9]|040)_'")
-    f.add_argument("--max-planes", type=T.count(1, "a number of planes"), default=64,
-        help="planes sampled from large stacks/folders [64]")
+    f.add_argument("--max-planes", type=T.count(1, "a number of planes"), default=d("max_planes"),
+                   help=f"planes sampled from large stacks/folders [{d('max_planes')}]")
     f.add_argument("-o", "--output", required=True, help="name of the new model")
-    f.add_argument("--minutes", type=T.non_negative_float, default=DEFAULT_MINUTES,
-                   help=f"time budget of this run in minutes; 0 = none (then --steps) [{DEFAULT_MINUTES:g}]")
-    f.add_argument("--steps", type=T.count(1, "a number of steps"), default=None,
+    f.add_argument("--minutes", type=T.non_negative_float, default=d("minutes"),
+                   help=f"time budget of this run in minutes; 0 = none (then --steps) [{d('minutes'):g}]")
+    f.add_argument("--steps", type=T.count(1, "a number of steps"), default=d("steps"),
                    help="stop after this many steps (with or without --minutes) [none]")
-    f.add_argument("--patch", type=T.count(8, "a patch size in pixels"), default=32,
-                   help="training patch in pixels (nbr2nbr crops twice that) [32]")
-    f.add_argument("--batch", type=T.count(1, "a batch size"), default=8)
-    f.add_argument("--lr", type=T.positive_float, default=3e-5,
-                   help="learning rate; low adapts what the pretrained model knows [3e-5]")
-    f.add_argument("--val-fraction", type=T.fraction, default=0.2,
+    f.add_argument("--patch", type=T.count(8, "a patch size in pixels"), default=d("patch"),
+                   help=f"training patch in pixels (nbr2nbr crops twice that) [{d('patch')}]")
+    f.add_argument("--batch-size", "--batch", dest="batch_size", type=T.count(1, "a batch size"),
+                   default=d("batch_size"), help=f"patches per step [{d('batch_size')}]")
+    f.add_argument("--lr", type=T.positive_float, default=d("lr"),
+                   help=f"learning rate; low adapts what the pretrained model knows [{d('lr'):g}]")
+    f.add_argument("--val-fraction", type=T.fraction, default=d("val_fraction"),
                    help="share of the data held out (spread bands of each image, or whole images) to judge the "
-                   "model: half chooses the checkpoint, half decides publication [0.2]")
-    f.add_argument("--z", type=T.positive_float, default=2.0,
-                   help="publish only when the held-out gain exceeds this many standard errors [2]")
-    f.add_argument("--val-every", type=T.count(1, "a number of steps"), default=25)
-    f.add_argument("--patience", type=T.count(1, "a number of validations"), default=5,
-        help="validations without improvement before stopping")
-    f.add_argument("--mask-fraction", type=T.fraction, default=None,
+                   f"model: half chooses the checkpoint, half decides publication [{d('val_fraction')}]")
+    f.add_argument("--z", type=T.positive_float, default=d("z"),
+                   help=f"publish only when the held-out gain exceeds this many standard errors [{d('z'):g}]")
+    f.add_argument("--val-every", type=T.count(1, "a number of steps"), default=d("val_every"))
+    f.add_argument("--patience", type=T.count(1, "a number of validations"), default=d("patience"),
+                   help="validations without improvement before stopping")
+    f.add_argument("--mask-fraction", type=T.fraction, default=d("mask_fraction"),
                    help="n2v/n2v2: share of pixels masked per patch [n2v 0.015, n2v2 0.005]")
-    f.add_argument("--bn", choices=("frozen", "train"), default="frozen",
-                   help="frozen: BatchNorm keeps the pretrained statistics; train: batch statistics [frozen]")
+    f.add_argument("--bn", choices=("frozen", "train"), default=d("bn"),
+                   help=f"frozen: BatchNorm keeps the pretrained statistics; train: batch statistics [{d('bn')}]")
     f.add_argument("--no-noise-check", dest="noise_check", action="store_false",
                    help="train a sub-sampling or blind-spot mode (nbr2nbr, n2v, n2v2) even when the noise is "
                    "correlated between neighbouring pixels (by default refused: it makes the model worse)")
-    f.add_argument("--publish", choices=("improved", "always"), default="improved",
+    f.add_argument("--publish", choices=("improved", "always"), default=d("publish"),
                    help="improved: save the model only if it beats the starting model clearly on held-out data "
-                   "[improved]")
+                   f"[{d('publish')}]")
     f.add_argument("--axes", help="axis letters of the data, e.g. ZYX")
-    f.add_argument("--device", default="auto")
-    f.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
-                   help="mixed precision: auto = on for CUDA; on = also bf16 on CPU [auto]")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--device", default=d("device"))
+    f.add_argument("--amp", choices=AMP, default=d("amp"),
+                   help=f"mixed precision: auto = on for CUDA; on = also bf16 on CPU [{d('amp')}]")
+    f.add_argument("--seed", type=int, default=d("seed"))
     f.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune of the same name")
     f.add_argument("--overwrite", action="store_true", help="replace an existing user model of the same name")
     f.set_defaults(func=cmd_finetune)

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .graphs import card, graph_module, write_graph
 from .outputs import check_output_path
-from .zoo import load_model
 
 __all__ = ["export_model", "format_for", "FORMATS", "SUFFIXES"]
 
@@ -53,6 +51,9 @@ def export_model(model: str | Path, output: str | Path, fmt: str = "onnx", scale
         raise ValueError(f"unknown export format {fmt!r}: expected one of {', '.join(FORMATS)}")
     out = Path(output)
     _check_suffix(out, fmt)  # a file's name says what it holds
+    from .graphs import card, graph_module, write_graph  # torch: loaded when exporting, not for `--help`
+    from .zoo import load_model
+
     net, info = load_model(model, device="cpu")
     net.eval()
     module = graph_module(net, info, scale)

@@ -23,6 +23,7 @@ from .finetune_modes import (
     MAX_EXCESS_CORRELATION,
     MAX_LAG,
     MODES,
+    FinetuneConfig,
     Mode,
     fit_noise_model,
     get_mode,
@@ -33,14 +34,13 @@ from .normalize import Intensity
 from .outputs import check_output_path
 from .runtime import Cancelled, resolve_device
 from .sources import input_format, is_zarr_path, open_input
+from .train_options import Z_MARGIN
 from .trainset import PatchSampler, list_files
 from .zoo import check_user_model_name, load_model, save_model, user_model_dir
 
 __all__ = ["FinetuneConfig", "FinetuneProgress", "FinetuneResult", "Decision", "publish_decision", "finetune",
            "MODES", "fit_noise_model", "NotImproved", "NoiseCorrelated"]
 
-DEFAULT_MINUTES = 5.0  # a CPU default: a few hundred steps of an M4R4C32 on 2 cores
-Z_MARGIN = 2.0  # publish when mean gain - Z_MARGIN * its standard error > 0 (about 97.5 % one-sided)
 MIN_GAIN_DB = 1e-3
 
 
@@ -118,34 +118,6 @@ class FinetuneProgress:
     history: list = field(default_factory=list)  # [(step, train loss, held-out score)]
     budget_s: float | None = None
     baseline: float | None = None  # the starting model's held-out score
-
-
-@dataclass
-class FinetuneConfig:
-    model: str = "microscopy"
-    mode: str = AUTO  # "auto": nbr2nbr, or structn2v where the noise is correlated between neighbours
-    name: str = "finetuned"
-    minutes: float | None = DEFAULT_MINUTES  # time budget of this session; None: steps only
-    steps: int | None = None  # a step limit (with or without the time budget)
-    patch: int = 32  # small, cheap steps: more of them, and more validations, in a CPU's minutes
-    batch: int = 8
-    lr: float = 3e-5  # low: adapt what the pretrained model knows, do not relearn it
-    val_fraction: float = 0.2  # held-out crops: the publish decision's paired test needs several
-    val_every: int = 25
-    val_seconds: float | None = None  # also validate this often (None: 8 times in a time-only run)
-    patience: int = 5  # validation rounds without improvement before stopping
-    mask_fraction: float | None = None  # blind-spot modes: masked pixels per patch (None: the mode's default)
-    bn: str = "frozen"  # "frozen": BatchNorm keeps the pretrained statistics; "train": batch statistics
-    publish: str = "improved"  # "improved": only a model that beats the starting one; "always"
-    axes: str | None = None
-    include: str | None = None  # regex on file names when the data are folders
-    device: str = "auto"
-    amp: str = "auto"  # mixed precision: "auto" (on for CUDA), "on" (also bf16 on CPU), "off"
-    seed: int = 0
-    max_planes: int = 64  # planes sampled from large stacks
-    overwrite: bool = False  # replace an existing user model of the same name
-    noise_check: bool = True  # refuse pixel-independent modes on noise correlated between neighbours
-    z: float = Z_MARGIN  # publish when gain - z * standard error > 0
 
 
 def _sources(data, include: str | None) -> list:
@@ -248,17 +220,7 @@ def _check(cfg: FinetuneConfig, mode: Mode, target, noisy2) -> None:
         raise ValueError(f"mode {mode.name!r} learns from the noisy data alone: --target is used only by {users}")
     if noisy2 is not None and mode.needs != "noisy2":
         raise ValueError(f"mode {mode.name!r} does not use a second acquisition (--data2): that is mode 'n2n'")
-    if not cfg.name or any(c in cfg.name for c in "/\\:"):
-        raise ValueError(f"invalid model name {cfg.name!r}: use letters, digits, '-' or '_'")
     check_user_model_name(cfg.name)  # task and shipped names are reserved
-    if cfg.minutes is None and cfg.steps is None:
-        raise ValueError("a fine-tune needs a time budget (minutes) or a number of steps")
-    if cfg.minutes is not None and not cfg.minutes > 0:
-        raise ValueError(f"minutes must be positive, got {cfg.minutes}")
-    if cfg.bn not in ("frozen", "train"):
-        raise ValueError(f"bn must be 'frozen' or 'train', got {cfg.bn!r}")
-    if cfg.publish not in ("improved", "always"):
-        raise ValueError(f"publish must be 'improved' or 'always', got {cfg.publish!r}")
 
 
 def _variant(mode: Mode, **attrs) -> Mode:
@@ -469,7 +431,7 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
 
     def train_step(step: int):
         model.train(cfg.bn == "train")  # frozen: BN keeps the pretrained statistics (small, correlated batches)
-        x, y = sampler.batch(cfg.batch)
+        x, y = sampler.batch(cfg.batch_size)
         x, y, extra = mode.batch(x, y, sampler.rng, ctx)
         loss = mode.loss(model, mp, x.to(dev), y.to(dev), extra)
         mp.step(loss, opt)

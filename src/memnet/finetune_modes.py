@@ -12,12 +12,22 @@ To add a mode: subclass ``Mode``, register it with ``@register``, add its test.
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+import dataclasses
+from dataclasses import dataclass
 
-__all__ = ["Mode", "MODES", "register", "get_mode", "subsample_pairs", "self_supervised_modes", "blind_spot",
-           "struct_blind_spot", "fit_noise_model", "neighbour_correlation", "MAX_EXCESS_CORRELATION", "AUTO"]
+import numpy as np
+
+from .options import check_amp, check_bool
+from .runtime import deferred_module
+from .train_options import DEFAULT_MINUTES, Z_MARGIN, choice, int_at_least
+
+# torch loads on first use: `memnet --help` lists the modes (and their help) without it.
+torch = deferred_module("torch")
+F = deferred_module("torch.nn.functional")
+
+__all__ = ["AUTO", "FinetuneConfig", "MAX_EXCESS_CORRELATION", "MODES", "Mode", "blind_spot", "fit_noise_model",
+           "get_mode", "neighbour_correlation", "register", "self_supervised_modes", "struct_blind_spot",
+           "subsample_pairs"]
 
 # Sub-sampling and blind-spot modes assume the noise of neighbouring pixels is independent. Where it is
 # not, they learn the correlated part of the noise as signal, and their own held-out score (from the
@@ -308,7 +318,7 @@ def struct_blind_spot(x: torch.Tensor, extent: int, fraction: float, rng: np.ran
     return xi, mask
 
 
-_PAIRS = torch.tensor([[0, 1], [1, 0], [2, 3], [3, 2], [0, 2], [2, 0], [1, 3], [3, 1]])  # neighbours in a 2x2 cell
+_PAIRS = np.array([[0, 1], [1, 0], [2, 3], [3, 2], [0, 2], [2, 0], [1, 3], [3, 1]])  # neighbours in a 2x2 cell
 
 
 def _cells(x: torch.Tensor) -> torch.Tensor:
@@ -329,7 +339,8 @@ def subsample_pairs(x: torch.Tensor, rng: np.random.Generator):
     the other trains (and, held out, scores) a denoiser from the noisy data alone."""
     b, c, h, w = x.shape
     k = torch.from_numpy(rng.integers(0, len(_PAIRS), (b, c, h // 2, w // 2)))
-    idx = (_PAIRS[k, 0], _PAIRS[k, 1])
+    pairs = torch.from_numpy(_PAIRS)
+    idx = (pairs[k, 0], pairs[k, 1])
     g1, g2 = _gather(x, idx)
     return g1, g2, idx
 
@@ -349,3 +360,70 @@ def neighbour_correlation(residuals: list[np.ndarray], lag: int = 1) -> tuple[fl
             den_b += float((b * b).sum())
         out.append(num / np.sqrt(den_a * den_b) if den_a > 0 and den_b > 0 else 0.0)
     return out[0], out[1]
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How to fine-tune. ``mode`` is a registered mode (`memnet.finetune_modes.MODES`) or ``"auto"``."""
+
+    model: str = "microscopy"
+    mode: str = "auto"  # nbr2nbr, or structn2v where the noise is correlated between neighbours
+    name: str = "finetuned"
+    minutes: float | None = DEFAULT_MINUTES  # time budget of this session; None: steps only
+    steps: int | None = None  # a step limit (with or without the time budget)
+    patch: int = 32  # small, cheap steps: more of them, and more validations, in a CPU's minutes
+    batch_size: int = 8  # patches per step
+    lr: float = 3e-5  # low: adapt what the pretrained model knows, do not relearn it
+    val_fraction: float = 0.2  # held-out crops: the publish decision's paired test needs several
+    val_every: int = 25
+    val_seconds: float | None = None  # also validate this often (None: 8 times in a time-only run)
+    patience: int = 5  # validation rounds without improvement before stopping
+    mask_fraction: float | None = None  # blind-spot modes: masked pixels per patch (None: the mode's default)
+    bn: str = "frozen"  # "frozen": BatchNorm keeps the pretrained statistics; "train": batch statistics
+    publish: str = "improved"  # "improved": only a model that clearly beats the starting one; "always"
+    axes: str | None = None
+    include: str | None = None  # regex on file names when the data are folders
+    device: str = "auto"
+    amp: str = "auto"  # memnet.options.AMP: auto = on for CUDA; on = also bf16 on CPU; off
+    seed: int = 0
+    max_planes: int = 64  # planes sampled from large stacks
+    overwrite: bool = False  # replace an existing user model of the same name
+    noise_check: bool = True  # check the noise before a mode that needs it independent between pixels
+    z: float = Z_MARGIN  # publish when gain - z * standard error > 0
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        if self.mode != AUTO and self.mode not in MODES:
+            raise ValueError(f"unknown fine-tuning mode {self.mode!r}: expected one of {AUTO}, {', '.join(MODES)}")
+        if not isinstance(self.name, str) or not self.name or any(c in self.name for c in "/\\:"):
+            raise ValueError(f"invalid model name {self.name!r}: use letters, digits, '-' or '_'")
+        if self.minutes is None and self.steps is None:
+            raise ValueError("a fine-tune needs a time budget (minutes) or a number of steps")
+        if self.minutes is not None and (isinstance(self.minutes, bool) or not isinstance(self.minutes, (int, float))
+                                         or not self.minutes > 0):
+            raise ValueError(f"minutes must be positive, got {self.minutes!r}")
+        for name, low in (("patch", 8), ("batch_size", 1), ("val_every", 1), ("patience", 1), ("max_planes", 1)):
+            int_at_least(name, getattr(self, name), low)
+        if self.steps is not None:
+            int_at_least("steps", self.steps, 1)
+        for name, lo, hi in (("val_fraction", 0.0, 1.0), ("mask_fraction", 0.0, 1.0)):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v < hi):
+                raise ValueError(f"{name} must be a fraction between 0 and 1, got {v!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr >= 0:
+            raise ValueError(f"lr must be a number ≥ 0, got {self.lr!r}")
+        if isinstance(self.z, bool) or not isinstance(self.z, (int, float)) or not self.z >= 0:
+            raise ValueError(f"z must be a number ≥ 0, got {self.z!r}")
+        choice("bn", self.bn, ("frozen", "train"))
+        choice("publish", self.publish, ("improved", "always"))
+        set_(self, "amp", check_amp(self.amp))
+        for name in ("overwrite", "noise_check"):
+            set_(self, name, check_bool(name, getattr(self, name)))
+        set_(self, "device", str(self.device))
+
+    def replace(self, **kw) -> FinetuneConfig:
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        """Every option, JSON-safe (the fine-tune record)."""
+        return dataclasses.asdict(self)

@@ -4,9 +4,10 @@ from each other."""
 
 from __future__ import annotations
 
+import importlib
 import threading
 
-__all__ = ["Cancelled", "available_devices", "resolve_device", "stop_requested"]
+__all__ = ["Cancelled", "available_devices", "deferred_module", "resolve_device", "stop_requested"]
 
 
 class Cancelled(Exception):
@@ -65,3 +66,14 @@ def available_devices() -> list[str]:
     if xpu is not None and xpu.is_available():
         out.append("xpu")
     return out
+
+
+class deferred_module:  # noqa: N801 (stands in for a module)
+    """A module imported on first attribute use: lets a module that needs torch only inside its functions
+    be imported (its names, help texts, registries read) without loading torch."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self._name), attr)

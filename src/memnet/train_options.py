@@ -1,4 +1,5 @@
-"""Training options: every knob of ``memnet train``, with its one default, checked once on construction.
+"""Training options: every knob of ``memnet train``, with its one default, checked once on construction
+(`memnet.finetune_modes.FinetuneConfig` does the same for ``memnet finetune``, beside the modes it names).
 
 As `memnet.options.RestoreOptions` for restores: the CLI reads its defaults from here (`default`), the
 training record stores ``asdict`` of it. Standard library only, so ``memnet --help`` needs no torch.
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 
 from .options import check_amp
 
-__all__ = ["LOSSES", "NOISE_MODELS", "OPTIMIZERS", "SAMPLERS", "TASKS", "TrainConfig", "default"]
+__all__ = ["DEFAULT_MINUTES", "LOSSES", "NOISE_MODELS", "OPTIMIZERS", "SAMPLERS", "TASKS",
+           "TrainConfig", "Z_MARGIN", "choice", "default", "int_at_least"]
 
 TASKS = ("denoise", "sr", "jpeg", "microscopy")
 OPTIMIZERS = ("adam", "sgd")  # adam: Adam + cosine (default); sgd: the paper's recipe
@@ -24,6 +26,8 @@ LOSSES = ("mse", "psnr")
 NOISE_MODELS = ("poisson_gaussian", "camera")
 SAMPLERS = ("auto", "numpy", "device")  # where batches are made; auto: on the device for denoise on CUDA
 DEFAULT_ARCH = "M4R4C32"  # CPU-sized: see training/README.md
+DEFAULT_MINUTES = 5.0  # a fine-tune's CPU default: a few hundred steps of an M4R4C32 on 2 cores
+Z_MARGIN = 2.0  # publish a fine-tune when mean gain - Z_MARGIN * its standard error > 0 (~97.5 % one-sided)
 
 
 def default(cls, name: str):
@@ -67,7 +71,7 @@ class TrainConfig:
 
     def __post_init__(self):
         set_ = object.__setattr__
-        _choice("task", self.task, TASKS)
+        choice("task", self.task, TASKS)
         for name in ("data", "pairs"):
             v = getattr(self, name)
             if isinstance(v, str) or not all(isinstance(p, str) for p in v):
@@ -76,20 +80,20 @@ class TrainConfig:
         if self.pairs and len(self.pairs) != 2:
             raise ValueError("pairs needs two folders: NOISY_DIR CLEAN_DIR")
         for name, low in (("patch", 8), ("batch_size", 1), ("steps", 1), ("val_every", 1), ("log_every", 1)):
-            _int_at_least(name, getattr(self, name), low)
-        _int_at_least("bn_batches", self.bn_batches, 0)
+            int_at_least(name, getattr(self, name), low)
+        int_at_least("bn_batches", self.bn_batches, 0)
         if self.threads is not None:
-            _int_at_least("threads", self.threads, 1)
+            int_at_least("threads", self.threads, 1)
         for name in ("hours", "lr"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
                 raise ValueError(f"{name} must be a positive number or None, got {v!r}")
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("loss", self.loss, LOSSES)
-        _choice("sampler", self.sampler, SAMPLERS)
-        _choice("noise model", self.noise, NOISE_MODELS)
+        choice("optimizer", self.optimizer, OPTIMIZERS)
+        choice("loss", self.loss, LOSSES)
+        choice("sampler", self.sampler, SAMPLERS)
+        choice("noise model", self.noise, NOISE_MODELS)
         set_(self, "amp", check_amp(self.amp))
-        _int_at_least("warmup", self.warmup, 0)
+        int_at_least("warmup", self.warmup, 0)
         if self.warmup >= self.steps:
             raise ValueError(f"warmup must be between 0 and steps-1 ({self.steps - 1}), got {self.warmup}")
         if self.warmup and self.optimizer != "adam":
@@ -134,12 +138,12 @@ def sigma_ranges(ranges) -> tuple[tuple[float, float], ...]:
     return tuple(out)
 
 
-def _choice(name: str, value, allowed: tuple) -> None:
+def choice(name: str, value, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}: expected one of {', '.join(allowed)}")
 
 
-def _int_at_least(name: str, value, low: int) -> None:
+def int_at_least(name: str, value, low: int) -> None:
     if isinstance(value, bool) or not hasattr(value, "__index__") or value < low:
         raise ValueError(f"{name} must be a whole number ≥ {low}, got {value!r}")
 

@@ -22,8 +22,8 @@ from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
 import memnet
-from memnet.finetune import DEFAULT_MINUTES
-from memnet.finetune_modes import MODES, self_supervised_modes
+from memnet.finetune_modes import AUTO, MODES, FinetuneConfig, self_supervised_modes
+from memnet.train_options import default
 
 from ._models import follow_models, model_choices, models
 from ._slices import current_slice, layer_axes, plane_geometry
@@ -32,7 +32,10 @@ from ._worker import CANCELLED, BackgroundJob, ScrollingDock, one_line, status_l
 _SECOND_LABEL = {"target": "Clean layer", "noisy2": "Second noisy layer"}
 _NEEDS_SECOND = {n: _SECOND_LABEL[m.needs] for n, m in MODES.items() if m.needs}
 # What a user with one noisy layer can run comes first; the default is the first of them.
-_MODE_ORDER = self_supervised_modes() + [n for n in MODES if n not in self_supervised_modes()]
+# auto first (the CLI's default): nbr2nbr, or structn2v where the noise is correlated between neighbours
+_MODE_ORDER = [AUTO] + self_supervised_modes() + [n for n in MODES if n not in self_supervised_modes()]
+_MODE_HELP = {AUTO: "nbr2nbr, or structn2v where the noise check finds noise correlated between neighbouring "
+              "pixels", **{n: m.help for n, m in MODES.items()}}
 
 
 DEFAULT_NAME = "my-finetuned"
@@ -57,8 +60,8 @@ class _NotPublished:
     """The run ended without beating the starting model, or refused the data (returned, not raised: a
     worker that returns an exception is reported as failed). ``message``: in the widget's words."""
 
-    def __init__(self, message: str):
-        self.message = message
+    def __init__(self, message: str, decision=None):
+        self.message, self.decision = message, decision  # decision: the held-out paired test, when one ran
 
 
 class LossPlot(QWidget):
@@ -119,17 +122,19 @@ class FinetuneWidget(ScrollingDock, Container):
         # magicgui's layer pickers: napari keeps them in step with the viewer's image layers once docked.
         self._noisy = create_widget(annotation=Image, label="Noisy layer")
         self._mode = ComboBox(label="Mode", choices=_MODE_ORDER, value=_MODE_ORDER[0],
-                              tooltip="\n".join(f"{n}: {MODES[n].help}" for n in _MODE_ORDER))
+                              tooltip="\n".join(f"{n}: {_MODE_HELP[n]}" for n in _MODE_ORDER))
         self._second = create_widget(annotation=Image, label="Clean layer", options={"visible": False})
         self._model = ComboBox(label="Start from", choices=model_choices)
         self._name = LineEdit(label="Save as", value=free_model_name(DEFAULT_NAME))
         self._replace = CheckBox(text="Replace existing model", value=False,
                                  tooltip="replace a fine-tuned model of this name (only if the new one is saved)")
-        self._minutes = FloatSpinBox(label="Budget (minutes)", min=0.5, max=600, step=0.5, value=DEFAULT_MINUTES,
+        self._minutes = FloatSpinBox(label="Budget (minutes)", min=0.5, max=600, step=0.5,
+                                     value=default(FinetuneConfig, "minutes"),
                                      tooltip="the run stops after this time (or earlier, when it stops improving)")
         self._steps = SpinBox(label="Max steps (0: none)", min=0, max=100_000, step=50, value=0)
-        self._patch = SpinBox(label="Patch", min=16, max=256, step=8, value=32)
-        self._val = FloatSpinBox(label="Validation fraction", min=0.05, max=0.5, step=0.05, value=0.1)
+        self._patch = SpinBox(label="Patch", min=16, max=256, step=8, value=default(FinetuneConfig, "patch"))
+        self._val = FloatSpinBox(label="Validation fraction", min=0.05, max=0.5, step=0.05,
+                                 value=default(FinetuneConfig, "val_fraction"))
         self._start_btn = PushButton(text="Start")
         self._stop_btn = PushButton(text="Stop", enabled=False)
         self._compare_btn = PushButton(text="Before / after on current slice", enabled=False,
@@ -161,7 +166,7 @@ class FinetuneWidget(ScrollingDock, Container):
             self._second.label = _NEEDS_SECOND[mode]
 
     def start(self):
-        from memnet.finetune import FinetuneConfig, NoiseCorrelated, NotImproved, finetune
+        from memnet.finetune import NoiseCorrelated, NotImproved, finetune
 
         noisy = self._noisy.value
         if noisy is None:
@@ -183,10 +188,14 @@ class FinetuneWidget(ScrollingDock, Container):
             self._status.value = self._exists(name)
             return None
         steps = int(self._steps.value) or None
-        cfg = FinetuneConfig(model=self._model.value, mode=mode, name=name, overwrite=bool(self._replace.value),
-                             minutes=float(self._minutes.value), steps=steps, patch=int(self._patch.value),
-                             val_fraction=float(self._val.value),
-                             val_every=max(10, steps // 20) if steps else 25, axes=layer_axes(noisy))
+        try:  # a value the config refuses (a bad name...) is one line here, like any other mistake
+            cfg = FinetuneConfig(model=self._model.value, mode=mode, name=name, overwrite=bool(self._replace.value),
+                                 minutes=float(self._minutes.value), steps=steps, patch=int(self._patch.value),
+                                 val_fraction=float(self._val.value),
+                                 val_every=max(10, steps // 20) if steps else 25, axes=layer_axes(noisy))
+        except (ValueError, TypeError) as e:
+            self._status.value = one_line(str(e))
+            return None
         data = noisy.data[0] if noisy.multiscale else noisy.data
         other = None if second is None else (second.data[0] if second.multiscale else second.data)
 
@@ -200,7 +209,7 @@ class FinetuneWidget(ScrollingDock, Container):
                                      f"pixels, which mode {mode} would learn as signal: use mode adjacent on a stack, "
                                      "or paired / n2n with a second layer")
             except NotImproved as e:  # a normal outcome, not an error: the starting model stays the better one
-                return _NotPublished(str(e))
+                return _NotPublished(str(e), e.decision)
 
         self._compare_btn.enabled = False
         self._last = None
@@ -220,15 +229,16 @@ class FinetuneWidget(ScrollingDock, Container):
             return self._exists(self._name.value.strip())
         return None
 
-    def _not_published(self, message: str, base: str) -> str:
+    def _not_published(self, message: str, base: str, decision=None) -> str:
         """Why nothing was saved, with the scores when there were any (on the GUI thread, after the last
-        progress report)."""
+        progress report) and the publish test's figures ("kept the starting model: gain +0.004 ± 0.010 dB")."""
         p = self._last
+        test = f" ({decision.summary()})" if decision is not None else ""
         if message.startswith("not published") and p is not None and p.history and p.baseline is not None:
             best = max(h[2] for h in p.history)
-            return (f"not published: held-out score {p.baseline:.2f} → {best:.2f} dB did not beat {base}; "
-                    "try another mode, more data or more time")
-        return one_line(message).split(". Try")[0]
+            return (f"not published: held-out score {p.baseline:.2f} → {best:.2f} dB did not clearly beat {base}"
+                    f"{test}; try another mode, more data or more time")
+        return one_line(message).split(". Try")[0] + test
 
     def stop(self) -> None:
         self._job.cancel("stopping…")
@@ -260,7 +270,7 @@ class FinetuneWidget(ScrollingDock, Container):
             return
         self._progress.value = 100
         if isinstance(result, _NotPublished):
-            self._status.value = self._not_published(result.message, base)
+            self._status.value = self._not_published(result.message, base, result.decision)
             return
         self.saved_path = result
         self._trained = (layer, base, name)
@@ -268,6 +278,8 @@ class FinetuneWidget(ScrollingDock, Container):
         p = self._last
         scores = (f"held-out score {p.baseline:.2f} → {max(h[2] for h in p.history):.2f} dB, "
                   if p is not None and p.history and p.baseline is not None else "")
+        decision = getattr(result, "decision", None)  # the paired test across held-out crops
+        scores += f"{decision.summary()}, " if decision is not None else ""
         self._status.value = f"{scores}saved as {name!r} in {self._job.elapsed:.0f} s: pick it in Restore"
         self._next_name(name)
 
