@@ -67,7 +67,8 @@ def _copy(arr, out: Path, tile: int) -> None:
 
 
 def pipeline(src: Path, out: Path, tile: int, pyramid: int) -> None:
-    memnet.restore(str(src), "microscopy", output=str(out), device="cpu", tile=tile, pyramid=pyramid)
+    kw = {"pyramid": pyramid} if out.suffix == ".zarr" else {}  # a TIFF has no pyramid
+    memnet.restore(str(src), "microscopy", output=str(out), device="cpu", tile=tile, **kw)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ The policy comes from the model's metadata ("normalization"), never from the cal
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -78,6 +78,7 @@ class Normalizer:
     offset: float
     out_dtype: np.dtype
     clip: tuple[float, float] | None  # clip of the inverse, in raw units (integer outputs)
+    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # forward's lookups
 
     @classmethod
     def for_data(cls, data, policy: dict | None) -> Normalizer:
@@ -112,15 +113,30 @@ class Normalizer:
         raise ValueError(f"unknown normalization mode {mode!r} in the model's metadata")
 
     def forward(self, raw: np.ndarray) -> np.ndarray:
-        """Raw -> model range, float32 (computed in float64 so uint16/uint32 keep their precision)."""
+        """Raw -> model range, float32 (computed in float64 so uint16/uint32 keep their precision). 8- and
+        16-bit integers go through a table of that same computation: one lookup per pixel, same values."""
+        raw = np.asarray(raw)
+        if raw.dtype.kind in "iu" and raw.dtype.itemsize <= 2:
+            return np.take(self._table(raw.dtype), raw.astype(np.intp, copy=False) - int(np.iinfo(raw.dtype).min))
         return ((np.asarray(raw, dtype=np.float64) - self.offset) / self.scale).astype(np.float32)
 
+    def _table(self, dtype: np.dtype) -> np.ndarray:
+        table = self._tables.get(dtype)
+        if table is None:
+            info = np.iinfo(dtype)
+            values = np.arange(int(info.min), int(info.max) + 1, dtype=np.float64)
+            table = self._tables[dtype] = ((values - self.offset) / self.scale).astype(np.float32)
+        return table
+
     def inverse(self, model_out: np.ndarray) -> np.ndarray:
-        out = np.asarray(model_out, dtype=np.float64) * self.scale + self.offset
+        out = np.multiply(model_out, self.scale, dtype=np.float64)  # in place from here: fewer passes
+        out += self.offset
         if self.out_dtype.kind in "iu":
-            out = np.rint(out)
+            np.rint(out, out=out)
             if self.clip is not None:
                 np.clip(out, *self.clip, out=out)
+            if self.out_dtype.itemsize < 8:  # within range after the clip: a plain cast
+                return out.astype(self.out_dtype)
             return saturating_cast(out, self.out_dtype)  # int64/uint64 max: no wrap
         return out.astype(self.out_dtype)
 
