@@ -482,7 +482,7 @@ def test_auto_picks_structn2v_on_correlated_noise_and_it_improves_where_nbr2nbr_
     noise and lowers the real PSNR (-> 27.8)."""
     from scipy.ndimage import convolve1d
 
-    from memnet.degrade import psnr
+    from memnet.metrics import psnr
 
     yy, xx = np.mgrid[0:192, 0:192] / 192
     clean = 40 + 160 * (0.5 + 0.5 * np.sin(9 * xx) * np.cos(7 * yy)) ** 2
