@@ -180,3 +180,12 @@ def test_no_module_imports_from_a_floor_above_it():
                 assert floor.get(t, -1) <= floor[m], f"{m} (floor {floor[m]}) imports {t} (floor {floor[t]})"
     kernel = {n.module for n in _imports("kernel")}
     assert "degrade" not in kernel and "engine" not in {n.module for n in _imports("train")}
+
+
+def test_the_tests_import_no_private_names():
+    """Tests use the public API of each module (issue #36): a private name may change without notice."""
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("memnet"):
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                assert not private, f"{path.name}:{node.lineno} imports {private} from {node.module}"

@@ -126,7 +126,7 @@ def test_finetune_never_silently_replaces_a_model(base_model, rng, tiny_model, _
 def test_cli_paired_from_folders_with_include(base_model, tmp_path, rng, capsys):
     """Folders of single images pair up in sorted order; --include selects files; each image is
     normalised on its own (two exposures 10x apart give the same normalised planes)."""
-    from memnet.finetune import _planes
+    from memnet.finetune import sample_planes
 
     clean = _scene(rng, (6, 64, 64))
     (tmp_path / "noisy").mkdir()
@@ -138,9 +138,9 @@ def test_cli_paired_from_folders_with_include(base_model, tmp_path, rng, capsys)
         tifffile.imwrite(tmp_path / "clean" / f"img_{k:03d}.tif", (clean[k] * 1000 * gain).astype(np.uint16))
     (tmp_path / "clean" / "notes.txt").write_text("not an image")
     policy = {"mode": "percentile", "low": 1, "high": 99.8}
-    planes = _planes(tmp_path / "clean", None, 64, policy, include=r"_00[01]\.")
+    planes = sample_planes(tmp_path / "clean", None, 64, policy, include=r"_00[01]\.")
     assert len(planes) == 2
-    np.testing.assert_allclose(planes[0], _planes(tmp_path / "clean" / "img_000.tif", None, 64, policy)[0])
+    np.testing.assert_allclose(planes[0], sample_planes(tmp_path / "clean" / "img_000.tif", None, 64, policy)[0])
     assert abs(float(np.percentile(planes[1], 99.8)) - 1.0) < 0.05  # 10x exposure, same normalised range
 
     args = ["finetune", "--model", base_model, "--mode", "paired", "--data", str(tmp_path / "noisy"), "--target",
@@ -156,19 +156,19 @@ def test_cli_paired_from_folders_with_include(base_model, tmp_path, rng, capsys)
 
 
 def test_single_images_hold_out_bands_one_patch_tall_spread_over_the_image(rng):
-    from memnet.finetune import _split
+    from memnet.finetune import split_held_out
 
     img = np.arange(100 * 64, dtype=np.float32).reshape(100, 64)  # value = row * 64 + column
-    train, val = _split([(img, img)], 0.1, rng, patch=24)
+    train, val = split_held_out([(img, img)], 0.1, rng, patch=24)
     assert [v[0].shape for v in val] == [(24, 64)]  # 10% would be 10 rows: one band, a patch tall
     assert val[0][0][0, 0] == 48 * 64  # the middle band, not an edge
     assert [t[0].shape for t in train] == [(48, 64), (28, 64)]
     rows = np.concatenate([a[0][:, 0] for a in train + val]) // 64
     assert sorted(rows.tolist()) == list(range(100))  # disjoint, complete
-    train, val = _split([(img[:96], img[:96])], 0.5, rng, patch=16)  # 6 bands, 3 held out, evenly spaced
+    train, val = split_held_out([(img[:96], img[:96])], 0.5, rng, patch=16)  # 6 bands, 3 held out, evenly spaced
     assert [int(v[0][0, 0]) // 64 for v in val] == [16, 48, 80]
     with pytest.raises(ValueError, match="too small to hold out a validation strip"):
-        _split([(img[:40], img[:40])], 0.1, rng, patch=24)
+        split_held_out([(img[:40], img[:40])], 0.1, rng, patch=24)
 
 
 def test_synthetic_adds_the_fitted_noise_to_given_clean_images(base_model, rng, _isolated_user_models):

@@ -39,7 +39,7 @@ from .trainset import PatchSampler, list_files
 from .zoo import check_user_model_name, load_model, save_model, user_model_dir
 
 __all__ = ["FinetuneConfig", "FinetuneProgress", "FinetuneResult", "Decision", "publish_decision", "finetune",
-           "MODES", "fit_noise_model", "NotImproved", "NoiseCorrelated"]
+           "MODES", "fit_noise_model", "NotImproved", "NoiseCorrelated", "sample_planes", "split_held_out"]
 
 MIN_GAIN_DB = 1e-3
 
@@ -135,7 +135,7 @@ def _sources(data, include: str | None) -> list:
     return items
 
 
-def _planes(data, axes, max_planes: int, policy: dict, include: str | None = None,
+def sample_planes(data, axes, max_planes: int, policy: dict, include: str | None = None,
             neighbours: bool = False) -> list:
     """Normalised 2-D planes (Y, X) from the images in ``data``: at most ``max_planes`` in all, a regular
     sample. Each image is normalised on its own, channel by channel, with the model's policy, as `restore` would.
@@ -163,7 +163,7 @@ def _planes(data, axes, max_planes: int, policy: dict, include: str | None = Non
     return out
 
 
-def _split(items: list, fraction: float, rng, patch: int) -> tuple[list, list]:
+def split_held_out(items: list, fraction: float, rng, patch: int) -> tuple[list, list]:
     """Hold out whole planes when there are several; else bands one patch tall spread over each plane
     (validation must never see training pixels, or early stopping measures memorisation; spread, so the
     held-out crops sample the whole field, not one edge of it)."""
@@ -235,10 +235,10 @@ def _items(cfg, mode: Mode, ctx: _Context, policy, noisy, target, noisy2) -> tup
     """Training items of the mode, what goes into the model's record about them, and the mode itself
     (``auto`` becomes ``structn2v`` where the noise is correlated; ``structn2v`` gets the measured extent)."""
     if mode.stack_pairs:
-        pairs = _planes(noisy, cfg.axes, cfg.max_planes, policy, cfg.include, neighbours=True)
+        pairs = sample_planes(noisy, cfg.axes, cfg.max_planes, policy, cfg.include, neighbours=True)
         _check_not_constant([p for pair in pairs for p in pair])
         return pairs, ctx.record, mode
-    planes = _planes(noisy, cfg.axes, cfg.max_planes, policy, cfg.include)
+    planes = sample_planes(noisy, cfg.axes, cfg.max_planes, policy, cfg.include)
     _check_not_constant(planes)
     if mode.name == "structn2v":
         ctx.log("checking the noise…")
@@ -258,7 +258,7 @@ def _items(cfg, mode: Mode, ctx: _Context, policy, noisy, target, noisy2) -> tup
         ctx.log("checking the noise…")
         _noise_check(ctx, planes, mode)
     second = target if mode.takes_target else noisy2 if mode.needs == "noisy2" else None
-    others = _planes(second, cfg.axes, cfg.max_planes, policy, cfg.include) if second is not None else None
+    others = sample_planes(second, cfg.axes, cfg.max_planes, policy, cfg.include) if second is not None else None
     mismatch = others is not None and (len(others) != len(planes) or any(a.shape != b.shape
                                                                          for a, b in zip(planes, others)))
     if mode.needs and mismatch:  # pairs must match plane for plane; optional clean images need not
@@ -405,7 +405,7 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
     if min(min(it[0].shape) for it in items) < patch:
         raise ValueError(f"images are smaller than the patch size {patch}: use a smaller --patch")
     band = min(cfg.patch * mode.held_out_scale, min(it[0].shape[0] for it in items) // 3)  # strided: large
-    train_items, val_items = _split(items, cfg.val_fraction, rng, max(patch, band))
+    train_items, val_items = split_held_out(items, cfg.val_fraction, rng, max(patch, band))
     sampler = PatchSampler(info.task, [], train_items, patch, seed=cfg.seed, pairs_only=True)
     held_out = _HeldOut(mode, val_items, cfg.patch, cfg.seed)
     base_errors = held_out.errors(model, dev)  # the starting model, for the paired publish decision
