@@ -300,8 +300,8 @@ def test_finetune_widget_offers_self_supervised_modes_with_a_minutes_budget(make
     viewer = make_napari_viewer()
     viewer.add_image(rng.random((3, 64, 64), dtype=np.float32), name="stack")
     ft = FinetuneWidget(viewer)
-    assert ft._mode.value == "nbr2nbr" and set(ft._mode.choices) == set(MODES)
-    assert list(ft._mode.choices)[:2] == ["nbr2nbr", "n2v2"]  # one noisy layer is enough for the first ones
+    assert ft._mode.value == "auto" and set(ft._mode.choices) == {"auto", *MODES}
+    assert list(ft._mode.choices)[:3] == ["auto", "nbr2nbr", "n2v2"]  # one noisy layer is enough for the first ones
     assert ft._minutes.value == 5.0 and ft._steps.value == 0  # a time budget; steps only if asked
     for mode in ("nbr2nbr", "n2v2", "n2v", "adjacent", "synthetic"):
         ft._mode.value = mode
@@ -318,16 +318,16 @@ def test_finetune_widget_reports_when_the_starting_model_stays_better(make_napar
     ft._name.value = "no-gain"
     ft._steps.value = 10
     ft._patch.value = 16
-    import memnet.finetune as mf
+    import napari_memnet._finetune_widget as fw
 
-    real = mf.FinetuneConfig
+    real = fw.FinetuneConfig
     # cannot improve: nothing may be published (and the tiny random model is no denoiser, so its residual
     # says nothing about the noise: no noise check)
-    mf.FinetuneConfig = lambda **k: real(**{**k, "lr": 1e-12, "noise_check": False})
+    fw.FinetuneConfig = lambda **k: real(**{**k, "lr": 1e-12, "noise_check": False})
     try:
-        worker = ft.start()
+        worker = ft.start()  # the config is made here, before the worker starts
     finally:
-        mf.FinetuneConfig = real
+        fw.FinetuneConfig = real
     _wait(qtbot, worker, timeout=120_000)
     assert ft._status.value.startswith("not published") and "no-gain" not in [m.name for m in memnet.list_models()]
     assert not ft._compare_btn.enabled
