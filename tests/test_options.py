@@ -57,3 +57,28 @@ def test_save_image_checks_overwrite_strictly(tmp_path):
     with pytest.raises(TypeError, match="^overwrite must be True or False, got 'no'$"):
         memnet.save_image(np.ones((20, 20), np.uint8), out, overwrite="no")
     assert out.read_bytes() == before
+
+
+def test_write_threads_change_the_speed_only(tmp_path, micro_file, rng, restore_cli):
+    """docs/developing.md's restore-option recipe, followed: a speed-only option (issue #34: a GPU outruns
+    one core's compression), checked on construction, in the CLI, ignored by resume."""
+    x = rng.integers(0, 3000, (3, 96, 80), dtype=np.uint16)
+    ref = memnet.restore(x, str(micro_file), device="cpu", tile=32, write_threads=1)
+    out = memnet.restore(x, str(micro_file), output=str(tmp_path / "a.zarr"), device="cpu", tile=32, write_threads=3)
+    np.testing.assert_array_equal(np.asarray(out), ref)
+    again = memnet.restore(x, str(micro_file), output=str(tmp_path / "a.zarr"), device="cpu", tile=32, resume=True,
+                           write_threads=2)  # resumable with another value: it changes nothing in the result
+    np.testing.assert_array_equal(np.asarray(again), ref)
+    with pytest.raises(ValueError, match="write_threads must be ≥ 1 or 'auto', got 0"):
+        memnet.RestoreOptions(write_threads=0)
+    assert memnet.RestoreOptions().write_threads == "auto" and "write_threads" in memnet.RestoreOptions.speed_only()
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "x.tif", x, metadata={"axes": "ZYX"})
+    rc, err = restore_cli([tmp_path / "x.tif", "-o", tmp_path / "c.zarr", "--model", micro_file, "--tile", "32",
+                           "--write-threads", "2"])
+    assert rc == 0, err
+    np.testing.assert_array_equal(memnet.open_input(tmp_path / "c.zarr").array[:], ref)
+    with pytest.raises(SystemExit) as e:  # argparse's refusal: exit 2, naming the option
+        restore_cli([tmp_path / "x.tif", "-o", tmp_path / "d.zarr", "--write-threads", "0"])
+    assert e.value.code == 2

@@ -101,7 +101,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 # The RestoreOptions fields set on the command line (the others keep their defaults).
 _OPTIONS = ("tile", "halo", "blend", "scale", "amp", "ensemble", "device", "batch_size", "backend", "ome_zarr_version",
-            "pyramid")
+            "pyramid", "write_threads")
 _ZARR_ONLY = ("ome_zarr_version", "pyramid")  # refused with a TIFF output when given, so None by default
 _D = RestoreOptions()  # the defaults, shown in --help
 
@@ -148,6 +148,9 @@ def register(sub) -> None:
     p.add_argument("--pyramid", type=T.count(0, "a size in pixels"), default=None,
                    help="a .zarr output's resolution pyramid: levels halving Y and X (2x2 means), written while "
                    f"restoring, until one fits in PX x PX; 0: level 0 only [{_D.pyramid}]", metavar="PX")
+    p.add_argument("--write-threads", type=T.auto_or(T.count(1, "a number of threads")), default=_D.write_threads,
+                   help="threads compressing and writing a .zarr output's chunks (a GPU outruns one core's "
+                   f"compression: give it more cores); auto: the cores, at most 4 [{_D.write_threads}]")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run into the same .zarr output (same parameters required)")

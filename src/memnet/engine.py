@@ -66,11 +66,11 @@ def restore(data, model="denoise", *, output=None, axes=None, series=None, level
         amp : mixed precision on CUDA, "auto" (on for CUDA), "on" or "off".
         ensemble : geometric self-ensemble: average the model over the 8 flips/rotations of every tile
             (8x slower; in exact mode still equal to whole-image inference; gains in docs/models.md).
-        device : "auto", "cpu", "cuda", "cuda:N".
-        batch_size : tiles per forward pass, or "auto" from ``memory_budget`` (bytes).
+        device : "auto", "cpu", "cuda", "cuda:N"; batch_size : tiles per forward pass, or "auto" (``memory_budget``).
         ome_zarr_version : a ``.zarr`` output's OME-Zarr version, "0.5" (Zarr v3) or "0.4" (Zarr v2).
         pyramid : a ``.zarr`` output's resolution pyramid: 2x2-mean levels, written while restoring,
             until one fits in pyramid × pyramid pixels (0: level 0 only).
+        write_threads : threads compressing and writing the output's blocks, or "auto" (speed only).
 
         The defaults are those of ``RestoreOptions``.
 

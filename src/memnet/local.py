@@ -28,7 +28,7 @@ def run_local(job: Job, output=None, *, overwrite: bool = False, resume: bool = 
     groups = job.groups(rows)
     todo = [g for g in groups if g[0] not in done]
     tally = ProgressTally(groups, todo, progress)
-    writer = _Writer(sink)
+    writer = _Writer(sink, writers=None if job.options.write_threads == "auto" else job.options.write_threads)
     try:
         writer.build(sink.pending())  # pyramid rows an interrupted run left ready but unbuilt
         with closing(_read_ahead(job, todo, bs, readers)) as batches:

@@ -64,6 +64,8 @@ class RestoreOptions:
     backend: str = _speed_only("auto")
     # Bytes for "auto" batches (None: half the free GPU memory, 2 GiB on CPU).
     memory_budget: int | None = _speed_only(None)
+    # Threads that compress and write a Zarr (or in-memory) output's blocks; "auto": the cores, at most 4.
+    write_threads: int | str = _speed_only("auto")
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -96,6 +98,11 @@ class RestoreOptions:
             if bs is None or bs < 1:
                 raise ValueError(f"batch_size must be ≥ 1 or 'auto', got {self.batch_size!r}")
             set_(self, "batch_size", bs)
+        if self.write_threads != "auto":
+            n = _as_int(self.write_threads)
+            if n is None or n < 1:
+                raise ValueError(f"write_threads must be ≥ 1 or 'auto', got {self.write_threads!r}")
+            set_(self, "write_threads", n)
         if self.memory_budget is not None:
             if isinstance(self.memory_budget, bool) or not isinstance(self.memory_budget, (int, float)) \
                     or not 1 <= self.memory_budget < float("inf"):
