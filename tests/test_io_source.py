@@ -126,3 +126,16 @@ def test_a_new_input_format_is_its_opener_and_its_table_row(tmp_path, monkeypatc
     np.testing.assert_array_equal(src.read_plane((1,)), data[1])
     out = memnet.restore(str(tmp_path / "stack.npy"), memnet.MemNet(2, 2, 8), device="cpu", tile=16)
     assert out.shape == data.shape and out.dtype == np.uint8
+
+
+def test_a_source_that_has_read_through_its_cache_still_pickles(tmp_path, rng):
+    import pickle
+
+    import zarr
+
+    z = zarr.open_array(str(tmp_path / "a.zarr"), mode="w", shape=(2, 600, 500), chunks=(1, 600, 500), dtype="u2")
+    z[:] = rng.integers(0, 4000, (2, 600, 500), dtype=np.uint16)
+    src = memnet.open_input(z, axes="ZYX")
+    first = src.read_plane((1,), slice(0, 50), slice(0, 40))  # the cache now holds a chunk and a lock
+    again = pickle.loads(pickle.dumps(src))
+    np.testing.assert_array_equal(again.read_plane((1,), slice(0, 50), slice(0, 40)), first)

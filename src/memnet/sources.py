@@ -201,6 +201,10 @@ class Source:
                           "corrupt") from e
         return p.T if self.x_first else p
 
+    def __getstate__(self) -> dict:
+        """Pickled (a lazy restore's graph sent to dask workers) without the chunk cache and its locks."""
+        return {**self.__dict__, "_cache": None, "_cached_array": None}
+
     def _reader(self):
         """The array, through a chunk cache where one pays (made again if ``array`` was replaced)."""
         if self._cached_array is not self.array:
