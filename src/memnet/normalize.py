@@ -167,10 +167,10 @@ class Intensity:
     @classmethod
     def for_source(cls, src, policy: dict | None) -> Intensity:
         """Each channel's mapping from a sample of that channel's planes (`Source.sample`)."""
-        channel_at = tuple(i for i, a in enumerate(src.lead_axes) if a in "CS")
+        channel_at = src.channel_at
         groups: dict[tuple, list[tuple]] = {}
         for lead in src.leads():
-            groups.setdefault(tuple(lead[i] for i in channel_at), []).append(lead)
+            groups.setdefault(src.channel(lead), []).append(lead)
 
         def build(leads):
             return Normalizer.build(src.dtype, policy, lambda lo, hi: percentile_range(src.sample(leads), lo, hi))

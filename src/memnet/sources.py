@@ -166,9 +166,14 @@ class Source:
         """Every plane, as its index over `lead_axes`, in storage order: how every reader enumerates planes."""
         return plane_indices(self.shape, self.axes)
 
+    @property
+    def channel_at(self) -> tuple[int, ...]:
+        """Where the channel axes (C, and RGB samples S) sit in a plane's lead index."""
+        return tuple(d for d, a in enumerate(self.lead_axes) if a in "CS")
+
     def channel(self, lead: tuple) -> tuple:
-        """The plane's indices along its channel axes (C, and RGB samples S): () without channels."""
-        return tuple(i for a, i in zip(self.lead_axes, lead) if a in "CS")
+        """The plane's indices along its channel axes: () without channels."""
+        return tuple(lead[d] for d in self.channel_at)
 
     def neighbour(self, lead: tuple, step: int, axis: str | None = None) -> tuple | None:
         """The lead of the plane ``step`` planes away along ``axis`` (default `context_axis`), or None
