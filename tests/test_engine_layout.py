@@ -160,12 +160,12 @@ def test_each_training_default_has_one_home():
 FLOORS = [
     {"runtime", "options", "train_options", "dtypes", "normalize", "outputs", "tiling", "ngff", "metrics",
      "resample", "fingerprint", "_cli_types"},  # standard library, numpy
-    {"model", "degrade", "sources", "sinks", "io", "zoo"},  # the network, degradations, files and weights
+    {"model", "degrade", "synthstack", "sources", "sinks", "io", "zoo"},  # the network, degradations, files, weights
     {"inference", "graphs", "evaluate", "memory"},  # the network's inference form, exports' graphs, scores
     {"runner", "kernel"},  # a restore job
     {"local", "lazy", "distributed"},  # its executors
     {"engine"},  # restore(): picks an executor
-    {"fitloop", "trainset", "train", "finetune_modes", "finetune", "export", "bioimage_package"},  # training, export
+    {"fitloop", "trainset", "train", "stacktrain", "finetune_modes", "finetune", "export", "bioimage_package"},
     {"cli", "_cli_restore", "_cli_train", "_cli_export", "__main__", "__init__"},  # the command line, the façade
 ]
 

@@ -16,9 +16,9 @@ except PackageNotFoundError:  # running from a source tree without an install
 # Each public name and the module it lives in.
 _PUBLIC = {
     "model": ("CONFIGS", "MemNet", "MemNetConfig", "conv_weight_count", "deepen", "macs_per_pixel",
-              "receptive_field", "self_ensemble", "widen"),
+              "receptive_field", "self_ensemble", "widen", "with_context"),
     "zoo": ("TASKS", "ModelFileError", "ModelInfo", "list_models", "load_model", "save_model", "user_model_dir"),
-    "engine": ("Progress", "restore", "restore_lazy", "restore_plane", "upscaled_geometry"),
+    "engine": ("Progress", "describe_model", "restore", "restore_lazy", "restore_plane", "upscaled_geometry"),
     "runtime": ("Cancelled",),
     "io": ("Source", "open_input", "save_image"),
     "options": ("RestoreOptions",),

@@ -8,7 +8,7 @@ import sys
 import time
 
 from . import _cli_types as T
-from .options import BACKENDS, OME_ZARR_VERSIONS, RestoreOptions
+from .options import BACKENDS, CONTEXT, OME_ZARR_VERSIONS, RestoreOptions
 
 
 def _fmt_time(s: float | None) -> str:
@@ -64,8 +64,12 @@ def _on_sigterm():
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from .engine import Cancelled, restore
+    from .engine import Cancelled, describe_model, restore
 
+    if not args.quiet:
+        what = describe_model(args.input, args.model, axes=args.axes, series=args.series, level=args.level,
+                              context=args.context)
+        print(f"model: {what}", file=sys.stderr)
     bar = None if args.quiet else ProgressBar()
     t0 = time.perf_counter()
     options = RestoreOptions(**{f: getattr(args, f) for f in _OPTIONS if f not in _ZARR_ONLY})
@@ -101,7 +105,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 # The RestoreOptions fields set on the command line (the others keep their defaults).
 _OPTIONS = ("tile", "halo", "blend", "scale", "amp", "ensemble", "device", "batch_size", "backend", "ome_zarr_version",
-            "pyramid", "write_threads")
+            "pyramid", "write_threads", "context")
 _ZARR_ONLY = ("ome_zarr_version", "pyramid")  # refused with a TIFF output when given, so None by default
 _D = RestoreOptions()  # the defaults, shown in --help
 
@@ -151,6 +155,10 @@ def register(sub) -> None:
     p.add_argument("--write-threads", type=T.auto_or(T.count(1, "a number of threads")), default=_D.write_threads,
                    help="threads compressing and writing a .zarr output's chunks (a GPU outruns one core's "
                    f"compression: give it more cores); auto: the cores, at most 4 [{_D.write_threads}]")
+    p.add_argument("--context", choices=CONTEXT, default=_D.context,
+                   help="auto: a task name (e.g. microscopy) restores a stack with enough planes along Z (else T) "
+                        "with its context model, which uses the neighbouring planes; off: every plane on its own "
+                        f"[{_D.context}]")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run into the same .zarr output (same parameters required)")

@@ -81,14 +81,16 @@ def _gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
     r = int(np.ceil(3 * sigma))
     k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
     k /= k.sum()
-    p = np.pad(x, r, mode="reflect")
-    p = np.apply_along_axis(lambda v: np.convolve(v, k, mode="valid"), 0, p)
-    return np.apply_along_axis(lambda v: np.convolve(v, k, mode="valid"), 1, p)
+    # the last two axes (Y, X): a stack's planes are blurred each on its own
+    p = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(r, r), (r, r)], mode="reflect")
+    p = np.apply_along_axis(lambda v: np.convolve(v, k, mode="valid"), -2, p)
+    return np.apply_along_axis(lambda v: np.convolve(v, k, mode="valid"), -1, p)
 
 
 def camera_noise(clean: np.ndarray, rng: np.random.Generator, ranges: dict | None = None) -> tuple[np.ndarray,
                                                                                                        np.ndarray]:
-    """A fluorescence acquisition of ``clean`` (a 2-D crop, roughly [0, 1]) by a randomly drawn camera.
+    """A fluorescence acquisition of ``clean`` (a 2-D crop, or a stack of them, roughly [0, 1]) by a randomly
+    drawn camera.
 
     Returns ``(noisy, target)`` both normalised by the noisy crop's own 1 / 99.8 percentiles, the frame
     `memnet restore` puts a microscopy input in: ``target`` is the noise-free expectation of the

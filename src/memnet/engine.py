@@ -14,7 +14,7 @@ The names below are re-exported here for callers that import them from ``memnet.
 from __future__ import annotations
 
 from .distributed import run_distributed
-from .kernel import Job, Progress, prepare, upscaled_geometry, zarr_target
+from .kernel import Job, Progress, describe_model, prepare, upscaled_geometry, zarr_target
 from .lazy import restore_lazy
 from .local import run_local
 from .options import RestoreOptions, check_bool
@@ -22,7 +22,8 @@ from .runner import Runner
 from .runtime import Cancelled, available_devices, resolve_device
 from .sinks import PlaneSink, recorded_job
 
-__all__ = ["restore", "restore_lazy", "restore_plane", "Cancelled", "Job", "Progress", "RestoreOptions", "Runner",
+__all__ = ["restore", "restore_lazy", "restore_plane", "describe_model", "Cancelled", "Job", "Progress",
+           "RestoreOptions", "Runner",
            "available_devices", "resolve_device", "prepare", "upscaled_geometry"]
 
 
@@ -71,7 +72,8 @@ def restore(data, model="denoise", *, output=None, axes=None, series=None, level
         pyramid : a ``.zarr`` output's resolution pyramid: 2x2-mean levels, written while restoring,
             until one fits in pyramid × pyramid pixels (0: level 0 only).
         write_threads : threads compressing and writing the output's blocks, or "auto" (speed only).
-
+        context : "auto": a task name runs its context model on a stack with enough planes along Z (else T);
+            "off": plane by plane.
         The defaults are those of ``RestoreOptions``.
 
     Returns a numpy array, the opened zarr array (``.zarr`` output) or the path (``.tif`` output).

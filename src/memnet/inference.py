@@ -95,7 +95,8 @@ class FoldedMemNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         long_term = [self.fenet(x)]
-        out = x * self.input_weight
+        k, c = self.config.context, self.config.in_channels
+        out = (x[:, k * c: (k + 1) * c] if k else x) * self.input_weight  # the centre plane (context models)
         for m, block in enumerate(self.blocks):
             b = block(long_term)
             long_term.append(b)
@@ -137,7 +138,7 @@ def choose_backend(backend: str, device: torch.device) -> str:
 
 
 class _OrtModule:
-    """An ONNX Runtime session called like a module on (N, 1, H, W) float32 tensors on the CPU."""
+    """An ONNX Runtime session called like a module on (N, planes, H, W) float32 tensors on the CPU."""
 
     def __init__(self, net: nn.Module, threads: int):
         import onnxruntime as ort
@@ -167,7 +168,9 @@ _EXPORT_LOCK = threading.Lock()
 
 def onnx_bytes(module: nn.Module, example: torch.Tensor | None = None) -> bytes:
     """``module`` as an ONNX graph with dynamic N, H and W (the network is fully convolutional)."""
-    example = torch.rand(1, 1, 64, 64) if example is None else example
+    if example is None:
+        cfg = module.config
+        example = torch.rand(1, cfg.in_channels * cfg.planes, 64, 64)
     buf = io.BytesIO()
     dyn = {0: "n", 2: "height", 3: "width"}
     # torch.onnx.export keeps global state: two threads exporting at once (a napari warm-up and a restore of

@@ -25,14 +25,15 @@ from .model import receptive_field, weights_digest
 from .normalize import Intensity
 from .options import RestoreOptions
 from .resample import bicubic_up_rows
-from .runner import Runner, auto_batch, resolve_model
+from .runner import Runner, auto_batch, load_cached, resolve_model
 from .runtime import Cancelled, resolve_device, stop_requested
 from .sinks import job_signature, open_sink, output_format
 from .sources import Source, open_input
 from .tiling import Tile, TilePlan
-from .zoo import ModelInfo
+from .zoo import TASKS, ModelInfo, find_context_model, find_model
 
-__all__ = ["Job", "Progress", "ProgressTally", "open_output", "prepare",
+__all__ = ["Job", "Progress", "ProgressTally", "choose_context", "context_swap", "describe_model", "open_output",
+           "prepare",
            "resolve_batch", "rows_per_group", "run_group", "upscaled_geometry", "zarr_target"]
 
 
@@ -131,8 +132,16 @@ class Job:
     def out_translate(self) -> dict:
         return upscaled_geometry(self.source.scale, self.source.translate, self.scale)[1]
 
+    @property
+    def context(self) -> int:
+        """Planes on each side the model sees (0: a 2-D model)."""
+        return self.runner.model.config.context
+
     def read_window(self, lead: tuple, t: Tile) -> np.ndarray:
-        """A tile's input window, normalised (and upscaled for super-resolution), float32 (Y, X)."""
+        """A tile's input window, normalised (and upscaled for super-resolution), float32 (Y, X); for a context
+        model (planes, Y, X), the planes along Z (or T) around ``lead`` (`Source.context_leads`). Neighbouring
+        planes' windows come from the source's chunk cache: each chunk is read once per pass, as the local
+        executor runs the planes in order."""
         ys, xs = t.window
         if self.scale > 1:
             # Exact tiled bicubic: the rows of the whole-image upscaling matrix for this window,
@@ -141,15 +150,21 @@ class Job:
             my, y0, y1 = bicubic_up_rows(h, self.scale, ys.start, ys.stop)
             mx, x0, x1 = bicubic_up_rows(w, self.scale, xs.start, xs.stop)
             ys, xs = slice(y0, y1), slice(x0, x1)
+        if self.context:  # a context model: the window of each plane it sees, (planes, Y, X)
+            return np.stack([self._read(p, ys, xs) for p in self.source.context_leads(lead, self.context)])
+        x = self._read(lead, ys, xs)
+        if self.scale > 1:
+            x = (my @ x.astype(np.float64) @ mx.T).astype(np.float32)
+        return x
+
+    def _read(self, lead: tuple, ys: slice, xs: slice) -> np.ndarray:
+        """One plane's window, checked and normalised by its channel's mapping."""
         raw = self.source.read_plane(lead, ys, xs)
         if raw.dtype.kind == "f" and not np.all(np.isfinite(raw)):
             bad = np.argwhere(~np.isfinite(raw))[0]
             raise ValueError(f"the input contains NaN or Inf (plane {lead}, near y={ys.start + bad[0]}, "
                              f"x={xs.start + bad[1]}): replace them (e.g. numpy.nan_to_num) before restoring")
-        x = self.norm.at(lead).forward(raw)
-        if self.scale > 1:
-            x = (my @ x.astype(np.float64) @ mx.T).astype(np.float32)
-        return x
+        return self.norm.at(lead).forward(raw)
 
     def out_index(self, lead: tuple, ys: slice, xs: slice) -> tuple:
         return self.source.index(lead, ys, xs)
@@ -200,6 +215,8 @@ class Job:
             **({"input_sha256": content_fingerprint(self.source)} if fingerprint else {}),
             model=str(self.info.path.name) if self.info else "module", model_sha256=self.model_digest(),
             rows_per_group=rows_per_group, norm=self.norm.as_dict(),
+            **({"context_planes": 2 * self.context + 1, "context_axis": self.source.context_axis}
+               if self.context else {}),
             **({"series": self.source.series} if self.source.series else {}),
             **({"level": self.source.level} if self.source.level else {}),
             **self.options.to_dict(),
@@ -214,6 +231,9 @@ def prepare(data, model="denoise", *, axes=None, series=None, level=0, pixel_siz
     opts = RestoreOptions.build(options, "prepare", **option_kw)
     dev = resolve_device(opts.device)
     net, policy, info = resolve_model(model, dev)
+    src = open_input(data, axes=axes, series=series, level=level, pixel_size=pixel_size, units=units,
+                     translate=translate)
+    net, policy, info = choose_context(model, net, policy, info, src, opts.context, dev)
     if opts.scale > 1 and info is not None and info.task != "sr":
         raise ValueError(f"scale={opts.scale} needs a super-resolution model (task 'sr'); {info.name!r} is a "
                          f"{info.task!r} model: use model='sr'")
@@ -222,8 +242,6 @@ def prepare(data, model="denoise", *, axes=None, series=None, level=0, pixel_siz
     if net.config.in_channels != 1:
         raise ValueError(f"the tiled engine runs single-channel models (each channel separately); this model "
                          f"takes {net.config.in_channels} channels")
-    src = open_input(data, axes=axes, series=series, level=level, pixel_size=pixel_size, units=units,
-                     translate=translate)
     auto = opts.tile == "auto"
     opts = opts.resolved(receptive_field(net), default_tile(net.config, dev, opts.memory_budget, src.plane_shape))
     norm = Intensity.for_source(src, policy)
@@ -237,6 +255,58 @@ def prepare(data, model="denoise", *, axes=None, series=None, level=0, pixel_siz
     if tile != opts.tile:
         opts = dataclasses.replace(opts, tile=tile)
     return Job(src, runner, norm, opts, info)
+
+
+def context_swap(model, config, name: str, src: Source, context: str) -> ModelInfo | None:
+    """The context rule, in one place. With ``context="auto"``, a task name (``"microscopy"``) stands for the
+    task's context model (`zoo.find_context_model`) when the stack has at least as many planes along Z (else
+    T) as that model sees: that model's info is returned. Otherwise None (run the model as given). A context
+    model given explicitly (``config.context`` > 0) needs a Z or T axis and ``context="auto"``."""
+    if config.context:
+        if context == "off":
+            raise ValueError(f"{name} is a context model (it restores each plane from its neighbours): with "
+                             "context='off' (--context off) choose a 2-D model, e.g. 'microscopy'")
+        k = config.context
+        if src.context_axis is None or src.context_length() <= k:
+            raise ValueError(f"{name} restores a plane from {k} neighbours on each side along Z or T: the input "
+                             f"(axes {src.axes!r}, shape {src.shape}) needs at least {k + 1} planes along Z or T; "
+                             "use a 2-D model (e.g. 'microscopy') for it")
+        return None
+    if context == "off" or not isinstance(model, str) or model not in TASKS or src.context_axis is None:
+        return None
+    found = find_context_model(model)
+    return found if found is not None and src.context_length() >= found.config.planes else None
+
+
+def choose_context(model, net, policy, info, src: Source, context: str, device):
+    """``(net, policy, info)`` of the model a run uses (`context_swap`)."""
+    swap = context_swap(model, net.config, info.name if info else "this model", src, context)
+    if swap is None:
+        return net, policy, info
+    net, cinfo = load_cached(swap.path, device)
+    return net, cinfo.normalization, cinfo
+
+
+def describe_model(data, model="denoise", *, axes=None, series=None, level=0, context: str = "auto") -> str:
+    """What a restore of ``data`` with ``model`` would run, in words, without loading weights: e.g.
+    "microscopy-context (5 planes along Z)" or "microscopy-M4R4C32 (2-D, plane by plane)"."""
+    from .model import MemNet
+
+    if isinstance(model, MemNet):
+        cfg, name = model.config, "the given module"
+    else:
+        info = find_model(model)
+        cfg, name = info.config, info.name
+    src = open_input(data, axes=axes, series=series, level=level)
+    try:
+        swap = context_swap(model, cfg, name, src, context)
+        if swap is not None:
+            cfg, name = swap.config, swap.name
+        if cfg.context:
+            return f"{name} ({cfg.planes} planes along {src.context_axis})"
+        return f"{name} (2-D, plane by plane)" if src.lead_axes else f"{name} (2-D)"
+    finally:
+        src.close()
 
 
 def resolve_batch(job: Job) -> int:
@@ -277,7 +347,7 @@ def open_output(job: Job, output, *, overwrite: bool = False, resume: bool = Fal
     sink = open_sink(output, job.out_shape, job.norm.out_dtype, job.plan.core_shape, src.axes,
                      scale=job.out_scale, units=src.units, translate=job.out_translate, job=signature, src=src,
                      overwrite=overwrite, resume=resume, ignore=("rows_per_group", *RestoreOptions.speed_only()),
-                     defaults={**RestoreOptions().to_dict(), "ome_zarr_version": "0.4", "pyramid": 0,
+                     defaults={**RestoreOptions().to_dict(), "ome_zarr_version": "0.4", "pyramid": 0, "context": "off",
                                "input_sha256": signature.get("input_sha256")},
                      ome_zarr_version=o.ome_zarr_version, pyramid=o.pyramid)
     if not resuming:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 __all__ = ["MemNet", "MemNetConfig", "CONFIGS", "receptive_field", "conv_weight_count", "macs_per_pixel",
-           "parse_arch", "widen", "deepen", "feature_bytes_per_pixel", "weights_digest"]
+           "parse_arch", "widen", "deepen", "with_context", "feature_bytes_per_pixel", "weights_digest"]
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,20 @@ class MemNetConfig:
     channels: int = 64
     in_channels: int = 1
     out_channels: int = 1
+    # Planes on each side of the restored one that a context model sees (along Z, or T): its input is
+    # 2 * context + 1 planes of in_channels each, its output the centre plane. 0: a 2-D model.
+    context: int = 0
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["context"]:  # a 2-D model's record stays as before context models (older readers load it)
+            del d["context"]
+        return d
+
+    @property
+    def planes(self) -> int:
+        """Input planes per output plane: 1 for a 2-D model, 2k+1 for a context model."""
+        return 2 * self.context + 1
 
 
 # Named configurations. Costs are multiply-adds per output pixel (see macs_per_pixel).
@@ -106,19 +117,23 @@ class MemNet(nn.Module):
         channels: int = 64,
         in_channels: int = 1,
         out_channels: int = 1,
+        context: int = 0,
     ):
         super().__init__()
         for name, v in (("blocks", blocks), ("recursions", recursions), ("channels", channels),
                         ("in_channels", in_channels), ("out_channels", out_channels)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"MemNet {name} must be a positive integer, got {v!r}")
+        if not isinstance(context, int) or isinstance(context, bool) or context < 0:
+            raise ValueError(f"MemNet context must be an integer ≥ 0 (planes on each side), got {context!r}")
         if in_channels != out_channels:
             raise ValueError(
                 f"MemNet's global residual (y = x + recon) needs in_channels == out_channels, "
                 f"got {in_channels} and {out_channels}"
             )
-        self.config = MemNetConfig(blocks, recursions, channels, in_channels, out_channels)
-        self.fenet = _PreAct(in_channels, channels, 3)
+        self.config = MemNetConfig(blocks, recursions, channels, in_channels, out_channels, context)
+        # A context model's first layer sees the 2k+1 planes as channels; the residual is the centre plane.
+        self.fenet = _PreAct(in_channels * self.config.planes, channels, 3)
         self.blocks = nn.ModuleList(MemoryBlock(m, recursions, channels) for m in range(1, blocks + 1))
         self.recon_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
         self.recon_bn = nn.ModuleList(nn.BatchNorm2d(channels) for _ in range(blocks))
@@ -138,14 +153,20 @@ class MemNet(nn.Module):
         nn.init.zeros_(self.recon_conv.weight)
         nn.init.constant_(self.fenet.bn.bias, 3.0)
 
+    def centre(self, x: torch.Tensor) -> torch.Tensor:
+        """The restored plane of an input (N, planes * in_channels, H, W): the global residual's term."""
+        k, c = self.config.context, self.config.in_channels
+        return x[:, k * c: (k + 1) * c] if k else x
+
     def forward(self, x: torch.Tensor, branches: bool = False):
         long_term = [self.fenet(x)]
         outputs = []
         final = None
+        base = self.centre(x)
         for m, block in enumerate(self.blocks):
             b = block(long_term)
             long_term.append(b)
-            y_m = x + self.recon_conv(torch.relu(self.recon_bn[m](b)))
+            y_m = base + self.recon_conv(torch.relu(self.recon_bn[m](b)))
             contrib = self.branch_weights[m] * y_m
             final = contrib if final is None else final + contrib
             if branches:
@@ -194,7 +215,7 @@ def conv_weight_count(model: nn.Module) -> int:
 def macs_per_pixel(config: MemNetConfig) -> int:
     """Multiply-adds per output pixel (shared convs count once per application)."""
     c, m_, r = config.channels, config.blocks, config.recursions
-    fenet = config.in_channels * c * 9
+    fenet = config.in_channels * config.planes * c * 9
     recursions = m_ * r * 2 * c * c * 9
     gates = sum((m + r) * c * c for m in range(1, m_ + 1))
     recon = m_ * c * config.out_channels * 9
@@ -216,7 +237,7 @@ def widen(model: MemNet, channels: int, seed: int = 0) -> MemNet:
     cfg = model.config
     with torch.random.fork_rng(devices=[]):  # seeded fresh weights without touching the caller's RNG
         torch.manual_seed(seed)
-        new = MemNet(cfg.blocks, cfg.recursions, channels, cfg.in_channels, cfg.out_channels)
+        new = MemNet(cfg.blocks, cfg.recursions, channels, cfg.in_channels, cfg.out_channels, cfg.context)
     new = new.to(next(model.parameters()).device)
     old_sd, new_sd = model.state_dict(), new.state_dict()
 
@@ -259,7 +280,7 @@ def deepen(model: MemNet, blocks: int, recursions: int, seed: int = 0) -> MemNet
             raise ValueError(f"deepen: {name} must be an integer >= the model's {have}, got {v!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        new = MemNet(blocks, recursions, cfg.channels, cfg.in_channels, cfg.out_channels)
+        new = MemNet(blocks, recursions, cfg.channels, cfg.in_channels, cfg.out_channels, cfg.context)
     new = new.to(next(model.parameters()).device)
     old_sd, new_sd = model.state_dict(), new.state_dict()
     c, r0 = cfg.channels, cfg.recursions
@@ -277,6 +298,34 @@ def deepen(model: MemNet, blocks: int, recursions: int, seed: int = 0) -> MemNet
         else:
             dst.copy_(old)
     new.load_state_dict(new_sd)
+    new.train(model.training)
+    return new
+
+
+@torch.no_grad()
+def with_context(model: MemNet, context: int) -> MemNet:
+    """A context model (2 * ``context`` + 1 input planes) that computes exactly ``model``'s 2-D function:
+    the centre plane's first-layer weights and statistics are the 2-D model's, the neighbours' weights
+    are zero. Training starts from the 2-D model and learns what the neighbours add (gradients reach
+    the zero weights from the first step)."""
+    cfg = model.config
+    if cfg.context:
+        raise ValueError(f"with_context needs a 2-D model; this one already sees {cfg.planes} planes")
+    if not isinstance(context, int) or context < 1:
+        raise ValueError(f"with_context: context must be an integer ≥ 1 (planes on each side), got {context!r}")
+    new = MemNet(cfg.blocks, cfg.recursions, cfg.channels, cfg.in_channels, cfg.out_channels, context)
+    new = new.to(next(model.parameters()).device)
+    sd, c = new.state_dict(), cfg.in_channels
+    for key, old in model.state_dict().items():
+        dst = sd[key]
+        if key.startswith("fenet.bn.") and old.dim() == 1:  # per input channel: every plane as the centre
+            dst.copy_(old.repeat(2 * context + 1))
+        elif key == "fenet.conv.weight":  # [C, planes * c, 3, 3]
+            dst.zero_()
+            dst[:, context * c: (context + 1) * c] = old
+        else:
+            dst.copy_(old)
+    new.load_state_dict(sd)
     new.train(model.training)
     return new
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-__all__ = ["AMP", "BACKENDS", "OME_ZARR_VERSIONS", "RestoreOptions", "check_amp", "check_bool"]
+__all__ = ["AMP", "BACKENDS", "CONTEXT", "OME_ZARR_VERSIONS", "RestoreOptions", "check_amp", "check_bool"]
 
 OME_ZARR_VERSIONS = ("0.5", "0.4")  # 0.5: Zarr v3; 0.4: Zarr v2, for readers that predate 0.5
 
@@ -20,6 +20,9 @@ BACKENDS = ("auto", "eager", "compile", "onnxruntime")  # what memnet.inference 
 # fast (CUDA: bf16, else fp16); "on" = wherever the step supports it (CUDA; training and fine-tuning also
 # bf16 on CPU, fast on CPUs with AVX512-BF16/AMX; restore's CPU backends run fp32); "off" = fp32 throughout.
 AMP = ("auto", "on", "off")
+# Context models (which see a plane's neighbours along Z, else T): "auto" = a task name picks its context model
+# for a stack with enough planes along Z or T; "off" = every plane on its own (2-D models only).
+CONTEXT = ("auto", "off")
 _AMP = {"auto": "auto", "on": "on", "off": "off", True: "on", False: "off"}
 
 
@@ -58,6 +61,7 @@ class RestoreOptions:
     ensemble: bool = False  # geometric self-ensemble (8 flips/rotations per tile, averaged)
     ome_zarr_version: str = "0.5"  # of a Zarr output: "0.5" or "0.4"
     pyramid: int = 1024  # a Zarr output's coarser levels (2x2 means) until one fits in pyramid² px; 0: none
+    context: str = "auto"  # "auto" or "off": see CONTEXT
     device: str = _speed_only("auto")  # "auto", "cpu", "cuda", "cuda:N" ("auto": each worker its own)
     batch_size: int | str = _speed_only("auto")  # tiles per forward pass, or "auto" from the memory budget
     # "auto" (ONNX Runtime on CPU when installed, else eager PyTorch), "eager", "compile", "onnxruntime".
@@ -90,6 +94,8 @@ class RestoreOptions:
         if self.ome_zarr_version not in OME_ZARR_VERSIONS:
             raise ValueError(f"ome_zarr_version must be {' or '.join(map(repr, OME_ZARR_VERSIONS))}, "
                              f"got {self.ome_zarr_version!r}")
+        if self.context not in CONTEXT:
+            raise ValueError(f"context must be 'auto' or 'off', got {self.context!r}")
         if not _is_int(self.pyramid) or self.pyramid < 0:
             raise ValueError(f"pyramid must be a number of pixels ≥ 0 (0: no coarser levels), got {self.pyramid!r}")
         set_(self, "pyramid", int(self.pyramid))

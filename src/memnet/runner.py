@@ -51,7 +51,8 @@ def resolve_model(model, device: torch.device) -> tuple[MemNet, dict, ModelInfo 
 
 
 class Runner:
-    """Runs batches of normalised float32 windows (B, H, W) through a model on one device: the model's
+    """Runs batches of normalised float32 windows (B, H, W), or (B, planes, H, W) for a context model, through a
+    model on one device: the model's
     inference form (`memnet.inference`) on the chosen backend, inference_mode, channels_last, AMP (bf16,
     else fp16) on CUDA, halving the batch on OOM."""
 
@@ -90,7 +91,7 @@ class Runner:
             return self(batch)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(batch[:, None]))
+        x = torch.from_numpy(np.ascontiguousarray(batch[:, None] if batch.ndim == 3 else batch))
         x = x.to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

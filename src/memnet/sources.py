@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .normalize import sample_plan
+from .tiling import mirror_index
 
 __all__ = ["FORMATS", "ChunkCache", "InputFormat", "Source", "axes_from_labels", "full_index", "input_format",
            "is_zarr_path", "is_zarr_store", "ngff_unit", "normalize_axes", "open_input", "plane_indices", "short_unit"]
@@ -184,6 +185,24 @@ class Source:
         d = self.lead_axes.index(axis)
         k = lead[d] + step
         return lead[:d] + (k,) + lead[d + 1:] if 0 <= k < self.lead_shape[d] else None
+
+    def context_length(self) -> int:
+        """Planes along `context_axis` (1 without one)."""
+        axis = self.context_axis
+        return self.lead_shape[self.lead_axes.index(axis)] if axis else 1
+
+    def context_leads(self, lead: tuple, context: int) -> list[tuple]:
+        """The 2 * ``context`` + 1 planes a context model sees for ``lead``, in order along `context_axis`,
+        mirrored at the first and last planes without repeating them (plane -1 is plane 1): the boundary
+        rule of every context model, in training and restore alike (`tiling.mirror_index`)."""
+        axis = self.context_axis
+        if axis is None:
+            raise ValueError("a context model needs a stack with a Z or T axis")
+        d, n = self.lead_axes.index(axis), self.context_length()
+        if n <= context:
+            raise ValueError(f"a context model seeing {context} planes on each side needs at least {context + 1} "
+                             f"planes along {axis}, got {n}")
+        return [lead[:d] + (mirror_index(lead[d] + s, n),) + lead[d + 1:] for s in range(-context, context + 1)]
 
     def index(self, lead: tuple, ys: slice = slice(None), xs: slice = slice(None)) -> tuple:
         """The full storage index of a window of one plane (also valid in an output with these axes)."""

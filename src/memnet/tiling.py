@@ -21,7 +21,7 @@ from itertools import product
 
 import numpy as np
 
-__all__ = ["AxisPlan", "TilePlan", "Tile", "ramp"]
+__all__ = ["AxisPlan", "TilePlan", "Tile", "ramp", "mirror_index"]
 
 
 def ramp(n: int, kind: str = "cosine") -> np.ndarray:
@@ -167,3 +167,13 @@ class TilePlan:
             if 0 <= jy < ny and 0 <= jx < nx and (self.halo > 0 or (dy, dx) == (0, 0)):
                 out.append((jy, jx))
         return out
+
+
+def mirror_index(i: int, n: int) -> int:
+    """Plane ``i`` of ``n`` under the context models' boundary rule along Z/T: mirrored at the first and last
+    planes without repeating them (-1 -> 1, n -> n - 2), as numpy's ``reflect`` padding."""
+    if n == 1:
+        return 0
+    period = 2 * (n - 1)
+    i = abs(i) % period
+    return period - i if i >= n else i

