@@ -67,6 +67,30 @@ def user_model(micro_file, _isolated_user_models):
 
 
 @pytest.fixture
+def ctx_model():
+    """A tiny context model (five planes) with non-trivial weights and BN statistics."""
+    torch.manual_seed(1)
+    m = memnet.MemNet(blocks=1, recursions=2, channels=8, context=2)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.1, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+            if isinstance(mod, torch.nn.Conv2d):
+                mod.weight.normal_(0, 0.15)
+    return m.eval()
+
+
+@pytest.fixture
+def ctx_user(ctx_model, _isolated_user_models):
+    """The tiny context model installed as a user microscopy model that outranks any shipped one."""
+    _isolated_user_models.mkdir(parents=True, exist_ok=True)
+    memnet.save_model(ctx_model, _isolated_user_models / "tiny-ctx.safetensors", name="tiny-ctx", task="microscopy",
+                      metadata={**MICRO_METADATA, "rank": 100})
+    return "tiny-ctx"
+
+
+@pytest.fixture
 def wait_worker(qtbot):
     """``wait_worker(worker)``: block until a widget's background worker has finished."""
 

@@ -12,35 +12,6 @@ from memnet.model import MemNet, macs_per_pixel, with_context
 from memnet.synthstack import context_crop, noisy_stack, simulate_stack
 from memnet.tiling import mirror_index
 
-MICRO_METADATA = {"normalization": {"mode": "percentile", "low": 1, "high": 99.8}}  # as the shipped model
-
-
-def _randomised(m: MemNet) -> MemNet:
-    """Non-trivial weights and BN statistics, so every plane's weights matter."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.1, 0.1)
-                mod.running_var.uniform_(0.5, 1.5)
-            if isinstance(mod, torch.nn.Conv2d):
-                mod.weight.normal_(0, 0.15)
-    return m.eval()
-
-
-@pytest.fixture
-def ctx_model():
-    return _randomised(MemNet(blocks=1, recursions=2, channels=8, context=2))
-
-
-@pytest.fixture
-def ctx_user(ctx_model, _isolated_user_models):
-    """The tiny context model installed as a user microscopy model that outranks any shipped one."""
-    _isolated_user_models.mkdir(parents=True, exist_ok=True)
-    memnet.save_model(ctx_model, _isolated_user_models / "tiny-ctx.safetensors", name="tiny-ctx", task="microscopy",
-                      metadata={**MICRO_METADATA, "rank": 100})
-    return "tiny-ctx"
-
 
 def _whole_stack(model: MemNet, stack: np.ndarray) -> np.ndarray:
     """Untiled reference: every plane with its mirrored neighbours, whole planes through the model."""

@@ -101,6 +101,27 @@ def test_restore_passes_the_calibration_to_memnet(dock, user_model, rng, monkeyp
     assert seen["units"] == {"Z": "micrometer", "Y": "micrometer", "X": "micrometer"}
 
 
+def test_the_widget_says_which_model_a_stack_gets_and_passes_the_choice(dock, ctx_user, rng, monkeypatch):
+    viewer, w = dock("Restore")
+    viewer.add_image((rng.random((5, 40, 40)) * 3000).astype(np.uint16), name="z5", axis_labels=("z", "y", "x"))
+    w._model.value = "microscopy"
+    assert w._uses.value == "uses tiny-ctx (5 planes along Z)"
+    seen = {}
+    monkeypatch.setattr(memnet, "restore", lambda data, model, **kw: seen.update(kw) or np.zeros(data.shape))
+    w._job.start = lambda call, on_done, **kw: call(lambda p: None, None)
+    w.start()
+    assert seen["context"] == "auto"
+    w._context.value = False
+    assert w._uses.value.endswith("(2-D, plane by plane)")
+    w.start()
+    assert seen["context"] == "off"
+    w._context.value = True
+    w._layer.value = viewer.add_image(rng.random((40, 40)).astype(np.float32), name="flat")
+    assert w._uses.value.endswith("(2-D)")
+    w._model.value = ctx_user  # a context model named for a single image: said in one line, before any run
+    assert "needs at least 3 planes along Z or T" in w._uses.value and "\n" not in w._uses.value
+
+
 def test_an_existing_zarr_is_one_line_with_a_replace_box_and_a_free_name(dock, wait_worker, user_model, rng,
                                                                          tmp_path, qtbot):
     viewer, w = dock("Restore")
