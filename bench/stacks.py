@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--careamics", help="JSON lines from bench/careamics_stacks.py: {name, psnr, minutes}")
     ap.add_argument("--save-stacks", help="write each noisy stack (and its target) as .npy here, for the peers")
     ap.add_argument("--json", help="write the table here")
+    ap.add_argument("--only", nargs="*", type=int, help="only these stack numbers (a quick look)")
     args = ap.parse_args()
 
     stacks = bench_stacks(args.wheel)
@@ -99,7 +100,9 @@ def main() -> None:
         found = memnet.zoo.find_context_model("microscopy")
         ctx = found.name if found else None
     rows = []
-    for s in stacks:
+    for i, s in enumerate(stacks):
+        if args.only and i not in args.only:
+            continue
         axes = s["axis"] + "YX"
         t0 = time.perf_counter()
         two_d = memnet.restore(s["noisy"], args.model, axes=axes, context="off", device="cpu")

@@ -161,3 +161,28 @@ def test_semi_synthetic_stacks_and_context_crops():
     seen = {tuple(sorted(context_crop(ramp, np.random.default_rng(s), 2, 8, edge_fraction=1.0)[:, 0, 0]))
             for s in range(20)}
     assert seen == {(0.0, 1.0, 1.0, 2.0, 2.0), (3.0, 3.0, 4.0, 4.0, 5.0)}
+
+
+@pytest.mark.slow
+def test_context_training_starts_from_the_2d_model_checkpoints_and_resumes(micro_file, tmp_path):
+    from memnet.stacktrain import train_context
+
+    out = tmp_path / "run"
+    logs = []
+    train_context(out, init=str(micro_file), steps=2, batch=2, patch=32, n_sim=2, n_val=2, n_val_sim=1, val_every=1,
+                  log=logs.append)
+    model, info = memnet.load_model(out / "last.safetensors")
+    assert model.config.context == 2 and info.task == "microscopy" and info.metadata["training"]["steps"] == 2
+    assert "mirror" in info.metadata["context"]["boundary"]
+    baseline = json_load(out / "baseline.json")["2d_mean_db"]
+    assert any(f"{baseline:.3f} dB" in line for line in logs)  # the 2-D model scored on the same crops first
+    train_context(out, init=str(micro_file), steps=3, batch=2, patch=32, n_sim=2, n_val=2, n_val_sim=1, val_every=1,
+                  log=logs.append)
+    assert any("resumed at step 2" in line for line in logs)
+    assert memnet.load_model(out / "last.safetensors")[1].metadata["training"]["steps"] == 3
+
+
+def json_load(path):
+    import json
+
+    return json.loads(path.read_text())

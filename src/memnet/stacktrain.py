@@ -85,6 +85,7 @@ def score(model: MemNet, val: list[tuple], planes: str = "context") -> list[floa
 def train_context(out: str | Path, *, init: str = "microscopy", context: int = 2, steps: int = 4000,
                   hours: float | None = None, batch: int = 8, patch: int = 96, lr: float = 5e-5,
                   n_sim: int = 48, wheel: str | Path | None = None, val_every: int = 100, n_val: int = 48,
+                  n_val_sim: int = 12,
                   seed: int = 0, name: str = "microscopy-context", threads: int | None = None,
                   resume: bool = True, log=print) -> Path:
     """Train (or resume) a context model in ``out``; returns ``out/best.safetensors``."""
@@ -97,11 +98,13 @@ def train_context(out: str | Path, *, init: str = "microscopy", context: int = 2
     last, best, state_path = out / "last.safetensors", out / "best.safetensors", out / "state.pt"
     t0 = time.time()
     bank = make_bank(seed, n_sim, wheel=wheel, part="train")
-    val = validation_set(make_bank(seed + 1000, max(8, n_sim // 4), wheel=wheel, part="test"), context, 128,
+    val = validation_set(make_bank(seed + 1000, n_val_sim, wheel=wheel, part="test"), context, 128,
                          n_val, seed + 2000)
     log(f"bank: {len(bank)} training stacks, {len(val)} validation crops ({time.time() - t0:.0f} s)")
     base, base_info = load_model(init)
     model = with_context(base, context) if base.config.context == 0 else base
+    if base.config.context:  # continuing a context model: the 2-D reference is the task's 2-D model
+        base, _ = load_model(base_info.task)
     # The first layer (where the neighbours enter, from zero) learns at 3x the rate of the trained body.
     first = [p for n, p in model.named_parameters() if n.startswith("fenet.")]
     body = [p for n, p in model.named_parameters() if not n.startswith("fenet.")]
@@ -123,7 +126,7 @@ def train_context(out: str | Path, *, init: str = "microscopy", context: int = 2
         per = score(base, val, "centre")
         baseline = {"2d_mean_db": float(np.mean(per)), "per_crop": per}
         (out / "baseline.json").write_text(json.dumps(baseline))
-    log(f"2-D {init} on the validation crops: {baseline['2d_mean_db']:.3f} dB")
+    log(f"2-D reference model on the validation crops: {baseline['2d_mean_db']:.3f} dB")
     if state.step == 0:
         state.best = baseline["2d_mean_db"]  # best.safetensors only once the context model beats the 2-D one
     sampler = ContextSampler(bank, context, patch, seed + state.step)
