@@ -21,8 +21,9 @@ def _fmt_time(s: float | None) -> str:
 class ProgressBar:
     """A one-line bar on stderr: tiles, Mpx/s, elapsed and ETA. Redraws at most 5 times a second."""
 
-    def __init__(self, stream=sys.stderr, width: int = 28):
-        self.stream, self.width, self.last = stream, width, 0.0
+    def __init__(self, stream=None, width: int = 28):
+        # sys.stderr as it is now, not as it was at import (a test harness or a GUI may have replaced it)
+        self.stream, self.width, self.last = stream or sys.stderr, width, 0.0
         self.open = False  # a line drawn and not yet ended
 
     def end_line(self) -> None:
