@@ -244,11 +244,20 @@ def int8_onnx_bytes(module: nn.Module) -> bytes:
     fp32 = onnx_bytes(module)
     floats = [n.name for n in onnx.load_from_string(fp32).graph.node
               if n.op_type == "Conv" and any(k in n.name for k in _INT8_FLOAT_CONVS)]
-    samples = iter(calibration_inputs(module.config))
+    samples = calibration_inputs(module.config)
 
-    class _Reader(CalibrationDataReader):
+    class _Reader(CalibrationDataReader):  # one window at a time (set_range): see CalibStridedMinMax below
+        def __init__(self):
+            self.todo = iter(())
+
+        def __len__(self):
+            return len(samples)
+
+        def set_range(self, start_index: int, end_index: int):
+            self.todo = iter(samples[start_index:end_index])
+
         def get_next(self):
-            x = next(samples, None)
+            x = next(self.todo, None)
             return None if x is None else {"input": x[None]}
 
     with tempfile.TemporaryDirectory(prefix="memnet-int8-") as d, _quiet_quantizer():
@@ -257,7 +266,10 @@ def int8_onnx_bytes(module: nn.Module) -> bytes:
         quantize_static(str(src), str(dst), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=["Conv"],
-                        nodes_to_exclude=floats)
+                        nodes_to_exclude=floats,
+                        # ranges merged window by window: the calibrator otherwise keeps every activation of
+                        # every window (~170 MB per 128² window for M4R4C32)
+                        extra_options={"CalibStridedMinMax": 1})
         return dst.read_bytes()
 
 
