@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads [1]")
     ap.add_argument("--backends", nargs="+", default=[], metavar="BACKEND",
                     help="also run each model on these restore backends (e.g. onnxruntime onnxruntime-int8)")
+    ap.add_argument("--backends-only", action="store_true", help="with --backends: no column for the module itself")
     ap.add_argument("--careamics", help="JSON lines of bench/careamics_n2v.py (same threads)")
     ap.add_argument("--careamics-minutes", type=float, help="the minutes CAREamics trained [--minutes]")
     ap.add_argument("--save", help="also write the per-image scores as JSON here")
@@ -107,7 +108,8 @@ def main() -> None:
         model, info = memnet.load_model(spec)
         pred = predictor(model)
         label = info.name if spec == info.name or not spec.endswith(".safetensors") else f"{info.name} ({spec})"
-        methods[label] = lambda x, c, pred=pred: pred(percentile_normalize(x))
+        if not (args.backends and args.backends_only):
+            methods[label] = lambda x, c, pred=pred: pred(percentile_normalize(x))
         for b in args.backends:
             bpred = predictor(model, backend=b)
             methods[f"{label} [{b}]"] = lambda x, c, pred=bpred: pred(percentile_normalize(x))

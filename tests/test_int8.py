@@ -65,3 +65,13 @@ def test_the_microscopy_model_in_int8_stays_near_fp32_on_a_noisy_fluorescence_im
         got = make_backend(model, CPU, "onnxruntime-int8")[0](t)[0, 0].numpy()
     rms = float(np.sqrt(np.mean((got - ref) ** 2)) / (ref.max() - ref.min()))
     assert 0 < rms < 0.01 and _rel(got, ref) < 0.05
+
+
+def test_validation_can_run_a_model_on_a_backend(tiny_model, rng):
+    from memnet.evaluate import predictor
+
+    x = rng.random((40, 52), dtype=np.float32)
+    ref = predictor(tiny_model)(x)
+    assert _rel(predictor(tiny_model, backend="onnxruntime")(x), ref) < 1e-5
+    assert 0 < _rel(predictor(tiny_model, backend="onnxruntime-int8")(x), ref) < 0.05  # what `memnet eval
+    # --backend onnxruntime-int8` scores: the quantized model, not the float one
