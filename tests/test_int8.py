@@ -76,3 +76,12 @@ def test_validation_can_run_a_model_on_a_backend(tiny_model, rng):
     assert _rel(predictor(tiny_model, backend="onnxruntime")(x), ref) < 1e-5
     assert 0 < _rel(predictor(tiny_model, backend="onnxruntime-int8")(x), ref) < 0.05  # what `memnet eval
     # --backend onnxruntime-int8` scores: the quantized model, not the float one
+
+
+def test_a_resume_never_mixes_int8_and_float_tiles(tiny_model, rng, tmp_path):
+    data = rng.random((2, 90, 70), dtype=np.float32)
+    out = tmp_path / "o.zarr"
+    memnet.restore(data, tiny_model, output=out, tile=48, device="cpu", backend="onnxruntime")
+    memnet.restore(data, tiny_model, output=out, tile=48, device="cpu", backend="eager", resume=True)  # same function
+    with pytest.raises(ValueError, match="arithmetic: 'float' then, 'int8' now"):
+        memnet.restore(data, tiny_model, output=out, tile=48, device="cpu", backend="onnxruntime-int8", resume=True)
