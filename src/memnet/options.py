@@ -64,7 +64,8 @@ class RestoreOptions:
     context: str = "auto"  # "auto" or "off": see CONTEXT
     device: str = _speed_only("auto")  # "auto", "cpu", "cuda", "cuda:N" ("auto": each worker its own)
     batch_size: int | str = _speed_only("auto")  # tiles per forward pass, or "auto" from the memory budget
-    # "auto" (ONNX Runtime on CPU when installed, else eager PyTorch), "eager", "compile", "onnxruntime".
+    # "auto" (ONNX Runtime on CPU when installed, else eager PyTorch), "eager", "compile", "onnxruntime",
+    # "onnxruntime-int8" (lossy: resume compares it, see Job.describe).
     backend: str = _speed_only("auto")
     # Bytes for "auto" batches (None: half the free GPU memory, 2 GiB on CPU).
     memory_budget: int | None = _speed_only(None)
