@@ -12,6 +12,7 @@ nothing was published. --careamics FILE adds CAREamics N2V trained on each image
 minutes (the JSON lines of bench/careamics_n2v.py, run in its own venv).
 
   python bench/ood_microscopy.py --data-root ../shared/data --models microscopy runs/x/best.safetensors
+  python bench/ood_microscopy.py --data-root ../shared/data --models microscopy --backends onnxruntime-int8
   python bench/ood_microscopy.py --data-root ../shared/data --no-w2s --finetune nbr2nbr n2v2 --minutes 3 \
       --careamics careamics.jsonl
 """
@@ -89,6 +90,9 @@ def main() -> None:
                     help="self-supervised fine-tune of the first model on each OOD image alone")
     ap.add_argument("--minutes", type=float, default=3.0, help="fine-tuning budget per image [3]")
     ap.add_argument("--threads", type=int, default=1, help="torch threads [1]")
+    ap.add_argument("--backends", nargs="+", default=[], metavar="BACKEND",
+                    help="also run each model on these restore backends (e.g. onnxruntime onnxruntime-int8)")
+    ap.add_argument("--backends-only", action="store_true", help="with --backends: no column for the module itself")
     ap.add_argument("--careamics", help="JSON lines of bench/careamics_n2v.py (same threads)")
     ap.add_argument("--careamics-minutes", type=float, help="the minutes CAREamics trained [--minutes]")
     ap.add_argument("--save", help="also write the per-image scores as JSON here")
@@ -104,7 +108,11 @@ def main() -> None:
         model, info = memnet.load_model(spec)
         pred = predictor(model)
         label = info.name if spec == info.name or not spec.endswith(".safetensors") else f"{info.name} ({spec})"
-        methods[label] = lambda x, c, pred=pred: pred(percentile_normalize(x))
+        if not (args.backends and args.backends_only):
+            methods[label] = lambda x, c, pred=pred: pred(percentile_normalize(x))
+        for b in args.backends:
+            bpred = predictor(model, backend=b)
+            methods[f"{label} [{b}]"] = lambda x, c, pred=bpred: pred(percentile_normalize(x))
     kept = {m: set() for m in args.finetune}
     decisions = {m: {} for m in args.finetune}
     for mode in args.finetune:

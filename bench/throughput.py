@@ -1,6 +1,6 @@
 """Engine throughput vs the bare model, and the halo overhead.
 
-  python bench/throughput.py --model M4R4C32 --shape 2 1024 1024 --tile 512
+  python bench/throughput.py --model M4R4C32 --shape 2 1024 1024 --tile 512 [--backend onnxruntime-int8]
 
 Prints, for the same device in the same run:
   bare-core   : the model on in-memory tiles of the core size (no halo): the yardstick
@@ -32,18 +32,19 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", default="auto")
+    ap.add_argument("--backend", default="auto", help="restore backend, e.g. onnxruntime-int8 [auto]")
     args = ap.parse_args()
     dev = memnet.engine.resolve_device(args.device)
     model = bench_model(args.model).to(dev)
     r = memnet.receptive_field(model)
     z, h, w = args.shape
     plan = TilePlan(h, w, tile=args.tile, halo=r)
-    runner = memnet.engine.Runner(model, dev)
+    runner = memnet.engine.Runner(model, dev, backend=args.backend)
     bs = memnet.runner.auto_batch(model, plan.window_shape, dev, None) if args.batch_size == "auto" \
         else int(args.batch_size)
     n_out = z * h * w
     print(f"# {machine()}; device {dev}; model {args.model} (radius {r}); stack {z}x{h}x{w} uint16; "
-          f"tile {args.tile}, window {plan.window_shape}, batch {bs}")
+          f"tile {args.tile}, window {plan.window_shape}, batch {bs}, backend {runner.backend}")
 
     # Bare model on in-memory tiles.
     tiles = len(plan) * z
@@ -64,7 +65,8 @@ def main() -> None:
         out = tmp / "out.zarr"
 
         def engine():
-            memnet.restore(src, model, output=out, tile=args.tile, device=dev, batch_size=bs, overwrite=True)
+            memnet.restore(src, model, output=out, tile=args.tile, device=dev, batch_size=bs, overwrite=True,
+                           backend=args.backend)
 
         t_eng = timed(engine)
         eng = n_out / t_eng / 1e6

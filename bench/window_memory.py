@@ -22,7 +22,7 @@ torch.manual_seed(0)
 net = memnet.MemNet(int(m), int(r), int(c)).eval()
 fwd, name = make_backend(net, torch.device("cpu"), backend)
 x = torch.rand(int(batch), 1, int(win), int(win))
-if name != "onnxruntime":
+if not name.startswith("onnxruntime"):
     x = x.contiguous(memory_format=torch.channels_last)
 with torch.inference_mode():
     fwd(torch.rand(1, 1, 32, 32))  # warm: lazy initialisation is not the batch's memory

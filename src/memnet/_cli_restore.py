@@ -142,7 +142,8 @@ def register(sub) -> None:
     p.add_argument("--amp", choices=("auto", "on", "off"), default=_D.amp,
                    help=f"mixed precision (bf16/fp16) on CUDA; auto: on for CUDA [{_D.amp}]")
     p.add_argument("--backend", choices=BACKENDS, default=_D.backend,
-                   help="what runs the model: onnxruntime (CPU, ~3x eager here), eager PyTorch, or torch.compile "
+                   help="what runs the model: onnxruntime (CPU, ~3x eager here), onnxruntime-int8 (CPU, int8 "
+                   "convolutions: lossy, see docs/performance.md), eager PyTorch, or torch.compile "
                    f"(~30 s to compile, then fast); auto: onnxruntime on CPU when installed, else eager [{_D.backend}]")
     p.add_argument("--ensemble", action="store_true", default=_D.ensemble,
                    help="self-ensemble: average over the 8 flips/rotations of each tile (8x slower, a little "

@@ -11,6 +11,7 @@ import threading
 from contextlib import contextmanager
 
 from . import _cli_types as T
+from .options import BACKENDS
 
 
 @contextmanager
@@ -90,8 +91,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .zoo import load_model
 
     if args.model == "baseline":
-        if args.ensemble:
-            raise ValueError("--ensemble applies to a model, not to the 'baseline' (the degraded input itself)")
+        if args.ensemble or args.backend:
+            raise ValueError("--ensemble and --backend apply to a model, not to the 'baseline' (the degraded input "
+                             "itself)")
         pred, name = identity, "baseline (bicubic / JPEG / noisy input)"
         task = args.task
         if not task:
@@ -99,9 +101,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                              "(memnet eval baseline --task denoise|sr|jpeg|microscopy)")
     else:
         model, info = load_model(args.model)
-        pred, name, task = predictor(model, ensemble=args.ensemble), info.name, args.task or info.task
+        pred = predictor(model, ensemble=args.ensemble, backend=args.backend)
+        name, task = info.name, args.task or info.task
         if args.ensemble:
             name += " (self-ensemble x8)"
+        if args.backend:
+            name += f" ({args.backend})"
     res = evaluate_task(task, pred, args.data_root, quick=args.quick)
     print(json.dumps({"model": name, "task": task, **{k: round(v, 2) for k, v in res.items()}}))
     return 0
@@ -250,5 +255,8 @@ def _register_eval(sub) -> None:
     e.add_argument("--data-root", required=True, help="folder holding Set12, Set14, W2S_train_8bit")
     e.add_argument("--quick", action="store_true", help="a subset (as used during training)")
     e.add_argument("--ensemble", action="store_true", help="with the x8 self-ensemble (as restore --ensemble)")
+    e.add_argument("--backend", choices=[b for b in BACKENDS if b != "auto"], default=None,
+                   help="run the model's inference form on this restore backend on the CPU, e.g. onnxruntime-int8 "
+                   "(default: the trained PyTorch module itself)")
     e.set_defaults(func=cmd_eval)
 

@@ -29,17 +29,24 @@ def identity(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def predictor(model: torch.nn.Module, device: str | torch.device = "cpu", ensemble: bool = False) -> Predictor:
+def predictor(model: torch.nn.Module, device: str | torch.device = "cpu", ensemble: bool = False,
+              backend: str | None = None) -> Predictor:
     """Whole-image inference (validation images are small); BN in eval mode. ``ensemble``: the mean
-    over the 8 flips/rotations (``memnet.self_ensemble``), as ``restore(ensemble=True)``."""
+    over the 8 flips/rotations (``memnet.self_ensemble``), as ``restore(ensemble=True)``. ``backend``: run the
+    inference form on that restore backend (`memnet.inference.make_backend`) instead of the module itself."""
     dev = torch.device(device)
+    net = model
+    if backend is not None:
+        from .inference import make_backend
+
+        net, _ = make_backend(model, dev, backend)
 
     def run(x: np.ndarray) -> np.ndarray:
         was_training = model.training
         model.eval()
         with torch.inference_mode():
             t = torch.from_numpy(np.ascontiguousarray(x, np.float32))[None, None].to(dev)
-            y = self_ensemble(model, t) if ensemble else model(t)
+            y = self_ensemble(net, t) if ensemble else net(t)
         model.train(was_training)
         return y[0, 0].float().cpu().numpy()
 

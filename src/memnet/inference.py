@@ -9,27 +9,34 @@ them exactly; the backends fuse them with their ReLU.
 
 Backends (`make_backend`): ``eager`` (PyTorch, channels_last), ``compile`` (``torch.compile``, the
 inductor; ~30 s to compile a shape, then faster), ``onnxruntime`` (ONNX Runtime's CPU execution
-provider, which fuses conv+ReLU and conv+add and runs blocked convolutions). ``auto`` picks by the
-measurement in bench/roofline.py: ONNX Runtime on CPU (about 3× eager there), eager elsewhere.
+provider, which fuses conv+ReLU and conv+add and runs blocked convolutions), ``onnxruntime-int8`` (the
+same graph with its 3×3 convolutions statically quantized to int8, calibrated on `calibration_inputs`; opt-in:
+see docs/performance.md for what it gains and costs). ``auto`` picks by the measurement in bench/roofline.py:
+ONNX Runtime on CPU (about 3× eager there), eager elsewhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
+import logging
+import tempfile
 import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from .model import MemNet, MemNetConfig, feature_bytes_per_pixel, weights_digest
 from .options import BACKENDS
 
-__all__ = ["BACKENDS", "ONNX_OPSET", "FoldedMemNet", "choose_backend", "fold", "make_backend",
-           "onnx_bytes", "onnxruntime_available"]
+__all__ = ["BACKENDS", "ONNX_OPSET", "FoldedMemNet", "calibration_inputs", "choose_backend", "fold", "int8_onnx_bytes",
+           "make_backend", "onnx_bytes", "onnxruntime_available"]
 
 
 
@@ -127,12 +134,12 @@ def choose_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
         return "onnxruntime" if device.type == "cpu" and onnxruntime_available() else "eager"
-    if backend == "onnxruntime":
+    if backend.startswith("onnxruntime"):
         if device.type != "cpu":
-            raise ValueError(f"backend 'onnxruntime' runs on the CPU (device {device}); use --backend eager "
+            raise ValueError(f"backend {backend!r} runs on the CPU (device {device}); use --backend eager "
                              f"or compile on {device.type.upper()}")
         if not onnxruntime_available():
-            raise ValueError("backend 'onnxruntime' needs the onnx and onnxruntime packages: "
+            raise ValueError(f"backend {backend!r} needs the onnx and onnxruntime packages: "
                              "pip install onnx onnxruntime (or use --backend eager)")
     return backend
 
@@ -140,7 +147,7 @@ def choose_backend(backend: str, device: torch.device) -> str:
 class _OrtModule:
     """An ONNX Runtime session called like a module on (N, planes, H, W) float32 tensors on the CPU."""
 
-    def __init__(self, net: nn.Module, threads: int):
+    def __init__(self, net: nn.Module, threads: int, int8: bool = False):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -151,7 +158,8 @@ class _OrtModule:
         # at a 660² window, M6R6C64 peaked at 15.2 GB with it and 6.7 GB without (and ran faster without);
         # M4R4C32 at 580² ran faster with it. So: the arena only for models with small feature maps.
         so.enable_cpu_mem_arena = feature_bytes_per_pixel(net.config) <= 2048
-        self.session = ort.InferenceSession(onnx_bytes(net), so, providers=["CPUExecutionProvider"])
+        graph = int8_onnx_bytes(net) if int8 else onnx_bytes(net)
+        self.session = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach().to(torch.float32).contiguous()
@@ -183,6 +191,89 @@ def onnx_bytes(module: nn.Module, example: torch.Tensor | None = None) -> bytes:
     return buf.getvalue()
 
 
+def calibration_inputs(config: MemNetConfig, count: int = 32, size: int = 128, seed: int = 0) -> list[np.ndarray]:
+    """``count`` windows (planes x in_channels, size, size), float32, to calibrate int8 activations: simulated
+    fluorescence (`synthstack.simulate_stack`) through a random camera (`degrade.camera_noise`), normalised as
+    restore normalises a microscopy input. Made here, from a fixed seed: nothing downloads, every user gets the
+    same quantized model."""
+    from .degrade import camera_noise
+    from .synthstack import simulate_stack
+
+    rng = np.random.default_rng(seed)
+    planes = config.planes
+    out: list[np.ndarray] = []
+    while len(out) < count:
+        noisy, _ = camera_noise(simulate_stack(rng, planes=max(4, planes), size=size).clean, rng)  # one camera
+        for i in range(0, len(noisy) - planes + 1, planes):
+            # plane-major channels, as FoldedMemNet.forward reads them
+            out.append(np.repeat(noisy[i: i + planes], config.in_channels, axis=0).astype(np.float32))
+    return out[:count]
+
+
+# Left in float: the 1x1 gates (their input concatenates features of very different ranges, which one int8
+# scale per tensor cannot hold: quantizing them made the error 3.7x larger), the first conv (it reads the image
+# itself: +0.1-0.35 dB on W2S in float) and the reconstruction convs (they write the output); together under
+# 10 % of the multiply-adds of M4R4C32.
+_INT8_FLOAT_CONVS = ("/gate/", "/recon.", "/fenet/")
+
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """ONNX Runtime's quantizer logs advice on the root logger (pre-processing, per-channel axes of BN weights
+    it leaves alone): noise to a user."""
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def int8_onnx_bytes(module: nn.Module) -> bytes:
+    """``module`` (a FoldedMemNet) as an ONNX graph whose 3x3 convolutions run in int8: static quantization
+    (QDQ, per-channel symmetric int8 weights, uint8 activations with min/max ranges) calibrated on
+    `calibration_inputs`. Deterministic for given weights and package versions."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    fp32 = onnx_bytes(module)
+    floats = [n.name for n in onnx.load_from_string(fp32).graph.node
+              if n.op_type == "Conv" and any(k in n.name for k in _INT8_FLOAT_CONVS)]
+    samples = calibration_inputs(module.config)
+
+    class _Reader(CalibrationDataReader):  # one window at a time (set_range): see CalibStridedMinMax below
+        def __init__(self):
+            self.todo = iter(())
+
+        def __len__(self):
+            return len(samples)
+
+        def set_range(self, start_index: int, end_index: int):
+            self.todo = iter(samples[start_index:end_index])
+
+        def get_next(self):
+            x = next(self.todo, None)
+            return None if x is None else {"input": x[None]}
+
+    with tempfile.TemporaryDirectory(prefix="memnet-int8-") as d, _quiet_quantizer():
+        src, dst = Path(d) / "fp32.onnx", Path(d) / "int8.onnx"
+        src.write_bytes(fp32)
+        quantize_static(str(src), str(dst), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=["Conv"],
+                        nodes_to_exclude=floats,
+                        # ranges merged window by window: the calibrator otherwise keeps every activation of
+                        # every window (~170 MB per 128² window for M4R4C32)
+                        extra_options={"CalibStridedMinMax": 1})
+        return dst.read_bytes()
+
+
 def make_backend(model: MemNet, device: torch.device, backend: str = "auto") -> tuple[Callable, str]:
     """A callable running the inference form of ``model`` on ``device`` (tensors in, tensors out) and
     the backend's name. The caller moves inputs to ``device`` (channels_last for eager and compile).
@@ -203,7 +294,7 @@ def make_backend(model: MemNet, device: torch.device, backend: str = "auto") -> 
 
 def _build(model: MemNet, device: torch.device, name: str) -> Callable:
     net = fold(model).to(device)
-    if name == "onnxruntime":
-        return _OrtModule(net.float(), torch.get_num_threads())
+    if name.startswith("onnxruntime"):
+        return _OrtModule(net.float(), torch.get_num_threads(), int8=name == "onnxruntime-int8")
     net = net.to(memory_format=torch.channels_last)
     return torch.compile(net, dynamic=False) if name == "compile" else net

@@ -220,6 +220,8 @@ class Job:
             **({"series": self.source.series} if self.source.series else {}),
             **({"level": self.source.level} if self.source.level else {}),
             **self.options.to_dict(),
+            # the backend is speed-only, except int8: another function, never mixed into one output on resume
+            arithmetic="int8" if self.options.backend == "onnxruntime-int8" else "float",
         )
 
 
@@ -348,7 +350,7 @@ def open_output(job: Job, output, *, overwrite: bool = False, resume: bool = Fal
                      scale=job.out_scale, units=src.units, translate=job.out_translate, job=signature, src=src,
                      overwrite=overwrite, resume=resume, ignore=("rows_per_group", *RestoreOptions.speed_only()),
                      defaults={**RestoreOptions().to_dict(), "ome_zarr_version": "0.4", "pyramid": 0, "context": "off",
-                               "input_sha256": signature.get("input_sha256")},
+                               "arithmetic": "float", "input_sha256": signature.get("input_sha256")},
                      ome_zarr_version=o.ome_zarr_version, pyramid=o.pyramid)
     if not resuming:
         return sink, set(), rows

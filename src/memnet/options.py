@@ -15,7 +15,7 @@ __all__ = ["AMP", "BACKENDS", "CONTEXT", "OME_ZARR_VERSIONS", "RestoreOptions", 
 
 OME_ZARR_VERSIONS = ("0.5", "0.4")  # 0.5: Zarr v3; 0.4: Zarr v2, for readers that predate 0.5
 
-BACKENDS = ("auto", "eager", "compile", "onnxruntime")  # what memnet.inference builds
+BACKENDS = ("auto", "eager", "compile", "onnxruntime", "onnxruntime-int8")  # what memnet.inference builds
 # Mixed precision, one vocabulary for restore, training and fine-tuning: "auto" = on where it is safe and
 # fast (CUDA: bf16, else fp16); "on" = wherever the step supports it (CUDA; training and fine-tuning also
 # bf16 on CPU, fast on CPUs with AVX512-BF16/AMX; restore's CPU backends run fp32); "off" = fp32 throughout.
@@ -64,7 +64,8 @@ class RestoreOptions:
     context: str = "auto"  # "auto" or "off": see CONTEXT
     device: str = _speed_only("auto")  # "auto", "cpu", "cuda", "cuda:N" ("auto": each worker its own)
     batch_size: int | str = _speed_only("auto")  # tiles per forward pass, or "auto" from the memory budget
-    # "auto" (ONNX Runtime on CPU when installed, else eager PyTorch), "eager", "compile", "onnxruntime".
+    # "auto" (ONNX Runtime on CPU when installed, else eager PyTorch), "eager", "compile", "onnxruntime",
+    # "onnxruntime-int8" (lossy: resume compares it, see Job.describe).
     backend: str = _speed_only("auto")
     # Bytes for "auto" batches (None: half the free GPU memory, 2 GiB on CPU).
     memory_budget: int | None = _speed_only(None)
