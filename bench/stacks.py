@@ -93,6 +93,8 @@ def main() -> None:
     peers = {}
     if args.careamics:
         for line in Path(args.careamics).read_text().splitlines():
+            if not line.startswith("{"):  # Lightning's own tables share the peer's stdout
+                continue
             r = json.loads(line)
             peers[r["name"]] = r
     ctx = args.context_model
