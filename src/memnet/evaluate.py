@@ -26,6 +26,7 @@ _IMG = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 def identity(x: np.ndarray) -> np.ndarray:
+    """The do-nothing predictor: scores the degraded input itself (the noisy, bicubic or JPEG baseline)."""
     return x
 
 
@@ -64,6 +65,8 @@ def _is_color(path: Path) -> bool:
 
 
 def eval_denoise(pred: Predictor, folder, sigmas=(15, 25, 50), limit: int | None = None) -> dict[str, float]:
+    """Mean PSNR (dB, Y channel, [0, 255]) per Gaussian noise level over the images in ``folder``; the noise is seeded
+    per image and level, so runs compare."""
     out = {}
     files = _images(Path(folder))[:limit]
     for sigma in sigmas:
@@ -79,6 +82,8 @@ def eval_denoise(pred: Predictor, folder, sigmas=(15, 25, 50), limit: int | None
 
 
 def eval_sr(pred: Predictor, folder, scales=(2, 3, 4), limit: int | None = None) -> dict[str, float]:
+    """Mean PSNR (dB, Y channel) per SR factor over the images in ``folder``: bicubic down and up as input, ``scale``
+    pixels of border left out."""
     out = {}
     files = _images(Path(folder))[:limit]
     for s in scales:
@@ -95,6 +100,7 @@ def eval_sr(pred: Predictor, folder, scales=(2, 3, 4), limit: int | None = None)
 
 
 def eval_jpeg(pred: Predictor, folder, qualities=(10, 20), limit: int | None = None) -> dict[str, float]:
+    """Mean PSNR (dB, Y channel) per JPEG quality over the images in ``folder``, the input encoded with Pillow."""
     out = {}
     files = _images(Path(folder))[:limit]
     for q in qualities:
