@@ -126,6 +126,8 @@ def natural_policy(dtype) -> dict:
 
 
 def is_stack(path: Path) -> bool:
+    """Whether ``path`` holds more than one plane (a Zarr store, or a TIFF beyond 2-D other than one RGB(A) image), to
+    be read plane by plane."""
     if path.is_dir():
         return is_zarr_path(path)
     if input_format(path) != "tiff":
@@ -207,6 +209,8 @@ class PatchSampler:
                 return item
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        """One (input, target) training pair: a cropped, flipped/rotated patch and its degradation for the task (a real
+        noisy/clean pair where given)."""
         r = self.rng
         if self.pairs_only or (self.task == "microscopy" and self.pairs and (not self.clean or r.random() < 0.5)):
             noisy, clean = self._crop(self._pick(self.pairs))
@@ -240,6 +244,7 @@ class PatchSampler:
         return np.ascontiguousarray(noisy[sl]), np.ascontiguousarray(target[sl])
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` pairs as float32 tensors (N, 1, p, p), on the CPU."""
         xs, ys = zip(*(self.sample() for _ in range(n)))
         return (torch.from_numpy(np.stack(xs).astype(np.float32))[:, None],
                 torch.from_numpy(np.stack(ys).astype(np.float32))[:, None])
@@ -275,6 +280,7 @@ class DevicePatchSampler:
         self.gen.manual_seed(seed)
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` (noisy, clean) patches as tensors (N, 1, p, p), made on the device."""
         g, dev = self.gen, self.device
         i = torch.randint(len(self.images), (n,), generator=g, device=dev)
         yx = (torch.rand(n, 2, generator=g, device=dev) * self.limits[i]).long()
@@ -293,6 +299,8 @@ class DevicePatchSampler:
 
 
 def use_device_sampler(cfg, dev: torch.device, clean, pairs) -> bool:
+    """Whether to make batches on the device (`DevicePatchSampler`): only for Gaussian denoising of in-memory 2-D
+    images, by default on CUDA; a ValueError when asked for where it cannot serve."""
     fits = cfg.task == "denoise" and not pairs and all(isinstance(im, np.ndarray) for im in clean)
     if cfg.sampler == "device" and not fits:
         raise ValueError("sampler 'device' makes Gaussian-denoising batches from in-memory 2-D images only "
