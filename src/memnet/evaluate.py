@@ -115,6 +115,8 @@ def eval_jpeg(pred: Predictor, folder, qualities=(10, 20), limit: int | None = N
 
 
 def w2s_pairs(root, fovs, channels=(0, 1, 2)) -> list[tuple[Path, Path]]:
+    """The W2S (noisy average-of-1, clean average-of-400) file pairs of the fields of view ``fovs`` and ``channels``
+    found under ``root``."""
     root = Path(root)
     pairs = []
     for fov in fovs:

@@ -88,6 +88,9 @@ class _PreAct(nn.Module):
 
 
 class MemoryBlock(nn.Module):
+    """One memory block: a recursive unit (one residual block applied R times, its convs shared, one BN per recursion)
+    and a 1×1 gate unit over the long- and short-term memories."""
+
     def __init__(self, index: int, recursions: int, channels: int):
         super().__init__()
         c = channels
@@ -101,6 +104,7 @@ class MemoryBlock(nn.Module):
         self.gate = _PreAct((index + recursions) * c, c, 1)
 
     def forward(self, long_term: list[torch.Tensor]) -> torch.Tensor:
+        """The block's output from ``long_term``, the outputs of FENet and of the blocks before it."""
         h = long_term[-1]
         short_term = []
         for r in range(self.recursions):

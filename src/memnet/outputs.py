@@ -207,6 +207,7 @@ class OutputLock:
 
 
 def remove_tree(p: Path) -> None:
+    """Remove a folder tree, a file or a link (not what it points to); nothing when ``p`` does not exist."""
     if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p)
     elif p.exists() or p.is_symlink():

@@ -119,6 +119,7 @@ def stack_planes(path: Path, task: str) -> list[LazyPlane]:
 
 
 def natural_policy(dtype) -> dict:
+    """The normalisation policy of a training image of this dtype for the natural-image tasks."""
     # As 2-D training images: uint8 by /255, other integer data by percentiles (16-bit cameras rarely
     # fill their range), float as given.
     dtype = np.dtype(dtype)
@@ -140,6 +141,7 @@ def is_stack(path: Path) -> bool:
 
 
 def training_file(p: Path) -> bool:
+    """Whether ``p`` is a training image or stack by its name (an image suffix or a Zarr store)."""
     return p.suffix.lower() in IMAGE_SUFFIXES or (p.is_dir() and is_zarr_path(p))
 
 
