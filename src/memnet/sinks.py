@@ -59,7 +59,7 @@ class Sink:
         raise NotImplementedError
 
     def finish(self):
-        """Complete the output and return the result (an array, or the written output)."""
+        """Complete the output and return the result (an array, a Zarr array, or the TIFF's path)."""
         raise NotImplementedError
 
     def abort(self) -> None:
