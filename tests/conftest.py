@@ -1,7 +1,10 @@
+import hashlib
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 
 import memnet
@@ -111,3 +114,30 @@ def dock(make_napari_viewer):
         return viewer, w
 
     return make
+
+
+@pytest.fixture
+def _digest():
+    """``_digest(path)``: a hash of a file, or of a folder's file names and contents (to show an input untouched)."""
+
+    def digest(path: Path) -> str:
+        h = hashlib.sha256()
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+            h.update(f.read_bytes())
+        return h.hexdigest()
+
+    return digest
+
+
+@pytest.fixture
+def two_series(tmp_path, rng):
+    """An OME-TIFF with two series: (path, series 0 (2, 30, 40) ZYX, series 1 (50, 20) YX)."""
+    a = (rng.random((2, 30, 40)) * 3000).astype(np.uint16)
+    b = (rng.random((50, 20)) * 3000).astype(np.uint16)
+    p = tmp_path / "two.ome.tif"
+    with tifffile.TiffWriter(p, ome=True) as tw:
+        tw.write(a, metadata={"axes": "ZYX"})
+        tw.write(b, metadata={"axes": "YX"})
+    return p, a, b

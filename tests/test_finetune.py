@@ -503,3 +503,17 @@ def test_auto_picks_structn2v_on_correlated_noise_and_it_improves_where_nbr2nbr_
     base = real("microscopy")
     assert real(str(auto)) > base + 2
     assert forced.decision.gain > 0 and real(str(forced)) < base - 1
+
+
+def test_finetune_never_writes_its_model_over_its_data(tmp_path, monkeypatch, micro_file, rng, _digest):
+    from memnet.finetune import FinetuneConfig, finetune
+
+    models = tmp_path / "models"
+    models.mkdir()
+    monkeypatch.setenv("MEMNET_MODEL_DIR", str(models))
+    data = models / "lab.safetensors"  # a user who keeps an image where the model would go
+    tifffile.imwrite(data, (rng.random((40, 40)) * 3000).astype(np.uint16))
+    before = _digest(data)
+    with pytest.raises(ValueError, match="is the input"):
+        finetune(FinetuneConfig(model=str(micro_file), mode="n2v", name="lab", overwrite=True, steps=2), str(data))
+    assert _digest(data) == before

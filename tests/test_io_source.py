@@ -1,6 +1,8 @@
 """Source: the one place that knows a file's axis order; planes come out (Y, X) whatever it is."""
 
 import numpy as np
+import pytest
+import tifffile
 
 import memnet
 
@@ -139,3 +141,19 @@ def test_a_source_that_has_read_through_its_cache_still_pickles(tmp_path, rng):
     first = src.read_plane((1,), slice(0, 50), slice(0, 40))  # the cache now holds a chunk and a lock
     again = pickle.loads(pickle.dumps(src))
     np.testing.assert_array_equal(again.read_plane((1,), slice(0, 50), slice(0, 40)), first)
+
+
+def test_a_second_series_is_never_dropped_silently(two_series, micro_file, tmp_path, restore_cli):
+    p, a, b = two_series
+    with pytest.warns(UserWarning, match=r"two.ome.tif holds 2 series \(0: \(2, 30, 40\), 1: \(50, 20\)\); using "
+                                         r"series 0: pick another with --series N"):
+        src = memnet.open_input(p)
+    np.testing.assert_array_equal(np.asarray(src.array[:]), a)
+    second = memnet.open_input(p, series=1)
+    assert second.axes == "YX" and second.n_series == 2
+    out = tmp_path / "b.tif"
+    rc, err = restore_cli([p, "-o", out, "--model", micro_file, "--series", "1"])
+    assert rc == 0, err
+    np.testing.assert_array_equal(tifffile.imread(out), memnet.restore(b, micro_file, device="cpu"))
+    with pytest.raises(ValueError, match=r"series 5 does not exist: .*two.ome.tif holds 2 series \(0 to 1\)"):
+        memnet.open_input(p, series=5)

@@ -1,4 +1,5 @@
-"""Intensity mapping back to integer dtypes: the top of int64/uint64 stays at the top (issue #32, item 2)."""
+"""Intensity mapping (memnet.normalize): back to integer dtypes, the top of int64/uint64 stays at the top
+(issue #32, item 2); a flat float image of any magnitude stays finite."""
 
 import numpy as np
 import pytest
@@ -68,3 +69,12 @@ def test_the_lookup_table_gives_the_float64_mapping_bit_for_bit(dtype):
     n = Normalizer(scale=1234.5, offset=-17.25, out_dtype=np.dtype(dtype), clip=(float(info.min), float(info.max)))
     np.testing.assert_array_equal(n.forward(raw), ((raw.astype(np.float64) + 17.25) / 1234.5).astype(np.float32))
     np.testing.assert_array_equal(n.forward(raw[::2, 1::3]), n.forward(raw)[::2, 1::3])  # views too
+
+
+@pytest.mark.parametrize("value", [1e30, -3e25, 7.0, 0.0])
+def test_constant_float_images_of_any_magnitude_stay_finite(micro_file, value):
+    out = memnet.restore(np.full((30, 30), value, np.float32), micro_file, device="cpu")
+    assert np.isfinite(out).all() and out.dtype == np.float32
+    # At its level: the span is the magnitude, so the (random) tiny model's response to a flat 0 input,
+    # about 1 % of the span, is all that moves it.
+    np.testing.assert_allclose(out, value, rtol=0.05, atol=0.05)

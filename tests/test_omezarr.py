@@ -266,3 +266,17 @@ def test_an_output_from_before_the_pyramid_resumes_only_as_it_was_made(stack, mo
         memnet.restore(stack, model_file, output=out, resume=True, **kw)
     got = memnet.restore(stack, model_file, output=out, resume=True, ome_zarr_version="0.4", pyramid=0, **kw)
     np.testing.assert_array_equal(got[:], ref)
+
+
+def test_zarr_output_puts_imagej_tzcyx_axes_in_ngff_order(micro_file, tmp_path, rng):
+    x = (rng.random((2, 3, 2, 40, 40)) * 3000).astype(np.uint16)  # T Z C Y X
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, x, imagej=True, metadata={"axes": "TZCYX"})
+    out = tmp_path / "o.zarr"
+    memnet.restore(src, micro_file, output=out, tile=32, device="cpu")
+    root = zarr.open_group(str(out), mode="r")
+    assert [a["name"] for a in root.attrs["ome"]["multiscales"][0]["axes"]] == ["t", "c", "z", "y", "x"]  # 0.5
+    expected = memnet.restore(x, micro_file, axes="TZCYX", tile=32, device="cpu")
+    np.testing.assert_array_equal(root["0"][:], expected.transpose(0, 2, 1, 3, 4))
+    back = memnet.open_input(out)
+    assert back.axes == "TCZYX"

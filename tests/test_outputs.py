@@ -1,5 +1,6 @@
-"""The output lock (issue #32, item 5): of many runs taking over the same stale lock at once, exactly
-one wins, in every trial."""
+"""Output paths and locks (memnet.outputs): an output that overlaps its input is refused with the input
+untouched; one run at a time writes an output; of many runs taking over the same stale lock at once, exactly
+one wins, in every trial (issue #32, item 5)."""
 
 import json
 import multiprocessing as mp
@@ -8,8 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tifffile
+import zarr
 
+import memnet
 from memnet.outputs import OutputLock, OutputLocked, sidecar
 
 
@@ -98,3 +103,130 @@ def test_a_lock_of_another_host_or_unreadable_is_refused_naming_the_file(holder,
     (sidecar(out) / "lock").write_text(json.dumps(holder) if holder else "")
     with pytest.raises(OutputLocked, match=f"remove {sidecar(out) / 'lock'}"):
         OutputLock(out).acquire()
+
+
+@pytest.fixture
+def ome_input(tmp_path, rng):
+    x = (rng.random((2, 40, 50)) * 3000).astype(np.uint16)
+    p = tmp_path / "x.ome.zarr"
+    memnet.save_image(x, p, axes="ZYX")
+    return p
+
+
+@pytest.mark.parametrize("case", ["level inside the input", "zarr inside the input", "symlink to the input"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_output_overlapping_the_input_is_refused_and_the_input_untouched(case, overwrite, ome_input, micro_file,
+                                                                           tmp_path, restore_cli, _digest):
+    out = {"level inside the input": ome_input / "0", "zarr inside the input": ome_input / "out.zarr",
+           "symlink to the input": tmp_path / "link.zarr"}[case]
+    if case == "symlink to the input":
+        out.symlink_to(ome_input, target_is_directory=True)
+    before = _digest(ome_input)
+    rc, err = restore_cli([ome_input, "-o", out, "--model", micro_file, *(["--overwrite"] if overwrite else [])])
+    assert rc == 2 and ("lies inside the input" in err or "is the input" in err), err
+    assert _digest(ome_input) == before
+
+
+def test_an_output_containing_the_input_is_refused(micro_file, tmp_path, rng, restore_cli, _digest):
+    exp = tmp_path / "exp.zarr"
+    exp.mkdir()
+    img = exp / "img.tif"
+    tifffile.imwrite(img, (rng.random((30, 30)) * 255).astype(np.uint8))
+    before = _digest(img)
+    rc, err = restore_cli([img, "-o", exp, "--model", micro_file, "--overwrite"])
+    assert rc == 2 and "contains the input" in err and _digest(img) == before
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".zarr"])
+def test_a_held_output_is_refused_naming_its_holder_and_a_stale_lock_is_taken_over(suffix, micro_file, tmp_path,
+                                                                                   rng, restore_cli):
+    import json
+    import os
+    import socket
+
+    from memnet.outputs import OutputLock, sidecar
+
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, (rng.random((40, 40)) * 3000).astype(np.uint16))
+    out = tmp_path / f"o{suffix}"
+    with OutputLock(out):  # another run, alive, writing this output
+        rc, err = restore_cli([src, "-o", out, "--model", micro_file, "--overwrite"])
+        assert rc == 2 and f"being written by another run (pid {os.getpid()} on {socket.gethostname()}" in err
+        assert not out.exists()
+    # A lock left by a process that died: taken over, the run completes, nothing is left beside it.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    sidecar(out).mkdir()
+    (sidecar(out) / "lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(),
+                                                   "started": "then"}))
+    rc, err = restore_cli([src, "-o", out, "--model", micro_file])
+    assert rc == 0, err
+    assert not sidecar(out).exists()
+
+
+def _slow_run(src, out, model, *extra):
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "memnet", "restore", str(src), "-o", str(out), "--model",
+                             str(model), "--tile", "32", "--batch-size", "1", "--device", "cpu", "-q", *extra],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("suffix, extra", [(".tif", []), (".zarr", ["--overwrite"])])
+def test_two_concurrent_runs_one_output(suffix, extra, micro_file, tmp_path, rng):
+    """The first run is held mid-run by the test (its progress callback waits on an event) while the
+    second is started and refused: the order of events does not depend on how fast either runs."""
+    import threading
+
+    x = (rng.random((3, 64, 64)) * 3000).astype(np.uint16)
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, x, imagej=True, metadata={"axes": "ZYX"})
+    out = tmp_path / f"o{suffix}"
+    holding, release, failed = threading.Event(), threading.Event(), []
+
+    def hold(p):  # after the first batch: the output is open and locked
+        holding.set()
+        assert release.wait(300), "the test never released the first run"
+
+    def first_run():
+        try:
+            memnet.restore(src, micro_file, output=out, tile=32, batch_size=1, device="cpu", progress=hold)
+        except BaseException as e:
+            failed.append(e)
+            holding.set()
+
+    first = threading.Thread(target=first_run)
+    first.start()
+    try:
+        assert holding.wait(300) and not failed, failed
+        second = _slow_run(src, out, micro_file, *extra)
+        rc = second.wait(300)
+        assert rc == 2 and "being written by another run" in second.stderr.read()
+    finally:
+        release.set()
+        first.join(300)
+    assert not failed, failed
+    expected = memnet.restore(x, micro_file, tile=32, device="cpu")
+    got = tifffile.imread(out) if suffix == ".tif" else zarr.open_group(str(out), mode="r")["0"][:]
+    # Readable and complete, not a mix of two runs (1 count: float rounding of other batch shapes/threads).
+    assert got.shape == expected.shape and np.abs(got.astype(int) - expected).max() <= 1
+
+
+def test_a_lock_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from memnet.outputs import OutputLock, sidecar
+
+    def onto_a_full_disk(fd, *a, **kw):  # the lock file is created, writing its holder fails
+        os.close(fd)
+        return open("/dev/full", *a, **kw)
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    out = tmp_path / "o.tif"
+    monkeypatch.setattr(os, "fdopen", onto_a_full_disk)
+    with pytest.raises(OSError) as e:
+        OutputLock(out).acquire()
+    monkeypatch.undo()
+    assert e.value.errno == errno.ENOSPC and not sidecar(out).exists()
+    with OutputLock(out):  # the next run is not refused by an empty lock of nobody's
+        pass

@@ -1,4 +1,4 @@
-"""`memnet restore INPUT -o OUTPUT ...`"""
+"""The `memnet restore INPUT -o OUTPUT ...` subcommand."""
 
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    """Print the model table (shipped and user models), which model each task name picks, and the user model folder."""
     from .zoo import TASKS, describe, find_model, list_models, unusable_models, user_model_dir
 
     with warnings.catch_warnings(record=True) as caught:
@@ -48,6 +49,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `memnet` argument parser with every subcommand registered."""
     p = argparse.ArgumentParser(
         prog="memnet",
         description="MemNet image restoration (denoising, super-resolution, JPEG deblocking, "
@@ -73,6 +75,7 @@ def _registrars() -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status (2 with one line on stderr for a bad input, 130 on Ctrl-C)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -26,6 +26,7 @@ _IMG = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 def identity(x: np.ndarray) -> np.ndarray:
+    """The do-nothing predictor: scores the degraded input itself (the noisy, bicubic or JPEG baseline)."""
     return x
 
 
@@ -71,6 +72,8 @@ def _is_color(path: Path) -> bool:
 
 
 def eval_denoise(pred: Predictor, folder, sigmas=(15, 25, 50), limit: int | None = None) -> dict[str, float]:
+    """Mean PSNR (dB, Y channel, [0, 255]) per Gaussian noise level over the images in ``folder``; the noise is seeded
+    per image and level, so runs compare."""
     out = {}
     files = _images(Path(folder))[:limit]
     for sigma in sigmas:
@@ -86,6 +89,8 @@ def eval_denoise(pred: Predictor, folder, sigmas=(15, 25, 50), limit: int | None
 
 
 def eval_sr(pred: Predictor, folder, scales=(2, 3, 4), limit: int | None = None) -> dict[str, float]:
+    """Mean PSNR (dB, Y channel) per SR factor over the images in ``folder``: bicubic down and up as input, ``scale``
+    pixels of border left out."""
     out = {}
     files = _images(Path(folder))[:limit]
     for s in scales:
@@ -102,6 +107,7 @@ def eval_sr(pred: Predictor, folder, scales=(2, 3, 4), limit: int | None = None)
 
 
 def eval_jpeg(pred: Predictor, folder, qualities=(10, 20), limit: int | None = None) -> dict[str, float]:
+    """Mean PSNR (dB, Y channel) per JPEG quality over the images in ``folder``, the input encoded with Pillow."""
     out = {}
     files = _images(Path(folder))[:limit]
     for q in qualities:
@@ -116,6 +122,8 @@ def eval_jpeg(pred: Predictor, folder, qualities=(10, 20), limit: int | None = N
 
 
 def w2s_pairs(root, fovs, channels=(0, 1, 2)) -> list[tuple[Path, Path]]:
+    """The W2S (noisy average-of-1, clean average-of-400) file pairs of the fields of view ``fovs`` and ``channels``
+    found under ``root``."""
     root = Path(root)
     pairs = []
     for fov in fovs:

@@ -61,13 +61,16 @@ class Decision:
 
     @property
     def clear(self) -> bool:
+        """Whether the gain is clear of noise: above ``MIN_GAIN_DB`` and more than ``z`` standard errors above zero."""
         return self.gain > MIN_GAIN_DB and self.gain - self.z * self.se > 0
 
     def summary(self) -> str:
+        """One line for the user: published or not, and the gain with its standard error."""
         what = "published" if self.published else "kept the starting model"
         return f"{what}: gain {self.gain:+.3f} ± {self.se:.3f} dB"
 
     def as_dict(self) -> dict:
+        """The decision as plain JSON-ready values (floats rounded), for the model's metadata and reports."""
         return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
@@ -110,6 +113,9 @@ class NoiseCorrelated(NotImproved):
 
 @dataclass
 class FinetuneProgress:
+    """What a fine-tune run reports to its ``progress`` callback at each step: the step, the loss, the held-out score
+    and the time spent."""
+
     step: int
     total: int | None  # None when only the time budget bounds the run
     loss: float

@@ -45,11 +45,13 @@ MODES: dict[str, Mode] = {}
 
 
 def register(cls):
+    """Class decorator: add an instance of the mode to ``MODES`` under its ``name``."""
     MODES[cls.name] = cls()
     return cls
 
 
 def get_mode(name: str) -> Mode:
+    """The registered mode called ``name``; a ValueError listing the modes for any other."""
     if name not in MODES:
         raise ValueError(f"unknown fine-tuning mode {name!r}: expected one of {', '.join(MODES)}")
     return MODES[name]
@@ -61,6 +63,9 @@ def self_supervised_modes() -> list[str]:
 
 
 class Mode:
+    """A fine-tuning mode, the base class: a mode sets the attributes and overrides the methods that differ, and is
+    added with ``@register``."""
+
     name = ""
     help = ""
     needs: str | None = None  # None (the noisy data alone), "target" (clean images) or "noisy2"
@@ -84,6 +89,8 @@ class Mode:
         return x, y, None
 
     def loss(self, model, mp, x, y, extra) -> torch.Tensor:
+        """The training loss: the multi-supervised loss of the network's final and branch outputs against ``y``
+        (``extra`` unused here)."""
         from .fitloop import multi_supervised_loss
 
         final, branches = mp.forward(model, x)
@@ -422,6 +429,7 @@ class FinetuneConfig:
         set_(self, "device", str(self.device))
 
     def replace(self, **kw) -> FinetuneConfig:
+        """A copy with the given options changed, checked again."""
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict:

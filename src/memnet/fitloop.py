@@ -36,14 +36,17 @@ class FitState:
 
     @property
     def hours(self) -> float:
+        """Hours spent on this run, earlier sessions included."""
         return self.hours_before + (time.time() - self.started) / 3600
 
     def as_dict(self) -> dict:
+        """The state as plain values for the checkpoint (``hours`` sums this session with the earlier ones)."""
         return {"step": self.step, "best": self.best, "bad": self.bad, "history": self.history,
                 "hours": self.hours}
 
     @classmethod
     def from_dict(cls, d: dict) -> FitState:
+        """The state saved by ``as_dict``; the clock of the new session starts now."""
         return cls(step=int(d["step"]), best=float(d["best"]), bad=int(d.get("bad", 0)),
                    history=list(d.get("history", [])), hours_before=float(d.get("hours", 0.0)))
 
@@ -156,6 +159,7 @@ class MixedPrecision:
         return final.float(), [b.float() for b in branches]
 
     def step(self, loss, opt, clip: float | None = None):
+        """Backward (loss-scaled for fp16), optional gradient-norm clipping at ``clip``, then the optimiser step."""
         opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if clip is not None:
@@ -166,6 +170,7 @@ class MixedPrecision:
 
 
 def hardware_name(dev: torch.device) -> str:
+    """The device in words (GPU name, or CPU with its thread count), recorded in a model's training metadata."""
     import os
     import platform
 

@@ -98,9 +98,11 @@ class FoldedMemNet(nn.Module):
         self.eval()
 
     def train(self, mode: bool = True):  # eval-only: BN statistics are baked in
+        """Stay in eval mode whatever ``mode`` asks: the BN statistics are folded into the convs."""
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The restored image, as `MemNet.forward` gives it (no branch outputs)."""
         long_term = [self.fenet(x)]
         k, c = self.config.context, self.config.in_channels
         out = (x[:, k * c: (k + 1) * c] if k else x) * self.input_weight  # the centre plane (context models)
@@ -120,6 +122,7 @@ def fold(model: MemNet) -> FoldedMemNet:
 
 
 def onnxruntime_available() -> bool:
+    """Whether ONNX Runtime and onnx are installed (the onnxruntime backend needs both)."""
     try:
         import onnx  # noqa: F401  (torch's exporter needs it)
         import onnxruntime  # noqa: F401

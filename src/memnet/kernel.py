@@ -39,6 +39,9 @@ __all__ = ["Job", "Progress", "ProgressTally", "choose_context", "context_swap",
 
 @dataclass
 class Progress:
+    """What a restore reports after each step: tiles done of the total, seconds elapsed, output pixels written, and the
+    tiles found done on resume."""
+
     done: int
     total: int
     elapsed: float
@@ -47,14 +50,17 @@ class Progress:
 
     @property
     def fraction(self) -> float:
+        """The part done, 0 to 1."""
         return self.done / self.total if self.total else 1.0
 
     @property
     def mpx_per_s(self) -> float:
+        """Throughput in megapixels of output per second."""
         return self.pixels / self.elapsed / 1e6 if self.elapsed > 0 else 0.0
 
     @property
     def eta(self) -> float | None:
+        """Seconds left at this run's rate (tiles skipped on resume not counted); None before the first step."""
         ran = self.done - self.skipped
         if ran <= 0:
             return None
@@ -71,6 +77,7 @@ class ProgressTally:
         self.pixels, self.t0, self.progress = 0, time.perf_counter(), progress
 
     def add(self, tiles: list[Tile]) -> None:
+        """Count ``tiles`` as done and report the progress."""
         self.done += len(tiles)
         self.pixels += sum((t.core[0].stop - t.core[0].start) * (t.core[1].stop - t.core[1].start) for t in tiles)
         if self.progress is not None:
@@ -121,15 +128,18 @@ class Job:
 
     @property
     def out_shape(self) -> tuple[int, ...]:
+        """The output's shape: the input's, with Y and X times the SR factor."""
         s = self.source.shape
         return tuple(n * self.scale if d in (self.yi, self.xi) else n for d, n in enumerate(s))
 
     @property
     def out_scale(self) -> dict:
+        """The output's pixel size per axis letter (Y and X divided by the SR factor)."""
         return upscaled_geometry(self.source.scale, self.source.translate, self.scale)[0]
 
     @property
     def out_translate(self) -> dict:
+        """The output's origin per axis letter (shifted for super-resolution, see `upscaled_geometry`)."""
         return upscaled_geometry(self.source.scale, self.source.translate, self.scale)[1]
 
     @property
@@ -167,6 +177,7 @@ class Job:
         return self.norm.at(lead).forward(raw)
 
     def out_index(self, lead: tuple, ys: slice, xs: slice) -> tuple:
+        """Where a block of plane ``lead`` at (``ys``, ``xs``) goes in the output (the input's axis order)."""
         return self.source.index(lead, ys, xs)
 
     def to_output(self, block: np.ndarray, lead: tuple = (), core: tuple | None = None) -> np.ndarray:

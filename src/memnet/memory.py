@@ -102,7 +102,6 @@ def fit_tile(config: MemNetConfig, plane: tuple[int, int], tile: int, halo: int,
     (`available_bytes`); else, with ``auto``, the largest multiple of 16 that fits; else a ValueError in
     one line naming what fits. ``batch`` None ("auto"): one window must fit (the batch adapts);
     ``plane``: the (output) plane, which bounds the windows; ``min_tile``: a blended halo's 2 × halo."""
-
     avail = available_bytes(device)
     if avail is None:
         return tile
@@ -134,6 +133,7 @@ def fit_tile(config: MemNetConfig, plane: tuple[int, int], tile: int, halo: int,
 
 
 def fmt_bytes(n: int) -> str:
+    """Bytes as "1.2 GB" (or "300 MB" below a GiB), for memory messages."""
     return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
 
 

@@ -17,6 +17,7 @@ def rgb_to_y(rgb: np.ndarray) -> np.ndarray:
 
 
 def psnr(result: np.ndarray, clean: np.ndarray, peak: float = 255.0) -> float:
+    """Peak signal-to-noise ratio in dB of ``result`` against ``clean`` (inf when they are equal)."""
     mse = np.mean((np.asarray(result, np.float64) - np.asarray(clean, np.float64)) ** 2)
     return float("inf") if mse == 0 else float(10 * np.log10(peak**2 / mse))
 

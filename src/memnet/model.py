@@ -27,6 +27,9 @@ __all__ = ["MemNet", "MemNetConfig", "CONFIGS", "receptive_field", "conv_weight_
 
 @dataclass(frozen=True)
 class MemNetConfig:
+    """MemNet's architecture: M memory blocks of R recursions, C feature channels, input and output channels, and for a
+    context model the planes it sees on each side."""
+
     blocks: int = 6
     recursions: int = 6
     channels: int = 64
@@ -37,6 +40,8 @@ class MemNetConfig:
     context: int = 0
 
     def as_dict(self) -> dict:
+        """The config for a weights file's metadata (``context`` only for a context model, so older readers load 2-D
+        ones)."""
         d = asdict(self)
         if not d["context"]:  # a 2-D model's record stays as before context models (older readers load it)
             del d["context"]
@@ -83,6 +88,9 @@ class _PreAct(nn.Module):
 
 
 class MemoryBlock(nn.Module):
+    """One memory block: a recursive unit (one residual block applied R times, its convs shared, one BN per recursion)
+    and a 1×1 gate unit over the long- and short-term memories."""
+
     def __init__(self, index: int, recursions: int, channels: int):
         super().__init__()
         c = channels
@@ -96,6 +104,7 @@ class MemoryBlock(nn.Module):
         self.gate = _PreAct((index + recursions) * c, c, 1)
 
     def forward(self, long_term: list[torch.Tensor]) -> torch.Tensor:
+        """The block's output from ``long_term``, the outputs of FENet and of the blocks before it."""
         h = long_term[-1]
         short_term = []
         for r in range(self.recursions):
@@ -159,6 +168,8 @@ class MemNet(nn.Module):
         return x[:, k * c: (k + 1) * c] if k else x
 
     def forward(self, x: torch.Tensor, branches: bool = False):
+        """The restored image; with ``branches``, (final, [each memory block's output]) for the
+        multi-supervised loss."""
         long_term = [self.fenet(x)]
         outputs = []
         final = None

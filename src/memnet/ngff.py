@@ -33,6 +33,7 @@ def axis_type(letter: str) -> str:
 
 
 def zarr_format(version: str) -> int:
+    """The Zarr format (2 or 3) an OME-Zarr ``version`` is stored in; a ValueError for an unknown version."""
     if version not in VERSIONS:
         raise ValueError(f"ome_zarr_version must be one of {', '.join(VERSIONS)}, got {version!r}")
     return _ZARR_FORMAT[version]
@@ -106,7 +107,7 @@ def multiscales_attrs(version: str, name: str, axes: str, units: dict, scale: di
 
 
 def _first_line(e: Exception) -> str:
-    """pydantic's message without its links and echoed inputs."""
+    """Pydantic's message without its links and echoed inputs."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith("For further")]
     return (lines[-1] if lines else str(e)).split(" [type=")[0].removeprefix("Value error, ")
 
@@ -146,6 +147,8 @@ def _model_unusable(e: Exception) -> bool:
 
 @dataclass(frozen=True)
 class Level:
+    """One pyramid level: its plane size and its chunk size."""
+
     height: int
     width: int
     chunk_h: int
@@ -168,6 +171,7 @@ class Unit(NamedTuple):
 
     @property
     def key(self) -> str:
+        """The resume marker's name of this unit."""
         return f"L{self.level}-{self.plane}-{self.row}"
 
 
@@ -221,6 +225,7 @@ class PyramidTracker:
         self.issued = [np.zeros((n, lv.rows), bool) for lv in pyramid.levels]
 
     def unit(self, k: int, p: int, row: int) -> Unit:
+        """The unit of level ``k``, plane index ``p`` and chunk row ``row``, with that plane's lead index."""
         return Unit(k, p, row, tuple(self.leads[p]))
 
     def restore_state(self, rows0, built_keys) -> None:

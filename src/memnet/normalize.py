@@ -129,6 +129,7 @@ class Normalizer:
         return table
 
     def inverse(self, model_out: np.ndarray) -> np.ndarray:
+        """Model range -> the output dtype: scaled back, and for integers rounded and clipped to the output's range."""
         out = np.multiply(model_out, self.scale, dtype=np.float64)  # in place from here: fewer passes
         out += self.offset
         if self.out_dtype.kind in "iu":
@@ -141,6 +142,7 @@ class Normalizer:
         return out.astype(self.out_dtype)
 
     def as_dict(self) -> dict:
+        """The mapping for the job record: scale, offset and output dtype."""
         return {"scale": self.scale, "offset": self.offset, "dtype": str(self.out_dtype)}
 
     def to_spec(self) -> dict:
@@ -149,6 +151,7 @@ class Normalizer:
 
     @classmethod
     def from_spec(cls, d: dict) -> Normalizer:
+        """The mapping that `to_spec` describes."""
         return cls(scale=d["scale"], offset=d["offset"], out_dtype=np.dtype(d["dtype"]),
                    clip=tuple(d["clip"]) if d.get("clip") else None)
 
@@ -182,6 +185,7 @@ class Intensity:
 
     @property
     def out_dtype(self) -> np.dtype:
+        """The output dtype (the same for every channel)."""
         return next(iter(self.norms.values())).out_dtype
 
     def as_dict(self) -> dict:
@@ -191,8 +195,10 @@ class Intensity:
         return {"channels": [[list(k), n.as_dict()] for k, n in self.norms.items()]}
 
     def to_spec(self) -> dict:
+        """Everything needed to rebuild the per-channel mappings elsewhere (a dask worker): `from_spec`."""
         return {"channel_at": list(self.channel_at), "norms": [[list(k), n.to_spec()] for k, n in self.norms.items()]}
 
     @classmethod
     def from_spec(cls, d: dict) -> Intensity:
+        """The mapping that `to_spec` describes."""
         return cls({tuple(k): Normalizer.from_spec(n) for k, n in d["norms"]}, tuple(d["channel_at"]))

@@ -146,6 +146,7 @@ class RestoreOptions:
 
     @classmethod
     def from_dict(cls, d: dict) -> RestoreOptions:
+        """The options `to_dict` describes."""
         return cls(**d)
 
     @classmethod

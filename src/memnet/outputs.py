@@ -58,6 +58,7 @@ def write_marker(directory: Path, key: str) -> None:
 
 
 def read_markers(*directories: Path) -> set[str]:
+    """The done-markers' names found in ``directories`` (those that exist), in-flight temporary files left out."""
     keys: set[str] = set()
     for d in directories:
         if d.is_dir():
@@ -143,6 +144,8 @@ class OutputLock:
         return _parse(_read(self.path))
 
     def acquire(self) -> OutputLock:
+        """Take the lock, taking over one left by a dead process on this host; OutputLocked (naming the holder and the
+        way out) when another run holds it."""
         me = {"pid": os.getpid(), "host": socket.gethostname(),
               "started": time.strftime("%Y-%m-%d %H:%M:%S%z"), "token": os.urandom(8).hex()}
         for _ in range(200):
@@ -185,6 +188,7 @@ class OutputLock:
         raise OutputLocked(f"could not take the lock {self.path}: it keeps changing hands")
 
     def release(self) -> None:
+        """Give the lock up if this object holds it (a lock taken over by another run meanwhile is left alone)."""
         if not self.held:
             return
         self.held = False
@@ -203,6 +207,7 @@ class OutputLock:
 
 
 def remove_tree(p: Path) -> None:
+    """Remove a folder tree, a file or a link (not what it points to); nothing when ``p`` does not exist."""
     if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p)
     elif p.exists() or p.is_symlink():

@@ -79,6 +79,8 @@ class Runner:
         return cls(model, device, amp=options.amp, ensemble=options.ensemble, backend=options.backend)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """The model's float32 output (N, Y, X) for a batch (N, Y, X) or (N, planes, Y, X) of normalised
+        windows; on a CUDA out-of-memory error, halve the batch and retry."""
         if self.max_batch is not None and len(batch) > self.max_batch:
             return np.concatenate([self(batch[i: i + self.max_batch]) for i in range(0, len(batch), self.max_batch)])
         try:

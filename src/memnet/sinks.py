@@ -55,9 +55,11 @@ class Sink:
     parallel_writes = False
 
     def write(self, index: tuple, block: np.ndarray) -> None:
+        """Write ``block`` at ``index`` (its place, in the input's axis order); each block is written once."""
         raise NotImplementedError
 
     def finish(self):
+        """Complete the output and return the result (an array, a Zarr array, or the TIFF's path)."""
         raise NotImplementedError
 
     def abort(self) -> None:
@@ -86,9 +88,11 @@ class MemorySink(Sink):
         self.array = np.empty(shape, dtype=dtype)
 
     def write(self, index: tuple, block: np.ndarray) -> None:
+        """Put ``block`` in the array."""
         self.array[index] = block
 
     def finish(self):
+        """The array."""
         return self.array
 
 
@@ -103,9 +107,11 @@ class PlaneSink(Sink):
         self.yi, self.xi = src.axes.index("Y"), src.axes.index("X")
 
     def write(self, index: tuple, block: np.ndarray) -> None:
+        """Put ``block`` in the plane."""
         self.array[index[self.yi], index[self.xi]] = self.src.to_storage(block)  # its own inverse
 
     def finish(self):
+        """The (Y, X) array."""
         return self.array
 
 
@@ -231,6 +237,7 @@ class ZarrSink(Sink):
 
     @property
     def done_dir(self) -> Path:
+        """The folder of the resume markers (groups and pyramid rows)."""
         return sidecar(self.path) / "done"
 
     @classmethod
@@ -287,9 +294,11 @@ class ZarrSink(Sink):
 
     @property
     def complete(self) -> bool:
+        """Whether every block of every level was written (the store's ``memnet.complete`` flag)."""
         return bool(dict(self.root.attrs).get("memnet", {}).get("complete"))
 
     def done_keys(self) -> set[str]:
+        """The done-markers' names: the groups and pyramid rows finished so far."""
         # Markers of earlier versions lived inside the store (.memnet_done): still honoured.
         return read_markers(self.done_dir, self.write_path / ".memnet_done")
 
@@ -298,6 +307,7 @@ class ZarrSink(Sink):
         write_marker(self.done_dir, key)
 
     def write(self, index: tuple, block: np.ndarray) -> None:
+        """Write ``block`` to level 0, in the store's (NGFF) axis order."""
         self.array[ngff_index(index, self.perm)] = block
 
     # The pyramid -----------------------------------------------------------------------------------
@@ -343,6 +353,8 @@ class ZarrSink(Sink):
         return ngff_index(full_index(lead, self.axes, ys, xs), self.perm)
 
     def finish(self):
+        """Mark the store complete (after checking every pyramid row is built), swap an overwrite in, release the lock;
+        returns level 0."""
         import zarr
 
         if self.lock is not None and self.lock.read_only:  # a complete output resumed: nothing to write
@@ -370,6 +382,7 @@ class ZarrSink(Sink):
         return self.array
 
     def abort(self) -> None:
+        """Wait for writes in flight and release the lock; the store stays marked incomplete, for --resume."""
         _settle_zarr()
         self.lock.release()  # "complete" stays false: a reader (and --resume) can tell
 
@@ -473,6 +486,8 @@ class TiffSink(Sink):
             yield item
 
     def write(self, index: tuple, block: np.ndarray) -> None:
+        """Queue ``block`` (one TIFF tile, padded at the edges) for the writer thread; raises the writer's error if it
+        failed."""
         if self.error is not None:
             raise OSError(f"writing {self.tmp} failed: {self.error}") from self.error
         ty, tx = self.tile
@@ -483,6 +498,7 @@ class TiffSink(Sink):
         self.q.put(np.ascontiguousarray(block.reshape(ty, tx)))
 
     def finish(self):
+        """Wait for the writer, rename ``NAME.partial`` to the output and release the lock; returns the output path."""
         self.q.put(self._DONE)
         self.thread.join()
         try:
@@ -495,6 +511,7 @@ class TiffSink(Sink):
         return self.path
 
     def abort(self) -> None:
+        """Stop the writer, remove ``NAME.partial`` and release the lock (an overwritten output keeps its old file)."""
         # Unblock the writer with an exception so it stops, then remove the partial file.
         self.error = self.error or RuntimeError("cancelled")
         while True:

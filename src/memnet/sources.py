@@ -139,10 +139,12 @@ class Source:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The array's shape, in ``axes`` order."""
         return tuple(self.array.shape)
 
     @property
     def dtype(self) -> np.dtype:
+        """The pixels' dtype."""
         return np.dtype(self.array.dtype)
 
     @property
@@ -152,10 +154,12 @@ class Source:
 
     @property
     def lead_shape(self) -> tuple[int, ...]:
+        """The sizes of the lead axes (`lead_axes`)."""
         return tuple(n for a, n in zip(self.axes, self.shape) if a not in "YX")
 
     @property
     def plane_shape(self) -> tuple[int, int]:
+        """(height, width) of a plane."""
         return self.shape[self.axes.index("Y")], self.shape[self.axes.index("X")]
 
     @property
@@ -249,6 +253,7 @@ class Source:
         return [self.read_plane(leads[k], every, every) for k in picks]
 
     def close(self) -> None:
+        """Close the files the source opened (a source from a path); safe to call twice."""
         for c in self._closers:
             c()
         self._closers.clear()
@@ -525,6 +530,7 @@ def plane_indices(shape: tuple, axes: str) -> list[tuple]:
 
 
 def full_index(lead: tuple, axes: str, ys: slice, xs: slice) -> tuple:
+    """The indexing tuple, in ``axes`` order, of the window (``ys``, ``xs``) of the plane at ``lead``."""
     it = iter(lead)
     return tuple(ys if a == "Y" else xs if a == "X" else next(it) for a in axes)
 
@@ -539,6 +545,7 @@ class InputFormat:
     is_store: Callable[[Path], bool] = lambda p: False  # a folder recognised by its content, whatever its name
 
     def matches(self, path: Path) -> bool:
+        """Whether ``path`` is of this format: by its suffix, or, for a store, by its content."""
         return str(path).rstrip("/\\").lower().endswith(self.suffixes) or self.is_store(path)
 
 

@@ -44,6 +44,8 @@ class ContextSampler:
         self.groups = [(g, w) for g, w in ((sim, 1 - real_fraction), (real, real_fraction)) if g]
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        """One (noisy planes, centre target) pair: a crop from a bank stack drawn by group weight (simulated or real),
+        with fresh noise."""
         weights = np.array([w for _, w in self.groups])
         group = self.groups[int(self.rng.choice(len(self.groups), p=weights / weights.sum()))][0]
         st = group[int(self.rng.integers(len(group)))]
@@ -52,6 +54,7 @@ class ContextSampler:
         return noisy, target[self.context][None]
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` pairs stacked into float tensors."""
         xs, ys = zip(*(self.sample() for _ in range(n)))
         return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
 

@@ -40,6 +40,9 @@ def ramp(n: int, kind: str = "cosine") -> np.ndarray:
 
 @dataclass(frozen=True)
 class AxisPlan:
+    """The tiling of one axis: cores of ``core`` pixels partition ``length``; each core is read with ``halo`` pixels
+    either side, windows shifted inward at the edges so all have one size."""
+
     length: int
     core: int
     halo: int
@@ -54,17 +57,21 @@ class AxisPlan:
 
     @property
     def n(self) -> int:
+        """The number of tiles."""
         return math.ceil(self.length / self.core)
 
     @property
     def window(self) -> int:
+        """The window size: core plus a halo on both sides, at most the axis length."""
         return min(self.length, self.core + 2 * self.halo)
 
     def core_range(self, k: int) -> tuple[int, int]:
+        """[start, stop) of core k (the last one may be shorter)."""
         a = k * self.core
         return a, min(a + self.core, self.length)
 
     def window_range(self, k: int) -> tuple[int, int]:
+        """[start, stop) of window k: the core with its halo, shifted inward at the edges to keep the size."""
         a, _ = self.core_range(k)
         s = min(max(a - self.halo, 0), self.length - self.window)
         return s, s + self.window
@@ -122,20 +129,24 @@ class TilePlan:
 
     @property
     def grid(self) -> tuple[int, int]:
+        """(rows, columns) of tiles."""
         return self._y.n, self._x.n
 
     @property
     def core_shape(self) -> tuple[int, int]:
+        """The core size (tile, clipped to the plane) along Y and X."""
         return self._y.core, self._x.core
 
     @property
     def window_shape(self) -> tuple[int, int]:
+        """The window size (the input read for one tile) along Y and X."""
         return self._y.window, self._x.window
 
     def __len__(self) -> int:
         return self._y.n * self._x.n
 
     def tile_at(self, iy: int, ix: int) -> Tile:
+        """The tile in row ``iy``, column ``ix``."""
         (ca, cb), (da, db) = self._y.core_range(iy), self._x.core_range(ix)
         (wa, wb), (va, vb) = self._y.window_range(iy), self._x.window_range(ix)
         return Tile(
@@ -151,10 +162,12 @@ class TilePlan:
 
     # Blended mode -----------------------------------------------------------------------------
     def support(self, t: Tile) -> tuple[slice, slice]:
+        """Where tile ``t`` contributes in blended mode: its core plus half-bands of the halo."""
         (ya, yb), (xa, xb) = self._y.support(t.iy), self._x.support(t.ix)
         return slice(ya, yb), slice(xa, xb)
 
     def weights(self, t: Tile) -> np.ndarray:
+        """Blend weights of tile ``t`` over its support (2-D)."""
         kind = self.blend or "cosine"
         return np.outer(self._y.weights(t.iy, kind), self._x.weights(t.ix, kind))
 

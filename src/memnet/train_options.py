@@ -111,6 +111,7 @@ class TrainConfig:
         set_(self, "device", str(self.device))
 
     def replace(self, **kw) -> TrainConfig:
+        """A copy with the given options changed, checked again."""
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict:
@@ -139,11 +140,13 @@ def sigma_ranges(ranges) -> tuple[tuple[float, float], ...]:
 
 
 def choice(name: str, value, allowed: tuple) -> None:
+    """Raise a ValueError naming ``name`` and the allowed values unless ``value`` is one of ``allowed``."""
     if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}: expected one of {', '.join(allowed)}")
 
 
 def int_at_least(name: str, value, low: int) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is a whole number (not a bool) of at least ``low``."""
     if isinstance(value, bool) or not hasattr(value, "__index__") or value < low:
         raise ValueError(f"{name} must be a whole number ≥ {low}, got {value!r}")
 

@@ -119,6 +119,7 @@ def stack_planes(path: Path, task: str) -> list[LazyPlane]:
 
 
 def natural_policy(dtype) -> dict:
+    """The normalisation policy of a training image of this dtype for the natural-image tasks."""
     # As 2-D training images: uint8 by /255, other integer data by percentiles (16-bit cameras rarely
     # fill their range), float as given.
     dtype = np.dtype(dtype)
@@ -126,6 +127,8 @@ def natural_policy(dtype) -> dict:
 
 
 def is_stack(path: Path) -> bool:
+    """Whether ``path`` holds more than one plane (a Zarr store, or a TIFF beyond 2-D other than one RGB(A) image), to
+    be read plane by plane."""
     if path.is_dir():
         return is_zarr_path(path)
     if input_format(path) != "tiff":
@@ -138,6 +141,7 @@ def is_stack(path: Path) -> bool:
 
 
 def training_file(p: Path) -> bool:
+    """Whether ``p`` is a training image or stack by its name (an image suffix or a Zarr store)."""
     return p.suffix.lower() in IMAGE_SUFFIXES or (p.is_dir() and is_zarr_path(p))
 
 
@@ -207,6 +211,8 @@ class PatchSampler:
                 return item
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        """One (input, target) training pair: a cropped, flipped/rotated patch and its degradation for the task (a real
+        noisy/clean pair where given)."""
         r = self.rng
         if self.pairs_only or (self.task == "microscopy" and self.pairs and (not self.clean or r.random() < 0.5)):
             noisy, clean = self._crop(self._pick(self.pairs))
@@ -240,6 +246,7 @@ class PatchSampler:
         return np.ascontiguousarray(noisy[sl]), np.ascontiguousarray(target[sl])
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` pairs as float32 tensors (N, 1, p, p), on the CPU."""
         xs, ys = zip(*(self.sample() for _ in range(n)))
         return (torch.from_numpy(np.stack(xs).astype(np.float32))[:, None],
                 torch.from_numpy(np.stack(ys).astype(np.float32))[:, None])
@@ -275,6 +282,7 @@ class DevicePatchSampler:
         self.gen.manual_seed(seed)
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` (noisy, clean) patches as tensors (N, 1, p, p), made on the device."""
         g, dev = self.gen, self.device
         i = torch.randint(len(self.images), (n,), generator=g, device=dev)
         yx = (torch.rand(n, 2, generator=g, device=dev) * self.limits[i]).long()
@@ -293,6 +301,8 @@ class DevicePatchSampler:
 
 
 def use_device_sampler(cfg, dev: torch.device, clean, pairs) -> bool:
+    """Whether to make batches on the device (`DevicePatchSampler`): only for Gaussian denoising of in-memory 2-D
+    images, by default on CUDA; a ValueError when asked for where it cannot serve."""
     fits = cfg.task == "denoise" and not pairs and all(isinstance(im, np.ndarray) for im in clean)
     if cfg.sampler == "device" and not fits:
         raise ValueError("sampler 'device' makes Gaussian-denoising batches from in-memory 2-D images only "

@@ -56,6 +56,9 @@ class ModelFileError(ValueError):
 
 @dataclass
 class ModelInfo:
+    """A model of the list (`list_models`): its name, task, weights file, where it comes from, its architecture and the
+    metadata stored in the file."""
+
     name: str
     task: str
     path: Path
@@ -65,36 +68,45 @@ class ModelInfo:
 
     @property
     def size_bytes(self) -> int:
+        """The weights file's size."""
         return self.path.stat().st_size
 
     @property
     def macs_per_pixel(self) -> int:
+        """Multiply-adds per output pixel."""
         return macs_per_pixel(self.config)
 
     @property
     def receptive_field(self) -> int:
+        """The receptive-field radius in pixels."""
         return receptive_field(self.config)  # the module function, not this property
 
     @property
     def metrics(self) -> dict:
+        """The validation figures stored with the model."""
         return self.metadata.get("metrics", {})
 
     @property
     def normalization(self) -> dict:
+        """How inputs are mapped to the model's range (the metadata's normalisation policy; natural range when
+        absent)."""
         policy = self.metadata.get("normalization", {"mode": "natural"})
         # "range" is what early files called the natural mapping (by the dtype's range): same thing.
         return {"mode": "natural"} if policy.get("mode") == "range" else policy
 
     @property
     def rank(self) -> float:
+        """The model's priority when a task name picks among several (highest wins)."""
         return float(self.metadata.get("rank", 0))
 
     @property
     def description(self) -> str:
+        """The model's one-line description from its metadata."""
         return self.metadata.get("description", "")
 
 
 def shipped_model_dir() -> Path:
+    """The folder of the weights shipped in the package."""
     return Path(__file__).parent / "weights"
 
 
