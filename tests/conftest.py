@@ -162,6 +162,29 @@ def held_restore(tmp_path):
 
 
 @pytest.fixture
+def cancel_waits(monkeypatch):
+    """``cancel_waits(after)``: from then on a `memnet.restore` given a ``cancel`` event (as the widgets
+    pass) stops after ``after`` batches until that event is set, so a test that cancels from the GUI thread
+    when the progress arrives does so before the run can end, however fast it runs."""
+
+    def install(after: int):
+        real = memnet.restore
+
+        def restore(*args, progress=None, cancel=None, **kw):
+            def held(p):
+                if progress is not None:
+                    progress(p)
+                if p.done >= after and hasattr(cancel, "wait"):
+                    assert cancel.wait(120), "the test never cancelled the run"
+
+            return real(*args, progress=held, cancel=cancel, **kw)
+
+        monkeypatch.setattr(memnet, "restore", restore)
+
+    return install
+
+
+@pytest.fixture
 def wait_worker(qtbot):
     """``wait_worker(worker)``: block until a widget's background worker has finished."""
 

@@ -193,8 +193,9 @@ def test_the_tile_box_offers_auto(dock):
     assert w._options()["tile"] == 64
 
 
-def test_cancel_resets_the_progress_bar(dock, wait_worker, user_model, rng):
+def test_cancel_resets_the_progress_bar(dock, wait_worker, user_model, rng, cancel_waits):
     viewer, w = dock("Restore")
+    cancel_waits(after=2)  # the run waits for the cancel below: it cannot end first
     viewer.add_image(rng.random((20, 64, 64), dtype=np.float32), name="big")
     w._model.value = user_model
     w._tile.value = 32
