@@ -210,6 +210,31 @@ def test_cancel_resets_the_progress_bar(dock, wait_worker, user_model, rng, canc
     assert "cancelled" in w._status.value and w._progress.value == 0
 
 
+def _settle(qtbot, window, *widgets):
+    """Let Qt finish laying ``window`` out: wait until it is on screen (the X server answers when it
+    does), then process events until the sizes of ``window`` and ``widgets`` have not changed for 5 rounds
+    in a row (a layout pass may post the next one). Rounds are counted, not timed: the same on a loaded
+    machine."""
+    from qtpy.QtWidgets import QApplication
+
+    qtbot.waitUntil(lambda: window.windowHandle() is not None and window.windowHandle().isExposed(),
+                    timeout=60_000)  # a hang guard only
+
+    def sizes():
+        return [(w.width(), w.height()) for w in (window, *widgets)]
+
+    last, same = sizes(), 0
+    for _ in range(1000):
+        QApplication.sendPostedEvents()
+        QApplication.processEvents()
+        now = sizes()
+        same = same + 1 if now == last else 0
+        if same == 5:
+            return
+        last = now
+    raise AssertionError(f"the layout never settled: {last}")
+
+
 def _dock_of(widget):
     d = widget.native.parentWidget()
     while d is not None and type(d).__name__ != "QtViewerDockWidget":
@@ -220,14 +245,15 @@ def _dock_of(widget):
 @pytest.mark.parametrize("name", ["Restore", "Fine-tune", "Export model"])
 def test_a_long_error_does_not_widen_the_dock(dock, qtbot, name):
     viewer, w = dock(name)
-    viewer.window._qt_window.resize(1200, 900)
-    viewer.window._qt_window.show()
-    qtbot.wait(50)
+    win = viewer.window._qt_window
+    win.resize(1200, 900)
+    win.show()
     dock_widget = _dock_of(w)
-    before, window = dock_widget.width(), viewer.window._qt_window.width()
+    _settle(qtbot, win, dock_widget)
+    before, window = dock_widget.width(), win.width()
     w._job._on_failed(type("F", (), {"error": ValueError("x"), "message": "/a/long/path/" * 25})())
-    qtbot.wait(50)
-    assert dock_widget.width() <= before and viewer.window._qt_window.width() == window
+    _settle(qtbot, win, dock_widget)
+    assert dock_widget.width() <= before and win.width() == window
     assert w._status.value == "/a/long/path/" * 25  # the text is all there, wrapped over several lines:
     assert w._status.native.height() >= 3 * w._status.native.fontMetrics().height()
 
@@ -238,10 +264,10 @@ def test_the_three_docks_fit_a_1000_px_screen(make_napari_viewer, qtbot):
                                                                                    "Export model")]
     win = viewer.window._qt_window
     win.show()
-    qtbot.wait(50)
+    _settle(qtbot, win, *map(_dock_of, docks))
     assert win.minimumSizeHint().height() <= 900  # room left for the desktop's own bars
     win.resize(1500, 900)
-    qtbot.wait(50)
+    _settle(qtbot, win, *map(_dock_of, docks))
     assert win.height() <= 1000 and all(_dock_of(w).height() >= 150 for w in docks)  # none squeezed to its title
 
 
