@@ -100,7 +100,7 @@ def test_setup_stages_show_before_the_first_step_and_the_end_gives_the_scores(ft
     ft._replace.value = True
     ft._minutes.value = 1.0
     worker = ft.start()
-    qtbot.waitUntil(lambda: ft._status.value == "checking the noise…", timeout=30_000)
+    qtbot.waitUntil(lambda: ft._status.value == "checking the noise…", timeout=120_000)  # a hang guard
     gate.set()
     wait_worker(worker)
     assert len(ft.plot.history) == 3
