@@ -1,5 +1,9 @@
 import hashlib
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +95,96 @@ def ctx_user(ctx_model, _isolated_user_models):
     memnet.save_model(ctx_model, _isolated_user_models / "tiny-ctx.safetensors", name="tiny-ctx", task="microscopy",
                       metadata={**MICRO_METADATA, "rank": 100})
     return "tiny-ctx"
+
+
+# `memnet restore` that stops at a point the test names and stays there until the test kills it: after
+# argv[2] new done-markers of groups, then argv[3] more output blocks (0: right after the marker, before the
+# pyramid rows it completes are built). It creates the file argv[1] when it stops. A test that kills it there
+# knows what was on disk, however fast or slow the machine is.
+_HELD_RESTORE = """
+import sys, threading, time
+from pathlib import Path
+from memnet.cli import main
+from memnet.sinks import ZarrSink
+
+held, groups, blocks = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+seen, count = {"groups": 0, "blocks": 0}, threading.Lock()  # blocks may be written by several threads
+
+def hold():
+    held.touch()
+    while True:
+        time.sleep(60)
+
+mark_done, write = ZarrSink.mark_done, ZarrSink.write
+
+def counted_mark_done(self, key):
+    mark_done(self, key)
+    with count:
+        seen["groups"] += 1
+        now = seen["groups"] == groups and blocks == 0
+    if now:
+        hold()
+
+def counted_write(self, index, block):
+    write(self, index, block)
+    with count:
+        if seen["groups"] >= groups:
+            seen["blocks"] += 1
+        now = seen["groups"] >= groups and seen["blocks"] == blocks
+    if now:
+        hold()
+
+ZarrSink.mark_done, ZarrSink.write = counted_mark_done, counted_write
+sys.exit(main(["restore", *sys.argv[4:]]))
+"""
+
+
+@pytest.fixture
+def held_restore(tmp_path):
+    """``held_restore(args, groups, blocks)``: start ``memnet restore ARGS`` (a Zarr output) held after
+    ``groups`` new done-markers and then ``blocks`` more output blocks; returns the process once it is held
+    there (it waits for the test's signal). Fails if the run ends before it gets there."""
+
+    def start(args, groups: int, blocks: int):
+        assert groups > 0 or blocks > 0, "hold after at least one marker or block"
+        held = tmp_path / "held"
+        held.unlink(missing_ok=True)
+        proc = subprocess.Popen([sys.executable, "-c", _HELD_RESTORE, str(held), str(groups), str(blocks),
+                                 *map(str, args)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        t0 = time.monotonic()
+        while not held.exists() and proc.poll() is None and time.monotonic() - t0 < 600:  # a hang guard only
+            time.sleep(0.005)  # when the file appears changes nothing the test sees: the run waits there
+        if not held.exists():
+            proc.kill()
+            raise AssertionError(f"the run ended (exit {proc.wait()}) before it was held after {groups} groups "
+                                 f"and {blocks} blocks: {proc.stderr.read().decode()}")
+        return proc
+
+    return start
+
+
+@pytest.fixture
+def cancel_waits(monkeypatch):
+    """``cancel_waits(after)``: from then on a `memnet.restore` given a ``cancel`` event (as the widgets
+    pass) stops after ``after`` batches until that event is set, so a test that cancels from the GUI thread
+    when the progress arrives does so before the run can end, however fast it runs."""
+
+    def install(after: int):
+        real = memnet.restore
+
+        def restore(*args, progress=None, cancel=None, **kw):
+            def held(p):
+                if progress is not None:
+                    progress(p)
+                if p.done >= after and hasattr(cancel, "wait"):
+                    assert cancel.wait(120), "the test never cancelled the run"
+
+            return real(*args, progress=held, cancel=cancel, **kw)
+
+        monkeypatch.setattr(memnet, "restore", restore)
+
+    return install
 
 
 @pytest.fixture

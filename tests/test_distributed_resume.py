@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -77,21 +76,22 @@ def test_cli_workers_option(stack, micro_file, tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_9_and_resume_many_times_is_byte_identical(tmp_path, rng, micro_file):
+def test_kill_9_and_resume_many_times_is_byte_identical(tmp_path, rng, micro_file, held_restore):
+    """Killed -9 ten times mid-run, each time at a point the test chose (a random number of new groups,
+    then a random number of the next group's blocks, 0 to all), and resumed: the output is byte-identical
+    to an uninterrupted run. The runs are held there until killed, so no kill depends on speed."""
     x = (rng.random((40, 128, 128)) * 4000).astype(np.uint16)
     src = tmp_path / "in.tif"
     tifffile.imwrite(src, x, imagej=True, metadata={"axes": "ZYX"})
-    mf = micro_file
+    groups, blocks = 40 * 4, 4  # batch 1: a group is one row of 4 tiles, 4 rows per plane
 
-    def cmd(out):
-        return [sys.executable, "-m", "memnet.cli", "restore", str(src), "-o", str(out), "--model", str(mf),
-                "--tile", "32", "--device", "cpu", "--batch-size", "1", "--resume", "-q"]
+    def args(out):
+        return [src, "-o", out, "--model", micro_file, "--tile", "32", "--device", "cpu", "--batch-size", "1",
+                "--resume", "-q"]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # The uninterrupted reference, run the same way; its duration sets when the kills land.
-    t0 = time.perf_counter()
-    ref = subprocess.run(cmd(tmp_path / "ref.zarr"), env=env, capture_output=True, text=True)
-    t_full = time.perf_counter() - t0
+    ref = subprocess.run([sys.executable, "-m", "memnet.cli", "restore", *map(str, args(tmp_path / "ref.zarr"))],
+                         env=env, capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "out.zarr"
     markers = tmp_path / "out.zarr.memnet" / "done"  # beside the store, where readers do not trip on it
@@ -99,26 +99,18 @@ def test_kill_9_and_resume_many_times_is_byte_identical(tmp_path, rng, micro_fil
     def n_done():
         return len(list(markers.glob("*"))) if markers.is_dir() else 0
 
-    kills, pick = 0, np.random.default_rng(1)
-    while kills < 20:
-        target = n_done() + int(pick.integers(1, 8))  # kill after a random number of new groups...
-        extra = float(pick.uniform(0, 0.05))  # ...plus a random fraction of the next one
-        proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        while proc.poll() is None and n_done() < target:
-            time.sleep(0.005)
-        time.sleep(extra)
-        if proc.poll() is not None:
-            assert proc.returncode == 0, proc.stderr.read().decode()
-            break
+    pick = np.random.default_rng(1)
+    for _ in range(10):
+        new, more = int(pick.integers(0, 7)), int(pick.integers(0, blocks + 1))
+        new, before = (new or int(more == 0)), n_done()  # at least one marker or block
+        assert before + new < groups  # the run is held before its end
+        proc = held_restore(args(out), new, more)
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if proc.returncode == 0:  # it finished just before the signal
-            break
-        kills += 1
-        if out.exists():  # an unfinished output is never marked complete
-            assert zarr.open_group(str(out), mode="r").attrs["memnet"]["complete"] is False
-    assert kills >= 5, f"only {kills} kills landed (a full run takes {t_full:.1f} s)"
-    res = subprocess.run(cmd(out), env=env, capture_output=True, text=True)
+        assert proc.wait() == -signal.SIGKILL
+        assert n_done() == before + new  # the groups it was held after, and no more
+        assert zarr.open_group(str(out), mode="r").attrs["memnet"]["complete"] is False  # never marked complete
+    res = subprocess.run([sys.executable, "-m", "memnet.cli", "restore", *map(str, args(out))], env=env,
+                         capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     a, b = zarr.open_group(str(out), mode="r"), zarr.open_group(str(tmp_path / "ref.zarr"), mode="r")
     assert a.attrs["memnet"]["complete"] is True

@@ -1,6 +1,7 @@
 """Fine-tuning modes end to end on small synthetic data (a tiny model, a few steps)."""
 
 import re
+import time
 
 import numpy as np
 import pytest
@@ -194,7 +195,7 @@ def test_cancel_checkpoints_and_resume_continues_and_only_the_end_publishes(base
     tifffile.imwrite(tmp_path / "n.tif", noisy)
     cfg = FinetuneConfig(model=base_model, mode="n2v", name="lab-c", steps=30, patch=24, batch_size=4, val_every=10,
                          patience=100, device="cpu", publish="always")
-    seen = []
+    seen, t0 = [], time.time()
 
     def cancel():
         return len(seen) >= 15
@@ -214,7 +215,8 @@ def test_cancel_checkpoints_and_resume_continues_and_only_the_end_publishes(base
     assert [line for line in logs if not line.startswith("noise check:") and line not in stages][0] == \
         "resumed at step 15"
     ft = memnet.load_model("lab-c")[1].metadata["finetune"]
-    assert ft["steps_run"] == 30 and ft["ended"] == "completed" and ft["hours"] > 0
+    assert ft["steps_run"] == 30 and ft["ended"] == "completed"
+    assert 0 <= ft["hours"] <= (time.time() - t0) / 3600 + 5e-5  # both sessions' hours (rounded to 4 decimals)
     assert ft["data"]["noisy"] == str((tmp_path / "n.tif").resolve()) and "CPU" in ft["hardware"]
     assert [h[0] for h in ft["history"]] == [10.0, 20.0, 30.0]
 
@@ -364,9 +366,14 @@ def test_adjacent_needs_a_stack(base_model, rng):
 def test_a_time_budget_ends_the_run(base_model, rng):
     cfg = FinetuneConfig(model=base_model, mode="nbr2nbr", name="lab-t", minutes=0.03, steps=None, patch=16,
                          batch_size=4, lr=3e-3, val_every=5, patience=1000, device="cpu", publish="always")
+    t0 = time.time()
     finetune(cfg, _noisy(_scene(rng), rng))
+    took = (time.time() - t0) / 3600
     ft = memnet.load_model("lab-t")[1].metadata["finetune"]
-    assert ft["ended"] == "time budget" and ft["steps_run"] >= 1 and ft["hours"] < 0.01
+    assert ft["ended"] == "time budget" and ft["steps_run"] >= 1
+    # The hours are the run's own: within the call, however slow the machine (the budget also covers the
+    # set-up, so the fit's share of it varies; 5e-5: the hours are rounded to 4 decimals).
+    assert 0 <= ft["hours"] <= took + 5e-5
 
 
 def test_neighbour_correlation_of_white_and_of_smoothed_noise(rng):

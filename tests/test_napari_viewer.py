@@ -86,8 +86,9 @@ def test_self_ensemble_checkbox(make_napari_viewer, qtbot, user_model, rng):
     assert np.abs(np.asarray(out.data).astype(int) - expected).max() <= 1
 
 
-def test_cancel_leaves_no_half_layer(make_napari_viewer, qtbot, user_model, rng):
+def test_cancel_leaves_no_half_layer(make_napari_viewer, qtbot, user_model, rng, cancel_waits):
     viewer = make_napari_viewer()
+    cancel_waits(after=1)  # the run waits for the cancel below: it cannot end first
     viewer.add_image(rng.random((40, 64, 64), dtype=np.float32), name="big")
     w = _widget(viewer)
     w._model.value = user_model

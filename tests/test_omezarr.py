@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -160,42 +159,43 @@ def test_an_interrupted_pyramid_resumes_to_the_same_bytes(model_file, tmp_path, 
 
 
 @pytest.mark.slow
-def test_kill_9_and_resume_leaves_an_identical_pyramid(tmp_path, rng, model_file):
+def test_kill_9_and_resume_leaves_an_identical_pyramid(tmp_path, rng, model_file, held_restore):
+    """Killed -9 five times, each at a point the test chose (after some groups' markers, before or after
+    the pyramid rows they complete, or part-way into the next group), and resumed: the pyramid is the
+    uninterrupted run's, byte for byte. The runs are held there until killed, so no kill depends on speed."""
     x = (rng.random((4, 64, 96)) * 4000).astype(np.uint16)
     src = tmp_path / "in.tif"
     tifffile.imwrite(src, x, imagej=True, metadata={"axes": "ZYX"})
+    groups, blocks = 4 * 4, 6  # batch 1: a group is one row of 6 tiles, 4 rows per plane
 
-    def cmd(out):
-        return [sys.executable, "-m", "memnet.cli", "restore", str(src), "-o", str(out), "--model", str(model_file),
-                "--tile", "16", "--pyramid", "16", "--device", "cpu", "--batch-size", "1", "--resume", "-q"]
+    def args(out):
+        return [src, "-o", out, "--model", model_file, "--tile", "16", "--pyramid", "16", "--device", "cpu",
+                "--batch-size", "1", "--resume", "-q"]
+
+    def cli(out):
+        return [sys.executable, "-m", "memnet.cli", "restore", *map(str, args(out))]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ref = subprocess.run(cmd(tmp_path / "ref.zarr"), env=env, capture_output=True, text=True)
+    ref = subprocess.run(cli(tmp_path / "ref.zarr"), env=env, capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
     out, markers = tmp_path / "out.zarr", tmp_path / "out.zarr.memnet" / "done"
 
-    def n_done():
-        return len(list(markers.glob("*"))) if markers.is_dir() else 0
+    def n_done():  # groups (pyramid rows have L... markers)
+        return len([p for p in markers.glob("*") if not p.name.startswith("L")]) if markers.is_dir() else 0
 
-    kills, pick = 0, np.random.default_rng(2)
-    while kills < 5:
-        target = n_done() + int(pick.integers(1, 8))
-        proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        while proc.poll() is None and n_done() < target:
-            time.sleep(0.003)
-        time.sleep(float(pick.uniform(0, 0.03)))
-        if proc.poll() is not None:
-            assert proc.returncode == 0, proc.stderr.read().decode()
-            break
+    pick, built = np.random.default_rng(2), []
+    for _ in range(5):
+        new, more = int(pick.integers(0, 4)), int(pick.integers(0, blocks + 1))
+        new, before = (new or int(more == 0)), n_done()  # at least one marker or block
+        assert before + new < groups  # the run is held before its end
+        proc = held_restore(args(out), new, more)
+        built.append(sum(p.name.startswith("L") for p in markers.iterdir()))
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if proc.returncode == 0:
-            break
-        kills += 1
+        assert proc.wait() == -signal.SIGKILL
+        assert n_done() == before + new
         assert zarr.open_group(str(out), mode="r").attrs["memnet"]["complete"] is False
-    assert kills >= 3
-    assert any(p.name.startswith("L") for p in markers.iterdir()), "no kill landed after a pyramid row"
-    res = subprocess.run(cmd(out), env=env, capture_output=True, text=True)
+    assert any(built), "no kill landed after a pyramid row"
+    res = subprocess.run(cli(out), env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert zarr.open_group(str(out), mode="r").attrs["memnet"]["complete"] is True
     got, want = _levels(out), _levels(tmp_path / "ref.zarr")

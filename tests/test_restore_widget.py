@@ -193,8 +193,9 @@ def test_the_tile_box_offers_auto(dock):
     assert w._options()["tile"] == 64
 
 
-def test_cancel_resets_the_progress_bar(dock, wait_worker, user_model, rng):
+def test_cancel_resets_the_progress_bar(dock, wait_worker, user_model, rng, cancel_waits):
     viewer, w = dock("Restore")
+    cancel_waits(after=2)  # the run waits for the cancel below: it cannot end first
     viewer.add_image(rng.random((20, 64, 64), dtype=np.float32), name="big")
     w._model.value = user_model
     w._tile.value = 32
@@ -209,6 +210,31 @@ def test_cancel_resets_the_progress_bar(dock, wait_worker, user_model, rng):
     assert "cancelled" in w._status.value and w._progress.value == 0
 
 
+def _settle(qtbot, window, *widgets):
+    """Let Qt finish laying ``window`` out: wait until it is on screen (the X server answers when it
+    does), then process events until the sizes of ``window`` and ``widgets`` have not changed for 5 rounds
+    in a row (a layout pass may post the next one). Rounds are counted, not timed: the same on a loaded
+    machine."""
+    from qtpy.QtWidgets import QApplication
+
+    qtbot.waitUntil(lambda: window.windowHandle() is not None and window.windowHandle().isExposed(),
+                    timeout=60_000)  # a hang guard only
+
+    def sizes():
+        return [(w.width(), w.height()) for w in (window, *widgets)]
+
+    last, same = sizes(), 0
+    for _ in range(1000):
+        QApplication.sendPostedEvents()
+        QApplication.processEvents()
+        now = sizes()
+        same = same + 1 if now == last else 0
+        if same == 5:
+            return
+        last = now
+    raise AssertionError(f"the layout never settled: {last}")
+
+
 def _dock_of(widget):
     d = widget.native.parentWidget()
     while d is not None and type(d).__name__ != "QtViewerDockWidget":
@@ -219,14 +245,15 @@ def _dock_of(widget):
 @pytest.mark.parametrize("name", ["Restore", "Fine-tune", "Export model"])
 def test_a_long_error_does_not_widen_the_dock(dock, qtbot, name):
     viewer, w = dock(name)
-    viewer.window._qt_window.resize(1200, 900)
-    viewer.window._qt_window.show()
-    qtbot.wait(50)
+    win = viewer.window._qt_window
+    win.resize(1200, 900)
+    win.show()
     dock_widget = _dock_of(w)
-    before, window = dock_widget.width(), viewer.window._qt_window.width()
+    _settle(qtbot, win, dock_widget)
+    before, window = dock_widget.width(), win.width()
     w._job._on_failed(type("F", (), {"error": ValueError("x"), "message": "/a/long/path/" * 25})())
-    qtbot.wait(50)
-    assert dock_widget.width() <= before and viewer.window._qt_window.width() == window
+    _settle(qtbot, win, dock_widget)
+    assert dock_widget.width() <= before and win.width() == window
     assert w._status.value == "/a/long/path/" * 25  # the text is all there, wrapped over several lines:
     assert w._status.native.height() >= 3 * w._status.native.fontMetrics().height()
 
@@ -237,10 +264,10 @@ def test_the_three_docks_fit_a_1000_px_screen(make_napari_viewer, qtbot):
                                                                                    "Export model")]
     win = viewer.window._qt_window
     win.show()
-    qtbot.wait(50)
+    _settle(qtbot, win, *map(_dock_of, docks))
     assert win.minimumSizeHint().height() <= 900  # room left for the desktop's own bars
     win.resize(1500, 900)
-    qtbot.wait(50)
+    _settle(qtbot, win, *map(_dock_of, docks))
     assert win.height() <= 1000 and all(_dock_of(w).height() >= 150 for w in docks)  # none squeezed to its title
 
 
@@ -255,7 +282,7 @@ def test_the_widget_warms_the_model_up_and_a_preview_waits_for_it(make_napari_vi
     def fake_restore(data, model, **kw):
         calls.append((data.shape, model, kw.get("device")))
         if data.shape == (WARM_PX, WARM_PX):
-            assert gate.wait(30)
+            assert gate.wait(120)  # a hang guard only: the test sets it
         return np.zeros(data.shape, np.float32)
 
     def fake_restore_plane(data, model, lead, **kw):
@@ -266,10 +293,10 @@ def test_the_widget_warms_the_model_up_and_a_preview_waits_for_it(make_napari_vi
     viewer = make_napari_viewer()
     viewer.add_image(rng.random((40, 50), dtype=np.float32), name="img")
     w = RestoreWidget(viewer)
-    qtbot.waitUntil(lambda: len(calls) == 1, timeout=10_000)
+    qtbot.waitUntil(lambda: len(calls) == 1, timeout=60_000)  # a hang guard only
     assert calls == [((WARM_PX, WARM_PX), "microscopy", "auto")]
     w._model.value = user_model  # a new model: warmed up too
-    qtbot.waitUntil(lambda: len(calls) == 2, timeout=10_000)
+    qtbot.waitUntil(lambda: len(calls) == 2, timeout=60_000)
     assert calls[-1] == ((WARM_PX, WARM_PX), user_model, "auto")
     worker = w.start(preview=True)
     assert w._warming.is_alive() and len(calls) == 2  # the preview waits for the warm-up
