@@ -96,14 +96,18 @@ def simulate_stack(rng: np.random.Generator, planes: int = 12, size: int = 192, 
     def zc(z_phys):  # physical z (lateral pixels) -> fine-grid index
         return z_phys / dz
 
+    def ellipsoid(r_range, flat, a_low):
+        """A random ellipsoid: radius, centre and radii (fine grid), brightness; flattened in Z down to ``flat``."""
+        r = rng.uniform(*r_range)
+        radii = (r * rng.uniform(flat, 1.0) / dz, r * rng.uniform(0.7, 1.3), r * rng.uniform(0.7, 1.3))
+        c = (zc(rng.uniform(0, depth)), rng.uniform(0, size), rng.uniform(0, size))
+        return r, c, radii, rng.uniform(a_low, 1.0)
+
     for kind in kinds:
         part = np.zeros_like(vol)
         if kind == "nuclei":
             for _ in range(max(1, int(rng.poisson(6 * amount)))):
-                r = rng.uniform(12, 30)
-                radii = (r * rng.uniform(0.6, 1.0) / dz, r * rng.uniform(0.7, 1.3), r * rng.uniform(0.7, 1.3))
-                c = (zc(rng.uniform(0, depth)), rng.uniform(0, size), rng.uniform(0, size))
-                a = rng.uniform(0.3, 1.0)
+                r, c, radii, a = ellipsoid((12, 30), 0.6, 0.3)
                 _add_ellipsoid(part, c, radii, lambda d, a=a: (d < 1) * a)
             texture = ndimage.gaussian_filter(rng.standard_normal(vol.shape).astype(np.float32), (2 / dz, 2, 2))
             part *= np.clip(1 + 2.5 * texture, 0.2, None)
@@ -131,10 +135,7 @@ def simulate_stack(rng: np.random.Generator, planes: int = 12, size: int = 192, 
             part = ndimage.gaussian_filter(part, (0.6 / dz, 0.6, 0.6)) * 8
         elif kind == "membranes":
             for _ in range(max(1, int(rng.poisson(5 * amount)))):
-                r = rng.uniform(20, 45)
-                radii = (r * rng.uniform(0.5, 1.0) / dz, r * rng.uniform(0.7, 1.3), r * rng.uniform(0.7, 1.3))
-                c = (zc(rng.uniform(0, depth)), rng.uniform(0, size), rng.uniform(0, size))
-                a = rng.uniform(0.4, 1.0)
+                r, c, radii, a = ellipsoid((20, 45), 0.5, 0.4)
                 _add_ellipsoid(part, c, radii, lambda d, a=a, r=r: np.exp(-0.5 * ((d - 1) * r) ** 2) * a)
         else:
             raise ValueError(f"unknown structure {kind!r}: one of {', '.join(KINDS)}")
