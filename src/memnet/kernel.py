@@ -244,9 +244,6 @@ def prepare(data, model="denoise", *, axes=None, series=None, level=0, pixel_siz
     opts = RestoreOptions.build(options, "prepare", **option_kw)
     dev = resolve_device(opts.device)
     net, policy, info = resolve_model(model, dev)
-    src = open_input(data, axes=axes, series=series, level=level, pixel_size=pixel_size, units=units,
-                     translate=translate)
-    net, policy, info = choose_context(model, net, policy, info, src, opts.context, dev)
     if opts.scale > 1 and info is not None and info.task != "sr":
         raise ValueError(f"scale={opts.scale} needs a super-resolution model (task 'sr'); {info.name!r} is a "
                          f"{info.task!r} model: use model='sr'")
@@ -255,6 +252,14 @@ def prepare(data, model="denoise", *, axes=None, series=None, level=0, pixel_siz
     if net.config.in_channels != 1:
         raise ValueError(f"the tiled engine runs single-channel models (each channel separately); this model "
                          f"takes {net.config.in_channels} channels")
+    # opened after the checks above, so a refused model leaves no file open; a swap keeps the task (no new check)
+    src = open_input(data, axes=axes, series=series, level=level, pixel_size=pixel_size, units=units,
+                     translate=translate)
+    try:
+        net, policy, info = choose_context(model, net, policy, info, src, opts.context, dev)
+    except BaseException:
+        src.close()  # a refused context model leaves no file open
+        raise
     auto = opts.tile == "auto"
     opts = opts.resolved(receptive_field(net), default_tile(net.config, dev, opts.memory_budget, src.plane_shape))
     norm = Intensity.for_source(src, policy)
