@@ -186,3 +186,69 @@ def json_load(path):
     import json
 
     return json.loads(path.read_text())
+
+
+def test_sub_sampling_a_context_window_takes_every_plane_at_the_same_pixels_and_targets_the_centre():
+    from memnet.finetune_modes import subsample_pairs
+
+    b, c, h, w = 3, 5, 8, 10
+    # Each value encodes its plane and pixel: plane * 1000 + row * 100 + column.
+    x = (torch.arange(c)[:, None, None] * 1000 + torch.arange(h)[:, None] * 100 + torch.arange(w)).float()
+    x = x.expand(b, c, h, w).clone()
+    g1, g2, _ = subsample_pairs(x, np.random.default_rng(0))
+    assert g1.shape == (b, c, h // 2, w // 2) and g2.shape == (b, 1, h // 2, w // 2)
+    pix1, pix2 = g1 % 1000, g2 % 1000
+    assert torch.equal(g1 // 1000, torch.arange(c).float()[None, :, None, None].expand_as(g1))
+    assert (pix1 == pix1[:, :1]).all()  # every plane at the centre's pixels
+    assert (g2 // 1000 == c // 2).all()  # the target: the centre plane
+    assert (pix2 != pix1[:, :1]).all()  # ... at the other pixel of each cell, never one the input holds
+    rows1, rows2, cols1, cols2 = pix1[:, :1] // 100, pix2 // 100, pix1[:, :1] % 100, pix2 % 100
+    assert ((rows1 // 2 == rows2 // 2) & (cols1 // 2 == cols2 // 2)).all()  # the same 2x2 cell
+    one = subsample_pairs(x[:, :1], np.random.default_rng(0))  # a 2-D model's plane: unchanged behaviour
+    assert torch.equal(one[0] % 1000, pix1[:, :1]) and torch.equal(one[1] % 1000, pix2)
+
+
+@pytest.fixture
+def noisy_zstack():
+    rng = np.random.default_rng(3)
+    st = simulate_stack(rng, 8, 96, z_step=0.5 * 2.355 * 4.2, psf_xy=1.2, psf_z=4.2, kinds=("nuclei", "filaments"),
+                        widefield=False)
+    clean = st.clean * 100 + 10
+    return rng.poisson(clean).astype(np.float32), clean
+
+
+def test_a_context_model_fine_tunes_on_a_stack_and_restores_it_better(ctx_model, noisy_zstack, tmp_path):
+    from memnet.finetune import FinetuneConfig, finetune
+    from memnet.metrics import affine_fit, psnr
+
+    noisy, clean = noisy_zstack
+    start = tmp_path / "start.safetensors"
+    memnet.save_model(ctx_model, start, name="start-ctx", task="microscopy",
+                      metadata={"normalization": {"mode": "percentile", "low": 1, "high": 99.8}})
+    logs = []
+    out = finetune(FinetuneConfig(model=str(start), name="ctx-ft", steps=60, minutes=None, val_every=20, patch=24,
+                                  lr=1e-3, axes="ZYX", mode="nbr2nbr", noise_check=False),  # a random start model:
+                   noisy, log=logs.append)                                  # its residual is no noise estimate
+    assert out.decision.published and out.decision.criterion == "subsample"
+    model, info = memnet.load_model("ctx-ft")
+    assert model.config.context == 2 and info.metadata["finetune"]["mode"] == "nbr2nbr"
+
+    def score(m):
+        return psnr(affine_fit(memnet.restore(noisy, m, axes="ZYX").astype(np.float64), clean), clean)
+
+    assert score("ctx-ft") > score(str(start)) + 1.0  # the held-out gain is real: closer to the clean stack
+
+
+def test_a_context_model_refuses_to_fine_tune_on_what_it_cannot_learn_from(ctx_model, noisy_zstack, tmp_path):
+    from memnet.finetune import FinetuneConfig, finetune
+
+    noisy, _ = noisy_zstack
+    start = tmp_path / "start.safetensors"
+    memnet.save_model(ctx_model, start, name="start-ctx", task="microscopy",
+                      metadata={"normalization": {"mode": "percentile", "low": 1, "high": 99.8}})
+    cfg = dict(model=str(start), name="ctx-ft", steps=5, minutes=None, patch=24)
+    with pytest.raises(ValueError, match="at least 5 planes along Z or T"):
+        finetune(FinetuneConfig(**cfg, axes="ZYX"), noisy[:3])
+    with pytest.raises(ValueError, match="fine-tunes with mode auto or nbr2nbr"):
+        finetune(FinetuneConfig(**cfg, axes="ZYX", mode="n2v"), noisy)
+    assert not (memnet.zoo.user_model_dir() / "ctx-ft.safetensors").exists()

@@ -142,10 +142,12 @@ def _sources(data, include: str | None) -> list:
 
 
 def sample_planes(data, axes, max_planes: int, policy: dict, include: str | None = None,
-            neighbours: bool = False) -> list:
+            neighbours: bool = False, context: int = 0) -> list:
     """Normalised 2-D planes (Y, X) from the images in ``data``: at most ``max_planes`` in all, a regular
     sample. Each image is normalised on its own, channel by channel, with the model's policy, as `restore` would.
-    ``neighbours``: (plane, next plane) pairs along Z (else T, else the first other axis) instead."""
+    ``neighbours``: (plane, next plane) pairs along Z (else T, else the first other axis) instead.
+    ``context`` k > 0: what a context model sees for each sampled plane, its (2k + 1, Y, X) window of planes
+    along Z (else T), mirrored at the ends as `restore` does (`Source.context_leads`)."""
     sources = _sources(data, include)
     if len(sources) > max_planes:
         sources = [sources[i] for i in np.unique(np.linspace(0, len(sources) - 1, max_planes).round().astype(int))]
@@ -156,6 +158,12 @@ def sample_planes(data, axes, max_planes: int, policy: dict, include: str | None
         intensity = Intensity.for_source(src, policy)  # per channel, as restore maps this input
         leads = src.leads()
         axis = src.context_axis or (src.lead_axes[:1] or None)
+        if context:
+            need = 2 * context + 1
+            if src.context_length() < need:
+                raise ValueError(f"a context model ({need} planes) fine-tunes on stacks with at least {need} planes "
+                                 f"along Z or T; {_describe(item)} has axes {src.axes} and shape {tuple(src.shape)}. "
+                                 "Fine-tune the 2-D model (e.g. --model microscopy) on single images")
         if neighbours:
             leads = [lead for lead in leads if src.neighbour(lead, 1, axis) is not None] if axis else []
             if not leads:
@@ -163,7 +171,10 @@ def sample_planes(data, axes, max_planes: int, policy: dict, include: str | None
                                  f"{_describe(item)} has axes {src.axes} and shape {tuple(src.shape)}")
         picks = np.unique(np.linspace(0, len(leads) - 1, min(len(leads), per_source)).round().astype(int))
         for lead in (leads[k] for k in picks):
-            norm = intensity.at(lead)  # one frame for both views of a pair
+            norm = intensity.at(lead)  # one frame for both views of a pair, and for a context window
+            if context:
+                out.append(np.stack([norm.forward(src.read_plane(n)) for n in src.context_leads(lead, context)]))
+                continue
             plane = norm.forward(src.read_plane(lead))
             out.append((plane, norm.forward(src.read_plane(src.neighbour(lead, 1, axis)))) if neighbours else plane)
     return out
@@ -182,7 +193,7 @@ def split_held_out(items: list, fraction: float, rng, patch: int) -> tuple[list,
     train, val = [], []
     for it in items:
         arrs = it if isinstance(it, tuple) else (it,)
-        h = arrs[0].shape[0]
+        h = arrs[0].shape[-2]  # rows: the last two axes are Y, X (a context window has planes first)
         n = h // patch
         if n < 2:
             raise ValueError(f"a {h}-row image is too small to hold out a validation strip: with --patch {patch} "
@@ -197,8 +208,8 @@ def split_held_out(items: list, fraction: float, rng, patch: int) -> tuple[list,
                 if end - start >= patch:
                     rows.append((start, end))
                 start = (band + 1) * patch
-        pieces = [(tuple(a[s0:s1] for a in arrs), train) for s0, s1 in rows]
-        pieces += [(tuple(a[b * patch:(b + 1) * patch] for a in arrs), val) for b in sorted(held)]
+        pieces = [(tuple(a[..., s0:s1, :] for a in arrs), train) for s0, s1 in rows]
+        pieces += [(tuple(a[..., b * patch:(b + 1) * patch, :] for a in arrs), val) for b in sorted(held)]
         for part, dest in pieces:
             dest.append(part if isinstance(it, tuple) else part[0])
     return train, val
@@ -237,9 +248,36 @@ def _variant(mode: Mode, **attrs) -> Mode:
     return m
 
 
+CONTEXT_MODES = ("nbr2nbr",)  # what a context model fine-tunes with (``auto`` = nbr2nbr, after the noise check)
+
+
+def _context_items(cfg, mode: Mode, ctx: _Context, policy, noisy, context: int) -> tuple[list, dict, Mode]:
+    """A context model's items: (window, window) pairs of (2k + 1, Y, X) normalised planes; nbr2nbr learns
+    the centre plane's other sub-image from the sub-sampled window (see `subsample_pairs`)."""
+    if mode.name not in CONTEXT_MODES:
+        raise ValueError(f"mode {cfg.mode!r} fine-tunes 2-D models; a context model ({2 * context + 1} planes) "
+                         f"fine-tunes with mode auto or {' or '.join(CONTEXT_MODES)}")
+    windows = sample_planes(noisy, cfg.axes, cfg.max_planes, policy, cfg.include, context=context)
+    _check_not_constant(windows)
+    if cfg.noise_check:
+        ctx.log("checking the noise…")
+        if _noise_check(ctx, windows, mode, refuse=False):
+            msg = ("not fine-tuned: the noise in these images is correlated between neighbouring pixels, and a "
+                   "context model fine-tunes with nbr2nbr only, which would learn that noise as signal. Fine-tune "
+                   "the 2-D model instead (--model microscopy: mode auto then uses structured blind spots), or pass "
+                   "--no-noise-check to train anyway")
+            ctx.log(msg)
+            raise NoiseCorrelated(msg)
+        if cfg.mode == AUTO:
+            ctx.log("auto: mode nbr2nbr (the noise is independent between neighbouring pixels)")
+    return [(w, w) for w in windows], ctx.record, mode
+
+
 def _items(cfg, mode: Mode, ctx: _Context, policy, noisy, target, noisy2) -> tuple[list, dict, Mode]:
     """Training items of the mode, what goes into the model's record about them, and the mode itself
     (``auto`` becomes ``structn2v`` where the noise is correlated; ``structn2v`` gets the measured extent)."""
+    if ctx.model.config.context:
+        return _context_items(cfg, mode, ctx, policy, noisy, ctx.model.config.context)
     if mode.stack_pairs:
         pairs = sample_planes(noisy, cfg.axes, cfg.max_planes, policy, cfg.include, neighbours=True)
         _check_not_constant([p for pair in pairs for p in pair])
@@ -275,6 +313,11 @@ def _items(cfg, mode: Mode, ctx: _Context, policy, noisy, target, noisy2) -> tup
     return mode.items(planes, others, ctx), ctx.record, mode
 
 
+def _centre(a: np.ndarray) -> np.ndarray:
+    """The plane a model restores: a context window's centre plane, or the plane itself."""
+    return a[a.shape[0] // 2] if a.ndim == 3 else a
+
+
 def _check_not_constant(planes: list[np.ndarray]) -> None:
     """Constant data hold neither signal nor noise: say so, before any check blames the noise."""
     if all(float(p.max()) == float(p.min()) for p in planes):
@@ -291,13 +334,16 @@ def _noise_check(ctx: _Context, planes: list[np.ndarray], mode: Mode, size: int 
     for white noise."""
     crops = []
     for p in planes[:4]:
-        y0, x0 = max(0, (p.shape[0] - size) // 2), max(0, (p.shape[1] - size) // 2)
-        crops.append(np.ascontiguousarray(p[y0:y0 + size, x0:x0 + size], dtype=np.float32))
+        h, w = p.shape[-2:]
+        y0, x0 = max(0, (h - size) // 2), max(0, (w - size) // 2)
+        crops.append(np.ascontiguousarray(p[..., y0:y0 + size, x0:x0 + size], dtype=np.float32))
     outs = ctx.predictions(crops)
-    res = [c - o for c, o in zip(crops, outs)]
+    res = [_centre(c) - o for c, o in zip(crops, outs)]
     rng = np.random.default_rng(0)
-    white = [o + _local_sd(r) * rng.standard_normal(r.shape).astype(np.float32) for o, r in zip(outs, res)]
-    res0 = [w - o for w, o in zip(white, ctx.predictions(white))]
+    # White noise of the same local strength on the output (on every plane of a context window: the
+    # neighbours' noise is independent of the centre's as well).
+    white = [o + _local_sd(r) * rng.standard_normal(c.shape).astype(np.float32) for c, o, r in zip(crops, outs, res)]
+    res0 = [_centre(w) - o for w, o in zip(white, ctx.predictions(white))]
     rho, rho0 = neighbour_correlation(res), neighbour_correlation(res0)
     excess = max((a - b for a, b in zip(rho, rho0)), key=abs)
     by_lag = [float(excess)] + [max((a - b for a, b in zip(neighbour_correlation(res, lag),
@@ -339,13 +385,13 @@ class _HeldOut:
     SELECT_DRAWS, DECIDE_DRAWS, MAX_CROPS, SPLIT_FROM, MIN_CROPS, MIN_SIZE = 2, 8, 48, 12, 8, 12
 
     def __init__(self, mode: Mode, val_items: list, patch: int, seed: int):
-        size = min(patch * mode.held_out_scale, min(min(it[0].shape) for it in val_items))
+        size = min(patch * mode.held_out_scale, min(min(it[0].shape[-2:]) for it in val_items))
         while True:  # smaller crops where the held-out data give too few for a standard error
             crops = []
             for it in val_items:
                 arrs = it if isinstance(it, tuple) else (it, it)
-                h, w = arrs[0].shape
-                crops += [tuple(a[y:y + size, x:x + size] for a in arrs[:2])
+                h, w = arrs[0].shape[-2:]
+                crops += [tuple(a[..., y:y + size, x:x + size] for a in arrs[:2])
                           for y in range(0, h - size + 1, size) for x in range(0, w - size + 1, size)]
             if len(crops) >= self.MIN_CROPS or size < 2 * self.MIN_SIZE:
                 break
@@ -360,8 +406,11 @@ class _HeldOut:
         self.decide = self._draws(decide, self.DECIDE_DRAWS, seed + 2)
 
     def _draws(self, crops, draws, seed):
-        x = torch.from_numpy(np.stack([c[0] for c in crops]).astype(np.float32))[:, None]
-        y = torch.from_numpy(np.stack([c[1] for c in crops]).astype(np.float32))[:, None]
+        def tensor(arrs):  # (N, 1, s, s), or (N, planes, s, s) for a context model's windows
+            t = torch.from_numpy(np.stack(arrs).astype(np.float32))
+            return t[:, None] if t.ndim == 3 else t
+
+        x, y = tensor([c[0] for c in crops]), tensor([c[1] for c in crops])
         return self.mode.held_out(x, y, np.random.default_rng(seed), draws if self.mode.criterion != "target" else 1)
 
     @staticmethod
@@ -408,9 +457,9 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
     log("reading the data…")
     items, record, mode = _items(cfg, mode, ctx, info.normalization, noisy, target, noisy2)
     patch = cfg.patch * mode.patch_scale
-    if min(min(it[0].shape) for it in items) < patch:
+    if min(min(it[0].shape[-2:]) for it in items) < patch:
         raise ValueError(f"images are smaller than the patch size {patch}: use a smaller --patch")
-    band = min(cfg.patch * mode.held_out_scale, min(it[0].shape[0] for it in items) // 3)  # strided: large
+    band = min(cfg.patch * mode.held_out_scale, min(it[0].shape[-2] for it in items) // 3)  # strided: large
     train_items, val_items = split_held_out(items, cfg.val_fraction, rng, max(patch, band))
     sampler = PatchSampler(info.task, [], train_items, patch, seed=cfg.seed, pairs_only=True)
     held_out = _HeldOut(mode, val_items, cfg.patch, cfg.seed)
@@ -604,8 +653,17 @@ def _describe(data):
 
 def _predict(model, plane: np.ndarray, dev) -> np.ndarray:
     """The model's output on a normalised plane, tile by tile (exact halo: the same as whole-plane
-    inference, without its memory on large planes)."""
+    inference, without its memory on large planes). A context model's (planes, Y, X) window (the noise
+    check's crops, at most 512²): its centre plane's output, in one call."""
     from .engine import restore
+
+    if plane.ndim == 3:
+        was = model.training
+        model.eval()
+        with torch.inference_mode():
+            out = model(torch.from_numpy(np.ascontiguousarray(plane, dtype=np.float32))[None].to(dev))
+        model.train(was)
+        return out[0, 0].float().cpu().numpy()
 
     out = restore(np.ascontiguousarray(plane, dtype=np.float32), model, device=dev, halo="exact")
     return np.asarray(out, dtype=np.float32)

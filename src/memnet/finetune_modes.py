@@ -343,12 +343,20 @@ def _gather(x: torch.Tensor, idx) -> tuple[torch.Tensor, torch.Tensor]:
 def subsample_pairs(x: torch.Tensor, rng: np.random.Generator):
     """Neighbour sub-sampling: from each 2x2 cell two different, adjacent pixels, one into each of two
     half-size images. Their signals nearly agree and their noises are independent, so predicting one from
-    the other trains (and, held out, scores) a denoiser from the noisy data alone."""
+    the other trains (and, held out, scores) a denoiser from the noisy data alone.
+
+    ``x`` with several channels is a context model's input, the planes around a centre plane: every plane
+    is sub-sampled at the same pixels (the first image), and the second image is the centre plane's other
+    pixels, whose noise none of the input planes carries. Returns ``(g1, g2, idx)``, ``idx`` for one plane."""
     b, c, h, w = x.shape
-    k = torch.from_numpy(rng.integers(0, len(_PAIRS), (b, c, h // 2, w // 2)))
+    k = torch.from_numpy(rng.integers(0, len(_PAIRS), (b, 1, h // 2, w // 2)))
     pairs = torch.from_numpy(_PAIRS)
     idx = (pairs[k, 0], pairs[k, 1])
-    g1, g2 = _gather(x, idx)
+    if c == 1:
+        g1, g2 = _gather(x, idx)
+        return g1, g2, idx
+    g1, _ = _gather(x, tuple(i.expand(b, c, -1, -1) for i in idx))
+    _, g2 = _gather(x[:, c // 2: c // 2 + 1], idx)
     return g1, g2, idx
 
 

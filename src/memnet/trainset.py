@@ -188,26 +188,27 @@ class PatchSampler:
             raise ValueError(f"unknown noise model {noise!r}: expected one of {', '.join(NOISE_MODELS)}")
         self.noise = noise
         self.rng = np.random.default_rng(seed)
-        usable = [im for im in clean if min(im.shape) >= patch] + [p for p in pairs if min(p[0].shape) >= patch]
+        # Pairs may be (planes, Y, X) stacks (a context model's input): patches are cut in the last two axes.
+        usable = [im for im in clean if min(im.shape) >= patch] + [p for p in pairs if min(p[0].shape[-2:]) >= patch]
         if not usable:
             raise ValueError(f"no training image is at least {patch}x{patch} pixels")
 
     def _crop(self, arrays):
-        h, w = arrays[0].shape
+        h, w = arrays[0].shape[-2:]
         y, x = self.rng.integers(0, h - self.patch + 1), self.rng.integers(0, w - self.patch + 1)
         k, flip = int(self.rng.integers(4)), bool(self.rng.integers(2))
         out = []
         for a in arrays:
-            c = a[y: y + self.patch, x: x + self.patch]
-            c = np.rot90(c, k)
-            out.append(np.ascontiguousarray(c[:, ::-1] if flip else c))
+            c = a[..., y: y + self.patch, x: x + self.patch]
+            c = np.rot90(c, k, axes=(-2, -1))
+            out.append(np.ascontiguousarray(c[..., ::-1] if flip else c))
         return out
 
     def _pick(self, pool):
         while True:
             item = pool[int(self.rng.integers(len(pool)))]
             first = item[0] if isinstance(item, tuple) else item
-            if min(first.shape) >= self.patch:
+            if min(first.shape[-2:]) >= self.patch:
                 return item
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
@@ -246,10 +247,14 @@ class PatchSampler:
         return np.ascontiguousarray(noisy[sl]), np.ascontiguousarray(target[sl])
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` pairs as float32 tensors (N, 1, p, p), on the CPU."""
+        """``n`` pairs as float32 tensors (N, 1, p, p), on the CPU ((N, planes, p, p) for stacks)."""
         xs, ys = zip(*(self.sample() for _ in range(n)))
-        return (torch.from_numpy(np.stack(xs).astype(np.float32))[:, None],
-                torch.from_numpy(np.stack(ys).astype(np.float32))[:, None])
+
+        def tensor(arrs):
+            t = torch.from_numpy(np.stack(arrs).astype(np.float32))
+            return t[:, None] if t.ndim == 3 else t
+
+        return tensor(xs), tensor(ys)
 
 
 class DevicePatchSampler:
