@@ -252,3 +252,28 @@ def test_a_context_model_refuses_to_fine_tune_on_what_it_cannot_learn_from(ctx_m
     with pytest.raises(ValueError, match="fine-tunes with mode auto or nbr2nbr"):
         finetune(FinetuneConfig(**cfg, axes="ZYX", mode="n2v"), noisy)
     assert not (memnet.zoo.user_model_dir() / "ctx-ft.safetensors").exists()
+
+
+def test_batches_made_by_worker_processes_do_not_depend_on_how_many_there_are(micro_file, tmp_path):
+    from memnet.stacktrain import BatchPool, ContextSampler, make_bank, train_context
+
+    bank = make_bank(0, 2, planes=6, size=64, workers=2)
+    again = make_bank(0, 2, planes=6, size=64, workers=3)
+    assert all(np.array_equal(a.clean, b.clean) for a, b in zip(bank, again))
+    runs = []
+    for workers in (1, 2):
+        pool = BatchPool(ContextSampler(bank, 2, 32, seed=0), 3, workers, seed=7)
+        try:
+            runs.append([pool.batch(3) for _ in range(3)])
+        finally:
+            pool.close()
+    for (x1, y1), (x2, y2) in zip(*runs):
+        assert x1.shape == (3, 5, 32, 32) and y1.shape == (3, 1, 32, 32)
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(runs[0][0][0], runs[0][1][0])  # each batch from its own seed
+    out = tmp_path / "run"
+    kw = dict(init=str(micro_file), batch=2, patch=32, n_sim=2, n_val=2, n_val_sim=1, val_every=1, log=lambda s: None)
+    train_context(out, steps=2, workers=2, **kw)
+    assert memnet.load_model(out / "last.safetensors")[1].metadata["training"]["steps"] == 2
+    with pytest.raises(ValueError, match="resume it with the same setting"):
+        train_context(out, steps=3, **kw)

@@ -4,8 +4,10 @@ stacks under one camera's noise per crop. Checkpoints every validation; a run re
 
 from __future__ import annotations
 
+import collections
 import json
 import math
+import multiprocessing
 import time
 from pathlib import Path
 
@@ -19,14 +21,25 @@ from .train import fit_state_of
 from .trainset import NORMALIZATION
 from .zoo import load_model, save_model
 
-__all__ = ["ContextSampler", "make_bank", "train_context", "validation_set"]
+__all__ = ["BatchPool", "ContextSampler", "make_bank", "train_context", "validation_set"]
+
+
+def _simulate(args) -> SynthStack:
+    seed, planes, size = args
+    return simulate_stack(np.random.default_rng(seed), planes, size)
 
 
 def make_bank(seed: int, n_sim: int, planes: int = 12, size: int = 192, wheel: str | Path | None = None,
-              part: str = "train") -> list[SynthStack]:
-    """Clean stacks to crop from: ``n_sim`` simulated ones, plus the bio-sample stacks when ``wheel`` is given."""
-    rng = np.random.default_rng(seed)
-    bank = [simulate_stack(rng, planes, size) for _ in range(n_sim)]
+              part: str = "train", workers: int = 0) -> list[SynthStack]:
+    """Clean stacks to crop from: ``n_sim`` simulated ones, plus the bio-sample stacks when ``wheel`` is given.
+    ``workers`` > 1 simulates in that many processes, each stack from its own seed: another bank than the
+    one-process bank (one random stream), the same for any number of workers."""
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            bank = pool.map(_simulate, [(seed * 100_003 + i, planes, size) for i in range(n_sim)])
+    else:
+        rng = np.random.default_rng(seed)
+        bank = [simulate_stack(rng, planes, size) for _ in range(n_sim)]
     if wheel is not None:
         bank += bio_sample_stacks(wheel, part)
     return bank
@@ -59,6 +72,50 @@ class ContextSampler:
         return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
 
 
+_WORKER_SAMPLER: ContextSampler | None = None
+
+
+def _worker_init(sampler: ContextSampler) -> None:
+    global _WORKER_SAMPLER
+    _WORKER_SAMPLER = sampler
+
+
+def _worker_batch(args) -> tuple[np.ndarray, np.ndarray]:
+    seed, n = args
+    _WORKER_SAMPLER.rng = np.random.default_rng(seed)
+    x, y = _WORKER_SAMPLER.batch(n)
+    return x.numpy(), y.numpy()
+
+
+class BatchPool:
+    """Batches made ahead by ``workers`` processes (a GPU step takes less than making its batch on one core):
+    batch i comes from seed ``seed + i`` whatever the number of workers, at most ``2 * workers`` ahead."""
+
+    def __init__(self, sampler: ContextSampler, n: int, workers: int, seed: int):
+        self.n, self.next_seed = n, seed
+        self.pool = multiprocessing.get_context("fork").Pool(workers, _worker_init, (sampler,))
+        self.ahead: collections.deque = collections.deque()
+        for _ in range(2 * workers):
+            self._submit()
+
+    def _submit(self) -> None:
+        self.ahead.append(self.pool.apply_async(_worker_batch, ((self.next_seed, self.n),)))
+        self.next_seed += 1
+
+    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch (``n`` must be the pool's batch size)."""
+        if n != self.n:
+            raise ValueError(f"this pool makes batches of {self.n}, not {n}")
+        x, y = self.ahead.popleft().get()
+        self._submit()
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def close(self) -> None:
+        """Stop the workers."""
+        self.pool.terminate()
+        self.pool.join()
+
+
 def validation_set(bank: list[SynthStack], context: int, patch: int, n: int, seed: int) -> list[tuple]:
     """Fixed validation crops: ``(name, noisy (2k+1, p, p), target (p, p))``, round-robin over the bank."""
     rng = np.random.default_rng(seed)
@@ -76,11 +133,12 @@ def score(model: MemNet, val: list[tuple], planes: str = "context") -> list[floa
     """PSNR (dB, peak 1: the targets' percentile frame) per validation crop; ``planes="centre"`` runs a
     2-D model on the centre plane alone."""
     model.eval()
+    dev = next(model.parameters()).device
     out = []
     for _, noisy, target in val:
         k = noisy.shape[0] // 2
         x = torch.from_numpy(noisy[None] if planes == "context" else noisy[None, k: k + 1])
-        y = model(x)[0, 0].numpy()
+        y = model(x.to(dev))[0, 0].float().cpu().numpy()
         out.append(float(10 * np.log10(1.0 / max(float(np.mean((y - target) ** 2)), 1e-12))))
     return out
 
@@ -90,24 +148,29 @@ def train_context(out: str | Path, *, init: str = "microscopy", context: int = 2
                   n_sim: int = 48, wheel: str | Path | None = None, val_every: int = 100, n_val: int = 48,
                   n_val_sim: int = 12,
                   seed: int = 0, name: str = "microscopy-context", threads: int | None = None,
-                  resume: bool = True, log=print) -> Path:
-    """Train (or resume) a context model in ``out``; returns ``out/best.safetensors``."""
+                  device: str = "cpu", workers: int = 0, resume: bool = True, log=print) -> Path:
+    """Train (or resume) a context model in ``out``; returns ``out/best.safetensors``. ``workers`` > 0 makes
+    the batches (and the simulated bank) in that many processes: what a GPU needs to be kept busy."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    dev = torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":  # TF32 convolutions: the model's fp32 weights, ~8x the fp32 rate on the GPUs we get
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True
     last, best, state_path = out / "last.safetensors", out / "best.safetensors", out / "state.pt"
     t0 = time.time()
-    bank = make_bank(seed, n_sim, wheel=wheel, part="train")
-    val = validation_set(make_bank(seed + 1000, n_val_sim, wheel=wheel, part="test"), context, 128,
+    bank = make_bank(seed, n_sim, wheel=wheel, part="train", workers=workers)
+    val = validation_set(make_bank(seed + 1000, n_val_sim, wheel=wheel, part="test", workers=workers), context, 128,
                          n_val, seed + 2000)
     log(f"bank: {len(bank)} training stacks, {len(val)} validation crops ({time.time() - t0:.0f} s)")
-    base, base_info = load_model(init)
+    base, base_info = load_model(init, device=dev)
     model = with_context(base, context) if base.config.context == 0 else base
     if base.config.context:  # continuing a context model: the 2-D reference is the task's 2-D model
-        base, _ = load_model(base_info.task)
+        base, _ = load_model(base_info.task, device=dev)
+    model.to(dev)
     # The first layer (where the neighbours enter, from zero) learns at 3x the rate of the trained body.
     first = [p for n, p in model.named_parameters() if n.startswith("fenet.")]
     body = [p for n, p in model.named_parameters() if not n.startswith("fenet.")]
@@ -125,14 +188,20 @@ def train_context(out: str | Path, *, init: str = "microscopy", context: int = 2
         state = fit_state_of(st)
         log(f"resumed at step {state.step} (best {state.best:.3f} dB)")
     baseline = json.loads((out / "baseline.json").read_text()) if (out / "baseline.json").exists() else None
+    bank_kind = "per-stack seeds" if workers > 1 else "one stream"
+    if baseline is not None and baseline.get("bank", "one stream") != bank_kind:
+        raise ValueError(f"{out} was trained on the bank made {'with' if workers <= 1 else 'without'} --workers "
+                         f"(its {baseline.get('bank', 'one stream')}); resume it with the same setting")
     if baseline is None:
         per = score(base, val, "centre")
-        baseline = {"2d_mean_db": float(np.mean(per)), "per_crop": per}
+        baseline = {"2d_mean_db": float(np.mean(per)), "per_crop": per, "bank": bank_kind}
         (out / "baseline.json").write_text(json.dumps(baseline))
     log(f"2-D reference model on the validation crops: {baseline['2d_mean_db']:.3f} dB")
     if state.step == 0:
         state.best = baseline["2d_mean_db"]  # best.safetensors only once the context model beats the 2-D one
     sampler = ContextSampler(bank, context, patch, seed + state.step)
+    if workers > 0:
+        sampler = BatchPool(sampler, batch, workers, seed * 1_000_003 + state.step)
     meta = {
         "description": f"MemNet M{model.config.blocks}R{model.config.recursions}C{model.config.channels} context "
                        f"model: restores a plane from it and {context} neighbours on each side (Z, or T)",
@@ -148,10 +217,10 @@ def train_context(out: str | Path, *, init: str = "microscopy", context: int = 2
         # synthetic batches would otherwise pull the statistics away from what real images need.
         model.eval()
         x, y = sampler.batch(batch)
-        final, branches = model(x, branches=True)
+        final, branches = model(x.to(dev, non_blocking=True), branches=True)
         # log-MSE per patch: each crop counts by its PSNR, as the validation and the benchmark score it (plain MSE
         # lets the bright, noisy crops decide and costs the dim ones their background)
-        loss = multi_supervised_loss(final, branches, y, "psnr")
+        loss = multi_supervised_loss(final, branches, y.to(dev, non_blocking=True), "psnr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -183,7 +252,11 @@ def train_context(out: str | Path, *, init: str = "microscopy", context: int = 2
         log(f"validation at step {st.step}: {h['score']:.3f} dB, gain over 2-D {h['gain_vs_2d']:+.3f} dB, "
             f"worst crop {h['worst_gain']:+.3f} dB" + ("  (best)" if improved else ""))
 
-    fit(state, steps=steps, val_every=val_every, seconds=None if hours is None else hours * 3600,
-        train_step=train_step, validate=validate, checkpoint=checkpoint, log=log)
+    try:
+        fit(state, steps=steps, val_every=val_every, seconds=None if hours is None else hours * 3600,
+            train_step=train_step, validate=validate, checkpoint=checkpoint, log=log)
+    finally:
+        if isinstance(sampler, BatchPool):
+            sampler.close()
     log(f"ended ({state.ended}) at step {state.step}; best {state.best:.3f} dB")
     return best
