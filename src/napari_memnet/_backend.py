@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable
+from functools import partial
 
 import memnet
 
@@ -38,17 +39,40 @@ def loaded() -> bool:
     return _loaded.is_set()
 
 
+_waiting: list[tuple[Callable[[], None], Callable[[BaseException], None] | None]] = []  # for when_loaded
+
+
 def when_loaded(callback: Callable[[], None], on_error: Callable[[BaseException], None] | None = None) -> None:
-    """``callback()`` on the GUI thread once the engine is loaded: at once if it is, else after `load` ran
-    in a background worker. ``on_error`` gets what stopped the load (a broken torch install)."""
+    """``callback()`` on the GUI thread once the engine is loaded: at once if it is, else after `load` ran in a
+    background worker. The worker starts once the GUI thread is idle again (the dock that asked is built and
+    drawn: a load running meanwhile would slow that down, sharing the GIL). ``on_error`` gets what stopped the
+    load (a broken torch install)."""
     if loaded():
         callback()
         return
+    _waiting.append((callback, on_error))
+    if len(_waiting) == 1:
+        from qtpy.QtCore import QTimer
+
+        QTimer.singleShot(0, _start_loading)
+
+
+def _start_loading() -> None:
     from napari.qt.threading import create_worker
 
-    worker = create_worker(load, _start_thread=False,
-                           _connect={"errored": on_error or (lambda e: None)})  # connected before it starts
-    worker.returned.connect(lambda _: _call(callback))
+    def done(_=None):
+        waiting, _waiting[:] = list(_waiting), []
+        for callback, _on_error in waiting:
+            _call(callback)
+
+    def failed(err: BaseException):
+        waiting, _waiting[:] = list(_waiting), []
+        for _callback, on_error in waiting:
+            if on_error is not None:
+                _call(partial(on_error, err))
+
+    worker = create_worker(load, _start_thread=False, _connect={"errored": failed})  # connected before it starts
+    worker.returned.connect(done)
     worker.start()
 
 

@@ -20,6 +20,7 @@ from magicgui.widgets import (
     create_widget,
 )
 from napari.layers import Image
+from qtpy.QtCore import QTimer
 
 import memnet
 
@@ -39,6 +40,14 @@ def _fmt_eta(p: memnet.Progress) -> str:
     if eta is None:
         return "ETA --"
     return f"ETA {int(eta) // 60:d}:{int(eta) % 60:02d}"
+
+
+def _unless_deleted(call) -> None:
+    try:
+        call()
+    except RuntimeError as e:  # the dock was closed before the event loop ran: nothing to warm up
+        if "deleted" not in str(e):
+            raise
 
 
 def _exists(path: Path) -> str:
@@ -107,7 +116,8 @@ class RestoreWidget(ScrollingDock, Container):
         # what a restore of the chosen layer runs (the 2-D model, or a context model on a stack) is warmed up
         for w in (self._model, self._device, self._layer, self._context):
             w.changed.connect(self.warm_up)
-        self.warm_up()
+        # once the dock is built and drawn (a warm-up running meanwhile would slow that down: the GIL)
+        QTimer.singleShot(0, lambda: _unless_deleted(self.warm_up))
         when_loaded(self._on_loaded, self._job._on_error)
 
     # Choices ------------------------------------------------------------------------------------
@@ -251,6 +261,7 @@ class RestoreWidget(ScrollingDock, Container):
                 return None
         overwrite = output is not None and self._replace.value
         self._progress.value = 0
+        self.warm_up()  # started now if it was not yet (clicked before the event loop ran)
         warming = self._warming
 
         def run(progress, cancel):
