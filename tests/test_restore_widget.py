@@ -392,22 +392,24 @@ from qtpy.QtWidgets import QApplication
 
 viewer = napari.Viewer(show=False)
 viewer.add_image(np.zeros((3, 40, 40), np.uint16), name="stack", axis_labels=("z", "y", "x"))
-_, w = viewer.window.add_plugin_dock_widget("napari-memnet", "Restore")
-print("torch after the dock opened:", "torch" in sys.modules, imports, flush=True)
+docks = [viewer.window.add_plugin_dock_widget("napari-memnet", n)[1] for n in ("Restore", "Fine-tune", "Export model")]
+w = docks[0]
+print("torch after the docks opened:", "torch" in sys.modules, imports, flush=True)
 end = time.monotonic() + 300  # a hang guard only
 while not w._uses.value.startswith("uses ") and time.monotonic() < end:
     QApplication.processEvents()
     time.sleep(0.01)
 w._warming.join()
-print("imports on the main thread:", imports, "uses:", w._uses.value, flush=True)
+print("imports on the main thread:", imports, "uses:", w._uses.value, "models:", len(docks[2]._model.choices),
+      flush=True)
 viewer.close()
 """
 
 
 @pytest.mark.slow
-def test_opening_the_dock_imports_torch_in_the_background_only(tmp_path):
-    """torch (1-5 s to import) never loads on napari's GUI thread when the Restore dock opens: the dock
-    answers at once, and the model line appears once the background load is done."""
+def test_opening_the_docks_imports_torch_in_the_background_only(tmp_path):
+    """torch (1-5 s to import) never loads on napari's GUI thread when the docks open: they answer at once,
+    and the model line and the full model lists appear once the background load is done."""
     import os
     import subprocess
     import sys
@@ -418,3 +420,4 @@ def test_opening_the_dock_imports_torch_in_the_background_only(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("imports on the main thread: [False]") and "uses microscopy" in last, r.stdout
+    assert int(last.rsplit("models: ", 1)[1]) > 1, r.stdout  # the Export dock's list, filled in
