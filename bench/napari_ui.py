@@ -6,6 +6,8 @@ Needs a real X server (vispy crashes under Qt's offscreen platform), e.g.:
 
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python bench/napari_ui.py --model microscopy
 
+(docs/napari.md's figures ran under ``taskset -c 1``: one core, shared with other work on that machine).
+
 ``--delay`` is the time between the dock opening and the first preview click (a user picking a layer and a
 slice); 0 clicks at once. Figures are printed, never asserted. napari runs with a throwaway settings file.
 """

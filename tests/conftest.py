@@ -22,6 +22,7 @@ def _isolated_user_models(tmp_path, monkeypatch):
     """Every test gets an empty user model directory: nothing leaks into the real one."""
     d = tmp_path / "user-models"
     monkeypatch.setenv("MEMNET_MODEL_DIR", str(d))
+    monkeypatch.setenv("MEMNET_CACHE_DIR", str(tmp_path / "cache"))  # exported graphs: none from the real cache
     return d
 
 

@@ -183,3 +183,38 @@ def test_two_threads_can_export_at_once(tiny_model):
     for t in threads:
         t.join()
     assert errors == []
+
+
+@pytest.mark.skipif(not onnxruntime_available(), reason="needs onnx and onnxruntime")
+def test_an_exported_graph_is_reused_from_the_user_cache(tiny_model, tmp_path, monkeypatch):
+    """A new process (an emptied in-memory cache) builds its ONNX Runtime session from the graph exported
+    before, in MEMNET_CACHE_DIR: no second export; other weights get their own graph; a damaged file is
+    exported again and replaced."""
+    from memnet import inference
+
+    exports = []
+    real = inference.onnx_bytes
+    monkeypatch.setattr(inference, "onnx_bytes", lambda m, *a: exports.append(1) or real(m, *a))
+    x = torch.rand(1, 1, 30, 26)
+    with torch.no_grad():
+        ref = tiny_model(x).numpy()
+
+    def build(model):
+        inference._BUILT.clear()  # what a new process starts with
+        fn, name = make_backend(model, CPU, "onnxruntime")
+        assert name == "onnxruntime"
+        with torch.no_grad():
+            return fn(x).numpy()
+
+    assert _rel(build(tiny_model), ref) < 1e-5 and len(exports) == 1
+    graphs = list((tmp_path / "cache" / "onnx").glob("*.onnx"))  # the conftest's MEMNET_CACHE_DIR
+    assert len(graphs) == 1
+    assert _rel(build(tiny_model), ref) < 1e-5 and len(exports) == 1  # read back, not exported again
+    other = _random_model(2, 2, 8, seed=5, dtype=torch.float32)
+    with torch.no_grad():
+        other_ref = other(x).numpy()
+    assert _rel(build(other), other_ref) < 1e-5 and len(exports) == 2
+    assert len(list(graphs[0].parent.glob("*.onnx"))) == 2
+    graphs[0].write_bytes(b"not a graph")  # damaged (a disk error, a killed writer on an old version)
+    assert _rel(build(tiny_model), ref) < 1e-5 and len(exports) == 3
+    assert graphs[0].read_bytes() != b"not a graph"

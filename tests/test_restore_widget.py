@@ -273,8 +273,8 @@ def test_the_three_docks_fit_a_1000_px_screen(make_napari_viewer, qtbot):
 
 def test_the_widget_warms_the_model_up_and_a_preview_waits_for_it(make_napari_viewer, wait_worker, user_model,
                                                                     rng, monkeypatch, qtbot):
-    """Opening the widget (or picking a model) prepares the model in the background; a preview started
-    meanwhile waits for it instead of preparing the model a second time."""
+    """Opening the widget (or picking a model) prepares the model in the background, one warm-up after the
+    other; a preview started meanwhile waits for them instead of preparing the model a second time."""
     from napari_memnet._restore_widget import WARM_PX, RestoreWidget
 
     calls, gate = [], threading.Event()
@@ -295,11 +295,129 @@ def test_the_widget_warms_the_model_up_and_a_preview_waits_for_it(make_napari_vi
     w = RestoreWidget(viewer)
     qtbot.waitUntil(lambda: len(calls) == 1, timeout=60_000)  # a hang guard only
     assert calls == [((WARM_PX, WARM_PX), "microscopy", "auto")]
-    w._model.value = user_model  # a new model: warmed up too
-    qtbot.waitUntil(lambda: len(calls) == 2, timeout=60_000)
-    assert calls[-1] == ((WARM_PX, WARM_PX), user_model, "auto")
+    w._model.value = user_model  # a new model: warmed up too, once the first warm-up has ended
     worker = w.start(preview=True)
-    assert w._warming.is_alive() and len(calls) == 2  # the preview waits for the warm-up
+    assert w._warming.is_alive() and len(calls) == 1  # the preview waits for both warm-ups
     gate.set()
     wait_worker(worker)
+    assert calls[1] == ((WARM_PX, WARM_PX), user_model, "auto")
     assert calls[-1] == ((40, 50), user_model, "auto") and "preview" in w._status.value
+
+
+@pytest.fixture
+def builds(monkeypatch):
+    """The inference backends built from now on (a fresh in-memory cache): ``builds.calls`` the configs of the
+    models built, ``builds.gate``: the first build of a test's tiny model (8 channels) waits for it."""
+    from collections import OrderedDict
+
+    from memnet import inference
+
+    real = inference._build
+    rec = type("Builds", (), {"calls": [], "gate": threading.Event()})()
+
+    def build(model, *a, **kw):
+        rec.calls.append(model.config)
+        if [c.channels for c in rec.calls].count(8) == 1 and model.config.channels == 8:
+            assert rec.gate.wait(120), "the test never let the first build go on"
+        return real(model, *a, **kw)
+
+    monkeypatch.setattr(inference, "_BUILT", OrderedDict())
+    monkeypatch.setattr(inference, "_build", build)
+    return rec
+
+
+def test_a_preview_clicked_while_the_warm_up_builds_the_model_reuses_its_backend(make_napari_viewer, dock,
+                                                                                 wait_worker, user_model, builds,
+                                                                                 rng, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(rng.random((40, 50), dtype=np.float32), name="img")
+    _, w = dock("Restore", viewer)
+    w._model.value = user_model
+    qtbot.waitUntil(lambda: any(c.channels == 8 for c in builds.calls), timeout=60_000)  # the tiny model's
+    worker = w.start(preview=True)  # while the warm-up builds the model
+    builds.gate.set()
+    wait_worker(worker, timeout=120_000)
+    wait_worker(w.start(preview=True), timeout=120_000)
+    assert "preview" in w._status.value
+    assert [c.channels for c in builds.calls].count(8) == 1  # built once, by the warm-up
+
+
+def test_a_stack_warms_up_the_context_model_it_will_use(make_napari_viewer, dock, wait_worker, ctx_user, builds,
+                                                        rng, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image((rng.random((5, 40, 40)) * 3000).astype(np.uint16), name="z5", axis_labels=("z", "y", "x"))
+    builds.gate.set()
+    _, w = dock("Restore", viewer)
+    assert w._uses.value == "uses tiny-ctx (5 planes along Z)"
+    qtbot.waitUntil(lambda: any(c.context for c in builds.calls), timeout=60_000)
+    w._warming.join(120)
+    before = list(builds.calls)
+    wait_worker(w.start(preview=True), timeout=120_000)
+    assert "preview" in w._status.value and builds.calls == before  # nothing built for the preview
+
+
+def test_until_memnet_is_loaded_the_dock_offers_the_task_and_then_the_full_list(dock, user_model, monkeypatch,
+                                                                                 qtbot):
+    """While the engine loads in the background (here: held by the test), the dock is usable: the first task
+    preselected, and the model list and the model the layer gets appear once it is loaded."""
+    from napari_memnet import _backend
+
+    monkeypatch.setattr(_backend, "_loaded", threading.Event())  # not loaded yet in this process
+    assert _backend._lock.acquire(timeout=60)  # a load in progress
+    try:
+        viewer, w = dock("Restore")
+        viewer.add_image(np.zeros((40, 50), np.float32), name="img")
+        assert w._model.value == "microscopy" and len(w._model.choices) == 1
+        assert w._uses.value == "loading memnet…"
+    finally:
+        _backend._lock.release()
+    qtbot.waitUntil(lambda: w._uses.value.startswith("uses "), timeout=60_000)
+    assert user_model in w._model.choices and w._model.value == "microscopy"
+
+
+_DOCK_WITHOUT_TORCH = """
+import sys, threading, time
+imports = []
+
+class Seen:  # records which thread imports torch; finds nothing itself
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            imports.append(threading.current_thread() is threading.main_thread())
+        return None
+
+sys.meta_path.insert(0, Seen())
+import napari
+import numpy as np
+from qtpy.QtWidgets import QApplication
+
+viewer = napari.Viewer(show=False)
+viewer.add_image(np.zeros((3, 40, 40), np.uint16), name="stack", axis_labels=("z", "y", "x"))
+docks = [viewer.window.add_plugin_dock_widget("napari-memnet", n)[1] for n in ("Restore", "Fine-tune", "Export model")]
+w = docks[0]
+print("torch after the docks opened:", "torch" in sys.modules, imports, flush=True)
+end = time.monotonic() + 300  # a hang guard only
+while not w._uses.value.startswith("uses ") and time.monotonic() < end:
+    QApplication.processEvents()
+    time.sleep(0.01)
+w._warming.join()
+print("imports on the main thread:", imports, "uses:", w._uses.value, "models:", len(docks[2]._model.choices),
+      flush=True)
+viewer.close()
+"""
+
+
+@pytest.mark.slow
+def test_opening_the_docks_imports_torch_in_the_background_only(tmp_path):
+    """torch (1-5 s to import) never loads on napari's GUI thread when the docks open: they answer at once,
+    and the model line and the full model lists appear once the background load is done."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NAPARI_CONFIG": str(tmp_path / "settings.yaml")}
+    r = subprocess.run([sys.executable, "-c", _DOCK_WITHOUT_TORCH], capture_output=True, text=True, timeout=600,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("imports on the main thread: [False]") and "uses microscopy" in last, r.stdout
+    assert int(last.rsplit("models: ", 1)[1]) > 1, r.stdout  # the Export dock's list, filled in

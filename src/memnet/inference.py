@@ -19,8 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import importlib.util
 import io
+import json
 import logging
+import os
+import sys
 import tempfile
 import threading
 import warnings
@@ -35,8 +40,8 @@ from torch import nn
 from .model import MemNet, MemNetConfig, feature_bytes_per_pixel, weights_digest
 from .options import BACKENDS
 
-__all__ = ["BACKENDS", "ONNX_OPSET", "FoldedMemNet", "calibration_inputs", "choose_backend", "fold", "int8_onnx_bytes",
-           "make_backend", "onnx_bytes", "onnxruntime_available"]
+__all__ = ["BACKENDS", "ONNX_OPSET", "FoldedMemNet", "cache_dir", "calibration_inputs", "choose_backend", "fold",
+           "int8_onnx_bytes", "make_backend", "onnx_bytes", "onnxruntime_available"]
 
 
 
@@ -124,11 +129,11 @@ def fold(model: MemNet) -> FoldedMemNet:
 def onnxruntime_available() -> bool:
     """Whether ONNX Runtime and onnx are installed (the onnxruntime backend needs both)."""
     try:
-        import onnx  # noqa: F401  (torch's exporter needs it)
         import onnxruntime  # noqa: F401
     except ImportError:
         return False
-    return True
+    # torch's exporter needs onnx: found, not imported (~2.5 s, and a cached graph needs no export)
+    return importlib.util.find_spec("onnx") is not None
 
 
 def choose_backend(backend: str, device: torch.device) -> str:
@@ -150,7 +155,7 @@ def choose_backend(backend: str, device: torch.device) -> str:
 class _OrtModule:
     """An ONNX Runtime session called like a module on (N, planes, H, W) float32 tensors on the CPU."""
 
-    def __init__(self, net: nn.Module, threads: int, int8: bool = False):
+    def __init__(self, net: nn.Module, threads: int, int8: bool = False, digest: str | None = None):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -161,8 +166,23 @@ class _OrtModule:
         # at a 660² window, M6R6C64 peaked at 15.2 GB with it and 6.7 GB without (and ran faster without);
         # M4R4C32 at 580² ran faster with it. So: the arena only for models with small feature maps.
         so.enable_cpu_mem_arena = feature_bytes_per_pixel(net.config) <= 2048
-        graph = int8_onnx_bytes(net) if int8 else onnx_bytes(net)
+        def export() -> bytes:
+            return int8_onnx_bytes(net) if int8 else onnx_bytes(net)
+
+        if digest is None:
+            self.session = ort.InferenceSession(export(), so, providers=["CPUExecutionProvider"])
+            return
+        path = _graph_path(digest, net.config, int8)
+        graph = _read_cached(path)
+        if graph is not None:
+            try:
+                self.session = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+                return
+            except Exception:  # a damaged cache file: export again and replace it
+                pass
+        graph = export()
         self.session = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+        _write_cached(path, graph)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach().to(torch.float32).contiguous()
@@ -170,6 +190,69 @@ class _OrtModule:
 
 
 ONNX_OPSET = 18
+_CACHE_KEEP = 32  # graphs kept in the cache (the most recently used); each is about 4 bytes per weight
+
+
+def cache_dir() -> Path:
+    """Where exported ONNX graphs are kept between runs (per user, never beside the data). ``MEMNET_CACHE_DIR``
+    overrides the platform default."""
+    env = os.environ.get("MEMNET_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "napari-memnet" / "Cache"
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches" / "napari-memnet"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "napari-memnet"
+    return base
+
+
+def _graph_path(digest: str, config: MemNetConfig, int8: bool) -> Path:
+    """The cache file of a model's graph: named by its weights, its architecture, whether it is int8, and
+    everything that shapes the export (the versions of torch, onnx, onnxruntime and of this code)."""
+    from importlib.metadata import version
+
+    def ver(dist: str) -> str:
+        try:
+            return version(dist)
+        except Exception:
+            return "?"
+
+    code = hashlib.sha256()
+    here = Path(__file__).parent
+    # this module and the model shape the graph; an int8 graph also depends on its calibration images
+    for name in ("inference.py", "model.py") + (("degrade.py", "synthstack.py") if int8 else ()):
+        code.update((here / name).read_bytes())
+    key = json.dumps({"weights": digest, "config": config.as_dict(), "int8": int8, "opset": ONNX_OPSET,
+                      "torch": torch.__version__, "onnx": ver("onnx"), "onnxruntime": ver("onnxruntime"),
+                      "code": code.hexdigest()}, sort_keys=True)
+    return cache_dir() / "onnx" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.onnx"
+
+
+def _read_cached(path: Path) -> bytes | None:
+    try:
+        data = path.read_bytes()
+        os.utime(path)  # recently used: kept when the cache is pruned
+        return data
+    except OSError:
+        return None
+
+
+def _write_cached(path: Path, graph: bytes) -> None:
+    """Best effort (a read-only home only costs the next run an export): written whole, then renamed, so a
+    concurrent reader never sees half a file; the oldest graphs beyond ``_CACHE_KEEP`` are removed."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
+        with os.fdopen(fd, "wb") as f:
+            f.write(graph)
+        os.replace(tmp, path)
+        kept = sorted(path.parent.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in kept[_CACHE_KEEP:]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 _BUILT: OrderedDict = OrderedDict()  # the last few backends built, by weights digest: a preview or a
 _BUILT_MAX = 4                       # restore of the same model reuses its ONNX session (~3 s to build)
@@ -287,7 +370,7 @@ def make_backend(model: MemNet, device: torch.device, backend: str = "auto") -> 
         if key in _BUILT:
             _BUILT.move_to_end(key)
             return _BUILT[key], name
-    built = _build(model, device, name)
+    built = _build(model, device, name, key[0])
     with _BUILT_LOCK:
         _BUILT[key] = built
         while len(_BUILT) > _BUILT_MAX:
@@ -295,9 +378,9 @@ def make_backend(model: MemNet, device: torch.device, backend: str = "auto") -> 
     return built, name
 
 
-def _build(model: MemNet, device: torch.device, name: str) -> Callable:
+def _build(model: MemNet, device: torch.device, name: str, digest: str) -> Callable:
     net = fold(model).to(device)
-    if name.startswith("onnxruntime"):
-        return _OrtModule(net.float(), torch.get_num_threads(), int8=name == "onnxruntime-int8")
+    if name.startswith("onnxruntime"):  # the graph from the on-disk cache when this model was exported before
+        return _OrtModule(net.float(), torch.get_num_threads(), int8=name == "onnxruntime-int8", digest=digest)
     net = net.to(memory_format=torch.channels_last)
     return torch.compile(net, dynamic=False) if name == "compile" else net

@@ -150,6 +150,8 @@ class MemNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
+        if self.recon_conv.weight.is_meta:  # shapes only (zoo checks a file's tensors): normal_ on the meta
+            return                          # device would import torch._dynamo, ~5 s on a model's first load
         # MSRA init as in the prototxts; zero biases.
         for mod in self.modules():
             if isinstance(mod, nn.Conv2d):

@@ -25,6 +25,7 @@ import memnet
 from memnet.finetune_modes import AUTO, MODES, FinetuneConfig, self_supervised_modes
 from memnet.train_options import default
 
+from ._backend import when_loaded
 from ._models import follow_models, model_choices, models
 from ._slices import current_slice, layer_axes, plane_geometry
 from ._worker import CANCELLED, BackgroundJob, ScrollingDock, one_line, status_label
@@ -125,7 +126,7 @@ class FinetuneWidget(ScrollingDock, Container):
                               tooltip="\n".join(f"{n}: {_MODE_HELP[n]}" for n in _MODE_ORDER))
         self._second = create_widget(annotation=Image, label="Clean layer", options={"visible": False})
         self._model = ComboBox(label="Start from", choices=model_choices)
-        self._name = LineEdit(label="Save as", value=free_model_name(DEFAULT_NAME))
+        self._name = LineEdit(label="Save as", value=DEFAULT_NAME)  # made free once memnet is loaded
         self._replace = CheckBox(text="Replace existing model", value=False,
                                  tooltip="replace a fine-tuned model of this name (only if the new one is saved)")
         self._minutes = FloatSpinBox(label="Budget (minutes)", min=0.5, max=600, step=0.5,
@@ -156,9 +157,14 @@ class FinetuneWidget(ScrollingDock, Container):
         self._compare_btn.clicked.connect(self.compare)
         self._job = BackgroundJob(self._status, self._set_busy, self._explain)
         follow_models(self._model)  # "Start from" offers what this or another fine-tune published
+        when_loaded(self._free_default_name)  # the user model folder is memnet's zoo: torch, not on the GUI thread
         self.saved_path = None
         self._last = None  # the run's last FinetuneProgress: its scores make the end message
         self._trained: tuple | None = None  # (layer, base model, new model) of the last published run
+
+    def _free_default_name(self) -> None:
+        if self._name.value == DEFAULT_NAME:  # unless the user typed a name meanwhile
+            self._name.value = free_model_name(DEFAULT_NAME)
 
     def _on_mode(self, mode) -> None:
         self._second.visible = mode in _NEEDS_SECOND

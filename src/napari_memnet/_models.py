@@ -10,6 +10,8 @@ from psygnal import Signal
 
 import memnet
 
+from ._backend import loaded, when_loaded
+
 # The plugin is for fluorescence microscopy: its task comes first, so it is what a new layer gets.
 TASK_ORDER = ("microscopy", "denoise", "sr", "jpeg")
 
@@ -23,7 +25,10 @@ models = _Models()
 
 def model_choices(*_) -> list[tuple[str, str]]:
     """Task names first, microscopy leading (each picks the best installed model), then every model by
-    name, microscopy models first."""
+    name, microscopy models first. Until memnet's engine is loaded (`_backend`), the first task alone: a
+    dock opens at once, and `follow_models` fills in the list."""
+    if not loaded():
+        return [(f"{TASK_ORDER[0]} (best {TASK_ORDER[0]} model)", TASK_ORDER[0])]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         found = memnet.list_models()
@@ -38,6 +43,10 @@ def model_choices(*_) -> list[tuple[str, str]]:
 
 
 def model_task(name: str) -> str | None:
+    if name in TASK_ORDER:  # known without the model list (which needs the engine loaded)
+        return name
+    if not loaded():
+        return None
     if name in memnet.TASKS:
         return name
     for m in memnet.list_models():
@@ -47,8 +56,9 @@ def model_task(name: str) -> str | None:
 
 
 def follow_models(combo) -> None:
-    """Re-read ``combo``'s choices (a ComboBox of ``model_choices``) whenever ``models.changed`` fires,
-    for as long as the combo box lives. Held weakly: a closed widget is not kept alive by the signal."""
+    """Re-read ``combo``'s choices (a ComboBox of ``model_choices``) once memnet's engine is loaded and
+    whenever ``models.changed`` fires, for as long as the combo box lives. Held weakly: a closed widget is not
+    kept alive by the signal."""
     ref = weakref.ref(combo)
 
     def refresh() -> None:
@@ -62,3 +72,5 @@ def follow_models(combo) -> None:
         models.changed.disconnect(refresh)
 
     models.changed.connect(refresh)
+    if not loaded():
+        when_loaded(refresh)

@@ -20,14 +20,17 @@ from magicgui.widgets import (
     create_widget,
 )
 from napari.layers import Image
+from qtpy.QtCore import QTimer
 
 import memnet
 
+from ._backend import load, loaded, when_loaded
 from ._models import follow_models, model_choices, model_task
 from ._slices import calibration, current_position, layer_axes
 from ._worker import CANCELLED, BackgroundJob, ScrollingDock, free_path, one_line, status_label
 
 WARM_PX = 96  # the image a warm-up restores: small, but it builds the model's backend like a real one
+WARM_PLANES = 17  # along Z (else T): as many as the widest context model sees (8 on each side), no more
 TILES = (32, 64, 128, 256, 512, 1024, 2048)  # what the tile box offers besides "auto"
 DISK_THRESHOLD_BYTES = 1 << 30  # inputs above 1 GiB default to an on-disk Zarr result
 
@@ -37,6 +40,14 @@ def _fmt_eta(p: memnet.Progress) -> str:
     if eta is None:
         return "ETA --"
     return f"ETA {int(eta) // 60:d}:{int(eta) % 60:02d}"
+
+
+def _unless_deleted(call) -> None:
+    try:
+        call()
+    except RuntimeError as e:  # the dock was closed before the event loop ran: nothing to warm up
+        if "deleted" not in str(e):
+            raise
 
 
 def _exists(path: Path) -> str:
@@ -51,7 +62,7 @@ class RestoreWidget(ScrollingDock, Container):
         self._layer = create_widget(annotation=Image, label="Image")
         self._model = ComboBox(label="Model", choices=model_choices)
         self._scale = ComboBox(label="SR scale", choices=[2, 3, 4], value=2, visible=False)
-        self._device = ComboBox(label="Device", choices=self._devices(), value="auto")
+        self._device = ComboBox(label="Device", choices=["auto", "cpu"], value="auto")  # GPUs: once loaded
         # auto: the tile follows the model's receptive field and the device (memnet.RestoreOptions.tile).
         self._tile = ComboBox(label="Tile (px)", choices=["auto", *TILES], value="auto",
                               tooltip="output tile size; auto sizes it from the model and the device")
@@ -86,8 +97,6 @@ class RestoreWidget(ScrollingDock, Container):
             self._halo, self._ensemble, self._dest, self._path, self._replace, buttons, self._progress, self._status,
         ])
         self._model.changed.connect(self._on_model)
-        self._model.changed.connect(self.warm_up)
-        self._device.changed.connect(self.warm_up)
         self._mode.changed.connect(lambda v: setattr(self._halo, "visible", v == "blended"))
         self._dest.changed.connect(self._on_dest)
         self._layer.changed.connect(self._on_layer)
@@ -103,36 +112,54 @@ class RestoreWidget(ScrollingDock, Container):
         self._show_model()
         self.fit_dock()
         self._warming: threading.Thread | None = None
-        self._warmed: set[tuple] = set()  # (model, device) pairs warmed up (or being warmed up)
-        self.warm_up()
+        self._warmed: set[tuple] = set()  # what was warmed up (or is being warmed up): see _warm_input
+        # what a restore of the chosen layer runs (the 2-D model, or a context model on a stack) is warmed up
+        for w in (self._model, self._device, self._layer, self._context):
+            w.changed.connect(self.warm_up)
+        # once the dock is built and drawn (a warm-up running meanwhile would slow that down: the GIL)
+        QTimer.singleShot(0, lambda: _unless_deleted(self.warm_up))
+        when_loaded(self._on_loaded, self._job._on_error)
 
     # Choices ------------------------------------------------------------------------------------
-    @staticmethod
-    def _devices() -> list[str]:
-        import torch
+    def _on_loaded(self) -> None:
+        """memnet's engine is loaded (`_backend`): offer the GPUs, say which model the layer gets."""
+        import torch  # imported by then
 
-        devs = ["auto", "cpu"]
         if torch.cuda.is_available():
-            devs += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-        return devs
+            self._device.choices = ["auto", "cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+        self._on_model(self._model.value)
+        self._show_model()
 
     def refresh_models(self) -> None:
         """Re-read the model list (e.g. after a fine-tune saved a new model)."""
         self._model.reset_choices()
 
     def warm_up(self, *_) -> threading.Thread | None:
-        """Prepare the chosen model on the chosen device in the background (load the weights, build the
-        inference backend: most of a first preview's time), so the first preview is as fast as the next.
-        Best effort: a failure here shows when the user runs the model."""
-        model, device = self._model.value, self._device.value
-        if not model or (model, device) in self._warmed:
+        """Prepare, in the background, the model a restore of the chosen layer runs on the chosen device (load
+        memnet's engine and the weights, build the inference backend: most of a first preview's time), so the
+        first preview is as fast as the next: the 2-D model, or on a stack the context model that replaces it.
+        A preview joins it rather than doing it again. Best effort: a failure shows when the user runs the
+        model."""
+        model, device, context = self._model.value, self._device.value, self._context_option()
+        if not model:
             return None
-        self._warmed.add((model, device))
+        data, axes, lead = self._warm_input()
+        key = (model, device, context, axes, data.shape)
+        if key in self._warmed:
+            return None
+        self._warmed.add(key)
         scale = {"scale": 2} if model_task(model) == "sr" else {}  # one backend serves every factor
+        before = self._warming
 
         def run():
+            if before is not None:
+                before.join()  # one at a time: they share the CPU, and a preview waits for the last one
             try:
-                memnet.restore(np.zeros((WARM_PX, WARM_PX), np.float32), model, device=device, **scale)
+                load()
+                if lead:
+                    memnet.restore_plane(data, model, lead, axes=axes, device=device, context=context, **scale)
+                else:
+                    memnet.restore(data, model, axes=axes, device=device, **scale)
             except Exception:  # reported by the real run, in the widget's words
                 pass
 
@@ -140,6 +167,27 @@ class RestoreWidget(ScrollingDock, Container):
         self._warming = threading.Thread(target=run, name="memnet-warm-up", daemon=False)
         self._warming.start()
         return self._warming
+
+    def _warm_input(self) -> tuple[np.ndarray, str, tuple]:
+        """(data, axes, lead) for a warm-up: a stand-in for the chosen layer with its axes, WARM_PX planes, up to
+        WARM_PLANES along Z (else T) and one along any other axis, so memnet picks the model it would pick for
+        the layer; lead: the plane to restore (a middle one), empty for a single plane."""
+        layer = self._layer.value
+        plane = (np.zeros((WARM_PX, WARM_PX), np.float32), "YX", ())
+        if layer is None or getattr(layer, "rgb", False):
+            return plane
+        data = layer.data[0] if layer.multiscale else layer.data
+        shape = data.shape
+        try:
+            axes = layer_axes(layer) or memnet.open_input(data).axes
+        except ValueError:
+            return plane
+        if len(axes) != len(shape) or sorted(axes[-2:]) != ["X", "Y"] or len(axes) == 2:
+            return plane
+        along = "Z" if "Z" in axes else "T" if "T" in axes else None
+        warm = [WARM_PX if a in "YX" else min(n, WARM_PLANES) if a == along else 1 for a, n in zip(axes, shape)]
+        lead = tuple(n // 2 for a, n in zip(axes, warm) if a not in "YX")
+        return np.zeros(warm, np.float32), axes, lead
 
     def _on_model(self, name) -> None:
         self._scale.visible = bool(name) and model_task(name) == "sr"
@@ -149,6 +197,9 @@ class RestoreWidget(ScrollingDock, Container):
         layer, model = self._layer.value, self._model.value
         if layer is None or not model:
             self._uses.value = ""
+            return
+        if not loaded():  # _on_loaded says it
+            self._uses.value = "loading memnet…"
             return
         data = layer.data[0] if layer.multiscale else layer.data
         try:
@@ -210,6 +261,7 @@ class RestoreWidget(ScrollingDock, Container):
                 return None
         overwrite = output is not None and self._replace.value
         self._progress.value = 0
+        self.warm_up()  # started now if it was not yet (clicked before the event loop ran)
         warming = self._warming
 
         def run(progress, cancel):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 import memnet
+import memnet.io  # noqa: F401 (here, on the GUI thread, before a background load can compete for the GIL)
 
 
 def layer_axes(layer) -> str | None:
