@@ -44,7 +44,10 @@ def test_folding_is_exact_in_float64(arch, seed):
     # folding leaves the trained model as it was, and the folded form really has fewer BNs
     n_bn = sum(isinstance(t, torch.nn.BatchNorm2d) for t in m.modules())
     n_folded = sum(isinstance(t, torch.nn.BatchNorm2d) for t in fold(m).modules())
-    assert n_folded == n_bn - arch[0] * arch[1]
+    # the gate's BN is split per memory (m + R of them in block m): the R BNs after conv_a are gone
+    m_, r_ = arch[0], arch[1]
+    assert n_folded == n_bn - m_ * r_ - m_ + sum(m + r_ for m in range(1, m_ + 1))
+    assert max(t.num_features for t in fold(m).modules() if isinstance(t, torch.nn.BatchNorm2d)) == arch[2]
     assert m.training is False and isinstance(m.blocks[0].conv_a, torch.nn.Conv2d)
 
 
@@ -183,3 +186,18 @@ def test_two_threads_can_export_at_once(tiny_model):
     for t in threads:
         t.join()
     assert errors == []
+
+
+@pytest.mark.skipif(not onnxruntime_available(), reason="needs onnx and onnxruntime")
+def test_onnx_graph_has_no_concatenation_and_its_session_no_memory_pattern():
+    """The gate runs as a running sum over the memories (no (m+R)·C-channel concatenation alive), and the
+    ONNX Runtime session keeps the arena but not the memory pattern (which doubled the peak)."""
+    import onnx
+
+    from memnet.inference import _OrtModule, onnx_bytes
+
+    m = _random_model(2, 3, 8, seed=4, dtype=torch.float32)
+    ops = {n.op_type for n in onnx.load_from_string(onnx_bytes(fold(m))).graph.node}
+    assert "Concat" not in ops and "Conv" in ops
+    so = _OrtModule(fold(m), threads=1).session.get_session_options()
+    assert so.enable_mem_pattern is False and so.enable_cpu_mem_arena is True

@@ -46,13 +46,42 @@ def _affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return a, bn.bias - bn.running_mean * a
 
 
+class _SplitGate(nn.Module):
+    """The gate unit, BN → ReLU → 1×1 conv over the concatenated memories, as a sum over the memories: BN and
+    ReLU act per channel and a 1×1 conv is a sum over its input channels, so conv(relu(bn(cat(x_i)))) =
+    Σ_i conv_i(relu(bn_i(x_i))). Each memory is added as soon as it exists: no (m+R)·C-channel concatenation
+    (nor its BN and ReLU copies) is ever alive, which cut a forward pass's peak memory by about 2.6×
+    (bench/window_memory.py)."""
+
+    def __init__(self, gate, channels: int):
+        super().__init__()
+        c, n = channels, gate.conv.in_channels // channels
+        like = {"dtype": gate.conv.weight.dtype, "device": gate.conv.weight.device}
+        self.bns, self.convs = nn.ModuleList(), nn.ModuleList()
+        for i in range(n):
+            bn = nn.BatchNorm2d(c, eps=gate.bn.eps, **like).eval()
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(bn, name).copy_(getattr(gate.bn, name)[i * c: (i + 1) * c])
+            conv = nn.Conv2d(c, gate.conv.out_channels, 1, bias=i == 0, **like)  # the bias once
+            conv.weight.copy_(gate.conv.weight[:, i * c: (i + 1) * c])
+            if i == 0:
+                conv.bias.copy_(gate.conv.bias)
+            self.bns.append(bn)
+            self.convs.append(conv)
+
+    def add(self, acc: torch.Tensor | None, i: int, x: torch.Tensor) -> torch.Tensor:
+        """``acc`` plus memory ``i``'s term (``acc`` None: the first term)."""
+        y = self.convs[i](torch.relu(self.bns[i](x)))
+        return y if acc is None else acc + y
+
+
 class _FoldedBlock(nn.Module):
     def __init__(self, block):
         super().__init__()
         self.recursions = block.recursions
         self.bn_a = block.bn_a
         self.conv_b = block.conv_b
-        self.gate = block.gate
+        self.gate = _SplitGate(block.gate, block.conv_a.out_channels)
         # conv_a followed by bn_b[r] -> one conv per recursion: W' = a W, b' = a b + c.
         self.conv_a = nn.ModuleList()
         for bn in block.bn_b:
@@ -63,13 +92,15 @@ class _FoldedBlock(nn.Module):
             self.conv_a.append(conv)
 
     def forward(self, long_term: list[torch.Tensor]) -> torch.Tensor:
+        acc = None
+        for i, b in enumerate(long_term):
+            acc = self.gate.add(acc, i, b)
         h = long_term[-1]
-        short_term = []
         for r in range(self.recursions):
             t = torch.relu(self.conv_a[r](torch.relu(self.bn_a[r](h))))
             h = h + self.conv_b(t)
-            short_term.append(h)
-        return self.gate(torch.cat(long_term + short_term, dim=1))
+            acc = self.gate.add(acc, len(long_term) + r, h)  # h_r is not kept: only the running sum
+        return acc
 
 
 class FoldedMemNet(nn.Module):
@@ -161,6 +192,9 @@ class _OrtModule:
         # at a 660² window, M6R6C64 peaked at 15.2 GB with it and 6.7 GB without (and ran faster without);
         # M4R4C32 at 580² ran faster with it. So: the arena only for models with small feature maps.
         so.enable_cpu_mem_arena = feature_bytes_per_pixel(net.config) <= 2048
+        # The memory pattern allocates one block for a whole run's plan on top of what the arena already holds:
+        # 2x the peak (M4R4C32, 512² window, bench/window_memory.py), and no faster.
+        so.enable_mem_pattern = False
         graph = int8_onnx_bytes(net) if int8 else onnx_bytes(net)
         self.session = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
 
