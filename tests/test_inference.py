@@ -201,3 +201,32 @@ def test_onnx_graph_has_no_concatenation_and_its_session_no_memory_pattern():
     assert "Concat" not in ops and "Conv" in ops
     so = _OrtModule(fold(m), threads=1).session.get_session_options()
     assert so.enable_mem_pattern is False and so.enable_cpu_mem_arena is True
+
+
+@pytest.mark.skipif(not onnxruntime_available(), reason="needs onnx and onnxruntime")
+@pytest.mark.parametrize("arch,context,in_ch", [((2, 3, 8), 0, 1), ((1, 2, 6), 1, 2)])
+def test_the_written_onnx_graph_equals_the_folded_model(arch, context, in_ch):
+    """The graph the onnxruntime backend runs, written node by node (not traced), computes the folded model:
+    a 2-D model and a context model with two input channels (the centre plane's slice)."""
+    import onnxruntime as ort
+
+    from memnet.inference import folded_onnx_bytes
+
+    torch.manual_seed(5)
+    m = memnet.MemNet(*arch, in_channels=in_ch, out_channels=in_ch, context=context)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.5)
+                mod.running_var.uniform_(0.2, 2.0)
+                mod.weight.normal_(0, 1.0)
+                mod.bias.normal_(0, 0.5)
+        m.branch_weights.uniform_(-0.5, 1.0)
+    m.eval()
+    f = fold(m)
+    x = torch.rand(2, in_ch * f.config.planes, 33, 27)
+    sess = ort.InferenceSession(folded_onnx_bytes(f), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = f(x).numpy()
+    assert got.shape == ref.shape and _rel(got, ref) < 1e-5
