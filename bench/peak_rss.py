@@ -106,7 +106,7 @@ def cli_mode(args) -> None:
     extra = [a for a in args.extra.split() if a]
     print(f"# memnet restore IN -o OUT --model {args.model} {' '.join(extra)}".rstrip()
           + f"; {os.cpu_count()} cores visible")
-    print(f"{'shape':>14} {'output':>8} {'backend':>12} {'peak RSS MB':>12} {'imports MB':>11} {'s':>7}")
+    print(f"{'shape':>14} {'output':>8} {'backend':>12} {'peak RSS MiB':>12} {'imports MiB':>11} {'s':>7}")
     rng = np.random.default_rng(0)
     for name in args.shapes:
         shape = SHAPES[name]
