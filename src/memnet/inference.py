@@ -50,8 +50,8 @@ class _SplitGate(nn.Module):
     """The gate unit, BN → ReLU → 1×1 conv over the concatenated memories, as a sum over the memories: BN and
     ReLU act per channel and a 1×1 conv is a sum over its input channels, so conv(relu(bn(cat(x_i)))) =
     Σ_i conv_i(relu(bn_i(x_i))). Each memory is added as soon as it exists: no (m+R)·C-channel concatenation
-    (nor its BN and ReLU copies) is ever alive, which cut a forward pass's peak memory by about 2.6×
-    (bench/window_memory.py)."""
+    (nor its BN and ReLU copies) is ever alive: a forward pass's peak fell about 3× (M4R4C32 on ONNX Runtime at
+    a 512² window: 3.1 to 1.1 KB per pixel; bench/window_memory.py)."""
 
     def __init__(self, gate, channels: int):
         super().__init__()
