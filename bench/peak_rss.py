@@ -1,8 +1,16 @@
-"""Peak memory restoring stacks several times larger than the memory budget, TIFF and Zarr in.
+"""Peak memory of a restore, two modes.
 
-  python bench/peak_rss.py --gb 0.5 2 4
+  python bench/peak_rss.py --cli                      # what a user runs: memnet restore, shipped model
+  python bench/peak_rss.py --cli --shapes 512 2x2048  # some of the shapes (8192 takes ~6 CPU-minutes)
+  python bench/peak_rss.py --gb 0.5 2 4               # stacks several times larger than the memory budget
 
-For each size, generates a uint16 stack on disk (Zarr and BigTIFF, written plane by plane, never
+--cli: for each shape (a 512², 2048² and 8192² plane, a 2 × 2048² stack; uint16 TIFF written as a user
+would, tifffile.imwrite of the whole array), runs `memnet restore IN -o OUT --model microscopy` with the
+default options in a fresh process, to OME-Zarr and to TIFF, and prints that process's peak RSS (ru_maxrss
+from wait4: the process and any child it waited for), the peak RSS of a process that only imports what a
+restore imports (`--imports`), and the wall time.
+
+--gb: for each size, generates a uint16 stack on disk (Zarr and BigTIFF, written plane by plane, never
 held in RAM), then restores it in a fresh subprocess (exact mode, output OME-Zarr and TIFF) and
 prints the subprocess's peak RSS. A tiny model keeps it quick: the engine's buffers, not the
 model's activations, are what is measured. Everything is deleted afterwards.
@@ -12,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,11 +70,77 @@ def make_inputs(folder: Path, gb: float) -> tuple[Path, Path, tuple]:
     return zp, tp, shape
 
 
+SHAPES = {"512": (512, 512), "2048": (2048, 2048), "8192": (8192, 8192), "2x2048": (2, 2048, 2048)}
+
+IMPORTS = r"""
+import resource, sys
+import memnet.cli, memnet.engine
+from memnet.inference import choose_backend
+from memnet.runtime import resolve_device
+backend = choose_backend("auto", resolve_device("auto"))
+if backend.startswith("onnxruntime"):
+    import onnxruntime
+print(backend, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def _run_measured(cmd: list[str]) -> tuple[float, float]:
+    """Run ``cmd`` to its end; (peak RSS MB of it and the children it waited for, seconds)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    dt = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
+    if proc.returncode:
+        print(out, err, file=sys.stderr)
+        raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
+    return usage.ru_maxrss / 1024, dt
+
+
+def cli_mode(args) -> None:
+    import tifffile
+
+    res = subprocess.run([sys.executable, "-c", IMPORTS], capture_output=True, text=True, check=True)
+    backend, imports_mb = res.stdout.split()
+    extra = [a for a in args.extra.split() if a]
+    print(f"# memnet restore IN -o OUT --model {args.model} {' '.join(extra)}".rstrip()
+          + f"; {os.cpu_count()} cores visible")
+    print(f"{'shape':>14} {'output':>8} {'backend':>12} {'peak RSS MiB':>12} {'imports MiB':>11} {'s':>7}")
+    rng = np.random.default_rng(0)
+    for name in args.shapes:
+        shape = SHAPES[name]
+        tmp = Path(tempfile.mkdtemp(prefix="memnet-rss-"))
+        try:
+            src = tmp / "in.tif"
+            img = rng.poisson(rng.uniform(50, 400, size=shape[-2:]).astype(np.float32)).astype(np.uint16) + 100
+            tifffile.imwrite(src, np.broadcast_to(img, shape), metadata={"axes": "ZYX"[-len(shape):]})
+            del img
+            for suffix in args.outputs:
+                out = tmp / f"out{suffix}"
+                cmd = [sys.executable, "-m", "memnet", "restore", str(src), "-o", str(out),
+                       "--model", args.model, "-q", *extra]
+                peak, dt = _run_measured(cmd)
+                print(f"{' x '.join(map(str, shape)):>14} {suffix:>8} {backend:>12} {peak:12.0f} "
+                      f"{float(imports_mb):11.0f} {dt:7.1f}", flush=True)
+                shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cli", action="store_true", help="measure `memnet restore` on the shapes (see above)")
+    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    ap.add_argument("--outputs", nargs="+", choices=(".zarr", ".tif"), default=[".zarr", ".tif"])
+    ap.add_argument("--model", default="microscopy")
+    ap.add_argument("--extra", default="", help="more `memnet restore` options, e.g. '--backend eager'")
     ap.add_argument("--gb", type=float, nargs="+", default=[0.5, 2.0])
     ap.add_argument("--budget-mb", type=int, default=256, help="the engine's memory_budget for batches")
     args = ap.parse_args()
+    if args.cli:
+        cli_mode(args)
+        return
     print(f"# memory_budget {args.budget_mb} MB; tile 512; model M1R1C4 (tiny)")
     print(f"{'input':>6} {'stack':>16} {'GB':>6} {'output':>6} {'peak RSS MB':>12} {'after import MB':>16} {'s':>7}")
     for gb in args.gb:

@@ -44,7 +44,10 @@ def test_folding_is_exact_in_float64(arch, seed):
     # folding leaves the trained model as it was, and the folded form really has fewer BNs
     n_bn = sum(isinstance(t, torch.nn.BatchNorm2d) for t in m.modules())
     n_folded = sum(isinstance(t, torch.nn.BatchNorm2d) for t in fold(m).modules())
-    assert n_folded == n_bn - arch[0] * arch[1]
+    # the gate's BN is split per memory (m + R of them in block m): the R BNs after conv_a are gone
+    m_, r_ = arch[0], arch[1]
+    assert n_folded == n_bn - m_ * r_ - m_ + sum(m + r_ for m in range(1, m_ + 1))
+    assert max(t.num_features for t in fold(m).modules() if isinstance(t, torch.nn.BatchNorm2d)) == arch[2]
     assert m.training is False and isinstance(m.blocks[0].conv_a, torch.nn.Conv2d)
 
 
@@ -193,8 +196,8 @@ def test_an_exported_graph_is_reused_from_the_user_cache(tiny_model, tmp_path, m
     from memnet import inference
 
     exports = []
-    real = inference.onnx_bytes
-    monkeypatch.setattr(inference, "onnx_bytes", lambda m, *a: exports.append(1) or real(m, *a))
+    real = inference.folded_onnx_bytes
+    monkeypatch.setattr(inference, "folded_onnx_bytes", lambda m, *a: exports.append(1) or real(m, *a))
     x = torch.rand(1, 1, 30, 26)
     with torch.no_grad():
         ref = tiny_model(x).numpy()
@@ -218,3 +221,47 @@ def test_an_exported_graph_is_reused_from_the_user_cache(tiny_model, tmp_path, m
     graphs[0].write_bytes(b"not a graph")  # damaged (a disk error, a killed writer on an old version)
     assert _rel(build(tiny_model), ref) < 1e-5 and len(exports) == 3
     assert graphs[0].read_bytes() != b"not a graph"
+
+
+@pytest.mark.skipif(not onnxruntime_available(), reason="needs onnx and onnxruntime")
+def test_onnx_graph_has_no_concatenation_and_its_session_no_memory_pattern():
+    """The gate runs as a running sum over the memories (no (m+R)·C-channel concatenation alive), and the
+    ONNX Runtime session keeps the arena but not the memory pattern (which doubled the peak)."""
+    import onnx
+
+    from memnet.inference import _OrtModule, onnx_bytes
+
+    m = _random_model(2, 3, 8, seed=4, dtype=torch.float32)
+    ops = {n.op_type for n in onnx.load_from_string(onnx_bytes(fold(m))).graph.node}
+    assert "Concat" not in ops and "Conv" in ops
+    so = _OrtModule(fold(m), threads=1).session.get_session_options()
+    assert so.enable_mem_pattern is False and so.enable_cpu_mem_arena is True
+
+
+@pytest.mark.skipif(not onnxruntime_available(), reason="needs onnx and onnxruntime")
+@pytest.mark.parametrize("arch,context,in_ch", [((2, 3, 8), 0, 1), ((1, 2, 6), 1, 2)])
+def test_the_written_onnx_graph_equals_the_folded_model(arch, context, in_ch):
+    """The graph the onnxruntime backend runs, written node by node (not traced), computes the folded model:
+    a 2-D model and a context model with two input channels (the centre plane's slice)."""
+    import onnxruntime as ort
+
+    from memnet.inference import folded_onnx_bytes
+
+    torch.manual_seed(5)
+    m = memnet.MemNet(*arch, in_channels=in_ch, out_channels=in_ch, context=context)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.5)
+                mod.running_var.uniform_(0.2, 2.0)
+                mod.weight.normal_(0, 1.0)
+                mod.bias.normal_(0, 0.5)
+        m.branch_weights.uniform_(-0.5, 1.0)
+    m.eval()
+    f = fold(m)
+    x = torch.rand(2, in_ch * f.config.planes, 33, 27)
+    sess = ort.InferenceSession(folded_onnx_bytes(f), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = f(x).numpy()
+    assert got.shape == ref.shape and _rel(got, ref) < 1e-5

@@ -157,3 +157,52 @@ def test_a_second_series_is_never_dropped_silently(two_series, micro_file, tmp_p
     np.testing.assert_array_equal(tifffile.imread(out), memnet.restore(b, micro_file, device="cpu"))
     with pytest.raises(ValueError, match=r"series 5 does not exist: .*two.ome.tif holds 2 series \(0 to 1\)"):
         memnet.open_input(p, series=5)
+
+
+@pytest.mark.parametrize("byteorder", ["<", ">"])
+def test_raw_array_reads_what_numpy_indexing_gives(tmp_path, monkeypatch, byteorder):
+    """A contiguous uncompressed TIFF read by byte ranges, in bands smaller than the request (forced small
+    here): every index form the engine and the percentile sampling use gives numpy's answer."""
+    import tifffile
+
+    from memnet.sources import RawArray
+
+    data = np.random.default_rng(0).integers(0, 60000, (3, 70, 90), dtype=np.uint16)
+    p = tmp_path / "c.tif"
+    tifffile.imwrite(p, data, byteorder=byteorder, metadata={"axes": "ZYX"})
+    with tifffile.TiffFile(p) as tif:
+        offset, dtype = tif.series[0].dataoffset, np.dtype(tif.series[0].dtype).newbyteorder(tif.byteorder)
+    monkeypatch.setattr(RawArray, "_BAND", 5 * 90 * 2)  # 5 rows per read
+    raw = RawArray(p, offset, data.shape, dtype)
+    for idx in [(1, slice(10, 47), slice(3, 88)), (2, slice(None, None, 7), slice(None, None, 7)), (0,),
+                (slice(0, 3), slice(69, 70), 5), (-1, slice(None), slice(None)), (1, 0, slice(None, None, 3)),
+                (slice(1, 3), slice(2, 60, 2), slice(80, 90))]:
+        got = raw[idx]
+        assert got.dtype == np.uint16 and np.array_equal(got, data[idx]), idx
+    raw.close()
+
+
+def test_a_tiff_page_too_large_for_the_cache_is_read_by_byte_ranges(tmp_path, monkeypatch):
+    """Above the chunk cache's limit a contiguous TIFF page is read as a RawArray (a window reads its rows,
+    not the page); a compressed one stays with tifffile's store. Windows and samples are the same pixels."""
+    import tifffile
+
+    from memnet.sources import ChunkCache, RawArray
+
+    data = np.random.default_rng(1).integers(0, 4000, (2, 64, 80), dtype=np.uint16)
+    plain, packed = tmp_path / "plain.tif", tmp_path / "packed.tif"
+    tifffile.imwrite(plain, data, metadata={"axes": "ZYX"})
+    tifffile.imwrite(packed, data, metadata={"axes": "ZYX"}, compression="zlib")
+    monkeypatch.setattr(ChunkCache, "MAX_CHUNK", 64 * 80 * 2 - 1)  # one page is "too large"
+    src = memnet.open_input(plain)
+    assert isinstance(src.array, RawArray)
+    assert np.array_equal(src.read_plane((1,), slice(5, 40), slice(7, 70)), data[1, 5:40, 7:70])
+    assert np.array_equal(np.stack(src.sample()), data[:, ::_sample_stride(src), ::_sample_stride(src)])
+    src.close()
+    assert not isinstance(memnet.open_input(packed).array, RawArray)
+
+
+def _sample_stride(src) -> int:
+    from memnet.normalize import sample_plan
+
+    return sample_plan(len(src.leads()), src.plane_shape[0] * src.plane_shape[1])[1]

@@ -365,3 +365,36 @@ def test_a_folder_named_like_a_model_does_not_hijack_it(tmp_path, monkeypatch):
         memnet.load_model("nope")
     with pytest.raises(ModelFileError, match="microscopy: a folder, not a .safetensors model file"):
         memnet.load_model("./microscopy")  # a path is a path
+
+
+def test_architecture_check_lays_out_only_claims_the_file_could_hold_on_the_cpu(tiny_model, tmp_path, monkeypatch):
+    """The check builds the claimed model to compare shapes: on the CPU when the file's tensors could hold it
+    (the shipped models: no meta device, whose first use costs ~70 MB of RSS), on the meta device (no memory)
+    when the claim is far larger than the file, which is then refused naming the mismatch."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import memnet.zoo as zoo
+
+    built = []
+
+    class Recording(zoo.MemNet):
+        def __init__(self, *a, **kw):
+            built.append(torch.empty(0).device.type)  # the device the check lays the model out on
+            super().__init__(*a, **kw)
+
+    p = tmp_path / "m.safetensors"
+    _save(tiny_model, p, name="m", task="denoise")
+    monkeypatch.setattr(zoo, "MemNet", Recording)
+    memnet.load_model(p)
+    assert built[0] == "cpu"
+    with safe_open(str(p), framework="pt") as f:
+        meta = json.loads(f.metadata()["memnet"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["config"]["channels"] = 1024
+    bad = tmp_path / "huge.safetensors"
+    save_file(tensors, str(bad), metadata={"memnet": json.dumps(meta)})
+    built.clear()
+    with pytest.raises(ModelFileError, match=r"huge.safetensors.*C1024.*shape mismatches"):
+        memnet.load_model(bad)
+    assert built == ["meta"]

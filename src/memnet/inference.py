@@ -41,7 +41,7 @@ from .model import MemNet, MemNetConfig, feature_bytes_per_pixel, weights_digest
 from .options import BACKENDS
 
 __all__ = ["BACKENDS", "ONNX_OPSET", "FoldedMemNet", "cache_dir", "calibration_inputs", "choose_backend", "fold",
-           "int8_onnx_bytes", "make_backend", "onnx_bytes", "onnxruntime_available"]
+           "folded_onnx_bytes", "int8_onnx_bytes", "make_backend", "onnx_bytes", "onnxruntime_available"]
 
 
 
@@ -51,13 +51,42 @@ def _affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return a, bn.bias - bn.running_mean * a
 
 
+class _SplitGate(nn.Module):
+    """The gate unit, BN → ReLU → 1×1 conv over the concatenated memories, as a sum over the memories: BN and
+    ReLU act per channel and a 1×1 conv is a sum over its input channels, so conv(relu(bn(cat(x_i)))) =
+    Σ_i conv_i(relu(bn_i(x_i))). Each memory is added as soon as it exists: no (m+R)·C-channel concatenation
+    (nor its BN and ReLU copies) is ever alive: a forward pass's peak fell about 3× (M4R4C32 on ONNX Runtime at
+    a 512² window: 3.1 to 1.1 KB per pixel; bench/window_memory.py)."""
+
+    def __init__(self, gate, channels: int):
+        super().__init__()
+        c, n = channels, gate.conv.in_channels // channels
+        like = {"dtype": gate.conv.weight.dtype, "device": gate.conv.weight.device}
+        self.bns, self.convs = nn.ModuleList(), nn.ModuleList()
+        for i in range(n):
+            bn = nn.BatchNorm2d(c, eps=gate.bn.eps, **like).eval()
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(bn, name).copy_(getattr(gate.bn, name)[i * c: (i + 1) * c])
+            conv = nn.Conv2d(c, gate.conv.out_channels, 1, bias=i == 0, **like)  # the bias once
+            conv.weight.copy_(gate.conv.weight[:, i * c: (i + 1) * c])
+            if i == 0:
+                conv.bias.copy_(gate.conv.bias)
+            self.bns.append(bn)
+            self.convs.append(conv)
+
+    def add(self, acc: torch.Tensor | None, i: int, x: torch.Tensor) -> torch.Tensor:
+        """``acc`` plus memory ``i``'s term (``acc`` None: the first term)."""
+        y = self.convs[i](torch.relu(self.bns[i](x)))
+        return y if acc is None else acc + y
+
+
 class _FoldedBlock(nn.Module):
     def __init__(self, block):
         super().__init__()
         self.recursions = block.recursions
         self.bn_a = block.bn_a
         self.conv_b = block.conv_b
-        self.gate = block.gate
+        self.gate = _SplitGate(block.gate, block.conv_a.out_channels)
         # conv_a followed by bn_b[r] -> one conv per recursion: W' = a W, b' = a b + c.
         self.conv_a = nn.ModuleList()
         for bn in block.bn_b:
@@ -68,13 +97,15 @@ class _FoldedBlock(nn.Module):
             self.conv_a.append(conv)
 
     def forward(self, long_term: list[torch.Tensor]) -> torch.Tensor:
+        acc = None
+        for i, b in enumerate(long_term):
+            acc = self.gate.add(acc, i, b)
         h = long_term[-1]
-        short_term = []
         for r in range(self.recursions):
             t = torch.relu(self.conv_a[r](torch.relu(self.bn_a[r](h))))
             h = h + self.conv_b(t)
-            short_term.append(h)
-        return self.gate(torch.cat(long_term + short_term, dim=1))
+            acc = self.gate.add(acc, len(long_term) + r, h)  # h_r is not kept: only the running sum
+        return acc
 
 
 class FoldedMemNet(nn.Module):
@@ -166,8 +197,12 @@ class _OrtModule:
         # at a 660² window, M6R6C64 peaked at 15.2 GB with it and 6.7 GB without (and ran faster without);
         # M4R4C32 at 580² ran faster with it. So: the arena only for models with small feature maps.
         so.enable_cpu_mem_arena = feature_bytes_per_pixel(net.config) <= 2048
+        # The memory pattern allocates one block for a whole run's plan on top of what the arena already holds:
+        # 2x the peak (M4R4C32, 512² window, bench/window_memory.py), and no faster.
+        so.enable_mem_pattern = False
+
         def export() -> bytes:
-            return int8_onnx_bytes(net) if int8 else onnx_bytes(net)
+            return int8_onnx_bytes(net) if int8 else folded_onnx_bytes(net)
 
         if digest is None:
             self.session = ort.InferenceSession(export(), so, providers=["CPUExecutionProvider"])
@@ -275,6 +310,75 @@ def onnx_bytes(module: nn.Module, example: torch.Tensor | None = None) -> bytes:
         torch.onnx.export(module, (example,), buf, input_names=["input"], output_names=["output"],
                           dynamic_axes={"input": dyn, "output": dyn}, opset_version=ONNX_OPSET, dynamo=False)
     return buf.getvalue()
+
+
+def folded_onnx_bytes(net: FoldedMemNet) -> bytes:
+    """``net`` as the ONNX graph `FoldedMemNet.forward` computes, written node by node with onnx.helper (dynamic N,
+    H and W): what the onnxruntime backend runs. torch.onnx.export traces the same graph, but its tracer left
+    ~50 MB in the process for good (measured on M4R4C32) and took seconds; this takes milliseconds."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    cfg = net.config
+    nodes, inits = [], []
+
+    def const(name: str, value) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def tensor(name: str, t: torch.Tensor) -> str:
+        return const(name, t.detach().cpu().float().numpy())
+
+    def node(op: str, inputs: list[str], name: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+        return name
+
+    def bn_relu(x: str, bn: nn.BatchNorm2d, name: str) -> str:
+        ins = [x] + [tensor(f"{name}.{k}", getattr(bn, k)) for k in ("weight", "bias", "running_mean", "running_var")]
+        return node("Relu", [node("BatchNormalization", ins, f"{name}/BatchNormalization", epsilon=bn.eps)],
+                    f"{name}/Relu")
+
+    def conv(x: str, c: nn.Conv2d, name: str) -> str:
+        if c.padding_mode != "zeros" or c.stride != (1, 1) or c.dilation != (1, 1) or c.groups != 1:
+            raise ValueError(f"{name}: only stride-1 zero-padded convolutions are exported")
+        ins = [x, tensor(f"{name}.weight", c.weight)] + ([tensor(f"{name}.bias", c.bias)] if c.bias is not None else [])
+        py, px = c.padding
+        return node("Conv", ins, f"{name}/Conv", kernel_shape=list(c.kernel_size), pads=[py, px, py, px])
+
+    long_term = [conv(bn_relu("input", net.fenet.bn, "/fenet/bn"), net.fenet.conv, "/fenet/conv")]
+    k, c = cfg.context, cfg.in_channels
+    centre = node("Slice", ["input", const("centre.starts", np.array([k * c], np.int64)),
+                            const("centre.ends", np.array([(k + 1) * c], np.int64)),
+                            const("centre.axes", np.array([1], np.int64))], "/centre/Slice") if k else "input"
+    out = node("Mul", [centre, tensor("input_weight", net.input_weight)], "/input_weight/Mul")
+    for m, block in enumerate(net.blocks):
+        p = f"/blocks.{m}"
+        acc = None
+
+        def gate(acc, i, x, block=block, p=p):
+            y = conv(bn_relu(x, block.gate.bns[i], f"{p}/gate/bns.{i}"), block.gate.convs[i], f"{p}/gate/convs.{i}")
+            return y if acc is None else node("Add", [acc, y], f"{p}/gate/Add_{i}")
+
+        for i, b in enumerate(long_term):
+            acc = gate(acc, i, b)
+        h = long_term[-1]
+        for r in range(block.recursions):
+            t = node("Relu", [conv(bn_relu(h, block.bn_a[r], f"{p}/bn_a.{r}"), block.conv_a[r], f"{p}/conv_a.{r}")],
+                     f"{p}/conv_a.{r}/Relu")
+            h = node("Add", [h, conv(t, block.conv_b, f"{p}/conv_b.{r}")], f"{p}/Add_{r}")
+            acc = gate(acc, len(long_term) + r, h)
+        long_term.append(acc)
+        y = conv(bn_relu(acc, net.recon_bn[m], f"/recon_bn.{m}"), net.recon[m], f"/recon.{m}")
+        out = node("Add", [out, y], "output" if m == len(net.blocks) - 1 else f"/out/Add_{m}")
+    planes = cfg.in_channels * cfg.planes
+    graph = helper.make_graph(
+        nodes, "FoldedMemNet",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", planes, "height", "width"])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", cfg.out_channels, "height", "width"])],
+        inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], producer_name="memnet")
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
 
 
 def calibration_inputs(config: MemNetConfig, count: int = 32, size: int = 128, seed: int = 0) -> list[np.ndarray]:

@@ -18,8 +18,9 @@ import numpy as np
 from .normalize import sample_plan
 from .tiling import mirror_index
 
-__all__ = ["FORMATS", "ChunkCache", "InputFormat", "Source", "axes_from_labels", "full_index", "input_format",
-           "is_zarr_path", "is_zarr_store", "ngff_unit", "normalize_axes", "open_input", "plane_indices", "short_unit"]
+__all__ = ["FORMATS", "ChunkCache", "InputFormat", "RawArray", "Source", "axes_from_labels", "full_index",
+           "input_format", "is_zarr_path", "is_zarr_store", "ngff_unit", "normalize_axes", "open_input",
+           "plane_indices", "short_unit"]
 
 
 # One unit table: each spelling met in files and layers -> the NGFF (UDUNITS-2) name; and the NGFF
@@ -46,6 +47,8 @@ class ChunkCache:
     planes, decode each chunk once instead of once per window (a plane-sized TIFF chunk was decoded
     16 times for a 2048² plane in 512² tiles). Thread-safe: the read-ahead threads share it."""
 
+    MAX_CHUNK = 64 * 2**20  # larger chunks are not cached (a contiguous TIFF's pages are read as RawArray)
+
     def __init__(self, array, budget: int = 256 * 2**20):
         import threading
 
@@ -63,7 +66,7 @@ class ChunkCache:
         if not isinstance(chunks, tuple) or not all(isinstance(c, (int, np.integer)) for c in chunks):
             return None
         nbytes = int(np.prod(chunks)) * np.dtype(array.dtype).itemsize
-        return cls(array) if 256 * 2**10 <= nbytes <= 64 * 2**20 else None
+        return cls(array) if 256 * 2**10 <= nbytes <= cls.MAX_CHUNK else None
 
     def __getitem__(self, idx: tuple) -> np.ndarray:
         """``array[idx]`` for ints and slices (a step is allowed), from cached chunks."""
@@ -117,6 +120,68 @@ class ChunkCache:
                 self.nbytes -= self.blocks.popitem(last=False)[1].nbytes
         fut.set_result(block)
         return block
+
+
+class RawArray:
+    """An uncompressed TIFF series stored contiguously, read by byte ranges: a window reads its rows (in bands
+    of at most 8 MB), not the page. For pages larger than the chunk cache takes, which tifffile's Zarr store
+    decodes whole for every window (an 8192² uint16 plane: 128 MB per window read). Thread-safe; the file
+    is reopened after pickling."""
+
+    _BAND = 8 * 2**20
+
+    def __init__(self, path: Path, offset: int, shape: tuple, dtype: np.dtype):
+        self.path, self.offset, self.shape = Path(path), int(offset), tuple(int(n) for n in shape)
+        self.file_dtype, self.dtype = np.dtype(dtype), np.dtype(dtype).newbyteorder("=")
+        self.ndim = len(self.shape)
+        self._fh, self._lock = None, None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fh": None, "_lock": None}
+
+    def close(self) -> None:
+        """Close the file (reopened by the next read)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def _read(self, offset: int, out: np.ndarray) -> None:
+        import threading
+
+        if self._lock is None:
+            self._lock = threading.Lock()
+        with self._lock:
+            if self._fh is None:
+                self._fh = open(self.path, "rb")  # noqa: SIM115  (kept open: closed by close())
+            self._fh.seek(offset)
+            got = self._fh.readinto(memoryview(out).cast("B"))
+        if got != out.nbytes:
+            raise OSError(f"{self.path}: {out.nbytes - got} bytes missing at offset {offset} (a truncated file)")
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if len(idx) > self.ndim or not all(isinstance(i, (slice, int, np.integer)) for i in idx):
+            raise IndexError(f"RawArray takes at most {self.ndim} ints or slices, got {idx!r}")
+        idx = idx + (slice(None),) * (self.ndim - len(idx))
+        picks = [range(*i.indices(n)) if isinstance(i, slice) else range(int(i) % n, int(i) % n + 1)
+                 for i, n in zip(idx, self.shape)]
+        out = np.empty([len(r) for r in picks], self.dtype)
+        h, w = self.shape[-2:]
+        row_bytes = w * self.file_dtype.itemsize
+        rows = picks[-2]
+        cols = idx[-1] if isinstance(idx[-1], slice) else slice(picks[-1].start, picks[-1].start + 1)
+        per_read = max(1, self._BAND // row_bytes // abs(rows.step))  # rows picked per band read
+        for at in product(*(range(len(r)) for r in picks[:-2])):
+            plane = int(np.ravel_multi_index([r[i] for r, i in zip(picks[:-2], at)], self.shape[:-2])) \
+                if self.ndim > 2 else 0
+            for j in range(0, len(rows) if out.size else 0, per_read):
+                sub = np.asarray(rows[j: j + per_read])
+                lo = int(sub.min())
+                band = np.empty((int(sub.max()) + 1 - lo, w), self.file_dtype)
+                self._read(self.offset + (plane * h + lo) * row_bytes, band)
+                out[at][j: j + len(sub)] = band[sub - lo][:, cols]
+        drop = tuple(d for d, i in enumerate(idx) if not isinstance(i, slice))
+        return out.squeeze(axis=drop) if drop else out
 
 
 @dataclass
@@ -434,8 +499,14 @@ def _open_tiff(path: Path, index: int | None = None, level: int = 0) -> Source:
     if len(set(axes)) != len(axes):  # e.g. two unknown axes: fall back to generic letters
         axes = ""
     scale, units = _tiff_scale(tif, series, axes)
+    closers = [store.close, tif.close]
+    page_bytes = int(np.prod(arr.chunks)) * arr.dtype.itemsize
+    if (page_bytes > ChunkCache.MAX_CHUNK and series.dataoffset is not None and arr.ndim >= 2
+            and int(np.prod(arr.shape)) * arr.dtype.itemsize == series.nbytes):  # contiguous, uncompressed
+        arr = RawArray(path, series.dataoffset, arr.shape, np.dtype(series.dtype).newbyteorder(tif.byteorder))
+        closers.insert(0, arr.close)
     return Source(array=arr, axes=axes, scale=scale, units=units, series=int(index), n_series=n,
-                  _closers=[store.close, tif.close])
+                  _closers=closers)
 
 
 def _tiff_scale(tif, series, axes: str) -> tuple[dict, dict]:
