@@ -404,7 +404,7 @@ def calibration_inputs(config: MemNetConfig, count: int = 32, size: int = 128, s
 # scale per tensor cannot hold: quantizing them made the error 3.7x larger), the first conv (it reads the image
 # itself: +0.1-0.35 dB on W2S in float) and the reconstruction convs (they write the output); together under
 # 10 % of the multiply-adds of M4R4C32.
-_INT8_FLOAT_CONVS = ("/gate/", "/recon.", "/fenet/")
+_INT8_FLOAT_CONVS = ("/gate/", "/convs.", "/recon.", "/fenet/")  # the split gate traces as "/blocks.M/convs.I"
 
 
 @contextlib.contextmanager

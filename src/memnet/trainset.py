@@ -101,6 +101,8 @@ class LazyPlane:
         self.shape = src.plane_shape
 
     def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, tuple) and key and key[0] is Ellipsis:  # plane[..., ys, xs], as a sampler crops
+            key = key[1:]
         sy, sx = key if isinstance(key, tuple) else (key, slice(None))
         return self.normalizer.forward(self.src.read_plane(self.lead, sy, sx))
 
