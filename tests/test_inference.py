@@ -12,10 +12,10 @@ from memnet.zoo import list_models, load_model
 CPU = torch.device("cpu")
 
 
-def _random_model(blocks, recursions, channels, seed, dtype=torch.float64):
+def _random_model(blocks, recursions, channels, seed, dtype=torch.float64, **config):
     """Every parameter and BN statistic random (negative BN scales included): nothing to hide behind."""
     torch.manual_seed(seed)
-    m = memnet.MemNet(blocks, recursions, channels)
+    m = memnet.MemNet(blocks, recursions, channels, **config)
     with torch.no_grad():
         for mod in m.modules():
             if isinstance(mod, torch.nn.BatchNorm2d):
@@ -249,17 +249,7 @@ def test_the_written_onnx_graph_equals_the_folded_model(arch, context, in_ch):
 
     from memnet.inference import folded_onnx_bytes
 
-    torch.manual_seed(5)
-    m = memnet.MemNet(*arch, in_channels=in_ch, out_channels=in_ch, context=context)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.normal_(0, 0.5)
-                mod.running_var.uniform_(0.2, 2.0)
-                mod.weight.normal_(0, 1.0)
-                mod.bias.normal_(0, 0.5)
-        m.branch_weights.uniform_(-0.5, 1.0)
-    m.eval()
+    m = _random_model(*arch, seed=5, dtype=torch.float32, in_channels=in_ch, out_channels=in_ch, context=context)
     f = fold(m)
     x = torch.rand(2, in_ch * f.config.planes, 33, 27)
     sess = ort.InferenceSession(folded_onnx_bytes(f), providers=["CPUExecutionProvider"])

@@ -129,17 +129,21 @@ def test_safetensors_without_our_metadata(tmp_path):
         memnet.load_model(p)
 
 
+def _file_parts(path) -> tuple[dict, dict]:
+    """A model file's memnet metadata and tensors, to write a doctored copy."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["memnet"]), {k: f.get_tensor(k) for k in f.keys()}
+
+
 def test_mismatched_weights_name_the_mismatch(tiny_model, tmp_path):
     from safetensors.torch import save_file
 
     p = tmp_path / "m.safetensors"
     _save(tiny_model, p, name="m", task="denoise")
     # Rewrite the file claiming a wider architecture than its tensors have.
-    from safetensors import safe_open
-
-    with safe_open(str(p), framework="pt") as f:
-        meta = json.loads(f.metadata()["memnet"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta, tensors = _file_parts(p)
     meta["config"]["channels"] = 16
     bad = tmp_path / "mismatch.safetensors"
     save_file(tensors, str(bad), metadata={"memnet": json.dumps(meta)})
@@ -371,7 +375,6 @@ def test_architecture_check_lays_out_only_claims_the_file_could_hold_on_the_cpu(
     """The check builds the claimed model to compare shapes: on the CPU when the file's tensors could hold it
     (the shipped models: no meta device, whose first use costs ~70 MB of RSS), on the meta device (no memory)
     when the claim is far larger than the file, which is then refused naming the mismatch."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     import memnet.zoo as zoo
@@ -388,9 +391,7 @@ def test_architecture_check_lays_out_only_claims_the_file_could_hold_on_the_cpu(
     monkeypatch.setattr(zoo, "MemNet", Recording)
     memnet.load_model(p)
     assert built[0] == "cpu"
-    with safe_open(str(p), framework="pt") as f:
-        meta = json.loads(f.metadata()["memnet"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta, tensors = _file_parts(p)
     meta["config"]["channels"] = 1024
     bad = tmp_path / "huge.safetensors"
     save_file(tensors, str(bad), metadata={"memnet": json.dumps(meta)})
