@@ -111,8 +111,14 @@ class BatchPool:
         return torch.from_numpy(x), torch.from_numpy(y)
 
     def close(self) -> None:
-        """Stop the workers."""
-        self.pool.terminate()
+        """Stop the workers once they finish the few batches asked ahead.
+
+        ``terminate`` with tasks in flight hung once, in a test run beside another (`Pool._terminate_pool` waited
+        on its task handler)."""
+        for r in self.ahead:
+            r.wait(120)
+        self.ahead.clear()
+        self.pool.close()
         self.pool.join()
 
 
