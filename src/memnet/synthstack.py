@@ -71,15 +71,15 @@ def _deposit(vol: np.ndarray, pts: np.ndarray, values) -> None:
 
 def simulate_stack(rng: np.random.Generator, planes: int = 12, size: int = 192, *, z_step: float | None = None,
                    psf_xy: float | None = None, psf_z: float | None = None, kinds: tuple[str, ...] | None = None,
-                   widefield: bool | None = None) -> SynthStack:
+                   widefield: bool | None = None, min_step: float = 0.25) -> SynthStack:
     """A simulated clean z-stack of ``planes`` × ``size`` × ``size``. Unset parameters are drawn: the
-    z-step from 0.25 to 3 axial FWHMs (log-uniform), the PSF and the structures as the module says."""
+    z-step from ``min_step`` to 3 axial FWHMs (log-uniform), the PSF and the structures as the module says."""
     from scipy import ndimage
 
     psf_xy = float(rng.uniform(0.8, 2.0)) if psf_xy is None else float(psf_xy)
     psf_z = psf_xy * float(rng.uniform(2.5, 4.5)) if psf_z is None else float(psf_z)
     if z_step is None:
-        z_step = FWHM * psf_z * float(np.exp(rng.uniform(np.log(0.25), np.log(3.0))))
+        z_step = FWHM * psf_z * float(np.exp(rng.uniform(np.log(min_step), np.log(3.0))))
     widefield = bool(rng.random() < 0.5) if widefield is None else widefield
     if kinds is None:
         kinds = tuple(rng.choice(KINDS, size=int(rng.integers(1, 4)), replace=False))
