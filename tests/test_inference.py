@@ -193,17 +193,18 @@ def test_an_exported_graph_is_reused_from_the_user_cache(tiny_model, tmp_path, m
     """A new process (an emptied in-memory cache) builds its ONNX Runtime session from the graph exported
     before, in MEMNET_CACHE_DIR: no second export; other weights get their own graph; a damaged file is
     exported again and replaced."""
-    from memnet import inference
+    from memnet import inference, ortgraph
 
     exports = []
-    real = inference.folded_onnx_bytes
-    monkeypatch.setattr(inference, "folded_onnx_bytes", lambda m, *a: exports.append(1) or real(m, *a))
+    real = ortgraph.graph_bytes
+    monkeypatch.setattr(ortgraph, "graph_bytes", lambda *a: exports.append(1) or real(*a))
     x = torch.rand(1, 1, 30, 26)
     with torch.no_grad():
         ref = tiny_model(x).numpy()
 
     def build(model):
         inference._BUILT.clear()  # what a new process starts with
+        ortgraph._BUILT.clear()
         fn, name = make_backend(model, CPU, "onnxruntime")
         assert name == "onnxruntime"
         with torch.no_grad():

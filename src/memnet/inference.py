@@ -19,13 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import importlib.util
 import io
-import json
 import logging
-import os
-import sys
 import tempfile
 import threading
 import warnings
@@ -37,11 +32,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .model import MemNet, MemNetConfig, feature_bytes_per_pixel, weights_digest
+from .arch import Weights
+from .model import MemNet, MemNetConfig, weights_digest
 from .options import BACKENDS
+from .ortgraph import ONNX_OPSET, OrtSession, cache_dir, fold_state, graph_bytes, onnxruntime_available, session_for
 
 __all__ = ["BACKENDS", "ONNX_OPSET", "FoldedMemNet", "cache_dir", "calibration_inputs", "choose_backend", "fold",
-           "folded_onnx_bytes", "int8_onnx_bytes", "make_backend", "onnx_bytes", "onnxruntime_available"]
+           "fold_state", "folded_onnx_bytes", "int8_graph", "int8_onnx_bytes", "make_backend", "onnx_bytes",
+           "onnxruntime_available"]
 
 
 
@@ -157,16 +155,6 @@ def fold(model: MemNet) -> FoldedMemNet:
     return FoldedMemNet(model)
 
 
-def onnxruntime_available() -> bool:
-    """Whether ONNX Runtime and onnx are installed (the onnxruntime backend needs both)."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    # torch's exporter needs onnx: found, not imported (~2.5 s, and a cached graph needs no export)
-    return importlib.util.find_spec("onnx") is not None
-
-
 def choose_backend(backend: str, device: torch.device) -> str:
     """The backend ``auto`` means on ``device``; an explicit choice checked against the device."""
     if backend not in BACKENDS:
@@ -184,110 +172,16 @@ def choose_backend(backend: str, device: torch.device) -> str:
 
 
 class _OrtModule:
-    """An ONNX Runtime session called like a module on (N, planes, H, W) float32 tensors on the CPU."""
+    """An ONNX Runtime session (`ortgraph.OrtSession`) called like a module on (N, planes, H, W) float32 tensors on
+    the CPU."""
 
-    def __init__(self, net: nn.Module, threads: int, int8: bool = False, digest: str | None = None):
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3  # warnings about unused initialisers are noise to a user
-        # ONNX Runtime's CPU arena keeps every buffer it ever grew to, rounded up to powers of two: measured
-        # at a 660² window, M6R6C64 peaked at 15.2 GB with it and 6.7 GB without (and ran faster without);
-        # M4R4C32 at 580² ran faster with it. So: the arena only for models with small feature maps.
-        so.enable_cpu_mem_arena = feature_bytes_per_pixel(net.config) <= 2048
-        # The memory pattern allocates one block for a whole run's plan on top of what the arena already holds:
-        # 2x the peak (M4R4C32, 512² window, bench/window_memory.py), and no faster.
-        so.enable_mem_pattern = False
-
-        def export() -> bytes:
-            return int8_onnx_bytes(net) if int8 else folded_onnx_bytes(net)
-
-        if digest is None:
-            self.session = ort.InferenceSession(export(), so, providers=["CPUExecutionProvider"])
-            return
-        path = _graph_path(digest, net.config, int8)
-        graph = _read_cached(path)
-        if graph is not None:
-            try:
-                self.session = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
-                return
-            except Exception:  # a damaged cache file: export again and replace it
-                pass
-        graph = export()
-        self.session = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
-        _write_cached(path, graph)
+    def __init__(self, session: OrtSession):
+        self.ort = session
+        self.session = session.session
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.detach().to(torch.float32).contiguous()
-        return torch.from_numpy(self.session.run(None, {"input": x.numpy()})[0])
+        return torch.from_numpy(self.ort.run(x.detach().to(torch.float32).contiguous().numpy()))
 
-
-ONNX_OPSET = 18
-_CACHE_KEEP = 32  # graphs kept in the cache (the most recently used); each is about 4 bytes per weight
-
-
-def cache_dir() -> Path:
-    """Where exported ONNX graphs are kept between runs (per user, never beside the data). ``MEMNET_CACHE_DIR``
-    overrides the platform default."""
-    env = os.environ.get("MEMNET_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "napari-memnet" / "Cache"
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Caches" / "napari-memnet"
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "napari-memnet"
-    return base
-
-
-def _graph_path(digest: str, config: MemNetConfig, int8: bool) -> Path:
-    """The cache file of a model's graph: named by its weights, its architecture, whether it is int8, and
-    everything that shapes the export (the versions of torch, onnx, onnxruntime and of this code)."""
-    from importlib.metadata import version
-
-    def ver(dist: str) -> str:
-        try:
-            return version(dist)
-        except Exception:
-            return "?"
-
-    code = hashlib.sha256()
-    here = Path(__file__).parent
-    # this module and the model shape the graph; an int8 graph also depends on its calibration images
-    for name in ("inference.py", "model.py") + (("degrade.py", "synthstack.py") if int8 else ()):
-        code.update((here / name).read_bytes())
-    key = json.dumps({"weights": digest, "config": config.as_dict(), "int8": int8, "opset": ONNX_OPSET,
-                      "torch": torch.__version__, "onnx": ver("onnx"), "onnxruntime": ver("onnxruntime"),
-                      "code": code.hexdigest()}, sort_keys=True)
-    return cache_dir() / "onnx" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.onnx"
-
-
-def _read_cached(path: Path) -> bytes | None:
-    try:
-        data = path.read_bytes()
-        os.utime(path)  # recently used: kept when the cache is pruned
-        return data
-    except OSError:
-        return None
-
-
-def _write_cached(path: Path, graph: bytes) -> None:
-    """Best effort (a read-only home only costs the next run an export): written whole, then renamed, so a
-    concurrent reader never sees half a file; the oldest graphs beyond ``_CACHE_KEEP`` are removed."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
-        with os.fdopen(fd, "wb") as f:
-            f.write(graph)
-        os.replace(tmp, path)
-        kept = sorted(path.parent.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in kept[_CACHE_KEEP:]:
-            old.unlink(missing_ok=True)
-    except OSError:
-        pass
 
 _BUILT: OrderedDict = OrderedDict()  # the last few backends built, by weights digest: a preview or a
 _BUILT_MAX = 4                       # restore of the same model reuses its ONNX session (~3 s to build)
@@ -313,72 +207,20 @@ def onnx_bytes(module: nn.Module, example: torch.Tensor | None = None) -> bytes:
 
 
 def folded_onnx_bytes(net: FoldedMemNet) -> bytes:
-    """``net`` as the ONNX graph `FoldedMemNet.forward` computes, written node by node with onnx.helper (dynamic N,
-    H and W): what the onnxruntime backend runs. torch.onnx.export traces the same graph, but its tracer left
-    ~50 MB in the process for good (measured on M4R4C32) and took seconds; this takes milliseconds."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    """``net`` as the ONNX graph `FoldedMemNet.forward` computes, written node by node (`ortgraph.graph_bytes`;
+    dynamic N, H and W). torch.onnx.export traces the same graph, but its tracer left ~50 MB in the process for
+    good (measured on M4R4C32) and took seconds; this takes milliseconds."""
+    state = {k: v.detach().cpu().float().numpy() for k, v in net.state_dict().items()
+             if not k.endswith("num_batches_tracked")}
+    return graph_bytes(net.config, state)
 
-    cfg = net.config
-    nodes, inits = [], []
 
-    def const(name: str, value) -> str:
-        inits.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def tensor(name: str, t: torch.Tensor) -> str:
-        return const(name, t.detach().cpu().float().numpy())
-
-    def node(op: str, inputs: list[str], name: str, **attrs) -> str:
-        nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
-        return name
-
-    def bn_relu(x: str, bn: nn.BatchNorm2d, name: str) -> str:
-        ins = [x] + [tensor(f"{name}.{k}", getattr(bn, k)) for k in ("weight", "bias", "running_mean", "running_var")]
-        return node("Relu", [node("BatchNormalization", ins, f"{name}/BatchNormalization", epsilon=bn.eps)],
-                    f"{name}/Relu")
-
-    def conv(x: str, c: nn.Conv2d, name: str) -> str:
-        if c.padding_mode != "zeros" or c.stride != (1, 1) or c.dilation != (1, 1) or c.groups != 1:
-            raise ValueError(f"{name}: only stride-1 zero-padded convolutions are exported")
-        ins = [x, tensor(f"{name}.weight", c.weight)] + ([tensor(f"{name}.bias", c.bias)] if c.bias is not None else [])
-        py, px = c.padding
-        return node("Conv", ins, f"{name}/Conv", kernel_shape=list(c.kernel_size), pads=[py, px, py, px])
-
-    long_term = [conv(bn_relu("input", net.fenet.bn, "/fenet/bn"), net.fenet.conv, "/fenet/conv")]
-    k, c = cfg.context, cfg.in_channels
-    centre = node("Slice", ["input", const("centre.starts", np.array([k * c], np.int64)),
-                            const("centre.ends", np.array([(k + 1) * c], np.int64)),
-                            const("centre.axes", np.array([1], np.int64))], "/centre/Slice") if k else "input"
-    out = node("Mul", [centre, tensor("input_weight", net.input_weight)], "/input_weight/Mul")
-    for m, block in enumerate(net.blocks):
-        p = f"/blocks.{m}"
-        acc = None
-
-        def gate(acc, i, x, block=block, p=p):
-            y = conv(bn_relu(x, block.gate.bns[i], f"{p}/gate/bns.{i}"), block.gate.convs[i], f"{p}/gate/convs.{i}")
-            return y if acc is None else node("Add", [acc, y], f"{p}/gate/Add_{i}")
-
-        for i, b in enumerate(long_term):
-            acc = gate(acc, i, b)
-        h = long_term[-1]
-        for r in range(block.recursions):
-            t = node("Relu", [conv(bn_relu(h, block.bn_a[r], f"{p}/bn_a.{r}"), block.conv_a[r], f"{p}/conv_a.{r}")],
-                     f"{p}/conv_a.{r}/Relu")
-            h = node("Add", [h, conv(t, block.conv_b, f"{p}/conv_b.{r}")], f"{p}/Add_{r}")
-            acc = gate(acc, len(long_term) + r, h)
-        long_term.append(acc)
-        y = conv(bn_relu(acc, net.recon_bn[m], f"/recon_bn.{m}"), net.recon[m], f"/recon.{m}")
-        out = node("Add", [out, y], "output" if m == len(net.blocks) - 1 else f"/out/Add_{m}")
-    planes = cfg.in_channels * cfg.planes
-    graph = helper.make_graph(
-        nodes, "FoldedMemNet",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", planes, "height", "width"])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", cfg.out_channels, "height", "width"])],
-        inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], producer_name="memnet")
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
+def int8_graph(weights: Weights) -> bytes:
+    """The int8 graph (`int8_onnx_bytes`) of a model given as numpy `Weights` (the torch model is built for the
+    trace)."""
+    model = MemNet(**weights.config.as_dict())
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.tensors.items()}, strict=True)
+    return int8_onnx_bytes(fold(model.eval()))
 
 
 def calibration_inputs(config: MemNetConfig, count: int = 32, size: int = 128, seed: int = 0) -> list[np.ndarray]:
@@ -483,8 +325,9 @@ def make_backend(model: MemNet, device: torch.device, backend: str = "auto") -> 
 
 
 def _build(model: MemNet, device: torch.device, name: str, digest: str) -> Callable:
-    net = fold(model).to(device)
-    if name.startswith("onnxruntime"):  # the graph from the on-disk cache when this model was exported before
-        return _OrtModule(net.float(), torch.get_num_threads(), int8=name == "onnxruntime-int8", digest=digest)
-    net = net.to(memory_format=torch.channels_last)
+    if name.startswith("onnxruntime"):  # the graph written from the folded weights (or the on-disk cache)
+        state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        weights = Weights(model.config, state, _digest=digest)
+        return _OrtModule(session_for(weights, int8=name == "onnxruntime-int8", threads=torch.get_num_threads()))
+    net = fold(model).to(device).to(memory_format=torch.channels_last)
     return torch.compile(net, dynamic=False) if name == "compile" else net

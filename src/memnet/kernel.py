@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -19,21 +20,22 @@ from pathlib import Path
 
 import numpy as np
 
+from .arch import receptive_field
 from .fingerprint import content_fingerprint
 from .memory import default_tile, fit_tile
-from .model import receptive_field, weights_digest
 from .normalize import Intensity
 from .options import RestoreOptions
+from .ortgraph import onnxruntime_available
 from .resample import bicubic_up_rows
 from .runner import Runner, auto_batch, load_cached, resolve_model
-from .runtime import Cancelled, resolve_device, stop_requested
+from .runtime import CPU, Cancelled, cpu_without_torch, resolve_device, stop_requested
 from .sinks import job_signature, open_sink, output_format
 from .sources import Source, open_input
 from .tiling import Tile, TilePlan
 from .zoo import TASKS, ModelInfo, find_context_model, find_model
 
 __all__ = ["Job", "Progress", "ProgressTally", "choose_context", "context_swap", "describe_model", "open_output",
-           "prepare",
+           "pick_device", "prepare",
            "resolve_batch", "rows_per_group", "run_group", "upscaled_geometry", "zarr_target"]
 
 
@@ -214,6 +216,8 @@ class Job:
         """Identity of the weights (file content or tensors), so resume refuses a changed model."""
         if self.info is not None:
             return hashlib.sha256(self.info.path.read_bytes()).hexdigest()[:16]
+        from .model import weights_digest
+
         return weights_digest(self.runner.model)[:16]
 
     def describe(self, rows_per_group: int | None = None, fingerprint: bool = True) -> dict:
@@ -242,7 +246,7 @@ def prepare(data, model="denoise", *, axes=None, series=None, level=0, pixel_siz
     options are ``options`` with any `RestoreOptions` field given as a keyword replacing its value;
     ``pixel_size`` / ``units`` / ``translate`` calibrate the input (`io.open_input`)."""
     opts = RestoreOptions.build(options, "prepare", **option_kw)
-    dev = resolve_device(opts.device)
+    dev = pick_device(model, opts)
     net, policy, info = resolve_model(model, dev)
     if opts.scale > 1 and info is not None and info.task != "sr":
         raise ValueError(f"scale={opts.scale} needs a super-resolution model (task 'sr'); {info.name!r} is a "
@@ -273,6 +277,16 @@ def prepare(data, model="denoise", *, axes=None, series=None, level=0, pixel_siz
     if tile != opts.tile:
         opts = dataclasses.replace(opts, tile=tile)
     return Job(src, runner, norm, opts, info)
+
+
+def pick_device(model, options: RestoreOptions):
+    """The device a job runs on: `runtime.CPU` (ONNX Runtime on numpy arrays: torch is never imported) when a
+    model file or name runs on an onnxruntime backend on a CPU known without torch (`runtime.cpu_without_torch`:
+    "cpu", or "auto" where no GPU is possible); else the ``torch.device`` `runtime.resolve_device` picks."""
+    if isinstance(model, (str, PathLike)) and options.backend in ("auto", "onnxruntime", "onnxruntime-int8") \
+            and cpu_without_torch(options.device) and onnxruntime_available():
+        return CPU
+    return resolve_device(options.device)
 
 
 def context_swap(model, config, name: str, src: Source, context: str) -> ModelInfo | None:
@@ -308,9 +322,7 @@ def choose_context(model, net, policy, info, src: Source, context: str, device):
 def describe_model(data, model="denoise", *, axes=None, series=None, level=0, context: str = "auto") -> str:
     """What a restore of ``data`` with ``model`` would run, in words, without loading weights: e.g.
     "microscopy-context (5 planes along Z)" or "microscopy-M4R4C32 (2-D, plane by plane)"."""
-    from .model import MemNet
-
-    if isinstance(model, MemNet):
+    if "torch" in sys.modules and isinstance(model, sys.modules["torch"].nn.Module):  # a MemNet: torch is loaded
         cfg, name = model.config, "the given module"
     else:
         info = find_model(model)

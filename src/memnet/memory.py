@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 
-from .model import MemNetConfig, feature_bytes_per_pixel, receptive_field
+from .arch import MemNetConfig, feature_bytes_per_pixel, receptive_field
 from .tiling import TilePlan
 
 __all__ = ["BACKEND_OVERHEAD", "available_bytes", "batch_peak_bytes", "default_tile", "fit_tile", "fmt_bytes"]

@@ -15,64 +15,15 @@ Layout of the network (M memory blocks, R recursions, C channels):
 from __future__ import annotations
 
 import hashlib
-import re
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+# the architecture without torch (config, costs): defined in .arch, named here too
+from .arch import CONFIGS, MemNetConfig, feature_bytes_per_pixel, macs_per_pixel, parse_arch, receptive_field
+
 __all__ = ["MemNet", "MemNetConfig", "CONFIGS", "receptive_field", "conv_weight_count", "macs_per_pixel",
            "parse_arch", "widen", "deepen", "with_context", "feature_bytes_per_pixel", "weights_digest"]
-
-
-@dataclass(frozen=True)
-class MemNetConfig:
-    """MemNet's architecture: M memory blocks of R recursions, C feature channels, input and output channels, and for a
-    context model the planes it sees on each side."""
-
-    blocks: int = 6
-    recursions: int = 6
-    channels: int = 64
-    in_channels: int = 1
-    out_channels: int = 1
-    # Planes on each side of the restored one that a context model sees (along Z, or T): its input is
-    # 2 * context + 1 planes of in_channels each, its output the centre plane. 0: a 2-D model.
-    context: int = 0
-
-    def as_dict(self) -> dict:
-        """The config for a weights file's metadata (``context`` only for a context model, so older readers load 2-D
-        ones)."""
-        d = asdict(self)
-        if not d["context"]:  # a 2-D model's record stays as before context models (older readers load it)
-            del d["context"]
-        return d
-
-    @property
-    def planes(self) -> int:
-        """Input planes per output plane: 1 for a 2-D model, 2k+1 for a context model."""
-        return 2 * self.context + 1
-
-
-# Named configurations. Costs are multiply-adds per output pixel (see macs_per_pixel).
-CONFIGS: dict[str, MemNetConfig] = {
-    # The paper's two models.
-    "M6R6C64": MemNetConfig(6, 6, 64),  # 80 layers, ~2.89 M MAC/px
-    "M10R10C64": MemNetConfig(10, 10, 64),  # 212 layers, ~8.0 M MAC/px
-    # CPU-sized models: same architecture, fewer blocks/channels.
-    "M4R4C48": MemNetConfig(4, 4, 48),  # 38 layers, ~0.73 M MAC/px
-    "M4R4C32": MemNetConfig(4, 4, 32),  # 38 layers, ~0.32 M MAC/px
-    "M3R3C32": MemNetConfig(3, 3, 32),  # 23 layers, ~0.18 M MAC/px
-}
-
-
-def parse_arch(arch: str) -> MemNetConfig:
-    """A named configuration (``M4R4C32``) or any ``MxRyCz``."""
-    if arch in CONFIGS:
-        return CONFIGS[arch]
-    m = re.fullmatch(r"M(\d+)R(\d+)C(\d+)", arch)
-    if not m or min(int(g) for g in m.groups()) < 1:
-        raise ValueError(f"unknown architecture {arch!r}: one of {', '.join(CONFIGS)} or MxRyCz (e.g. M4R4C48)")
-    return MemNetConfig(int(m[1]), int(m[2]), int(m[3]))
 
 
 class _PreAct(nn.Module):
@@ -195,21 +146,6 @@ class MemNet(nn.Module):
         return 2 + c.blocks * (2 * c.recursions + 1)
 
 
-def receptive_field(model: nn.Module | MemNetConfig) -> int:
-    """Receptive-field radius in pixels of a MemNet (or its config): one pixel per 3x3 conv on the
-    longest path (FENet + 2 per recursion + reconstruction); 1x1 gates add nothing."""
-    cfg = model if isinstance(model, MemNetConfig) else getattr(model, "config", None)
-    if not isinstance(cfg, MemNetConfig):
-        raise TypeError(f"receptive_field needs a memnet.MemNet, got {type(model).__name__}")
-    return 2 + 2 * cfg.blocks * cfg.recursions
-
-
-def feature_bytes_per_pixel(config: MemNetConfig) -> int:
-    """fp32 bytes of the feature maps alive at once in a forward pass, per pixel: the long-term list
-    (M+1 maps), the short-term one (R) and a few temporaries. Sizes batches, tiles and ONNX Runtime's arena."""
-    return (config.blocks + config.recursions + 6) * config.channels * 4
-
-
 @torch.no_grad()
 def weights_digest(model: nn.Module) -> str:
     """SHA-256 of a model's tensors (names and values): the identity of its weights."""
@@ -223,16 +159,6 @@ def weights_digest(model: nn.Module) -> str:
 def conv_weight_count(model: nn.Module) -> int:
     """Conv weights only (no biases, no BN, no branch weights); shared weights counted once."""
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
-
-
-def macs_per_pixel(config: MemNetConfig) -> int:
-    """Multiply-adds per output pixel (shared convs count once per application)."""
-    c, m_, r = config.channels, config.blocks, config.recursions
-    fenet = config.in_channels * config.planes * c * 9
-    recursions = m_ * r * 2 * c * c * 9
-    gates = sum((m + r) * c * c for m in range(1, m_ + 1))
-    recon = m_ * c * config.out_channels * 9
-    return fenet + recursions + gates + recon
 
 
 @torch.no_grad()

@@ -5,9 +5,14 @@ from each other."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import re
+import sys
 import threading
+from pathlib import Path
 
-__all__ = ["Cancelled", "available_devices", "deferred_module", "resolve_device", "stop_requested"]
+__all__ = ["CPU", "Cancelled", "available_devices", "cpu_without_torch", "deferred_module", "gpu_possible",
+           "resolve_device", "stop_requested"]
 
 
 class Cancelled(Exception):
@@ -51,6 +56,70 @@ def resolve_device(device="auto"):
         raise ValueError(f"device {device!r} requested but {dev.type.upper()} is not available here; "
                          f"available: {', '.join(available_devices())} (e.g. --device cpu)")
     return dev
+
+
+class _HostCPU:
+    """The CPU, chosen without importing torch: the device of the ONNX Runtime path, with what the engine reads of
+    a ``torch.device`` (``type``, ``index``, its name)."""
+
+    type = "cpu"
+    index = None
+
+    def __str__(self) -> str:
+        return "cpu"
+
+    def __repr__(self) -> str:
+        return "device(type='cpu')"
+
+
+CPU = _HostCPU()
+
+
+def _torch_build() -> dict[str, bool] | None:
+    """Which GPU backends the installed torch was built with ({"cuda": ..., "hip": ...}), read from its
+    ``version.py`` without importing it; None when torch is not installed or the file says nothing clear."""
+    try:
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    try:
+        text = (Path(next(iter(spec.submodule_search_locations))) / "version.py").read_text()
+    except (OSError, StopIteration):
+        return None
+    found = {}
+    for name in ("cuda", "hip"):
+        m = re.search(rf"^{name}\s*(?::[^=]*)?=\s*(.+)$", text, re.M)
+        if m is None:
+            return None
+        found[name] = m.group(1).strip() != "None"
+    return found
+
+
+def gpu_possible() -> bool:
+    """Whether ``device="auto"`` could pick a GPU on this machine, decided without importing torch (~3 s) where
+    that is certain: False when torch is not installed, when it is a CPU-only build (on Linux and Windows; macOS
+    has MPS), or, on Linux, when no GPU device node is there for its build (NVIDIA: /dev/nvidia*, /proc/driver/
+    nvidia, WSL's /dev/dxg; ROCm: /dev/kfd). True otherwise: torch is then asked, as before."""
+    if sys.platform == "darwin":
+        return True
+    build = _torch_build()
+    if build is None:
+        return importlib.util.find_spec("torch") is not None  # installed but unreadable: ask torch
+    if not build["cuda"] and not build["hip"]:
+        return False
+    if not sys.platform.startswith("linux"):
+        return True
+    nodes = (["/proc/driver/nvidia", "/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg"] if build["cuda"] else []) \
+        + (["/dev/kfd"] if build["hip"] else [])
+    return any(Path(p).exists() for p in nodes)
+
+
+def cpu_without_torch(device) -> bool:
+    """Whether ``device`` ("auto", "cpu", ...) means the CPU and that is known without importing torch: "cpu",
+    or "auto" where no GPU is possible (`gpu_possible`). A GPU machine always goes to torch's choice."""
+    return isinstance(device, str) and (device == "cpu" or (device == "auto" and not gpu_possible()))
 
 
 def available_devices() -> list[str]:

@@ -15,19 +15,23 @@ Loading never unpickles: safetensors parses a JSON header and raw tensors only.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from .model import MemNet, MemNetConfig, macs_per_pixel, receptive_field
+from .arch import MemNetConfig, Weights, macs_per_pixel, receptive_field, state_shapes
+
+if TYPE_CHECKING:  # torch loads with the first torch model, not with the zoo (the ONNX Runtime path needs none)
+    import torch
+
+    from .model import MemNet
 
 __all__ = [
     "TASKS",
@@ -40,6 +44,7 @@ __all__ = [
     "check_user_model_name",
     "find_model",
     "load_model",
+    "load_weights",
     "save_model",
     "read_info",
     "user_model_dir",
@@ -144,6 +149,10 @@ def save_model(
     The file is written to a temporary name and renamed, so a crash never leaves a half file
     under the final name.
     """
+    from safetensors.torch import save_file
+
+    from .model import MemNet
+
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
     if not isinstance(model, MemNet):
@@ -192,7 +201,7 @@ def _open_header(path: Path) -> dict:
     if path.stat().st_size < 8:
         raise ModelFileError(f"{path}: empty or truncated weights file ({path.stat().st_size} bytes)")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         hint = _sniff(path)
@@ -237,14 +246,13 @@ def _config_from(doc: dict, path) -> MemNetConfig:
 
 
 def _check_tensors(label, cfg: MemNetConfig, shapes: dict[str, tuple]) -> None:
-    """The tensors a file holds against the architecture its metadata claims, before anything real is
-    built. A claim the file's tensors could hold is laid out on the CPU (at most ~9x the file's tensors); a
-    larger one on the meta device (no memory, but its first use costs ~70 MB of RSS: not on every load)."""
-    c, planes = cfg.channels, cfg.in_channels * cfg.planes
-    claimed = (planes + cfg.blocks * 2 * c + sum(m + cfg.recursions for m in range(1, cfg.blocks + 1))
-               + cfg.blocks * cfg.out_channels) * c  # a lower bound of the conv weights (3x3 counted once)
-    with torch.device("cpu" if claimed <= sum(math.prod(v) for v in shapes.values()) else "meta"):
-        expected = {k: tuple(v.shape) for k, v in MemNet(**cfg.as_dict()).state_dict().items()}
+    """The tensors a file holds against the architecture its metadata claims (`arch.state_shapes`), before
+    anything is built; and the architecture itself (a MemNet's global residual needs as many output channels
+    as input channels)."""
+    if cfg.in_channels != cfg.out_channels:
+        raise ModelFileError(f"{label}: invalid architecture in metadata: MemNet's global residual (y = x + recon) "
+                             f"needs in_channels == out_channels, got {cfg.in_channels} and {cfg.out_channels}")
+    expected = state_shapes(cfg)
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
     wrong = [f"{k}: file {shapes[k]} vs model {v}" for k, v in expected.items() if k in shapes and shapes[k] != v]
@@ -261,8 +269,8 @@ def _check_tensors(label, cfg: MemNetConfig, shapes: dict[str, tuple]) -> None:
             f"(M{cfg.blocks}R{cfg.recursions}C{cfg.channels}): " + ", ".join(parts))
 
 
-def _check_finite(label, tensors: dict) -> None:
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+def _check_finite(label, tensors: dict[str, np.ndarray]) -> None:
+    bad = [k for k, v in tensors.items() if v.dtype.kind == "f" and not bool(np.isfinite(v).all())]
     if bad:
         raise ModelFileError(f"{label}: {len(bad)} tensors hold NaN or Inf (e.g. {', '.join(bad[:3])}): the "
                              "weights are corrupt (a diverged training run?); use another file")
@@ -421,32 +429,41 @@ def find_context_model(task: str) -> ModelInfo | None:
     return max(candidates, key=lambda m: (m.rank, m.source == "shipped")) if candidates else None
 
 
+def load_weights(name_or_path: str | os.PathLike) -> tuple[Weights, ModelInfo]:
+    """A model by task name, model name or .safetensors path as numpy arrays, checked (the tensors against the
+    architecture in its metadata, all finite), without torch. Returns ``(weights, info)``."""
+    info = find_model(name_or_path)
+    try:
+        with safe_open(str(info.path), framework="numpy") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            _check_tensors(info.path, info.config, shapes)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        if isinstance(e, ModelFileError):
+            raise
+        raise ModelFileError(f"{info.path}: cannot read tensors ({e})") from None
+    _check_finite(info.path, tensors)
+    return Weights(info.config, tensors), info
+
+
+def _module(cfg: MemNetConfig, tensors: dict[str, np.ndarray]) -> MemNet:
+    """The torch MemNet of checked numpy weights, in eval mode on the CPU."""
+    import torch
+
+    from .model import MemNet
+
+    model = MemNet(**cfg.as_dict())
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, strict=True)
+    return model.eval()
+
+
 def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[MemNet, ModelInfo]:
     """Load a model by task name, model name or .safetensors path.
 
     Returns ``(model, info)``; the model is in eval mode on ``device``.
     """
-    info = find_model(name_or_path)
-    from safetensors.torch import load_file
-
-    try:
-        with safe_open(str(info.path), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelFileError(f"{info.path}: cannot read tensors ({e})") from None
-    _check_tensors(info.path, info.config, shapes)
-    try:
-        tensors = load_file(str(info.path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelFileError(f"{info.path}: cannot read tensors ({e})") from None
-    _check_finite(info.path, tensors)
-    try:
-        model = MemNet(**info.config.as_dict())
-    except ValueError as e:
-        raise ModelFileError(f"{info.path}: invalid architecture in metadata: {e}") from None
-    model.load_state_dict(tensors, strict=True)
-    model.eval()
-    return model.to(device), info
+    weights, info = load_weights(name_or_path)
+    return _module(info.config, weights.tensors).to(device), info
 
 
 def model_bytes(model: MemNet, info: ModelInfo | None) -> bytes:
@@ -463,7 +480,7 @@ def model_bytes(model: MemNet, info: ModelInfo | None) -> bytes:
 
 def load_model_bytes(data: bytes, device: str | torch.device = "cpu") -> MemNet:
     """Load a model from .safetensors bytes (header parsed as JSON, tensors as raw data: no pickle)."""
-    from safetensors.torch import load
+    from safetensors.numpy import load
 
     if len(data) < 8:
         raise ModelFileError("model bytes: truncated")
@@ -478,9 +495,7 @@ def load_model_bytes(data: bytes, device: str | torch.device = "cpu") -> MemNet:
     _check_tensors("model bytes", cfg, shapes)
     tensors = load(data)
     _check_finite("model bytes", tensors)
-    model = MemNet(**cfg.as_dict())
-    model.load_state_dict(tensors, strict=True)
-    return model.eval().to(device)
+    return _module(cfg, tensors).to(device)
 
 
 def describe(info: ModelInfo) -> dict:
