@@ -159,9 +159,9 @@ def test_each_training_default_has_one_home():
 # The floors of memnet, bottom up: a module imports only from its own floor or the floors below.
 FLOORS = [
     {"runtime", "options", "train_options", "dtypes", "normalize", "outputs", "tiling", "ngff", "metrics",
-     "resample", "fingerprint", "_cli_types"},  # standard library, numpy
+     "resample", "fingerprint", "_cli_types", "arch"},  # standard library, numpy
     {"model", "degrade", "synthstack", "sources", "sinks", "io", "zoo"},  # the network, degradations, files, weights
-    {"inference", "graphs", "evaluate", "memory"},  # the network's inference form, exports' graphs, scores
+    {"inference", "ortgraph", "graphs", "evaluate", "memory"},  # the network's inference form, exports' graphs, scores
     {"runner", "kernel"},  # a restore job
     {"local", "lazy", "distributed"},  # its executors
     {"engine"},  # restore(): picks an executor

@@ -328,6 +328,7 @@ def _build(model: MemNet, device: torch.device, name: str, digest: str) -> Calla
     if name.startswith("onnxruntime"):  # the graph written from the folded weights (or the on-disk cache)
         state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         weights = Weights(model.config, state, _digest=digest)
-        return _OrtModule(session_for(weights, int8=name == "onnxruntime-int8", threads=torch.get_num_threads()))
+        return _OrtModule(session_for(weights, threads=torch.get_num_threads(),
+                                      int8=int8_graph if name == "onnxruntime-int8" else None))
     net = fold(model).to(device).to(memory_format=torch.channels_last)
     return torch.compile(net, dynamic=False) if name == "compile" else net

@@ -288,12 +288,13 @@ _BUILT_MAX = 4                       # same model reuses its session
 _BUILT_LOCK = threading.Lock()
 
 
-def session_for(weights: Weights, int8: bool = False, threads: int | None = None) -> OrtSession:
-    """The ONNX Runtime session of ``weights`` (fp32, or its int8 graph), built once per weights, kind and thread
-    count (a small cache of the most recent). An fp32 graph is written without torch; an int8 one needs torch
-    when it is not in the cache yet (it is traced and quantized from the torch model)."""
+def session_for(weights: Weights, threads: int | None = None,
+                int8: Callable[[Weights], bytes] | None = None) -> OrtSession:
+    """The ONNX Runtime session of ``weights``, built once per weights, graph and thread count (a small cache of
+    the most recent): the fp32 graph, written without torch; or, given ``int8`` (what writes the int8 graph:
+    `memnet.inference.int8_graph`, which needs torch), the int8 graph, written by it when it is not cached."""
     threads = threads or default_threads()
-    key = (weights.digest(), int8, threads)
+    key = (weights.digest(), int8 is not None, threads)
     with _BUILT_LOCK:
         if key in _BUILT:
             _BUILT.move_to_end(key)
@@ -306,13 +307,11 @@ def session_for(weights: Weights, int8: bool = False, threads: int | None = None
     return built
 
 
-def _build(weights: Weights, int8: bool, threads: int) -> OrtSession:
-    if int8:
+def _build(weights: Weights, int8: Callable[[Weights], bytes] | None, threads: int) -> OrtSession:
+    if int8 is not None:
         def make() -> bytes:
-            from .inference import int8_graph  # torch: traced, then quantized
-
-            return int8_graph(weights)
+            return int8(weights)
     else:
         def make() -> bytes:
             return graph_bytes(weights.config, fold_state(weights.config, weights.tensors))
-    return OrtSession(weights.config, make, threads, digest=weights.digest(), int8=int8)
+    return OrtSession(weights.config, make, threads, digest=weights.digest(), int8=int8 is not None)

@@ -169,7 +169,7 @@ class OrtRunner:
         self.ensemble = bool(ensemble)
         self.amp = check_amp(amp)
         self.backend = "onnxruntime" if backend == "auto" else backend
-        self.session = session_for(weights, int8=self.backend == "onnxruntime-int8")
+        self.session = session_for(weights, int8=_int8_graph if self.backend == "onnxruntime-int8" else None)
 
     @property
     def config(self) -> MemNetConfig:
@@ -194,6 +194,13 @@ class OrtRunner:
                 y = np.rot90(y, -k, (2, 3))
                 acc = y if acc is None else acc + y
         return (acc / 8)[:, 0]
+
+
+def _int8_graph(weights: Weights) -> bytes:
+    """An int8 graph is traced by torch, then quantized (`inference.int8_graph`): only when it is not cached."""
+    from .inference import int8_graph
+
+    return int8_graph(weights)
 
 
 def auto_batch(model: MemNet | Weights, window: tuple[int, int], device, budget: int | None,
