@@ -75,12 +75,18 @@ SHAPES = {"512": (512, 512), "2048": (2048, 2048), "8192": (8192, 8192), "2x2048
 IMPORTS = r"""
 import resource, sys
 import memnet.cli, memnet.engine
-from memnet.inference import choose_backend
-from memnet.runtime import resolve_device
-backend = choose_backend("auto", resolve_device("auto"))
+from memnet.kernel import pick_device
+from memnet.options import RestoreOptions
+from memnet.runtime import CPU
+dev = pick_device("microscopy", RestoreOptions())
+if dev is CPU:  # ONNX Runtime on numpy weights: no torch
+    backend = "onnxruntime"
+else:
+    from memnet.inference import choose_backend
+    backend = choose_backend("auto", dev)
 if backend.startswith("onnxruntime"):
     import onnxruntime
-print(backend, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(backend + ("" if "torch" in sys.modules else "/np"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
 

@@ -20,7 +20,7 @@ import tifffile
 import zarr
 
 import memnet
-from memnet.runner import Runner
+from memnet.runner import OrtRunner, Runner
 
 CASES = ("tiff-zarr", "tiff-zarr-pyramid", "zarr-zarr", "tiff-tiff")
 
@@ -83,6 +83,7 @@ def main() -> None:
     root = Path(args.dir or tempfile.mkdtemp(prefix="memnet-pipeline-"))
     root.mkdir(parents=True, exist_ok=True)
     Runner._forward = lambda self, x: x  # the model is free: what is left is the pipeline
+    OrtRunner.__call__ = lambda self, batch: batch if batch.ndim == 3 else batch[:, 0]  # the torch-free CPU path
     # Imports, the model and the backend built once before timing: a long run pays them once.
     memnet.restore(np.zeros((64, 64), np.uint16), "microscopy", device="cpu", tile=args.tile)
     mpx = args.planes * args.size**2 / 1e6

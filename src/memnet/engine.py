@@ -19,12 +19,12 @@ from .lazy import restore_lazy
 from .local import run_local
 from .options import RestoreOptions, check_bool
 from .runner import Runner
-from .runtime import Cancelled, available_devices, resolve_device
+from .runtime import Cancelled, available_devices, gpu_possible, resolve_device
 from .sinks import PlaneSink, recorded_job
 
 __all__ = ["restore", "restore_lazy", "restore_plane", "describe_model", "Cancelled", "Job", "Progress",
            "RestoreOptions", "Runner",
-           "available_devices", "resolve_device", "prepare", "upscaled_geometry"]
+           "available_devices", "gpu_possible", "resolve_device", "prepare", "upscaled_geometry"]
 
 
 def restore(data, model="denoise", *, output=None, axes=None, series=None, level=0, pixel_size=None, units=None,

@@ -76,7 +76,7 @@ CPU = _HostCPU()
 
 
 def _torch_build() -> dict[str, bool] | None:
-    """Which GPU backends the installed torch was built with ({"cuda": ..., "hip": ...}), read from its
+    """Which GPU backends the installed torch was built with ({"cuda": ..., "hip": ..., "xpu": ...}), read from its
     ``version.py`` without importing it; None when torch is not installed or the file says nothing clear."""
     try:
         spec = importlib.util.find_spec("torch")
@@ -89,8 +89,11 @@ def _torch_build() -> dict[str, bool] | None:
     except (OSError, StopIteration):
         return None
     found = {}
-    for name in ("cuda", "hip"):
+    for name in ("cuda", "hip", "xpu"):
         m = re.search(rf"^{name}\s*(?::[^=]*)?=\s*(.+)$", text, re.M)
+        if m is None and name == "xpu":  # older torch: no XPU builds
+            found[name] = False
+            continue
         if m is None:
             return None
         found[name] = m.group(1).strip() != "None"
@@ -123,7 +126,12 @@ def cpu_without_torch(device) -> bool:
 
 
 def available_devices() -> list[str]:
-    """The devices this machine can run on, as --device accepts them."""
+    """The devices this machine can run on, as --device accepts them (without importing torch where it has no GPU
+    backend and no MPS is possible)."""
+    build = _torch_build()
+    if sys.platform != "darwin" and (build is None and importlib.util.find_spec("torch") is None
+                                     or build is not None and not any(build.values())):
+        return ["auto", "cpu"]
     import torch
 
     out = ["auto", "cpu"]

@@ -24,7 +24,7 @@ from qtpy.QtCore import QTimer
 
 import memnet
 
-from ._backend import load, loaded, when_loaded
+from ._backend import devices, load, loaded, when_loaded
 from ._models import follow_models, model_choices, model_task
 from ._slices import calibration, current_position, layer_axes
 from ._worker import CANCELLED, BackgroundJob, ScrollingDock, free_path, one_line, status_label
@@ -123,10 +123,9 @@ class RestoreWidget(ScrollingDock, Container):
     # Choices ------------------------------------------------------------------------------------
     def _on_loaded(self) -> None:
         """memnet's engine is loaded (`_backend`): offer the GPUs, say which model the layer gets."""
-        import torch  # imported by then
-
-        if torch.cuda.is_available():
-            self._device.choices = ["auto", "cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+        gpus = [d for d in devices() if d.startswith("cuda:")]
+        if gpus:
+            self._device.choices = ["auto", "cpu", *gpus]
         self._on_model(self._model.value)
         self._show_model()
 
