@@ -207,4 +207,5 @@ def test_a_gpu_machine_asks_torch_and_an_explicit_backend_keeps_torch(monkeypatc
 
 def test_the_runtime_reads_torchs_build_without_importing_it():
     build = runtime._torch_build()
-    assert build == {"cuda": torch.version.cuda is not None, "hip": torch.version.hip is not None}
+    assert build == {"cuda": torch.version.cuda is not None, "hip": torch.version.hip is not None,
+                     "xpu": getattr(torch.version, "xpu", None) is not None}

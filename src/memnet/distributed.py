@@ -27,16 +27,17 @@ from .kernel import (
     resolve_batch,
     rows_per_group,
     run_group,
+    runs_without_torch,
     zarr_target,
 )
 from .ngff import Unit
 from .normalize import Intensity
 from .options import RestoreOptions
 from .runner import Runner, cached
-from .runtime import Cancelled, resolve_device, stop_requested
+from .runtime import CPU, Cancelled, resolve_device, stop_requested
 from .sinks import ZarrSink
 from .sources import open_input
-from .zoo import load_model_bytes, model_bytes
+from .zoo import load_model_bytes, load_weights_bytes, model_bytes
 
 __all__ = ["run_distributed", "worker_report"]
 
@@ -55,9 +56,11 @@ def worker_report() -> list[dict]:
 def _worker_job(spec: dict, weights: bytes) -> Job:
     """The job of a distributed run as a worker sees it (model, input and output cached per process)."""
     opts = RestoreOptions.from_dict(spec["options"])
-    dev = resolve_device(opts.device)
-    runner = cached(("runner", spec["digest"], str(dev), opts.amp, opts.ensemble, opts.backend),
-                    lambda: Runner.for_options(load_model_bytes(weights, dev), dev, opts))
+    light = runs_without_torch(opts)  # numpy weights on ONNX Runtime: the worker never imports torch
+    dev = CPU if light else resolve_device(opts.device)
+    model = (lambda: load_weights_bytes(weights)) if light else (lambda: load_model_bytes(weights, dev))
+    runner = cached(("runner", spec["digest"], str(dev), light, opts.amp, opts.ensemble, opts.backend),
+                    lambda: Runner.for_options(model(), dev, opts))
     src = cached(("source", spec["input"], spec["axes"], spec["series"], spec["level"]),
                  lambda: open_input(spec["input"], axes=spec["axes"], series=spec["series"], level=spec["level"]))
     return Job(src, runner, Intensity.from_spec(spec["norm"]), opts)

@@ -13,6 +13,10 @@ provider, which fuses conv+ReLU and conv+add and runs blocked convolutions), ``o
 same graph with its 3×3 convolutions statically quantized to int8, calibrated on `calibration_inputs`; opt-in:
 see docs/performance.md for what it gains and costs). ``auto`` picks by the measurement in bench/roofline.py:
 ONNX Runtime on CPU (about 3× eager there), eager elsewhere.
+
+The ONNX Runtime graph is folded and written from the weights as numpy arrays (`memnet.ortgraph`), the same graph
+for a torch module and for the torch-free CPU path (`runner.OrtRunner`); `FoldedMemNet` is its torch reference
+and what eager, compile and the int8 trace run.
 """
 
 from __future__ import annotations

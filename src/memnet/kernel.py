@@ -35,7 +35,7 @@ from .tiling import Tile, TilePlan
 from .zoo import TASKS, ModelInfo, find_context_model, find_model
 
 __all__ = ["Job", "Progress", "ProgressTally", "choose_context", "context_swap", "describe_model", "open_output",
-           "pick_device", "prepare",
+           "pick_device", "prepare", "runs_without_torch",
            "resolve_batch", "rows_per_group", "run_group", "upscaled_geometry", "zarr_target"]
 
 
@@ -279,12 +279,17 @@ def prepare(data, model="denoise", *, axes=None, series=None, level=0, pixel_siz
     return Job(src, runner, norm, opts, info)
 
 
+def runs_without_torch(options: RestoreOptions) -> bool:
+    """Whether these options run on ONNX Runtime on a CPU known without torch (`runtime.cpu_without_torch`: "cpu",
+    or "auto" where no GPU is possible): then a model file runs as numpy arrays and torch is never imported."""
+    return options.backend in ("auto", "onnxruntime", "onnxruntime-int8") and cpu_without_torch(options.device) \
+        and onnxruntime_available()
+
+
 def pick_device(model, options: RestoreOptions):
-    """The device a job runs on: `runtime.CPU` (ONNX Runtime on numpy arrays: torch is never imported) when a
-    model file or name runs on an onnxruntime backend on a CPU known without torch (`runtime.cpu_without_torch`:
-    "cpu", or "auto" where no GPU is possible); else the ``torch.device`` `runtime.resolve_device` picks."""
-    if isinstance(model, (str, PathLike)) and options.backend in ("auto", "onnxruntime", "onnxruntime-int8") \
-            and cpu_without_torch(options.device) and onnxruntime_available():
+    """The device a job runs on: `runtime.CPU` (numpy weights on ONNX Runtime, no torch) for a model file or name
+    when `runs_without_torch`; else the ``torch.device`` `runtime.resolve_device` picks."""
+    if isinstance(model, (str, PathLike)) and runs_without_torch(options):
         return CPU
     return resolve_device(options.device)
 

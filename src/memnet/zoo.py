@@ -45,6 +45,7 @@ __all__ = [
     "find_model",
     "load_model",
     "load_weights",
+    "load_weights_bytes",
     "save_model",
     "read_info",
     "user_model_dir",
@@ -480,6 +481,12 @@ def model_bytes(model: MemNet, info: ModelInfo | None) -> bytes:
 
 def load_model_bytes(data: bytes, device: str | torch.device = "cpu") -> MemNet:
     """Load a model from .safetensors bytes (header parsed as JSON, tensors as raw data: no pickle)."""
+    weights = load_weights_bytes(data)
+    return _module(weights.config, weights.tensors).to(device)
+
+
+def load_weights_bytes(data: bytes) -> Weights:
+    """A model's numpy `Weights` from .safetensors bytes, checked as `load_weights` checks a file; no torch."""
     from safetensors.numpy import load
 
     if len(data) < 8:
@@ -495,7 +502,7 @@ def load_model_bytes(data: bytes, device: str | torch.device = "cpu") -> MemNet:
     _check_tensors("model bytes", cfg, shapes)
     tensors = load(data)
     _check_finite("model bytes", tensors)
-    return _module(cfg, tensors).to(device)
+    return Weights(cfg, tensors)
 
 
 def describe(info: ModelInfo) -> dict:

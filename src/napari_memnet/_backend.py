@@ -37,11 +37,12 @@ def devices() -> list[str]:
 
 
 def loaded() -> bool:
-    """Whether the engine is loaded. When it is already imported (a script, a test, another dock) with torch where
-    torch is needed, and no thread is loading, loading costs next to nothing: it is done here and then."""
+    """Whether the engine is loaded. When torch is already imported (a script, a test, another plugin), or the
+    engine is and torch is not needed (no GPU possible), and no thread is loading, loading costs next to nothing:
+    it is done here and then."""
     if _loaded.is_set():
         return True
-    cheap = "memnet.engine" in sys.modules and ("torch" in sys.modules or not memnet.engine.gpu_possible())
+    cheap = "torch" in sys.modules or ("memnet.engine" in sys.modules and not memnet.engine.gpu_possible())
     if cheap and _lock.acquire(blocking=False):  # a load in progress holds the lock
         _lock.release()
         load()
