@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .arch import MemNetConfig, Weights
+from .arch import Weights
 from .memory import available_bytes, batch_peak_bytes
 from .runtime import CPU
 from .zoo import ModelInfo, find_model, load_model, load_weights
@@ -170,11 +170,6 @@ class OrtRunner:
         self.amp = check_amp(amp)
         self.backend = "onnxruntime" if backend == "auto" else backend
         self.session = session_for(weights, int8=_int8_graph if self.backend == "onnxruntime-int8" else None)
-
-    @property
-    def config(self) -> MemNetConfig:
-        """The model's architecture."""
-        return self.model.config
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """The model's float32 output (N, Y, X) for a batch (N, Y, X) or (N, planes, Y, X) of normalised windows;
