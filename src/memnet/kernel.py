@@ -27,7 +27,7 @@ from .normalize import Intensity
 from .options import RestoreOptions
 from .ortgraph import onnxruntime_available
 from .resample import bicubic_up_rows
-from .runner import Runner, auto_batch, load_cached, resolve_model
+from .runner import OrtRunner, Runner, auto_batch, load_cached, resolve_model
 from .runtime import CPU, Cancelled, cpu_without_torch, resolve_device, stop_requested
 from .sinks import job_signature, open_sink, output_format
 from .sources import Source, open_input
@@ -105,7 +105,7 @@ class Job:
     (`RestoreOptions.resolved`): the tiling plan is made from them."""
 
     source: Source
-    runner: Runner
+    runner: Runner | OrtRunner
     norm: Intensity
     options: RestoreOptions
     info: ModelInfo | None = None
