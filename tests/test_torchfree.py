@@ -205,7 +205,7 @@ def test_a_gpu_machine_asks_torch_and_an_explicit_backend_keeps_torch(monkeypatc
     assert kernel.pick_device(_random_model(1, 1, 4, 0), opts(device="cpu")) == torch.device("cpu")
 
 
-def test_the_runtime_reads_torchs_build_without_importing_it():
+def test_the_runtime_reads_torchs_build_from_its_version_file():
     build = runtime._torch_build()
     assert build == {"cuda": torch.version.cuda is not None, "hip": torch.version.hip is not None,
                      "xpu": getattr(torch.version, "xpu", None) is not None}
