@@ -209,3 +209,18 @@ def test_the_runtime_reads_torchs_build_from_its_version_file():
     build = runtime._torch_build()
     assert build == {"cuda": torch.version.cuda is not None, "hip": torch.version.hip is not None,
                      "xpu": getattr(torch.version, "xpu", None) is not None}
+
+
+def test_int8_on_numpy_weights_equals_the_torch_runners_int8(tmp_path, monkeypatch):
+    """onnxruntime-int8 on numpy weights: its graph is traced and quantized with torch the first time (then cached);
+    the torch Runner, in a fresh session cache, reads the same graph back and gives the same floats."""
+    m = _random_model(1, 2, 6, seed=9)
+    batch = np.random.default_rng(3).random((2, 40, 36), dtype=np.float32)
+    monkeypatch.setattr(ortgraph, "_BUILT", type(ortgraph._BUILT)())
+    got = OrtRunner(_weights(m), backend="onnxruntime-int8")(batch)
+    assert len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 1  # the conftest's MEMNET_CACHE_DIR
+    ortgraph._BUILT.clear()
+    ref = Runner(m, torch.device("cpu"), backend="onnxruntime-int8")(batch)
+    assert np.array_equal(got, ref)
+    fp32 = OrtRunner(_weights(m))(batch)
+    assert 0 < _rel(got, fp32) < 0.1  # int8 arithmetic: close to fp32, not equal
