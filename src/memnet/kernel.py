@@ -195,7 +195,8 @@ class Job:
     def run_tiles(self, lead: tuple, tiles: list[Tile], windows: list[np.ndarray]):
         """Exact mode: run one batch of windows and yield each tile's (output index, output block):
         the prediction cropped to the tile's core, mapped back to the output's range and dtype."""
-        preds = self.runner(np.stack(windows))
+        # one window (the CPU's batch): a view, not a copy
+        preds = self.runner(windows[0][None] if len(windows) == 1 else np.stack(windows))
         for t, pred in zip(tiles, preds):
             yield self.out_index(lead, *t.core), self.to_output(pred[t.crop], lead, t.core)
 
