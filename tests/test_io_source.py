@@ -176,7 +176,8 @@ def test_raw_array_reads_what_numpy_indexing_gives(tmp_path, monkeypatch, byteor
     raw = RawArray(p, offset, data.shape, dtype)
     for idx in [(1, slice(10, 47), slice(3, 88)), (2, slice(None, None, 7), slice(None, None, 7)), (0,),
                 (slice(0, 3), slice(69, 70), 5), (-1, slice(None), slice(None)), (1, 0, slice(None, None, 3)),
-                (slice(1, 3), slice(2, 60, 2), slice(80, 90))]:
+                (slice(1, 3), slice(2, 60, 2), slice(80, 90)), (0, slice(65, 3, -4), slice(None)),
+                (2, slice(None, None, -1), slice(5, 6))]:
         got = raw[idx]
         assert got.dtype == np.uint16 and np.array_equal(got, data[idx]), idx
     raw.close()

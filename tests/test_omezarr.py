@@ -71,6 +71,31 @@ def test_pyramid_is_the_block_means_of_level_0_which_stays_exact(stack, model_fi
                                                   {"type": "translation", "translation": [0.0, 0.75, 0.75]}]
 
 
+@pytest.mark.parametrize("axes", ["ZYX", "ZXY"])
+def test_the_pyramid_built_from_memory_is_the_one_read_back(model_file, tmp_path, rng, monkeypatch, axes):
+    """A run builds each pyramid row from the rows it just wrote, kept in memory (not read back from level
+    0): the same chunks, byte for byte, as building every row from what is on disk; odd sizes, and X stored
+    before Y."""
+    from memnet.sinks import ZarrSink
+
+    x = (rng.random((2, 150, 230)) * 4000).astype(np.uint16)
+    kw = dict(axes=axes, tile=32, pyramid=16, device="cpu", batch_size=3)
+    read_back = []
+    original = ZarrSink._build_read_back
+    monkeypatch.setattr(ZarrSink, "_build_read_back", lambda self, unit: read_back.append(unit) or original(self, unit))
+    memnet.restore(x, model_file, output=tmp_path / "mem.zarr", **kw)
+    assert read_back == []  # every row came from memory
+    monkeypatch.setattr(ZarrSink, "_keep", lambda self, *a: None)  # nothing kept: every row read back
+    memnet.restore(x, model_file, output=tmp_path / "disk.zarr", **kw)
+    assert read_back
+    files = sorted(str(p.relative_to(tmp_path / "mem.zarr")) for p in (tmp_path / "mem.zarr").rglob("*")
+                   if p.is_file() and p.name != "zarr.json")
+    assert len(files) > 40
+    for f in files:
+        assert (tmp_path / "mem.zarr" / f).read_bytes() == (tmp_path / "disk.zarr" / f).read_bytes(), f
+    _check_pyramid([np.moveaxis(lv, -1, -2) if axes == "ZXY" else lv for lv in _levels(tmp_path / "mem.zarr")], 16)
+
+
 def test_a_small_image_has_level_0_only_and_pyramid_0_turns_it_off(model_file, tmp_path, rng):
     x = (rng.random((100, 120)) * 4000).astype(np.uint16)
     memnet.restore(x, model_file, output=tmp_path / "a.zarr", device="cpu")  # default: down to 1024 px

@@ -128,7 +128,7 @@ def usable_cores() -> int:
 class _RowJoin:
     """Joins the blocks of one tile row (one plane) into one block: a sink that takes them (``row_writes``:
     Zarr) writes a whole chunk row in one call, its codecs running over the row's chunks together, instead
-    of paying a call per chunk. Holds at most the rows in flight."""
+    of paying a call per chunk. Holds the rows being filled (the blocks are copied in as they come)."""
 
     def __init__(self, job: Job):
         axes = job.source.axes
@@ -137,17 +137,22 @@ class _RowJoin:
         self.parts: dict[tuple, list] = {}
 
     def add(self, index: tuple, block: np.ndarray):
-        """Keep ``block``; once its row is complete, the row's (index, block); else None."""
+        """Copy ``block`` into its row; once the row is complete, the row's (index, block); else None."""
         xs = index[self.xi]
         key = tuple((i.start, i.stop) if isinstance(i, slice) else i for i in index[: self.xi] + (None,)
                     + index[self.xi + 1:])  # slices are not hashable before Python 3.12
-        parts = self.parts.setdefault(key, [])
-        parts.append((xs.start, block))
-        if sum(b.shape[self.x_axis] for _, b in parts) < self.width:
+        if key not in self.parts:
+            shape = list(block.shape)
+            shape[self.x_axis] = self.width
+            self.parts[key] = [np.empty(shape, block.dtype), []]
+        row, spans = self.parts[key]
+        at = [slice(None)] * block.ndim
+        at[self.x_axis] = xs
+        row[tuple(at)] = block
+        spans.append((xs.start, xs.stop))
+        if sum(b - a for a, b in spans) < self.width:
             return None
         del self.parts[key]
-        parts.sort(key=lambda p: p[0])
-        row = np.concatenate([b for _, b in parts], axis=self.x_axis)
         return self._index(key, 0, self.width), row
 
     def _index(self, key: tuple, x0: int, x1: int) -> tuple:
@@ -156,8 +161,12 @@ class _RowJoin:
 
     def flush(self):
         """The blocks of rows left incomplete, one by one (none in a run: a group is whole tile rows)."""
-        left = [(self._index(key, x0, x0 + b.shape[self.x_axis]), b)
-                for key, parts in self.parts.items() for x0, b in parts]
+        left = []
+        for key, (row, spans) in self.parts.items():
+            for a, b in spans:
+                at = [slice(None)] * row.ndim
+                at[self.x_axis] = slice(a, b)
+                left.append((self._index(key, a, b), row[tuple(at)]))
         self.parts.clear()
         return left
 

@@ -356,26 +356,30 @@ class ZarrSink(Sink):
         wrote them all (kept in memory), else chunk by chunk read back from the level below (4 chunks
         read per chunk written). The same values either way: 2×2 means never straddle a chunk."""
         k = unit.level
-        src, dst, up, lo = self.levels[k - 1], self.levels[k], self.pyramid.levels[k - 1], self.pyramid.levels[k]
+        dst, up, lo = self.levels[k], self.pyramid.levels[k - 1], self.pyramid.levels[k]
         kids = range(*self.pyramid.children(k, unit.row).indices(up.rows))
         with self._kept_lock:
             kept = [self._kept.pop((k - 1, unit.plane, r), None) for r in kids] if self._kept is not None else [None]
-        if all(b is not None for b in kept):
-            below = np.concatenate(kept, axis=self._y_axis) if len(kept) > 1 else kept[0]
-            ys = slice(unit.row * lo.chunk_h, min((unit.row + 1) * lo.chunk_h, lo.height))
-            first = kids.start * up.chunk_h  # the rows below cover 2 * ys exactly (chunk rows are whole)
-            below = below[slice(2 * ys.start - first, min(2 * ys.stop, up.height) - first)] if self._y_axis == 0 \
-                else below[:, slice(2 * ys.start - first, min(2 * ys.stop, up.height) - first)]
+        ys = slice(unit.row * lo.chunk_h, min((unit.row + 1) * lo.chunk_h, lo.height))
+        # The rows below are exactly 2 * ys (whole chunk rows); of even heights but the last, each row's
+        # means are its own (no 2x2 block straddles two rows).
+        if all(b is not None for b in kept) and kids.start * up.chunk_h == 2 * ys.start \
+                and all(b.shape[self._y_axis] % 2 == 0 for b in kept[:-1]):
+            means = [mean2x2(b) for b in kept]
+            row = np.concatenate(means, axis=self._y_axis) if len(means) > 1 else means[0]
             index = full_index(unit.lead, self.axes, ys, slice(0, lo.width))
-            row = mean2x2(below)
             dst[ngff_index(index, self.perm)] = row
             if k + 1 < len(self.pyramid):
                 self._keep(k, index, row)
         else:
-            for (ys0, xs0), (ys, xs) in self.pyramid.regions(k, unit.row):
-                block = np.asarray(src[self._at(unit.lead, ys0, xs0)])
-                dst[self._at(unit.lead, ys, xs)] = mean2x2(block)
+            self._build_read_back(unit)
         write_marker(self.done_dir, unit.key)
+
+    def _build_read_back(self, unit: Unit) -> None:
+        src, dst = self.levels[unit.level - 1], self.levels[unit.level]
+        for (ys0, xs0), (ys, xs) in self.pyramid.regions(unit.level, unit.row):
+            block = np.asarray(src[self._at(unit.lead, ys0, xs0)])
+            dst[self._at(unit.lead, ys, xs)] = mean2x2(block)
 
     def build_ready(self, units) -> None:
         """Build ``units`` here, and every row they complete in turn."""

@@ -124,11 +124,11 @@ class ChunkCache:
 
 class RawArray:
     """An uncompressed TIFF series stored contiguously, read by byte ranges: a window reads its rows (in bands
-    of at most 8 MB), not the page. For pages larger than the chunk cache takes, which tifffile's Zarr store
+    of at most 2 MB), not the page. For pages larger than the chunk cache takes, which tifffile's Zarr store
     decodes whole for every window (an 8192² uint16 plane: 128 MB per window read). Thread-safe; the file
     is reopened after pickling."""
 
-    _BAND = 8 * 2**20
+    _BAND = 2 * 2**20  # bytes per read: what a read holds beside its window (per reader thread)
 
     def __init__(self, path: Path, offset: int, shape: tuple, dtype: np.dtype):
         self.path, self.offset, self.shape = Path(path), int(offset), tuple(int(n) for n in shape)
@@ -175,11 +175,13 @@ class RawArray:
             plane = int(np.ravel_multi_index([r[i] for r, i in zip(picks[:-2], at)], self.shape[:-2])) \
                 if self.ndim > 2 else 0
             for j in range(0, len(rows) if out.size else 0, per_read):
-                sub = np.asarray(rows[j: j + per_read])
-                lo = int(sub.min())
-                band = np.empty((int(sub.max()) + 1 - lo, w), self.file_dtype)
+                sub = rows[j: j + per_read]
+                lo = min(sub[0], sub[-1])
+                band = np.empty((max(sub[0], sub[-1]) + 1 - lo, w), self.file_dtype)
                 self._read(self.offset + (plane * h + lo) * row_bytes, band)
-                out[at][j: j + len(sub)] = band[sub - lo][:, cols]
+                # rows picked by a view (a fancy index would copy the whole band first)
+                picked = band[::sub.step] if sub.step > 0 else band[::-1][::-sub.step]
+                out[at][j: j + len(sub)] = picked[:, cols]
         drop = tuple(d for d, i in enumerate(idx) if not isinstance(i, slice))
         return out.squeeze(axis=drop) if drop else out
 
