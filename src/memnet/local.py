@@ -179,6 +179,8 @@ class _Writer:
     each marker only after every block queued before it is on disk. With ``rows`` (a `_RowJoin`), the
     blocks of a tile row are written as one."""
 
+    MAX_BYTES = 32 * 2**20
+
     def __init__(self, sink, maxsize: int = 32, writers: int | None = None, rows: _RowJoin | None = None):
         self.sink, self.rows = sink, rows
         self.q: queue.Queue = queue.Queue(maxsize=maxsize)
@@ -228,13 +230,15 @@ class _Writer:
         if self.pool is None:
             self.sink.write(index, block)
         else:
-            self.inflight.append(self.pool.submit(self.sink.write, index, block))
-            if len(self.inflight) >= self.limit:
-                self.inflight.pop(0).result()
+            self.inflight.append((self.pool.submit(self.sink.write, index, block), block.nbytes))
+            # blocks (joined rows: up to a row of the widest plane each) being written at once, and their bytes
+            while len(self.inflight) >= self.limit or (len(self.inflight) > 1
+                                                        and sum(n for _, n in self.inflight) > self.MAX_BYTES):
+                self.inflight.pop(0)[0].result()
 
     def _drain(self) -> None:
         done, self.inflight = self.inflight, []
-        for f in done:
+        for f, _ in done:
             f.result()
 
     def mark_done(self, key: str) -> None:
