@@ -207,3 +207,19 @@ def _sample_stride(src) -> int:
     from memnet.normalize import sample_plan
 
     return sample_plan(len(src.leads()), src.plane_shape[0] * src.plane_shape[1])[1]
+
+
+def test_a_window_inside_one_cached_chunk_is_a_copy_unless_asked_for_a_view(tmp_path):
+    """The engine reads windows without a copy (a read-only view of the cached chunk: it only reads them);
+    every other reader gets its own writable array, so changing it cannot change what the cache holds."""
+    import tifffile
+
+    data = np.arange(3 * 600 * 500, dtype=np.uint16).reshape(3, 600, 500)
+    tifffile.imwrite(tmp_path / "s.tif", data, metadata={"axes": "ZYX"})
+    src = memnet.open_input(tmp_path / "s.tif")
+    view = src.read_plane((1,), slice(10, 90), slice(20, 70), copy=False)
+    assert not view.flags.writeable and np.array_equal(view, data[1, 10:90, 20:70])
+    own = src.read_plane((1,), slice(10, 90), slice(20, 70))
+    own[:] = 0
+    assert np.array_equal(src.read_plane((1,), slice(10, 90), slice(20, 70)), data[1, 10:90, 20:70])
+    src.close()

@@ -169,7 +169,7 @@ class Job:
 
     def _read(self, lead: tuple, ys: slice, xs: slice) -> np.ndarray:
         """One plane's window, checked and normalised by its channel's mapping."""
-        raw = self.source.read_plane(lead, ys, xs)
+        raw = self.source.read_plane(lead, ys, xs, copy=False)  # only read: forward makes the float32 copy
         if raw.dtype.kind == "f" and not np.all(np.isfinite(raw)):
             bad = np.argwhere(~np.isfinite(raw))[0]
             raise ValueError(f"the input contains NaN or Inf (plane {lead}, near y={ys.start + bad[0]}, "

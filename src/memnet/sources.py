@@ -70,6 +70,10 @@ class ChunkCache:
 
     def __getitem__(self, idx: tuple) -> np.ndarray:
         """``array[idx]`` for ints and slices (a step is allowed), from cached chunks."""
+        return self.get(idx)
+
+    def get(self, idx: tuple, copy: bool = True) -> np.ndarray:
+        """``array[idx]``; with ``copy`` False, a window inside one chunk is a read-only view of it."""
         spans, picks = [], []
         for ix, c, n in zip(idx, self.chunks, self.shape):
             if isinstance(ix, slice):
@@ -84,7 +88,11 @@ class ChunkCache:
         lo = [r.start * c for r, c in zip(spans, self.chunks)]
         local = tuple(slice(p[0] - a, p[1] - a, p[2]) if isinstance(p, tuple) else p - a for p, a in zip(picks, lo))
         if all(len(r) == 1 for r in spans):  # inside one chunk: a copy of the window, not of the chunk
-            return self._chunk(tuple(r.start for r in spans))[local].copy()
+            window = self._chunk(tuple(r.start for r in spans))[local]
+            if copy:
+                return window.copy()
+            window.flags.writeable = False
+            return window
         hi = [min(r.stop * c, n) for r, c, n in zip(spans, self.chunks, self.shape)]
         region = np.empty([b - a for a, b in zip(lo, hi)], dtype=self.array.dtype)
         for key in product(*spans):
@@ -284,11 +292,15 @@ class Source:
         """X is stored before Y: windows are transposed on the way in and out."""
         return self.axes.index("Y") > self.axes.index("X")
 
-    def read_plane(self, lead: tuple = (), ys: slice = slice(None), xs: slice = slice(None)) -> np.ndarray:
+    def read_plane(self, lead: tuple = (), ys: slice = slice(None), xs: slice = slice(None), *,
+                   copy: bool = True) -> np.ndarray:
         """A window of one plane, as a (Y, X) array whatever the array's axis order: the one place that
-        reads pixels. ``lead``: one index per axis in ``lead_axes``; ``ys``/``xs`` may carry a step."""
+        reads pixels. ``lead``: one index per axis in ``lead_axes``; ``ys``/``xs`` may carry a step. With
+        ``copy`` False the result may be a read-only view of a cached chunk (for a reader that only reads it)."""
         try:
-            p = np.asarray(self._reader()[self.index(tuple(int(i) for i in lead), ys, xs)])
+            reader, index = self._reader(), self.index(tuple(int(i) for i in lead), ys, xs)
+            p = np.asarray(reader.get(index, copy=False) if not copy and isinstance(reader, ChunkCache)
+                           else reader[index])
         except Exception as e:
             where = self.path or "the input array"
             raise OSError(f"{where}: cannot read plane {tuple(lead)}, rows {ys.start}:{ys.stop}, columns "
