@@ -98,6 +98,30 @@ def test_the_chunk_cache_gives_what_the_array_gives_and_decodes_each_chunk_once(
     assert small.array.reads == 4 and len(small.blocks) == 2  # the oldest chunk was evicted and read again
 
 
+def test_the_chunk_cache_reads_a_row_of_chunks_in_one_call(rng, monkeypatch):
+    """A miss reads the chunks beside it along the last axis with it, in one call into the array (a Zarr call
+    per chunk costs about as much as decoding it), in runs of at most ROW_MAX bytes; from several threads at
+    once, every chunk is still read once and every window is numpy's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from memnet.sources import ChunkCache
+
+    data = rng.integers(0, 65535, (3, 300, 260), dtype=np.uint16)
+    arr = _CountingArray(data, (1, 64, 32))  # 5 chunk rows of 9 chunks per plane
+    cache = ChunkCache(arr)
+    np.testing.assert_array_equal(cache[1, 70:80, 100:110], data[1, 70:80, 100:110])
+    assert arr.reads == 1 and len(cache.blocks) == 9  # the whole chunk row
+    monkeypatch.setattr(ChunkCache, "ROW_MAX", 4 * 64 * 32 * 2)  # runs of 4 chunks: 3 runs per row
+    windows = [(z, slice(max(0, y - 20), y + 84), slice(max(0, x - 20), x + 84)) for z in range(3)
+               for y in range(0, 300, 64) for x in range(0, 260, 64)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(cache.__getitem__, windows))
+    for idx, g in zip(windows, got):
+        np.testing.assert_array_equal(g, data[idx])
+    assert len(cache.blocks) == 3 * 5 * 9 and not cache.inflight  # every chunk once, none left in flight
+    assert arr.reads <= 1 + (3 * 5 - 1) * 3 + 2  # about one read per run, far from one per chunk (135)
+
+
 def test_a_source_reads_big_tiff_pages_once_for_all_its_windows(tmp_path, rng):
     import tifffile
 

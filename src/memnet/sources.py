@@ -101,33 +101,60 @@ class ChunkCache:
             region[at] = block
         return region[local]
 
+    ROW_MAX = 16 * 2**20  # a miss decodes the chunks beside it along the last axis up to this many bytes
+
     def _chunk(self, key: tuple) -> np.ndarray:
         with self.lock:
             if key in self.blocks:
                 self.blocks.move_to_end(key)
                 return self.blocks[key]
-            fut, mine = self.inflight.get(key), False
-            if fut is None:
-                fut, mine = Future(), True
-                self.inflight[key] = fut
-        if not mine:
+            fut = self.inflight.get(key)
+            if fut is None:  # claim it, and the chunks of its row not cached nor being decoded
+                mine = self._claim_row(key)
+        if fut is not None:
             return fut.result()  # another reader is decoding it
+        first, last = min(k[-1] for k in mine), max(k[-1] for k in mine)
+        c, n = self.chunks[-1], self.shape[-1]
         try:
-            block = np.asarray(self.array[tuple(slice(k * c, min((k + 1) * c, n))
-                                                for k, c, n in zip(key, self.chunks, self.shape))])
+            # One read for the whole run of chunks: one call into the array (a Zarr call per chunk costs
+            # about as much as decoding it), each chunk a view of the run.
+            at = tuple(slice(k * ch, min((k + 1) * ch, m)) for k, ch, m in zip(key[:-1], self.chunks, self.shape))
+            run = np.asarray(self.array[at + (slice(first * c, min((last + 1) * c, n)),)])
         except BaseException as e:
             with self.lock:
-                del self.inflight[key]
-            fut.set_exception(e)
+                for k in mine:
+                    self.inflight.pop(k).set_exception(e)
             raise
+        blocks = {k: run[..., (k[-1] - first) * c: (k[-1] - first + 1) * c] for k in mine}
         with self.lock:
-            del self.inflight[key]
-            self.blocks[key] = block
-            self.nbytes += block.nbytes
+            for k, block in blocks.items():
+                self.blocks[k] = block
+                self.nbytes += block.nbytes
             while self.nbytes > self.budget and len(self.blocks) > 1:
                 self.nbytes -= self.blocks.popitem(last=False)[1].nbytes
-        fut.set_result(block)
-        return block
+            futures = [self.inflight.pop(k) for k in mine]
+        for k, f in zip(mine, futures):
+            f.set_result(blocks[k])
+        return blocks[key]
+
+    def _claim_row(self, key: tuple) -> list[tuple]:
+        """Under the lock: ``key`` and its row's free chunks (next to each other with it), marked in flight."""
+        c, n = self.chunks[-1], self.shape[-1]
+        row_chunks = -(-n // c)
+        per_chunk = int(np.prod(self.chunks)) * np.dtype(self.array.dtype).itemsize
+        width = max(1, min(row_chunks, self.ROW_MAX // max(per_chunk, 1)))
+        start = key[-1] // width * width  # the row split into fixed runs: two readers never overlap
+        mine = [k for k in (key[:-1] + (i,) for i in range(start, min(start + width, row_chunks)))
+                if k == key or (k not in self.blocks and k not in self.inflight)]
+        lo = hi = mine.index(key)  # only the run of free chunks that holds key: one contiguous read
+        while lo > 0 and mine[lo - 1][-1] == mine[lo][-1] - 1:
+            lo -= 1
+        while hi + 1 < len(mine) and mine[hi + 1][-1] == mine[hi][-1] + 1:
+            hi += 1
+        mine = mine[lo: hi + 1]
+        for k in mine:
+            self.inflight[k] = Future()
+        return mine
 
 
 class RawArray:
