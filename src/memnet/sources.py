@@ -93,13 +93,16 @@ class ChunkCache:
                 return window.copy()
             window.flags.writeable = False
             return window
-        hi = [min(r.stop * c, n) for r, c, n in zip(spans, self.chunks, self.shape)]
-        region = np.empty([b - a for a, b in zip(lo, hi)], dtype=self.array.dtype)
+        # The region the window spans (not the whole chunks it touches), filled from each chunk's part of it.
+        a0 = [p[0] if isinstance(p, tuple) else p for p in picks]
+        a1 = [p[1] if isinstance(p, tuple) else p + 1 for p in picks]
+        region = np.empty([b - a for a, b in zip(a0, a1)], dtype=self.array.dtype)
         for key in product(*spans):
             block = self._chunk(key)
-            at = tuple(slice(k * c - a, k * c - a + m) for k, c, a, m in zip(key, self.chunks, lo, block.shape))
-            region[at] = block
-        return region[local]
+            lo_k = [k * c for k, c in zip(key, self.chunks)]
+            src = tuple(slice(max(a, b) - b, min(e, b + m) - b) for a, e, b, m in zip(a0, a1, lo_k, block.shape))
+            region[tuple(slice(s.start + b - a, s.stop + b - a) for s, a, b in zip(src, a0, lo_k))] = block[src]
+        return region[tuple(slice(None, None, p[2]) if isinstance(p, tuple) else 0 for p in picks)]
 
     ROW_MAX = 16 * 2**20  # a miss decodes the chunks beside it along the last axis up to this many bytes
 
