@@ -3,12 +3,15 @@
   python bench/peak_rss.py --cli                      # what a user runs: memnet restore, shipped model
   python bench/peak_rss.py --cli --shapes 512 2x2048  # some of the shapes (8192 takes ~6 CPU-minutes)
   python bench/peak_rss.py --gb 0.5 2 4               # stacks several times larger than the memory budget
+  python bench/peak_rss.py --cli --free-model --shapes 8192   # the pipeline's share: the model is a copy
 
 --cli: for each shape (a 512², 2048² and 8192² plane, a 2 × 2048² stack; uint16 TIFF written as a user
 would, tifffile.imwrite of the whole array), runs `memnet restore IN -o OUT --model microscopy` with the
-default options in a fresh process, to OME-Zarr and to TIFF, and prints that process's peak RSS (ru_maxrss
-from wait4: the process and any child it waited for), the peak RSS of a process that only imports what a
-restore imports (`--imports`), and the wall time.
+default options in a fresh process, to OME-Zarr and to TIFF, and prints that process's peak RSS (VmHWM,
+which the process reports on exit; not ru_maxrss from wait4, which also holds the parent's peak), the peak
+RSS of a process that only imports what a restore imports (`--imports`), and the wall time. With
+--free-model the model call is replaced by a copy (as in bench/pipeline.py): what is left is the pipeline's
+memory (reads, intensity mapping, writes, the pyramid), measured in seconds instead of the model's minutes.
 
 --gb: for each size, generates a uint16 stack on disk (Zarr and BigTIFF, written plane by plane, never
 held in RAM), then restores it in a fresh subprocess (exact mode, output OME-Zarr and TIFF) and
@@ -31,15 +34,15 @@ from pathlib import Path
 import numpy as np
 
 CHILD = r"""
-import json, resource, sys, time, torch, memnet
+import json, sys, time, torch, memnet
 torch.manual_seed(0)
 src, out, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
 m = memnet.MemNet(1, 1, 4).eval()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
 t0 = time.perf_counter()
 memnet.restore(src, m, output=out, tile=512, device="cpu", memory_budget=budget)
 dt = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
 print(json.dumps({"peak_mb": peak / 1024, "baseline_mb": base / 1024, "seconds": dt}))
 """
 
@@ -90,18 +93,34 @@ print(backend + ("" if "torch" in sys.modules else "/np"), resource.getrusage(re
 """
 
 
+# `memnet restore` in a process that reports its own peak RSS (VmHWM) on exit; with the model call replaced
+# by a copy (bench/pipeline.py's free model) when the first argument is "free".
+CLI = r"""
+import atexit, sys
+def _peak():
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    print("VmHWM_kB", hwm.split()[1], file=sys.stderr)
+atexit.register(_peak)
+if sys.argv.pop(1) == "free":
+    from memnet.runner import Runner
+    Runner.__call__ = lambda self, b: b[:, b.shape[1] // 2] if b.ndim == 4 else b
+from memnet.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _run_measured(cmd: list[str]) -> tuple[float, float]:
-    """Run ``cmd`` to its end; (peak RSS MB of it and the children it waited for, seconds)."""
+    """Run ``cmd`` (a `CLI` process) to its end; (its peak RSS in MiB, seconds). The peak is the one the
+    process reports (VmHWM): a child's ru_maxrss also holds its parent's peak (Linux records the parent's
+    high-water mark at exec), and this bench's parent held a whole 8192² image to write the input."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     dt = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
     if proc.returncode:
-        print(out, err, file=sys.stderr)
+        print(proc.stdout, proc.stderr, file=sys.stderr)
         raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
-    return usage.ru_maxrss / 1024, dt
+    kb = next(line.split()[1] for line in proc.stderr.splitlines() if line.startswith("VmHWM_kB"))
+    return int(kb) / 1024, dt
 
 
 def cli_mode(args) -> None:
@@ -111,7 +130,7 @@ def cli_mode(args) -> None:
     backend, imports_mb = res.stdout.split()
     extra = [a for a in args.extra.split() if a]
     print(f"# memnet restore IN -o OUT --model {args.model} {' '.join(extra)}".rstrip()
-          + f"; {os.cpu_count()} cores visible")
+          + f"; {os.cpu_count()} cores visible" + ("; the model replaced by a copy" if args.free_model else ""))
     print(f"{'shape':>14} {'output':>8} {'backend':>12} {'peak RSS MiB':>12} {'imports MiB':>11} {'s':>7}")
     rng = np.random.default_rng(0)
     for name in args.shapes:
@@ -124,8 +143,8 @@ def cli_mode(args) -> None:
             del img
             for suffix in args.outputs:
                 out = tmp / f"out{suffix}"
-                cmd = [sys.executable, "-m", "memnet", "restore", str(src), "-o", str(out),
-                       "--model", args.model, "-q", *extra]
+                cmd = [sys.executable, "-c", CLI, "free" if args.free_model else "model", "restore", str(src),
+                       "-o", str(out), "--model", args.model, "-q", *extra]
                 peak, dt = _run_measured(cmd)
                 print(f"{' x '.join(map(str, shape)):>14} {suffix:>8} {backend:>12} {peak:12.0f} "
                       f"{float(imports_mb):11.0f} {dt:7.1f}", flush=True)
@@ -141,6 +160,7 @@ def main() -> None:
     ap.add_argument("--outputs", nargs="+", choices=(".zarr", ".tif"), default=[".zarr", ".tif"])
     ap.add_argument("--model", default="microscopy")
     ap.add_argument("--extra", default="", help="more `memnet restore` options, e.g. '--backend eager'")
+    ap.add_argument("--free-model", action="store_true", help="--cli with the model call replaced by a copy")
     ap.add_argument("--gb", type=float, nargs="+", default=[0.5, 2.0])
     ap.add_argument("--budget-mb", type=int, default=256, help="the engine's memory_budget for batches")
     args = ap.parse_args()

@@ -100,8 +100,9 @@ def ctx_user(ctx_model, _isolated_user_models):
 
 # `memnet restore` that stops at a point the test names and stays there until the test kills it: after
 # argv[2] new done-markers of groups, then argv[3] more output blocks (0: right after the marker, before the
-# pyramid rows it completes are built). It creates the file argv[1] when it stops. A test that kills it there
-# knows what was on disk, however fast or slow the machine is.
+# pyramid rows it completes are built; counted in chunks, a tile row written in one call counts as its
+# chunks, and the run stops after the write that reaches the count). It creates the file argv[1] when it
+# stops. A test that kills it there knows what was on disk, however fast or slow the machine is.
 _HELD_RESTORE = """
 import sys, threading, time
 from pathlib import Path
@@ -128,10 +129,13 @@ def counted_mark_done(self, key):
 
 def counted_write(self, index, block):
     write(self, index, block)
+    level = self.pyramid.levels[0]
+    chunks = -(-block.shape[-2] // level.chunk_h) * -(-block.shape[-1] // level.chunk_w)
     with count:
+        was = seen["blocks"]
         if seen["groups"] >= groups:
-            seen["blocks"] += 1
-        now = seen["groups"] >= groups and seen["blocks"] == blocks
+            seen["blocks"] += chunks
+        now = seen["groups"] >= groups and was < blocks <= seen["blocks"]
     if now:
         hold()
 

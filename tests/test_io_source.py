@@ -98,6 +98,30 @@ def test_the_chunk_cache_gives_what_the_array_gives_and_decodes_each_chunk_once(
     assert small.array.reads == 4 and len(small.blocks) == 2  # the oldest chunk was evicted and read again
 
 
+def test_the_chunk_cache_reads_a_row_of_chunks_in_one_call(rng, monkeypatch):
+    """A miss reads the chunks beside it along the last axis with it, in one call into the array (a Zarr call
+    per chunk costs about as much as decoding it), in runs of at most ROW_MAX bytes; from several threads at
+    once, every chunk is still read once and every window is numpy's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from memnet.sources import ChunkCache
+
+    data = rng.integers(0, 65535, (3, 300, 260), dtype=np.uint16)
+    arr = _CountingArray(data, (1, 64, 32))  # 5 chunk rows of 9 chunks per plane
+    cache = ChunkCache(arr)
+    np.testing.assert_array_equal(cache[1, 70:80, 100:110], data[1, 70:80, 100:110])
+    assert arr.reads == 1 and len(cache.blocks) == 9  # the whole chunk row
+    monkeypatch.setattr(ChunkCache, "ROW_MAX", 4 * 64 * 32 * 2)  # runs of 4 chunks: 3 runs per row
+    windows = [(z, slice(max(0, y - 20), y + 84), slice(max(0, x - 20), x + 84)) for z in range(3)
+               for y in range(0, 300, 64) for x in range(0, 260, 64)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(cache.__getitem__, windows))
+    for idx, g in zip(windows, got):
+        np.testing.assert_array_equal(g, data[idx])
+    assert len(cache.blocks) == 3 * 5 * 9 and not cache.inflight  # every chunk once, none left in flight
+    assert arr.reads <= 1 + (3 * 5 - 1) * 3 + 2  # about one read per run, far from one per chunk (135)
+
+
 def test_a_source_reads_big_tiff_pages_once_for_all_its_windows(tmp_path, rng):
     import tifffile
 
@@ -176,7 +200,8 @@ def test_raw_array_reads_what_numpy_indexing_gives(tmp_path, monkeypatch, byteor
     raw = RawArray(p, offset, data.shape, dtype)
     for idx in [(1, slice(10, 47), slice(3, 88)), (2, slice(None, None, 7), slice(None, None, 7)), (0,),
                 (slice(0, 3), slice(69, 70), 5), (-1, slice(None), slice(None)), (1, 0, slice(None, None, 3)),
-                (slice(1, 3), slice(2, 60, 2), slice(80, 90))]:
+                (slice(1, 3), slice(2, 60, 2), slice(80, 90)), (0, slice(65, 3, -4), slice(None)),
+                (2, slice(None, None, -1), slice(5, 6))]:
         got = raw[idx]
         assert got.dtype == np.uint16 and np.array_equal(got, data[idx]), idx
     raw.close()
@@ -206,3 +231,19 @@ def _sample_stride(src) -> int:
     from memnet.normalize import sample_plan
 
     return sample_plan(len(src.leads()), src.plane_shape[0] * src.plane_shape[1])[1]
+
+
+def test_a_window_inside_one_cached_chunk_is_a_copy_unless_asked_for_a_view(tmp_path):
+    """The engine reads windows without a copy (a read-only view of the cached chunk: it only reads them);
+    every other reader gets its own writable array, so changing it cannot change what the cache holds."""
+    import tifffile
+
+    data = np.arange(3 * 600 * 500, dtype=np.uint16).reshape(3, 600, 500)
+    tifffile.imwrite(tmp_path / "s.tif", data, metadata={"axes": "ZYX"})
+    src = memnet.open_input(tmp_path / "s.tif")
+    view = src.read_plane((1,), slice(10, 90), slice(20, 70), copy=False)
+    assert not view.flags.writeable and np.array_equal(view, data[1, 10:90, 20:70])
+    own = src.read_plane((1,), slice(10, 90), slice(20, 70))
+    own[:] = 0
+    assert np.array_equal(src.read_plane((1,), slice(10, 90), slice(20, 70)), data[1, 10:90, 20:70])
+    src.close()

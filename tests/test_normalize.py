@@ -78,3 +78,31 @@ def test_constant_float_images_of_any_magnitude_stay_finite(micro_file, value):
     # At its level: the span is the magnitude, so the (random) tiny model's response to a flat 0 input,
     # about 1 % of the span, is all that moves it.
     np.testing.assert_allclose(out, value, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32])
+def test_mean2x2_of_integers_is_the_rounded_float64_mean(dtype, rng):
+    """Small integers take an integer path (the pyramid's hot path): the same values as the float64 means
+    rounded half to even, at odd edges, at the dtype's extremes and on exact halves and quarters."""
+    info = np.iinfo(dtype)
+    for shape in [(2, 2), (3, 5), (64, 63), (65, 65), (1, 7), (6, 1)]:
+        for lo, hi in [(info.min, info.max), (0, 3), (info.max - 3, info.max), (info.min, info.min + 3)]:
+            block = rng.integers(lo, hi, shape, dtype=dtype, endpoint=True)
+            h, w = shape
+            padded = np.full((h + h % 2, w + w % 2), np.nan)
+            padded[:h, :w] = block
+            ref = np.rint(np.nanmean(padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2), axis=(1, 3)))
+            out = mean2x2(block)
+            assert out.dtype == dtype and np.array_equal(out, ref.astype(dtype)), (shape, lo)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16, np.dtype(">i2"), np.dtype(">u2")])
+def test_the_forward_table_of_8_and_16_bit_data_is_the_float64_mapping(dtype):
+    """Every value of an 8/16-bit dtype (signed ones indexed by their bits with the sign flipped) maps as
+    the float64 computation does."""
+    norm = Normalizer.build(dtype, {"mode": "percentile"}, lambda lo, hi: (3.0, 200.0))
+    info = np.iinfo(dtype)
+    values = np.arange(int(info.min), int(info.max) + 1).astype(dtype).reshape(-1, 64)
+    ref = ((values.astype(np.float64) - norm.offset) / norm.scale).astype(np.float32)
+    out = norm.forward(values)
+    assert out.dtype == np.float32 and np.array_equal(out, ref)

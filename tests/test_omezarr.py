@@ -71,6 +71,56 @@ def test_pyramid_is_the_block_means_of_level_0_which_stays_exact(stack, model_fi
                                                   {"type": "translation", "translation": [0.0, 0.75, 0.75]}]
 
 
+@pytest.mark.parametrize("axes", ["ZYX", "ZXY"])
+def test_the_pyramid_built_from_memory_is_the_one_read_back(model_file, tmp_path, rng, monkeypatch, axes):
+    """A run builds each pyramid row from the rows it just wrote, kept in memory (not read back from level
+    0): the same chunks, byte for byte, as building every row from what is on disk; odd sizes, and X stored
+    before Y."""
+    from memnet.sinks import ZarrSink
+
+    x = (rng.random((2, 150, 230)) * 4000).astype(np.uint16)
+    kw = dict(axes=axes, tile=32, pyramid=16, device="cpu", batch_size=3)
+    read_back = []
+    original = ZarrSink._build_read_back
+    monkeypatch.setattr(ZarrSink, "_build_read_back", lambda self, unit: read_back.append(unit) or original(self, unit))
+    memnet.restore(x, model_file, output=tmp_path / "mem.zarr", **kw)
+    assert read_back == []  # every row came from memory
+    monkeypatch.setattr(ZarrSink, "_keep", lambda self, *a: None)  # nothing kept: every row read back
+    memnet.restore(x, model_file, output=tmp_path / "disk.zarr", **kw)
+    assert read_back
+    files = sorted(str(p.relative_to(tmp_path / "mem.zarr")) for p in (tmp_path / "mem.zarr").rglob("*")
+                   if p.is_file() and p.name != "zarr.json")
+    assert len(files) > 40
+    for f in files:
+        assert (tmp_path / "mem.zarr" / f).read_bytes() == (tmp_path / "disk.zarr" / f).read_bytes(), f
+    _check_pyramid([np.moveaxis(lv, -1, -2) if axes == "ZXY" else lv for lv in _levels(tmp_path / "mem.zarr")], 16)
+
+
+def test_chunks_written_without_zarrs_empty_check_are_the_same_files(tmp_path, rng, monkeypatch):
+    """Blocks whose chunks all hold a non-zero pixel skip zarr's compare with the fill value; a block with an
+    all-zero chunk goes through zarr, which leaves that chunk out: the same files as zarr alone writes."""
+    from memnet.sinks import ZarrSink
+
+    x = (rng.random((2, 150, 230)) * 4000).astype(np.uint16)
+    x[0, :64, :96] = 0  # whole chunks of zeros (and of their pyramid rows), beside non-zero ones
+    x[1, 70:80, 40:50] = 0  # zeros inside chunks that are not all zero
+    dense = []
+    original = ZarrSink._write
+    monkeypatch.setattr(ZarrSink, "_write", lambda self, k, index, block: dense.append(
+        all(block[r: r + 32, c: c + 32].any() for r in range(0, block.shape[0], 32)
+            for c in range(0, block.shape[1], 32))) or original(self, k, index, block))
+    memnet.save_image(x, tmp_path / "a.zarr", axes="ZYX", tile=32, pyramid=16)
+    assert any(dense) and not all(dense)  # both paths taken
+    monkeypatch.setattr(ZarrSink, "_write", lambda self, k, index, block: self.levels[k].__setitem__(
+        tuple(index[d] for d in self.perm), block))  # zarr alone, with its check
+    memnet.save_image(x, tmp_path / "b.zarr", axes="ZYX", tile=32, pyramid=16)
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file() and p.name != "zarr.json")
+    assert files == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file() and p.name != "zarr.json")
+    assert "0/c/0/0/0" not in files and "0/c/0/0/3" in files  # the all-zero chunk left out, its neighbour kept
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+
+
 def test_a_small_image_has_level_0_only_and_pyramid_0_turns_it_off(model_file, tmp_path, rng):
     x = (rng.random((100, 120)) * 4000).astype(np.uint16)
     memnet.restore(x, model_file, output=tmp_path / "a.zarr", device="cpu")  # default: down to 1024 px

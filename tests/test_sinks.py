@@ -106,3 +106,38 @@ def test_a_disk_full_at_start_is_one_clear_line(suffix, micro_file, tmp_path, rn
     assert not out.exists() and not (tmp_path / "o.tif.partial").exists()  # nothing half-made, nothing complete
     assert not sidecar(out).exists()  # no lock left to refuse the next run
     assert _digest(src) == before
+
+
+@pytest.mark.parametrize("axes", ["ZYX", "XZY"])
+def test_a_tile_row_is_joined_into_one_write_and_an_incomplete_one_left_as_it_came(axes):
+    """The local executor's write-behind joins the blocks of a tile row (any order, ragged last column, X
+    before Y) into one block for a sink that takes row writes; blocks of a row never completed are
+    handed back one by one."""
+    from types import SimpleNamespace
+
+    from memnet.local import _RowJoin
+
+    src = SimpleNamespace(axes=axes)
+    yi, xi = axes.index("Y"), axes.index("X")
+    shape = [3, 3, 3]
+    shape[yi], shape[xi] = 20, 50
+    join = _RowJoin(SimpleNamespace(source=src, out_shape=tuple(shape)))
+    full = np.arange(20 * 50, dtype=np.uint16).reshape(20, 50)
+
+    def block(z, ys, xs):
+        idx = [z, z, z]
+        idx[yi], idx[xi] = ys, xs
+        b = full[ys, xs]
+        return tuple(idx), (b.T if xi < yi else b)
+
+    rows = [join.add(*block(1, slice(0, 16), xs)) for xs in (slice(32, 48), slice(0, 16), slice(48, 50))]
+    assert rows == [None, None, None]
+    index, row = join.add(*block(1, slice(0, 16), slice(16, 32)))
+    want_index, want = block(1, slice(0, 16), slice(0, 50))
+    assert index == want_index and np.array_equal(row, want)
+    parts = [block(2, slice(16, 20), xs) for xs in (slice(16, 32), slice(48, 50))]
+    for p in parts:
+        assert join.add(*p) is None
+    left = join.flush()
+    assert [i for i, _ in left] == [i for i, _ in parts]
+    assert all(np.array_equal(b, p[1]) for (_, b), p in zip(left, parts)) and join.flush() == []

@@ -171,7 +171,7 @@ class Job:
 
     def _read(self, lead: tuple, ys: slice, xs: slice) -> np.ndarray:
         """One plane's window, checked and normalised by its channel's mapping."""
-        raw = self.source.read_plane(lead, ys, xs)
+        raw = self.source.read_plane(lead, ys, xs, copy=False)  # only read: forward makes the float32 copy
         if raw.dtype.kind == "f" and not np.all(np.isfinite(raw)):
             bad = np.argwhere(~np.isfinite(raw))[0]
             raise ValueError(f"the input contains NaN or Inf (plane {lead}, near y={ys.start + bad[0]}, "
@@ -197,7 +197,8 @@ class Job:
     def run_tiles(self, lead: tuple, tiles: list[Tile], windows: list[np.ndarray]):
         """Exact mode: run one batch of windows and yield each tile's (output index, output block):
         the prediction cropped to the tile's core, mapped back to the output's range and dtype."""
-        preds = self.runner(np.stack(windows))
+        # one window (the CPU's batch): a view, not a copy
+        preds = self.runner(windows[0][None] if len(windows) == 1 else np.stack(windows))
         for t, pred in zip(tiles, preds):
             yield self.out_index(lead, *t.core), self.to_output(pred[t.crop], lead, t.core)
 

@@ -28,7 +28,8 @@ def run_local(job: Job, output=None, *, overwrite: bool = False, resume: bool = 
     groups = job.groups(rows)
     todo = [g for g in groups if g[0] not in done]
     tally = ProgressTally(groups, todo, progress)
-    writer = _Writer(sink, writers=None if job.options.write_threads == "auto" else job.options.write_threads)
+    writer = _Writer(sink, writers=None if job.options.write_threads == "auto" else job.options.write_threads,
+                     rows=_RowJoin(job) if getattr(sink, "row_writes", False) else None)
     try:
         writer.build(sink.pending())  # pyramid rows an interrupted run left ready but unbuilt
         with closing(_read_ahead(job, todo, bs, readers)) as batches:
@@ -115,18 +116,76 @@ def _accumulate(plan: TilePlan, acc: dict, lead, t: Tile, pred: np.ndarray) -> N
 _MARK, _ROWS, _BUILD = object(), object(), object()
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. under taskset or a batch scheduler's
+    cgroup), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+class _RowJoin:
+    """Joins the blocks of one tile row (one plane) into one block: a sink that takes them (``row_writes``:
+    Zarr) writes a whole chunk row in one call, its codecs running over the row's chunks together, instead
+    of paying a call per chunk. Holds the rows being filled (the blocks are copied in as they come)."""
+
+    def __init__(self, job: Job):
+        axes = job.source.axes
+        self.yi, self.xi, self.width = axes.index("Y"), axes.index("X"), job.out_shape[axes.index("X")]
+        self.x_axis = int(self.xi > self.yi)  # X's axis in a (2-D) block
+        self.parts: dict[tuple, list] = {}
+
+    def add(self, index: tuple, block: np.ndarray):
+        """Copy ``block`` into its row; once the row is complete, the row's (index, block); else None."""
+        xs = index[self.xi]
+        key = tuple((i.start, i.stop) if isinstance(i, slice) else i for i in index[: self.xi] + (None,)
+                    + index[self.xi + 1:])  # slices are not hashable before Python 3.12
+        if key not in self.parts:
+            shape = list(block.shape)
+            shape[self.x_axis] = self.width
+            self.parts[key] = [np.empty(shape, block.dtype), []]
+        row, spans = self.parts[key]
+        at = [slice(None)] * block.ndim
+        at[self.x_axis] = xs
+        row[tuple(at)] = block
+        spans.append((xs.start, xs.stop))
+        if sum(b - a for a, b in spans) < self.width:
+            return None
+        del self.parts[key]
+        return self._index(key, 0, self.width), row
+
+    def _index(self, key: tuple, x0: int, x1: int) -> tuple:
+        return tuple(slice(x0, x1) if d == self.xi else slice(*k) if isinstance(k, tuple) else k
+                     for d, k in enumerate(key))
+
+    def flush(self):
+        """The blocks of rows left incomplete, one by one (none in a run: a group is whole tile rows)."""
+        left = []
+        for key, (row, spans) in self.parts.items():
+            for a, b in spans:
+                at = [slice(None)] * row.ndim
+                at[self.x_axis] = slice(a, b)
+                left.append((self._index(key, a, b), row[tuple(at)]))
+        self.parts.clear()
+        return left
+
+
 class _Writer:
     """Write-behind: one thread writes finished blocks, done-markers and the pyramid rows they
     complete, in order; the queue bound caps memory. Has the sink interface `run_group` writes to.
     A sink whose chunks are independent (``parallel_writes``: Zarr, memory) gets its blocks written by
-    a pool of ``writers`` threads (compression releases the GIL), each marker only after every block
-    queued before it is on disk."""
+    a pool of ``writers`` threads (compression releases the GIL; default: the usable cores, at most 4),
+    each marker only after every block queued before it is on disk. With ``rows`` (a `_RowJoin`), the
+    blocks of a tile row are written as one."""
 
-    def __init__(self, sink, maxsize: int = 32, writers: int | None = None):
-        self.sink = sink
+    MAX_BYTES = 32 * 2**20
+
+    def __init__(self, sink, maxsize: int = 32, writers: int | None = None, rows: _RowJoin | None = None):
+        self.sink, self.rows = sink, rows
         self.q: queue.Queue = queue.Queue(maxsize=maxsize)
         self.error: BaseException | None = None
-        writers = writers or min(4, os.cpu_count() or 1)
+        writers = writers or min(4, usable_cores())
         self.pool = ThreadPoolExecutor(writers, thread_name_prefix="memnet-write") \
             if writers > 1 and getattr(sink, "parallel_writes", False) else None
         self.inflight: list = []
@@ -149,6 +208,8 @@ class _Writer:
 
     def _do(self, item) -> None:
         if item is None or item[0] in (_MARK, _ROWS, _BUILD):
+            for left in self.rows.flush() if self.rows is not None else ():
+                self._write(*left)
             self._drain()  # what a marker vouches for is on disk first
         if item is None:
             return
@@ -158,16 +219,26 @@ class _Writer:
             self.sink.rows_written(*item[1])
         elif item[0] is _BUILD:
             self.sink.build_ready(item[1])
-        elif self.pool is None:
-            self.sink.write(*item)
+        elif self.rows is None:
+            self._write(*item)
         else:
-            self.inflight.append(self.pool.submit(self.sink.write, *item))
-            if len(self.inflight) >= self.limit:
-                self.inflight.pop(0).result()
+            row = self.rows.add(*item)
+            if row is not None:
+                self._write(*row)
+
+    def _write(self, index, block) -> None:
+        if self.pool is None:
+            self.sink.write(index, block)
+        else:
+            self.inflight.append((self.pool.submit(self.sink.write, index, block), block.nbytes))
+            # blocks (joined rows: up to a row of the widest plane each) being written at once, and their bytes
+            while len(self.inflight) >= self.limit or (len(self.inflight) > 1
+                                                        and sum(n for _, n in self.inflight) > self.MAX_BYTES):
+                self.inflight.pop(0)[0].result()
 
     def _drain(self) -> None:
         done, self.inflight = self.inflight, []
-        for f in done:
+        for f, _ in done:
             f.result()
 
     def mark_done(self, key: str) -> None:

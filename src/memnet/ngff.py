@@ -275,6 +275,34 @@ def mean2x2(block: np.ndarray) -> np.ndarray:
     """Halve a 2-D block: each output pixel the mean of a 2×2 block (of the 1 or 2 pixels there are at
     an odd edge), computed in float64 and rounded (half to even) for integer data, in the block's dtype."""
     h, w = block.shape
+    if block.dtype.kind in "iu" and block.dtype.itemsize <= 4 and h > 1 and w > 1:
+        return _mean2x2_int(block)
+    return _mean2x2_float(block)
+
+
+def _mean2x2_int(block: np.ndarray) -> np.ndarray:
+    """`mean2x2` of 8- to 32-bit integers in integer arithmetic (the pyramid's hot path), the same values:
+    4-pixel sums exact in int32 (16-bit data) or int64, rounded half to even as float64's rint does."""
+    h, w = block.shape
+    he, we = h // 2 * 2, w // 2 * 2
+    out = np.empty((-(-h // 2), -(-w // 2)), block.dtype)
+    total = block[0:he:2, 0:we:2].astype(np.int32 if block.dtype.itemsize <= 2 else np.int64)
+    total += block[1:he:2, 0:we:2]
+    total += block[0:he:2, 1:we:2]
+    total += block[1:he:2, 1:we:2]
+    q = total >> 2  # floor(total / 4), also below 0; the remainder total & 3 is in 0..3
+    r = total & 3
+    q += (r > 2) | ((r == 2) & (q & 1 == 1))  # a quarter rounds down, three up, a half to the even one
+    out[: he // 2, : we // 2] = q
+    if w > we:
+        out[:, -1:] = _mean2x2_float(block[:, -1:])
+    if h > he:
+        out[-1:, :] = _mean2x2_float(block[-1:, :])
+    return out
+
+
+def _mean2x2_float(block: np.ndarray) -> np.ndarray:
+    h, w = block.shape
     total = np.zeros((-(-h // 2), -(-w // 2)))
     count = np.zeros_like(total)
     for dy in (0, 1):

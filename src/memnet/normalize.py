@@ -117,7 +117,10 @@ class Normalizer:
         16-bit integers go through a table of that same computation: one lookup per pixel, same values."""
         raw = np.asarray(raw)
         if raw.dtype.kind in "iu" and raw.dtype.itemsize <= 2:
-            return np.take(self._table(raw.dtype), raw.astype(np.intp, copy=False) - int(np.iinfo(raw.dtype).min))
+            index = raw  # the table's index is the value minus the dtype's minimum: a signed value, sign bit flipped
+            if raw.dtype.kind == "i":
+                index = raw.view(raw.dtype.str.replace("i", "u")) ^ (1 << (8 * raw.dtype.itemsize - 1))
+            return np.take(self._table(raw.dtype), index)
         return ((np.asarray(raw, dtype=np.float64) - self.offset) / self.scale).astype(np.float32)
 
     def _table(self, dtype: np.dtype) -> np.ndarray:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +51,11 @@ class Sink:
     call these for every sink (a plain one ignores them): ``mark_done(key)`` once a group's blocks are all
     written, ``rows_written(lead, rows)`` once tile rows are on disk (the pyramid above them may be built),
     ``pending()`` / ``build_ready(units)`` for pyramid rows left by an interrupted run. ``parallel_writes``:
-    different blocks may be written from several threads at once."""
+    different blocks may be written from several threads at once; ``row_writes``: the blocks of a tile row
+    may come joined, as one block (fewer, larger writes)."""
 
     parallel_writes = False
+    row_writes = False
 
     def write(self, index: tuple, block: np.ndarray) -> None:
         """Write ``block`` at ``index`` (its place, in the input's axis order); each block is written once."""
@@ -155,6 +158,7 @@ class ZarrSink(Sink):
     """
 
     parallel_writes = True  # each chunk has one writer: threads may write different chunks at once
+    row_writes = True  # a whole chunk row per write: one call, its chunks encoded together
 
     def __init__(self, path: Path, shape, dtype, chunks, axes: str, scale: dict, units: dict,
                  translate: dict, job: dict, overwrite: bool = False, src: Source | None = None,
@@ -208,10 +212,20 @@ class ZarrSink(Sink):
         of which pyramid rows are done."""
         self.levels = [self.root[str(k)] for k in range(len(self.pyramid))]
         self.array = self.levels[0]
+        # The same arrays without zarr's check for chunks equal to the fill value (a compare of every chunk,
+        # about 15 % of writing it): used for blocks whose chunks all hold a non-zero pixel (`_write`).
+        self._dense = [a.with_config({"write_empty_chunks": True}) if a.fill_value == 0 else a for a in self.levels]
         base = self.array.shape
         src_shape = tuple(base[self.perm.index(d)] for d in range(len(base)))
         self.tracker = PyramidTracker(self.pyramid, plane_indices(src_shape, self.axes)) if tracked else None
         self._plane = {lead: p for p, lead in enumerate(self.tracker.leads)} if tracked else {}
+        # Whole chunk rows just written, (level, plane, row) -> block, kept until the row above is built from
+        # them: the pyramid is built from memory instead of reading level 0 back (only where the rows are
+        # built, i.e. in the process that tracks them).
+        self._kept: dict[tuple, np.ndarray] | None = {} if tracked and len(self.pyramid) > 1 else None
+        self._kept_lock = threading.Lock()
+        yi, xi = self.axes.index("Y"), self.axes.index("X")
+        self._yx, self._y_axis = (yi, xi), int(yi > xi)  # Y's axis in a 2-D block
 
     @classmethod
     def _existing(cls, path: Path, write_path: Path, axes: str, mode: str) -> ZarrSink:
@@ -308,7 +322,32 @@ class ZarrSink(Sink):
 
     def write(self, index: tuple, block: np.ndarray) -> None:
         """Write ``block`` to level 0, in the store's (NGFF) axis order."""
-        self.array[ngff_index(index, self.perm)] = block
+        self._write(0, index, block)
+        if self._kept is not None:
+            self._keep(0, index, block)
+
+    def _write(self, k: int, index: tuple, block: np.ndarray) -> None:
+        """Write ``block`` to level ``k``. A chunk holding a non-zero pixel differs from the fill value (0)
+        and zarr would store it: a block whose chunks all do is written without zarr's own check (one
+        any() per chunk instead of a compare); one with an all-zero chunk goes through zarr, which leaves
+        that chunk out as always. The same files either way."""
+        lv, yi, xi = self.pyramid.levels[k], *self._yx
+        ys, xs = index[yi], index[xi]
+        ch = (lv.chunk_h, lv.chunk_w) if yi < xi else (lv.chunk_w, lv.chunk_h)
+        dense = block.ndim == 2 and all(
+            block[r: r + ch[0], c: c + ch[1]].any() for r in range(0, block.shape[0], ch[0])
+            for c in range(0, block.shape[1], ch[1])) and (ys.start % lv.chunk_h, xs.start % lv.chunk_w) == (0, 0)
+        (self._dense if dense else self.levels)[k][ngff_index(index, self.perm)] = block
+
+    def _keep(self, k: int, index: tuple, block: np.ndarray) -> None:
+        """Keep ``block`` for the level above if it is one whole chunk row of level ``k``."""
+        yi, xi = self._yx
+        ys, xs, lv = index[yi], index[xi], self.pyramid.levels[k]
+        if (block.ndim == 2 and xs.start == 0 and xs.stop == lv.width and ys.start % lv.chunk_h == 0
+                and ys.stop == min(ys.start + lv.chunk_h, lv.height)):
+            lead = tuple(i for d, i in enumerate(index) if d not in self._yx)
+            with self._kept_lock:
+                self._kept[(k, self._plane[lead], ys.start // lv.chunk_h)] = block
 
     # The pyramid -----------------------------------------------------------------------------------
     def resume_rows(self, rows) -> None:
@@ -329,13 +368,34 @@ class ZarrSink(Sink):
         return [u for r in rows for u in self.tracker.mark(0, self._plane[tuple(lead)], r)]
 
     def build(self, unit: Unit) -> None:
-        """Write one pyramid row, chunk by chunk from the level above (4 chunks read per chunk written),
-        then its done-marker."""
-        src, dst = self.levels[unit.level - 1], self.levels[unit.level]
+        """Write one pyramid row, then its done-marker: in one write from the rows below when this run
+        wrote them all (kept in memory), else chunk by chunk read back from the level below (4 chunks
+        read per chunk written). The same values either way: 2×2 means never straddle a chunk."""
+        k = unit.level
+        up, lo = self.pyramid.levels[k - 1], self.pyramid.levels[k]
+        kids = range(*self.pyramid.children(k, unit.row).indices(up.rows))
+        with self._kept_lock:
+            kept = [self._kept.pop((k - 1, unit.plane, r), None) for r in kids] if self._kept is not None else [None]
+        ys = slice(unit.row * lo.chunk_h, min((unit.row + 1) * lo.chunk_h, lo.height))
+        # The rows below are exactly 2 * ys (whole chunk rows); of even heights but the last, each row's
+        # means are its own (no 2x2 block straddles two rows).
+        if all(b is not None for b in kept) and kids.start * up.chunk_h == 2 * ys.start \
+                and all(b.shape[self._y_axis] % 2 == 0 for b in kept[:-1]):
+            means = [mean2x2(b) for b in kept]
+            row = np.concatenate(means, axis=self._y_axis) if len(means) > 1 else means[0]
+            index = full_index(unit.lead, self.axes, ys, slice(0, lo.width))
+            self._write(k, index, row)
+            if k + 1 < len(self.pyramid):
+                self._keep(k, index, row)
+        else:
+            self._build_read_back(unit)
+        write_marker(self.done_dir, unit.key)
+
+    def _build_read_back(self, unit: Unit) -> None:
+        src = self.levels[unit.level - 1]
         for (ys0, xs0), (ys, xs) in self.pyramid.regions(unit.level, unit.row):
             block = np.asarray(src[self._at(unit.lead, ys0, xs0)])
-            dst[self._at(unit.lead, ys, xs)] = mean2x2(block)
-        write_marker(self.done_dir, unit.key)
+            self._write(unit.level, full_index(unit.lead, self.axes, ys, xs), mean2x2(block))
 
     def build_ready(self, units) -> None:
         """Build ``units`` here, and every row they complete in turn."""
@@ -357,6 +417,7 @@ class ZarrSink(Sink):
         returns level 0."""
         import zarr
 
+        self._kept = None
         if self.lock is not None and self.lock.read_only:  # a complete output resumed: nothing to write
             return self.array
         if self.tracker is not None and not self.tracker.complete:
@@ -383,6 +444,7 @@ class ZarrSink(Sink):
 
     def abort(self) -> None:
         """Wait for writes in flight and release the lock; the store stays marked incomplete, for --resume."""
+        self._kept = None
         _settle_zarr()
         self.lock.release()  # "complete" stays false: a reader (and --resume) can tell
 

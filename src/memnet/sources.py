@@ -70,6 +70,10 @@ class ChunkCache:
 
     def __getitem__(self, idx: tuple) -> np.ndarray:
         """``array[idx]`` for ints and slices (a step is allowed), from cached chunks."""
+        return self.get(idx)
+
+    def get(self, idx: tuple, copy: bool = True) -> np.ndarray:
+        """``array[idx]``; with ``copy`` False, a window inside one chunk is a read-only view of it."""
         spans, picks = [], []
         for ix, c, n in zip(idx, self.chunks, self.shape):
             if isinstance(ix, slice):
@@ -84,51 +88,85 @@ class ChunkCache:
         lo = [r.start * c for r, c in zip(spans, self.chunks)]
         local = tuple(slice(p[0] - a, p[1] - a, p[2]) if isinstance(p, tuple) else p - a for p, a in zip(picks, lo))
         if all(len(r) == 1 for r in spans):  # inside one chunk: a copy of the window, not of the chunk
-            return self._chunk(tuple(r.start for r in spans))[local].copy()
-        hi = [min(r.stop * c, n) for r, c, n in zip(spans, self.chunks, self.shape)]
-        region = np.empty([b - a for a, b in zip(lo, hi)], dtype=self.array.dtype)
+            window = self._chunk(tuple(r.start for r in spans))[local]
+            if copy:
+                return window.copy()
+            window.flags.writeable = False
+            return window
+        # The region the window spans (not the whole chunks it touches), filled from each chunk's part of it.
+        a0 = [p[0] if isinstance(p, tuple) else p for p in picks]
+        a1 = [p[1] if isinstance(p, tuple) else p + 1 for p in picks]
+        region = np.empty([b - a for a, b in zip(a0, a1)], dtype=self.array.dtype)
         for key in product(*spans):
             block = self._chunk(key)
-            at = tuple(slice(k * c - a, k * c - a + m) for k, c, a, m in zip(key, self.chunks, lo, block.shape))
-            region[at] = block
-        return region[local]
+            lo_k = [k * c for k, c in zip(key, self.chunks)]
+            src = tuple(slice(max(a, b) - b, min(e, b + m) - b) for a, e, b, m in zip(a0, a1, lo_k, block.shape))
+            region[tuple(slice(s.start + b - a, s.stop + b - a) for s, a, b in zip(src, a0, lo_k))] = block[src]
+        return region[tuple(slice(None, None, p[2]) if isinstance(p, tuple) else 0 for p in picks)]
+
+    ROW_MAX = 16 * 2**20  # a miss decodes the chunks beside it along the last axis up to this many bytes
 
     def _chunk(self, key: tuple) -> np.ndarray:
         with self.lock:
             if key in self.blocks:
                 self.blocks.move_to_end(key)
                 return self.blocks[key]
-            fut, mine = self.inflight.get(key), False
-            if fut is None:
-                fut, mine = Future(), True
-                self.inflight[key] = fut
-        if not mine:
+            fut = self.inflight.get(key)
+            if fut is None:  # claim it, and the chunks of its row not cached nor being decoded
+                mine = self._claim_row(key)
+        if fut is not None:
             return fut.result()  # another reader is decoding it
+        first, last = min(k[-1] for k in mine), max(k[-1] for k in mine)
+        c, n = self.chunks[-1], self.shape[-1]
         try:
-            block = np.asarray(self.array[tuple(slice(k * c, min((k + 1) * c, n))
-                                                for k, c, n in zip(key, self.chunks, self.shape))])
+            # One read for the whole run of chunks: one call into the array (a Zarr call per chunk costs
+            # about as much as decoding it), each chunk a view of the run.
+            at = tuple(slice(k * ch, min((k + 1) * ch, m)) for k, ch, m in zip(key[:-1], self.chunks, self.shape))
+            run = np.asarray(self.array[at + (slice(first * c, min((last + 1) * c, n)),)])
         except BaseException as e:
             with self.lock:
-                del self.inflight[key]
-            fut.set_exception(e)
+                for k in mine:
+                    self.inflight.pop(k).set_exception(e)
             raise
+        blocks = {k: run[..., (k[-1] - first) * c: (k[-1] - first + 1) * c] for k in mine}
         with self.lock:
-            del self.inflight[key]
-            self.blocks[key] = block
-            self.nbytes += block.nbytes
+            for k, block in blocks.items():
+                self.blocks[k] = block
+                self.nbytes += block.nbytes
             while self.nbytes > self.budget and len(self.blocks) > 1:
                 self.nbytes -= self.blocks.popitem(last=False)[1].nbytes
-        fut.set_result(block)
-        return block
+            futures = [self.inflight.pop(k) for k in mine]
+        for k, f in zip(mine, futures):
+            f.set_result(blocks[k])
+        return blocks[key]
+
+    def _claim_row(self, key: tuple) -> list[tuple]:
+        """Under the lock: ``key`` and its row's free chunks (next to each other with it), marked in flight."""
+        c, n = self.chunks[-1], self.shape[-1]
+        row_chunks = -(-n // c)
+        per_chunk = int(np.prod(self.chunks)) * np.dtype(self.array.dtype).itemsize
+        width = max(1, min(row_chunks, self.ROW_MAX // max(per_chunk, 1)))
+        start = key[-1] // width * width  # the row split into fixed runs: two readers never overlap
+        mine = [k for k in (key[:-1] + (i,) for i in range(start, min(start + width, row_chunks)))
+                if k == key or (k not in self.blocks and k not in self.inflight)]
+        lo = hi = mine.index(key)  # only the run of free chunks that holds key: one contiguous read
+        while lo > 0 and mine[lo - 1][-1] == mine[lo][-1] - 1:
+            lo -= 1
+        while hi + 1 < len(mine) and mine[hi + 1][-1] == mine[hi][-1] + 1:
+            hi += 1
+        mine = mine[lo: hi + 1]
+        for k in mine:
+            self.inflight[k] = Future()
+        return mine
 
 
 class RawArray:
     """An uncompressed TIFF series stored contiguously, read by byte ranges: a window reads its rows (in bands
-    of at most 8 MB), not the page. For pages larger than the chunk cache takes, which tifffile's Zarr store
+    of at most 2 MB), not the page. For pages larger than the chunk cache takes, which tifffile's Zarr store
     decodes whole for every window (an 8192² uint16 plane: 128 MB per window read). Thread-safe; the file
     is reopened after pickling."""
 
-    _BAND = 8 * 2**20
+    _BAND = 2 * 2**20  # bytes per read: what a read holds beside its window (per reader thread)
 
     def __init__(self, path: Path, offset: int, shape: tuple, dtype: np.dtype):
         self.path, self.offset, self.shape = Path(path), int(offset), tuple(int(n) for n in shape)
@@ -175,11 +213,13 @@ class RawArray:
             plane = int(np.ravel_multi_index([r[i] for r, i in zip(picks[:-2], at)], self.shape[:-2])) \
                 if self.ndim > 2 else 0
             for j in range(0, len(rows) if out.size else 0, per_read):
-                sub = np.asarray(rows[j: j + per_read])
-                lo = int(sub.min())
-                band = np.empty((int(sub.max()) + 1 - lo, w), self.file_dtype)
+                sub = rows[j: j + per_read]
+                lo = min(sub[0], sub[-1])
+                band = np.empty((max(sub[0], sub[-1]) + 1 - lo, w), self.file_dtype)
                 self._read(self.offset + (plane * h + lo) * row_bytes, band)
-                out[at][j: j + len(sub)] = band[sub - lo][:, cols]
+                # rows picked by a view (a fancy index would copy the whole band first)
+                picked = band[::sub.step] if sub.step > 0 else band[::-1][::-sub.step]
+                out[at][j: j + len(sub)] = picked[:, cols]
         drop = tuple(d for d, i in enumerate(idx) if not isinstance(i, slice))
         return out.squeeze(axis=drop) if drop else out
 
@@ -282,11 +322,15 @@ class Source:
         """X is stored before Y: windows are transposed on the way in and out."""
         return self.axes.index("Y") > self.axes.index("X")
 
-    def read_plane(self, lead: tuple = (), ys: slice = slice(None), xs: slice = slice(None)) -> np.ndarray:
+    def read_plane(self, lead: tuple = (), ys: slice = slice(None), xs: slice = slice(None), *,
+                   copy: bool = True) -> np.ndarray:
         """A window of one plane, as a (Y, X) array whatever the array's axis order: the one place that
-        reads pixels. ``lead``: one index per axis in ``lead_axes``; ``ys``/``xs`` may carry a step."""
+        reads pixels. ``lead``: one index per axis in ``lead_axes``; ``ys``/``xs`` may carry a step. With
+        ``copy`` False the result may be a read-only view of a cached chunk (for a reader that only reads it)."""
         try:
-            p = np.asarray(self._reader()[self.index(tuple(int(i) for i in lead), ys, xs)])
+            reader, index = self._reader(), self.index(tuple(int(i) for i in lead), ys, xs)
+            p = np.asarray(reader.get(index, copy=False) if not copy and isinstance(reader, ChunkCache)
+                           else reader[index])
         except Exception as e:
             where = self.path or "the input array"
             raise OSError(f"{where}: cannot read plane {tuple(lead)}, rows {ys.start}:{ys.stop}, columns "
