@@ -115,13 +115,13 @@ def test_a_tile_row_is_joined_into_one_write_and_an_incomplete_one_left_as_it_ca
     handed back one by one."""
     from types import SimpleNamespace
 
-    from memnet.local import _RowJoin
+    from memnet.local import RowJoin
 
     src = SimpleNamespace(axes=axes)
     yi, xi = axes.index("Y"), axes.index("X")
     shape = [3, 3, 3]
     shape[yi], shape[xi] = 20, 50
-    join = _RowJoin(SimpleNamespace(source=src, out_shape=tuple(shape)))
+    join = RowJoin(SimpleNamespace(source=src, out_shape=tuple(shape)))
     full = np.arange(20 * 50, dtype=np.uint16).reshape(20, 50)
 
     def block(z, ys, xs):

@@ -16,7 +16,7 @@ from .kernel import Job, ProgressTally, open_output, resolve_batch, rows_per_gro
 from .runtime import Cancelled, stop_requested
 from .tiling import Tile, TilePlan
 
-__all__ = ["run_local"]
+__all__ = ["RowJoin", "run_local"]
 
 
 def run_local(job: Job, output=None, *, overwrite: bool = False, resume: bool = False, progress=None,
@@ -29,7 +29,7 @@ def run_local(job: Job, output=None, *, overwrite: bool = False, resume: bool = 
     todo = [g for g in groups if g[0] not in done]
     tally = ProgressTally(groups, todo, progress)
     writer = _Writer(sink, writers=None if job.options.write_threads == "auto" else job.options.write_threads,
-                     rows=_RowJoin(job) if getattr(sink, "row_writes", False) else None)
+                     rows=RowJoin(job) if getattr(sink, "row_writes", False) else None)
     try:
         writer.build(sink.pending())  # pyramid rows an interrupted run left ready but unbuilt
         with closing(_read_ahead(job, todo, bs, readers)) as batches:
@@ -125,7 +125,7 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-class _RowJoin:
+class RowJoin:
     """Joins the blocks of one tile row (one plane) into one block: a sink that takes them (``row_writes``:
     Zarr) writes a whole chunk row in one call, its codecs running over the row's chunks together, instead
     of paying a call per chunk. Holds the rows being filled (the blocks are copied in as they come)."""
@@ -176,12 +176,12 @@ class _Writer:
     complete, in order; the queue bound caps memory. Has the sink interface `run_group` writes to.
     A sink whose chunks are independent (``parallel_writes``: Zarr, memory) gets its blocks written by
     a pool of ``writers`` threads (compression releases the GIL; default: the usable cores, at most 4),
-    each marker only after every block queued before it is on disk. With ``rows`` (a `_RowJoin`), the
+    each marker only after every block queued before it is on disk. With ``rows`` (a `RowJoin`), the
     blocks of a tile row are written as one."""
 
     MAX_BYTES = 32 * 2**20
 
-    def __init__(self, sink, maxsize: int = 32, writers: int | None = None, rows: _RowJoin | None = None):
+    def __init__(self, sink, maxsize: int = 32, writers: int | None = None, rows: RowJoin | None = None):
         self.sink, self.rows = sink, rows
         self.q: queue.Queue = queue.Queue(maxsize=maxsize)
         self.error: BaseException | None = None
