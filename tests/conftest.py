@@ -17,6 +17,30 @@ from memnet.cli import main
 MICRO_METADATA = {"normalization": {"mode": "percentile", "low": 1, "high": 99.8}}  # as the shipped model
 
 
+def _random_model(blocks, recursions, channels, seed, dtype=torch.float64, **config):
+    """Every parameter and BN statistic random (negative BN scales included): nothing to hide behind."""
+    torch.manual_seed(seed)
+    m = memnet.MemNet(blocks, recursions, channels, **config)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.5)
+                mod.running_var.uniform_(0.2, 2.0)
+                mod.weight.normal_(0, 1.0)
+                mod.bias.normal_(0, 0.5)
+        m.recon_conv.weight.normal_(0, 0.1)
+        m.recon_conv.bias.normal_(0, 0.1)
+        m.branch_weights.uniform_(-0.5, 1.0)
+    return m.to(dtype).eval()
+
+
+@pytest.fixture
+def random_model():
+    """Makes a MemNet with every weight and BN statistic random: ``random_model(blocks, recursions, channels,
+    seed, dtype=torch.float64, **config)``."""
+    return _random_model
+
+
 @pytest.fixture(autouse=True)
 def _isolated_user_models(tmp_path, monkeypatch):
     """Every test gets an empty user model directory: nothing leaks into the real one."""

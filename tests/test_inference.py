@@ -12,31 +12,14 @@ from memnet.zoo import list_models, load_model
 CPU = torch.device("cpu")
 
 
-def _random_model(blocks, recursions, channels, seed, dtype=torch.float64, **config):
-    """Every parameter and BN statistic random (negative BN scales included): nothing to hide behind."""
-    torch.manual_seed(seed)
-    m = memnet.MemNet(blocks, recursions, channels, **config)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.normal_(0, 0.5)
-                mod.running_var.uniform_(0.2, 2.0)
-                mod.weight.normal_(0, 1.0)
-                mod.bias.normal_(0, 0.5)
-        m.recon_conv.weight.normal_(0, 0.1)
-        m.recon_conv.bias.normal_(0, 0.1)
-        m.branch_weights.uniform_(-0.5, 1.0)
-    return m.to(dtype).eval()
-
-
 def _rel(y, ref) -> float:
     y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
     return float(np.abs(y - ref).max() / (ref.max() - ref.min()))
 
 
 @pytest.mark.parametrize("arch,seed", [((1, 1, 4), 0), ((2, 3, 8), 1), ((3, 2, 6), 2)])
-def test_folding_is_exact_in_float64(arch, seed):
-    m = _random_model(*arch, seed)
+def test_folding_is_exact_in_float64(random_model, arch, seed):
+    m = random_model(*arch, seed)
     x = torch.rand(2, 1, 37, 29, dtype=torch.float64)
     with torch.no_grad():
         ref, got = m(x), fold(m)(x)
@@ -57,8 +40,8 @@ def _backends():
 
 
 @pytest.mark.parametrize("backend", _backends())
-def test_each_backend_equals_the_float64_model_to_1e_5_of_the_range(backend):
-    m = _random_model(2, 2, 8, seed=3)
+def test_each_backend_equals_the_float64_model_to_1e_5_of_the_range(random_model, backend):
+    m = random_model(2, 2, 8, seed=3)
     x = torch.rand(3, 1, 40, 52, dtype=torch.float64)
     with torch.no_grad():
         ref = m(x).numpy()
@@ -189,7 +172,7 @@ def test_two_threads_can_export_at_once(tiny_model):
 
 
 @pytest.mark.skipif(not onnxruntime_available(), reason="needs onnx and onnxruntime")
-def test_an_exported_graph_is_reused_from_the_user_cache(tiny_model, tmp_path, monkeypatch):
+def test_an_exported_graph_is_reused_from_the_user_cache(random_model, tiny_model, tmp_path, monkeypatch):
     """A new process (an emptied in-memory cache) builds its ONNX Runtime session from the graph exported
     before, in MEMNET_CACHE_DIR: no second export; other weights get their own graph; a damaged file is
     exported again and replaced."""
@@ -214,7 +197,7 @@ def test_an_exported_graph_is_reused_from_the_user_cache(tiny_model, tmp_path, m
     graphs = list((tmp_path / "cache" / "onnx").glob("*.onnx"))  # the conftest's MEMNET_CACHE_DIR
     assert len(graphs) == 1
     assert _rel(build(tiny_model), ref) < 1e-5 and len(exports) == 1  # read back, not exported again
-    other = _random_model(2, 2, 8, seed=5, dtype=torch.float32)
+    other = random_model(2, 2, 8, seed=5, dtype=torch.float32)
     with torch.no_grad():
         other_ref = other(x).numpy()
     assert _rel(build(other), other_ref) < 1e-5 and len(exports) == 2
@@ -225,14 +208,14 @@ def test_an_exported_graph_is_reused_from_the_user_cache(tiny_model, tmp_path, m
 
 
 @pytest.mark.skipif(not onnxruntime_available(), reason="needs onnx and onnxruntime")
-def test_onnx_graph_has_no_concatenation_and_its_session_no_memory_pattern():
+def test_onnx_graph_has_no_concatenation_and_its_session_no_memory_pattern(random_model):
     """The gate runs as a running sum over the memories (no (m+R)·C-channel concatenation alive), and the
     ONNX Runtime session keeps the arena but not the memory pattern (which doubled the peak)."""
     import onnx
 
     from memnet.inference import folded_onnx_bytes, onnx_bytes
 
-    m = _random_model(2, 3, 8, seed=4, dtype=torch.float32)
+    m = random_model(2, 3, 8, seed=4, dtype=torch.float32)
     for graph in (onnx_bytes(fold(m)), folded_onnx_bytes(fold(m))):  # traced (int8's source) and written
         ops = {n.op_type for n in onnx.load_from_string(graph).graph.node}
         assert "Concat" not in ops and "Conv" in ops
@@ -243,14 +226,14 @@ def test_onnx_graph_has_no_concatenation_and_its_session_no_memory_pattern():
 
 @pytest.mark.skipif(not onnxruntime_available(), reason="needs onnx and onnxruntime")
 @pytest.mark.parametrize("arch,context,in_ch", [((2, 3, 8), 0, 1), ((1, 2, 6), 1, 2)])
-def test_the_written_onnx_graph_equals_the_folded_model(arch, context, in_ch):
+def test_the_written_onnx_graph_equals_the_folded_model(random_model, arch, context, in_ch):
     """The graph the onnxruntime backend runs, written node by node (not traced), computes the folded model:
     a 2-D model and a context model with two input channels (the centre plane's slice)."""
     import onnxruntime as ort
 
     from memnet.inference import folded_onnx_bytes
 
-    m = _random_model(*arch, seed=5, dtype=torch.float32, in_channels=in_ch, out_channels=in_ch, context=context)
+    m = random_model(*arch, seed=5, dtype=torch.float32, in_channels=in_ch, out_channels=in_ch, context=context)
     f = fold(m)
     x = torch.rand(2, in_ch * f.config.planes, 33, 27)
     sess = ort.InferenceSession(folded_onnx_bytes(f), providers=["CPUExecutionProvider"])

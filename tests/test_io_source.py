@@ -73,8 +73,19 @@ class _CountingArray:
         return self.data[idx]
 
 
-def test_the_chunk_cache_gives_what_the_array_gives_and_decodes_each_chunk_once(rng):
+def _read_halo_windows_in_threads(cache, data):
+    """Overlapping 104² windows over a (3, 300, 260) array, read from four threads at once: each equals numpy's."""
     from concurrent.futures import ThreadPoolExecutor
+
+    windows = [(z, slice(max(0, y - 20), y + 84), slice(max(0, x - 20), x + 84)) for z in range(3)
+               for y in range(0, 300, 64) for x in range(0, 260, 64)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(cache.__getitem__, windows))
+    for idx, g in zip(windows, got):
+        np.testing.assert_array_equal(g, data[idx])
+
+
+def test_the_chunk_cache_gives_what_the_array_gives_and_decodes_each_chunk_once(rng):
 
     from memnet.io import ChunkCache
 
@@ -85,12 +96,7 @@ def test_the_chunk_cache_gives_what_the_array_gives_and_decodes_each_chunk_once(
                 slice(0, 1)), (2, slice(250, 300), slice(200, 260)), (1, slice(5, 5), slice(0, 4))]:
         np.testing.assert_array_equal(cache[idx], data[idx])
     n = arr.reads
-    windows = [(z, slice(max(0, y - 20), y + 84), slice(max(0, x - 20), x + 84)) for z in range(3)
-               for y in range(0, 300, 64) for x in range(0, 260, 64)]
-    with ThreadPoolExecutor(4) as pool:
-        got = list(pool.map(cache.__getitem__, windows))
-    for idx, g in zip(windows, got):
-        np.testing.assert_array_equal(g, data[idx])
+    _read_halo_windows_in_threads(cache, data)
     assert arr.reads - n <= 2 * 3  # chunk rows 0-2 of Z chunks 0-1: 6 chunks, none decoded twice
     small = ChunkCache(_CountingArray(data, (1, 128, 512)), budget=2 * 128 * 260 * 2)  # two chunks fit
     for z in (0, 1, 2, 0):
@@ -102,7 +108,6 @@ def test_the_chunk_cache_reads_a_row_of_chunks_in_one_call(rng, monkeypatch):
     """A miss reads the chunks beside it along the last axis with it, in one call into the array (a Zarr call
     per chunk costs about as much as decoding it), in runs of at most ROW_MAX bytes; from several threads at
     once, every chunk is still read once and every window is numpy's."""
-    from concurrent.futures import ThreadPoolExecutor
 
     from memnet.sources import ChunkCache
 
@@ -112,12 +117,7 @@ def test_the_chunk_cache_reads_a_row_of_chunks_in_one_call(rng, monkeypatch):
     np.testing.assert_array_equal(cache[1, 70:80, 100:110], data[1, 70:80, 100:110])
     assert arr.reads == 1 and len(cache.blocks) == 9  # the whole chunk row
     monkeypatch.setattr(ChunkCache, "ROW_MAX", 4 * 64 * 32 * 2)  # runs of 4 chunks: 3 runs per row
-    windows = [(z, slice(max(0, y - 20), y + 84), slice(max(0, x - 20), x + 84)) for z in range(3)
-               for y in range(0, 300, 64) for x in range(0, 260, 64)]
-    with ThreadPoolExecutor(4) as pool:
-        got = list(pool.map(cache.__getitem__, windows))
-    for idx, g in zip(windows, got):
-        np.testing.assert_array_equal(g, data[idx])
+    _read_halo_windows_in_threads(cache, data)
     assert len(cache.blocks) == 3 * 5 * 9 and not cache.inflight  # every chunk once, none left in flight
     assert arr.reads <= 1 + (3 * 5 - 1) * 3 + 2  # about one read per run, far from one per chunk (135)
 

@@ -23,23 +23,6 @@ pytestmark = pytest.mark.skipif(not ortgraph.onnxruntime_available(), reason="ne
 CONTEXT_FILE = Path(__file__).parents[1] / "training" / "microscopy-context-M4R4C32.safetensors"
 
 
-def _random_model(blocks, recursions, channels, seed, **config):
-    """Every parameter and BN statistic random (negative BN scales included), float32."""
-    torch.manual_seed(seed)
-    m = memnet.MemNet(blocks, recursions, channels, **config)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.normal_(0, 0.5)
-                mod.running_var.uniform_(0.2, 2.0)
-                mod.weight.normal_(0, 1.0)
-                mod.bias.normal_(0, 0.5)
-        m.recon_conv.weight.normal_(0, 0.1)
-        m.recon_conv.bias.normal_(0, 0.1)
-        m.branch_weights.uniform_(-0.5, 1.0)
-    return m.eval()
-
-
 def _weights(model) -> Weights:
     return Weights(model.config, {k: v.detach().numpy() for k, v in model.state_dict().items()})
 
@@ -67,9 +50,9 @@ def test_the_state_shapes_are_the_modules(config):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_numpy_folding_equals_torch_folding(name):
+def test_numpy_folding_equals_torch_folding(random_model, name):
     arch, kw = MODELS[name]
-    m = _random_model(*arch, seed=3, **kw)
+    m = random_model(*arch, seed=3, **kw, dtype=torch.float32)
     ref = {k: v.numpy() for k, v in fold(m).state_dict().items() if not k.endswith("num_batches_tracked")}
     got = ortgraph.fold_state(m.config, _weights(m).tensors)
     assert sorted(got) == sorted(ref)
@@ -79,11 +62,11 @@ def test_numpy_folding_equals_torch_folding(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_the_numpy_graph_equals_the_eager_model_and_torchs_export(name):
+def test_the_numpy_graph_equals_the_eager_model_and_torchs_export(random_model, name):
     """The graph written from numpy weights, against the eager (unfolded) model and against the folded model
     exported by torch's own exporter (the reference), on random inputs."""
     arch, kw = MODELS[name]
-    m = _random_model(*arch, seed=5, **kw)
+    m = random_model(*arch, seed=5, **kw, dtype=torch.float32)
     x = np.random.default_rng(0).random((2, m.config.in_channels * m.config.planes, 33, 27), dtype=np.float32)
     got = _session(ortgraph.graph_bytes(m.config, ortgraph.fold_state(m.config, _weights(m).tensors))).run(
         None, {"input": x})[0]
@@ -107,13 +90,13 @@ def test_the_trained_context_model_on_numpy_equals_its_torch_model():
 
 @pytest.mark.parametrize("ensemble", [False, True])
 @pytest.mark.parametrize("name", MODELS)
-def test_the_numpy_runner_is_bit_identical_to_the_torch_runner(name, ensemble):
+def test_the_numpy_runner_is_bit_identical_to_the_torch_runner(random_model, name, ensemble):
     """Same batches through `OrtRunner` (numpy weights) and `Runner` (the torch module, backend onnxruntime):
     the same floats, the x8 self-ensemble included."""
     arch, kw = MODELS[name]
-    m = _random_model(*arch, seed=7, **kw)
+    m = random_model(*arch, seed=7, **kw, dtype=torch.float32)
     if m.config.in_channels != 1:  # the runners take single-channel windows (the engine runs channels apart)
-        m = _random_model(1, 2, 6, seed=7, context=1)
+        m = random_model(1, 2, 6, seed=7, context=1, dtype=torch.float32)
     planes = m.config.planes
     batch = np.random.default_rng(2).random((3, planes, 40, 36) if planes > 1 else (3, 40, 36), dtype=np.float32)
     torch_runner = Runner(m, torch.device("cpu"), ensemble=ensemble, backend="onnxruntime")
@@ -192,7 +175,7 @@ def test_auto_goes_to_torch_wherever_a_gpu_may_be(monkeypatch, platform, build, 
     assert runtime.cpu_without_torch("cpu") and not runtime.cpu_without_torch("cuda")
 
 
-def test_a_gpu_machine_asks_torch_and_an_explicit_backend_keeps_torch(monkeypatch, user_model):
+def test_a_gpu_machine_asks_torch_and_an_explicit_backend_keeps_torch(random_model, monkeypatch, user_model):
     """Where a GPU may be, "auto" is torch's choice (never the CPU without asking); eager, compile and a given
     module always run on torch."""
     asked = []
@@ -202,7 +185,7 @@ def test_a_gpu_machine_asks_torch_and_an_explicit_backend_keeps_torch(monkeypatc
     assert kernel.pick_device(user_model, opts(device="auto")) == torch.device("cpu") and asked == ["auto"]
     assert kernel.pick_device(user_model, opts(device="cpu")) is runtime.CPU
     assert kernel.pick_device(user_model, opts(device="cpu", backend="eager")) == torch.device("cpu")
-    assert kernel.pick_device(_random_model(1, 1, 4, 0), opts(device="cpu")) == torch.device("cpu")
+    assert kernel.pick_device(random_model(1, 1, 4, 0, dtype=torch.float32), opts(device="cpu")) == torch.device("cpu")
 
 
 def test_the_runtime_reads_torchs_build_from_its_version_file():
@@ -211,10 +194,10 @@ def test_the_runtime_reads_torchs_build_from_its_version_file():
                      "xpu": getattr(torch.version, "xpu", None) is not None}
 
 
-def test_int8_on_numpy_weights_equals_the_torch_runners_int8(tmp_path, monkeypatch):
+def test_int8_on_numpy_weights_equals_the_torch_runners_int8(random_model, tmp_path, monkeypatch):
     """onnxruntime-int8 on numpy weights: its graph is traced and quantized with torch the first time (then cached);
     the torch Runner, in a fresh session cache, reads the same graph back and gives the same floats."""
-    m = _random_model(1, 2, 6, seed=9)
+    m = random_model(1, 2, 6, seed=9, dtype=torch.float32)
     batch = np.random.default_rng(3).random((2, 40, 36), dtype=np.float32)
     monkeypatch.setattr(ortgraph, "_BUILT", type(ortgraph._BUILT)())
     got = OrtRunner(_weights(m), backend="onnxruntime-int8")(batch)
