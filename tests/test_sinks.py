@@ -141,3 +141,51 @@ def test_a_tile_row_is_joined_into_one_write_and_an_incomplete_one_left_as_it_ca
     left = join.flush()
     assert [i for i, _ in left] == [i for i, _ in parts]
     assert all(np.array_equal(b, p[1]) for (_, b), p in zip(left, parts)) and join.flush() == []
+
+
+def test_a_marker_waits_for_its_blocks_while_the_writers_go_on(micro_file, tmp_path, rng, monkeypatch):
+    """The write-behind never waits for a done-marker: with the first group's block held in its writer, the
+    next groups' blocks are still written, and no marker (nor pyramid row) is written before the held block
+    is; once it is, the run completes with the same result. Ordered by events, not by time."""
+    import threading
+
+    from memnet.sinks import ZarrSink
+
+    x = rng.integers(0, 4000, (2, 96, 64)).astype(np.uint16)
+    ref = memnet.restore(x, str(micro_file), device="cpu", tile=32, axes="ZYX")
+    release, later = threading.Event(), threading.Event()
+    writes, marks = [], []
+    write, mark_done = ZarrSink.write, ZarrSink.mark_done
+
+    def held_write(self, index, block):
+        with lock:
+            writes.append(index)
+            first = len(writes) == 1
+        if first:
+            assert release.wait(600), "never released"  # a hang guard only
+        else:
+            later.set()
+        write(self, index, block)
+
+    def logged_mark(self, key):
+        marks.append((key, release.is_set()))
+        mark_done(self, key)
+
+    lock = threading.Lock()
+    monkeypatch.setattr(ZarrSink, "write", held_write)
+    monkeypatch.setattr(ZarrSink, "mark_done", logged_mark)
+    out = tmp_path / "o.zarr"
+    result = {}
+    run = threading.Thread(target=lambda: result.update(a=memnet.restore(
+        x, str(micro_file), output=str(out), device="cpu", tile=32, axes="ZYX", batch_size=1, write_threads=3,
+        pyramid=32)))
+    run.start()
+    assert later.wait(600), "no other block was written while the first was held"
+    assert marks == []  # nothing vouches for a group before its blocks are written
+    release.set()
+    run.join(600)
+    assert not run.is_alive()
+    assert len(marks) == 2 * 3 and all(after for _, after in marks)  # one group per tile row: 2 planes × 3 rows
+    assert np.array_equal(np.asarray(result["a"]), np.asarray(ref))
+    z = zarr.open_group(str(out), mode="r")
+    assert z.attrs["memnet"]["complete"] and z["1"].shape[-2:] == (48, 32)

@@ -518,6 +518,35 @@ def test_camera_noise_is_normalised_like_restore_and_targets_its_expectation():
         assert np.isfinite(noisy).all() and np.isfinite(target).all() and noisy.shape == clean.shape
 
 
+def test_camera_correlated_noise_correlates_neighbours_and_keeps_the_target():
+    """``--noise camera-correlated``: the noise (not the content) of some acquisitions is correlated between
+    neighbouring pixels, isotropically or along X only; the plain camera mix stays pixel-independent."""
+    from memnet.degrade import camera_noise, camera_ranges
+
+    clean = np.full((96, 96), 0.5)
+    fixed = {"gamma": [1.0, 1.0], "blur_sigma_px": [0.0, 0.0], "clip_8bit": 0.0, "pixel_gain_cv": [0, 0],
+             "pixel_offset_adu": [0, 0], "photons_at_1": [100.0, 100.0], "background": [0.1, 0.1]}
+
+    def lag1(r, axis):
+        a, b = np.moveaxis(r, axis, 0)[1:].ravel(), np.moveaxis(r, axis, 0)[:-1].ravel()
+        return float(np.corrcoef(a, b)[0, 1])
+
+    rng = np.random.default_rng(3)
+    seen = set()
+    for _ in range(12):
+        noisy, target = camera_noise(clean, rng, {**camera_ranges("camera-correlated"), **fixed, "correlated": 1.0,
+                                                  "correlated_sigma_px": [0.8, 0.8], "scan_tau_px": [1.0, 1.0]})
+        r = noisy - target
+        cy, cx = lag1(r, 0), lag1(r, 1)
+        assert cx > 0.2 and abs(float(r.mean())) < 0.05  # correlated along X always; the target is the expectation
+        assert cy > 0.2 or abs(cy) < 0.08
+        seen.add("isotropic" if cy > 0.2 else "along X")
+    assert seen == {"isotropic", "along X"}
+    noisy, target = camera_noise(clean, rng, {**camera_ranges("camera"), **fixed})
+    assert abs(lag1(noisy - target, 1)) < 0.08 and camera_ranges("camera")["correlated"] == 0
+    assert camera_ranges("camera-correlated")["correlated"] == 0.3
+
+
 def test_microscopy_training_with_camera_noise(tmp_path):
     data = _smooth_images(tmp_path / "clean")
     sampler = PatchSampler("microscopy", [np.asarray(Image.open(p), np.float32) / 255 for p in sorted(data.iterdir())],

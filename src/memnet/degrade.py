@@ -18,6 +18,7 @@ __all__ = [
     "jpeg_degrade",
     "camera_noise",
     "CAMERA_RANGES",
+    "camera_ranges",
 ]
 
 
@@ -68,7 +69,19 @@ CAMERA_RANGES = {
     "gamma": [0.6, 1.6],  # intensity gamma of the content, log-uniform
     "clip_8bit": 0.3,  # fraction rendered to 8 bits with saturation, as exported 8-bit TIFFs are
     "percentiles": [1.0, 99.8],  # then normalised as `memnet restore` does for microscopy models
+    # Fraction of acquisitions whose noise is correlated between neighbouring pixels (0 in the plain camera mix):
+    # half of them isotropically (an image resized or interpolated after capture: lag-1 correlation 0.2-0.8),
+    # half along X (a point scanner's detector bandwidth: an exponential tail of tau px, lag-1 0.14-0.6).
+    "correlated": 0.0,
+    "correlated_sigma_px": [0.4, 1.0],
+    "scan_tau_px": [0.5, 2.0],
 }
+
+
+def camera_ranges(noise: str) -> dict:
+    """The camera mix of a ``--noise`` model: "camera" (pixel-independent noise) or "camera-correlated" (30 % of
+    acquisitions with correlated noise)."""
+    return dict(CAMERA_RANGES, correlated=0.3) if noise == "camera-correlated" else dict(CAMERA_RANGES)
 
 
 def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -85,6 +98,19 @@ def _gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
     p = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(r, r), (r, r)], mode="reflect")
     p = np.apply_along_axis(lambda v: np.convolve(v, k, mode="valid"), -2, p)
     return np.apply_along_axis(lambda v: np.convolve(v, k, mode="valid"), -1, p)
+
+
+def _correlate(noise: np.ndarray, rng: np.random.Generator, c: dict) -> np.ndarray:
+    """The noise made correlated between neighbouring pixels (the expectation is left as it was)."""
+    if rng.random() < 0.5:
+        return _gaussian_blur(noise, rng.uniform(*c["correlated_sigma_px"]))
+    tau = rng.uniform(*c["scan_tau_px"])
+    k = np.exp(-np.arange(int(np.ceil(5 * tau)) + 1) / tau)
+    k /= k.sum()
+    out = k[0] * noise
+    for i in range(1, len(k)):  # a causal tail along X, the scan direction
+        out[..., i:] += k[i] * noise[..., :-i]
+    return out
 
 
 def camera_noise(clean: np.ndarray, rng: np.random.Generator, ranges: dict | None = None) -> tuple[np.ndarray,
@@ -108,8 +134,11 @@ def camera_noise(clean: np.ndarray, rng: np.random.Generator, ranges: dict | Non
     gain = 1.0 + (rng.standard_normal(x.shape) * rng.uniform(*c["pixel_gain_cv"]) if rng.random() < 0.5 else 0.0)
     offset_map = rng.standard_normal(x.shape) * rng.uniform(*c["pixel_offset_adu"]) if rng.random() < 0.5 else 0.0
     read = rng.standard_normal(x.shape) * _log_uniform(rng, *c["read_noise_e"])
-    counts = np.rint((rng.poisson(electrons) * gain + read) * adu + offset_map)
+    counts = (rng.poisson(electrons) * gain + read) * adu + offset_map
     expected = electrons * adu
+    if c["correlated"] > 0 and rng.random() < c["correlated"]:  # no draw otherwise: the plain mix's stream unchanged
+        counts = expected + _correlate(counts - expected, rng, c)
+    counts = np.rint(counts)
     if rng.random() < c["clip_8bit"]:
         # An 8-bit rendering with a display range set on the noisy image, saturating its brightest pixels.
         lo, hi = np.percentile(counts, [rng.uniform(0, 2), rng.uniform(98, 100)])

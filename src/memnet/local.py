@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from itertools import islice
 
@@ -176,7 +176,8 @@ class _Writer:
     complete, in order; the queue bound caps memory. Has the sink interface `run_group` writes to.
     A sink whose chunks are independent (``parallel_writes``: Zarr, memory) gets its blocks written by
     a pool of ``writers`` threads (compression releases the GIL; default: the usable cores, at most 4),
-    each marker only after every block queued before it is on disk. With ``rows`` (a `RowJoin`), the
+    and its markers and pyramid rows by one more thread, each only after every block queued before it
+    is on disk (so neither this thread nor the pool waits for them). With ``rows`` (a `RowJoin`), the
     blocks of a tile row are written as one."""
 
     MAX_BYTES = 32 * 2**20
@@ -190,6 +191,11 @@ class _Writer:
             if writers > 1 and getattr(sink, "parallel_writes", False) else None
         self.inflight: list = []
         self.limit = 2 * writers  # blocks being written at once: bounds memory like the queue
+        self.marks: queue.Queue = queue.Queue()  # (futures to wait for, call, argument, its Future)
+        self.mark_thread = None
+        if self.pool is not None:
+            self.mark_thread = threading.Thread(target=self._run_marks, name="memnet-mark", daemon=True)
+            self.mark_thread.start()
         self.thread = threading.Thread(target=self._run, name="memnet-write", daemon=True)
         self.thread.start()
 
@@ -203,22 +209,45 @@ class _Writer:
                     self.error = e
             if item is None:
                 if self.pool is not None:
+                    self.marks.put(None)
+                    self.mark_thread.join()
                     self.pool.shutdown(wait=True)
                 return
+
+    def _run_marks(self):
+        """Markers and pyramid rows, in order, each once the blocks queued before it are written; a failed
+        write fails its marker (never written) and every later one."""
+        while (job := self.marks.get()) is not None:
+            before, call, arg, done = job
+            try:
+                for f in before:
+                    f.result()
+                call(arg)
+                done.set_result(None)
+            except BaseException as e:
+                done.set_exception(e)
 
     def _do(self, item) -> None:
         if item is None or item[0] in (_MARK, _ROWS, _BUILD):
             for left in self.rows.flush() if self.rows is not None else ():
                 self._write(*left)
-            self._drain()  # what a marker vouches for is on disk first
         if item is None:
+            self._drain()
             return
-        if item[0] is _MARK:
-            self.sink.mark_done(item[1])
-        elif item[0] is _ROWS:
-            self.sink.rows_written(*item[1])
-        elif item[0] is _BUILD:
-            self.sink.build_ready(item[1])
+        if item[0] in (_MARK, _ROWS, _BUILD):
+            call = {_MARK: self.sink.mark_done, _ROWS: lambda a: self.sink.rows_written(*a),
+                    _BUILD: self.sink.build_ready}[item[0]]
+            if self.pool is None:
+                self._drain()
+                call(item[1])
+            else:
+                # What a marker vouches for (a group's blocks, the rows a pyramid row is built from) is on disk
+                # first: the marker thread waits for the blocks queued before it, in order, while this thread
+                # goes on handing blocks to the pool (it used to wait here, and the model with it).
+                self._prune()
+                done = Future()
+                self.marks.put(([f for f, _ in self.inflight], call, item[1], done))
+                self.inflight.append((done, 0))
         elif self.rows is None:
             self._write(*item)
         else:
@@ -232,9 +261,20 @@ class _Writer:
         else:
             self.inflight.append((self.pool.submit(self.sink.write, index, block), block.nbytes))
             # blocks (joined rows: up to a row of the widest plane each) being written at once, and their bytes
-            while len(self.inflight) >= self.limit or (len(self.inflight) > 1
-                                                        and sum(n for _, n in self.inflight) > self.MAX_BYTES):
+            self._prune()
+            while sum(n > 0 for _, n in self.inflight) >= self.limit or (
+                    len(self.inflight) > 1 and sum(n for _, n in self.inflight) > self.MAX_BYTES):
                 self.inflight.pop(0)[0].result()
+
+    def _prune(self) -> None:
+        """Forget the tasks that are done (raising the first error among them)."""
+        left = []
+        for f, n in self.inflight:
+            if f.done():
+                f.result()
+            else:
+                left.append((f, n))
+        self.inflight = left
 
     def _drain(self) -> None:
         done, self.inflight = self.inflight, []

@@ -363,9 +363,10 @@ class ZarrSink(Sink):
         pyramid rows that completes (each handed out once)."""
         if self.tracker is None:
             return []
-        if unit is not None:
-            return self.tracker.mark(unit.level, unit.plane, unit.row)
-        return [u for r in rows for u in self.tracker.mark(0, self._plane[tuple(lead)], r)]
+        with self._kept_lock:  # writer threads may finish rows at once
+            if unit is not None:
+                return self.tracker.mark(unit.level, unit.plane, unit.row)
+            return [u for r in rows for u in self.tracker.mark(0, self._plane[tuple(lead)], r)]
 
     def build(self, unit: Unit) -> None:
         """Write one pyramid row, then its done-marker: in one write from the rows below when this run

@@ -11,9 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .degrade import (
-    CAMERA_RANGES,
-)
+from .degrade import camera_ranges
 from .evaluate import evaluate_task, predictor
 from .fitloop import FitState, MixedPrecision, atomic_save, fit, hardware_name, multi_supervised_loss
 from .metrics import psnr
@@ -33,8 +31,8 @@ from .zoo import load_model, save_model
 __all__ = ["TrainConfig", "fit_state_of", "recalibrate_bn", "train"]
 
 def _degradation_record(cfg: TrainConfig) -> dict:
-    if cfg.task == "microscopy" and cfg.noise == "camera":
-        return {"pairs": DEGRADATIONS["microscopy"]["pairs"], "camera": CAMERA_RANGES}
+    if cfg.task == "microscopy" and cfg.noise.startswith("camera"):
+        return {"pairs": DEGRADATIONS["microscopy"]["pairs"], "camera": camera_ranges(cfg.noise)}
     return DEGRADATIONS[cfg.task]
 
 

@@ -23,7 +23,7 @@ OPTIMIZERS = ("adam", "sgd")  # adam: Adam + cosine (default); sgd: the paper's 
 LOSSES = ("mse", "psnr")
 # Synthetic noise for microscopy: the original narrow Poisson-Gaussian model, or "camera": the wide-range
 # fluorescence camera model (see memnet.degrade.camera_noise).
-NOISE_MODELS = ("poisson_gaussian", "camera")
+NOISE_MODELS = ("poisson_gaussian", "camera", "camera-correlated")  # the last: 30 % with correlated noise
 SAMPLERS = ("auto", "numpy", "device")  # where batches are made; auto: on the device for denoise on CUDA
 DEFAULT_ARCH = "M4R4C32"  # CPU-sized: see training/README.md
 DEFAULT_MINUTES = 5.0  # a fine-tune's CPU default: a few hundred steps of an M4R4C32 on 2 cores

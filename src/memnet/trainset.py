@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .degrade import bicubic_degrade, camera_noise, gaussian_noise, jpeg_degrade, poisson_gaussian_noise
+from .degrade import bicubic_degrade, camera_noise, camera_ranges, gaussian_noise, jpeg_degrade, poisson_gaussian_noise
 from .evaluate import percentile_normalize
 from .metrics import affine_fit
 from .sources import input_format, is_zarr_path
@@ -220,7 +220,7 @@ class PatchSampler:
         if self.pairs_only or (self.task == "microscopy" and self.pairs and (not self.clean or r.random() < 0.5)):
             noisy, clean = self._crop(self._pick(self.pairs))
             return noisy, clean
-        if self.task == "microscopy" and self.noise == "camera":
+        if self.task == "microscopy" and self.noise.startswith("camera"):
             return self._camera_sample()
         (clean,) = self._crop([self._pick(self.clean)])
         if self.task == "denoise":
@@ -243,7 +243,7 @@ class PatchSampler:
             (region,) = self._crop([img])
         finally:
             self.patch = saved
-        noisy, target = camera_noise(region, self.rng)
+        noisy, target = camera_noise(region, self.rng, camera_ranges(self.noise))
         y, x = self.rng.integers(0, ctx - self.patch + 1, size=2)
         sl = (slice(y, y + self.patch), slice(x, x + self.patch))
         return np.ascontiguousarray(noisy[sl]), np.ascontiguousarray(target[sl])
