@@ -449,6 +449,46 @@ def test_publish_decision_needs_a_gain_clear_of_its_standard_error(rng):
     assert publish_decision(base, base, always=True).forced
 
 
+def test_a_clear_sub_image_gain_is_vetoed_by_a_clear_full_resolution_loss(rng):
+    """As W2S 040_1 measured (sub-images +0.037 ± 0.007 dB, full-resolution check −0.026 ± 0.007, real change
+    −0.10 dB): a clear gain of the sub-sampling criterion with a clear loss of the full-resolution check keeps the
+    starting model; a check that is merely unclear (near zero) does not veto."""
+    from memnet.finetune import publish_decision
+
+    base = rng.uniform(1e-3, 4e-3, 16)
+
+    def errors(gain_db, spread):
+        g = gain_db + spread * rng.standard_normal(16)
+        return base, base * 10 ** (-g / 10)
+
+    sub = errors(0.037, 0.02)
+    vetoed = publish_decision(*sub, criterion="subsample", check=errors(-0.03, 0.01))
+    assert vetoed.gain - 2 * vetoed.se > 0 and vetoed.check_gain + 2 * vetoed.check_se < 0
+    assert not vetoed.published and vetoed.check_failed
+    assert re.fullmatch(r"kept the starting model: gain \+0\.0\d\d ± 0\.0\d\d dB \(full resolution -0\.0\d\d ± "
+                        r"0\.00\d\)", vetoed.summary())
+    unclear = publish_decision(*sub, criterion="subsample", check=errors(0.002, 0.02))
+    assert unclear.published and not unclear.check_failed
+    assert publish_decision(*sub).check_gain is None  # no check: the decision as before
+    assert publish_decision(*sub, check=errors(-0.03, 0.01), always=True).forced
+
+
+def test_sub_sampling_modes_check_at_full_resolution_before_publishing(base_model, rng):
+    """A nbr2nbr fine-tune reports the full-resolution check in its decision (and a mode with a clean target
+    has none)."""
+    from memnet.finetune import FinetuneConfig, finetune
+
+    x = _noisy(_scene(rng, (6, 64, 64)), rng)
+    cfg = FinetuneConfig(model=base_model, mode="nbr2nbr", name="chk", steps=4, val_every=2, minutes=None, patch=16,
+                         device="cpu", publish="always")
+    d = finetune(cfg, x, log=lambda s: None).decision
+    assert d.check_gain is not None and np.isfinite(d.check_gain) and d.check_se > 0
+    stored = memnet.load_model("chk")[1].metadata["finetune"]["decision"]
+    assert stored["check_gain"] == pytest.approx(d.check_gain, abs=1e-5)
+    x2 = _noisy(_scene(rng, (6, 64, 64)), rng)  # a second acquisition: criterion "target", no check
+    assert finetune(cfg.replace(mode="n2n", name="chk2"), x, noisy2=x2).decision.check_gain is None
+
+
 def test_a_candidate_that_differs_by_noise_only_is_not_published(base_model, rng, capsys):
     """A run at a vanishing learning rate ends with a model all but equal to the starting one: its held-out
     gain is within noise, the starting model is kept, and the CLI and the exception carry gain ± SE."""

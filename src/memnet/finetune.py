@@ -25,6 +25,7 @@ from .finetune_modes import (
     MODES,
     FinetuneConfig,
     Mode,
+    blind_spot,
     fit_noise_model,
     get_mode,
     neighbour_correlation,
@@ -58,37 +59,57 @@ class Decision:
     score: float = float("nan")  # the candidate's
     z: float = Z_MARGIN
     forced: bool = False  # published with publish="always", whatever the test said
+    # The full-resolution check (sub-sampling criteria only): the gain on the same crops of the whole model with
+    # some pixels blinded (replaced by a neighbour) and scored against their noisy values. None: no check.
+    check_gain: float | None = None
+    check_se: float | None = None
 
     @property
     def clear(self) -> bool:
-        """Whether the gain is clear of noise: above ``MIN_GAIN_DB`` and more than ``z`` standard errors above zero."""
-        return self.gain > MIN_GAIN_DB and self.gain - self.z * self.se > 0
+        """Whether the gain is clear of noise: above ``MIN_GAIN_DB`` and more than ``z`` standard errors above zero,
+        and the full-resolution check (where there is one) not more than ``z`` standard errors below zero."""
+        return self.gain > MIN_GAIN_DB and self.gain - self.z * self.se > 0 and not self.check_failed
+
+    @property
+    def check_failed(self) -> bool:
+        return self.check_gain is not None and self.check_gain + self.z * self.check_se < 0
 
     def summary(self) -> str:
         """One line for the user: published or not, and the gain with its standard error."""
         what = "published" if self.published else "kept the starting model"
-        return f"{what}: gain {self.gain:+.3f} ± {self.se:.3f} dB"
+        check = "" if self.check_gain is None else f" (full resolution {self.check_gain:+.3f} ± {self.check_se:.3f})"
+        return f"{what}: gain {self.gain:+.3f} ± {self.se:.3f} dB{check}"
 
     def as_dict(self) -> dict:
         """The decision as plain JSON-ready values (floats rounded), for the model's metadata and reports."""
         return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-def publish_decision(base_mse, new_mse, *, z: float = Z_MARGIN, criterion: str = "", always: bool = False) -> Decision:
+def publish_decision(base_mse, new_mse, *, z: float = Z_MARGIN, criterion: str = "", always: bool = False,
+                     check=None) -> Decision:
     """Paired test over held-out crops: ``base_mse``/``new_mse`` are the starting model's and the candidate's
     errors on the same crops. Gain per crop = 10·log10(base/new) dB; publish when its mean exceeds ``z``
-    standard errors (and ``MIN_GAIN_DB``), or ``always``."""
+    standard errors (and ``MIN_GAIN_DB``), or ``always``. ``check``: (base, new) errors of a second criterion
+    that vetoes publication when its gain is more than ``z`` standard errors below zero."""
+    g, se = _paired_gain(base_mse, new_mse)
+    b, n = np.asarray(base_mse, np.float64), np.asarray(new_mse, np.float64)
+    d = Decision(False, float(g.mean()), se, len(g), criterion, -10 * float(np.log10(max(b.mean(), 1e-12))),
+                 -10 * float(np.log10(max(n.mean(), 1e-12))), z)
+    if check is not None:
+        cg, d.check_se = _paired_gain(*check)
+        d.check_gain = float(cg.mean())
+    d.published = d.clear or always
+    d.forced = always and not d.clear
+    return d
+
+
+def _paired_gain(base_mse, new_mse) -> tuple[np.ndarray, float]:
     b, n = np.asarray(base_mse, np.float64), np.asarray(new_mse, np.float64)
     if b.shape != n.shape or b.ndim != 1 or not len(b):
         raise ValueError(f"publish_decision needs the two models' errors on the same crops, got {b.shape} and "
                          f"{n.shape}")
     g = 10 * np.log10(np.maximum(b, 1e-12) / np.maximum(n, 1e-12))
-    se = float(g.std(ddof=1) / np.sqrt(len(g))) if len(g) > 1 else float("inf")
-    d = Decision(False, float(g.mean()), se, len(g), criterion, -10 * float(np.log10(max(b.mean(), 1e-12))),
-                 -10 * float(np.log10(max(n.mean(), 1e-12))), z)
-    d.published = d.clear or always
-    d.forced = always and not d.clear
-    return d
+    return g, (float(g.std(ddof=1) / np.sqrt(len(g))) if len(g) > 1 else float("inf"))
 
 
 class FinetuneResult(type(Path())):
@@ -383,6 +404,7 @@ class _HeldOut:
     so the decision is not inflated by picking the best of many validations on the same crops."""
 
     SELECT_DRAWS, DECIDE_DRAWS, MAX_CROPS, SPLIT_FROM, MIN_CROPS, MIN_SIZE = 2, 8, 48, 12, 8, 12
+    CHECK_DRAWS, CHECK_FRACTION = 6, 0.03
 
     def __init__(self, mode: Mode, val_items: list, patch: int, seed: int):
         size = min(patch * mode.held_out_scale, min(min(it[0].shape[-2:]) for it in val_items))
@@ -404,6 +426,21 @@ class _HeldOut:
         self.mode, self.crops = mode, len(decide)
         self.select = self._draws(select, self.SELECT_DRAWS, seed + 1)
         self.decide = self._draws(decide, self.DECIDE_DRAWS, seed + 2)
+        # A sub-sampling criterion scores the model on half-resolution images: on data the starting model already
+        # suits (W2S) it rose for candidates that were worse at full resolution. The check scores the whole model
+        # at full resolution on the same crops, a few pixels blinded (a random neighbour's value) and compared
+        # with their noisy values: unbiased for pixel-independent noise, and it vetoes a clear loss.
+        self.check = None
+        if mode.criterion == "subsample":
+            x = torch.from_numpy(np.stack([c[0] for c in decide]).astype(np.float32))
+            x = x[:, None] if x.ndim == 3 else x
+            rng = np.random.default_rng(seed + 3)
+            self.check = []
+            for _ in range(self.CHECK_DRAWS):
+                xi, m = blind_spot(x[:, x.shape[1] // 2: x.shape[1] // 2 + 1], self.CHECK_FRACTION, rng, "random")
+                if x.shape[1] > 1:  # a context model's window: the centre plane blinded, its neighbours as they are
+                    xi = torch.cat([x[:, : x.shape[1] // 2], xi, x[:, x.shape[1] // 2 + 1:]], dim=1)
+                self.check.append((xi, x[:, x.shape[1] // 2: x.shape[1] // 2 + 1], m))
 
     def _draws(self, crops, draws, seed):
         def tensor(arrs):  # (N, 1, s, s), or (N, planes, s, s) for a context model's windows
@@ -430,8 +467,9 @@ class _HeldOut:
     def score(self, model, dev) -> float:
         return -10 * float(np.log10(max(float(self._errors(model, dev, self.select).mean()), 1e-12)))
 
-    def errors(self, model, dev) -> np.ndarray:
-        return self._errors(model, dev, self.decide)
+    def errors(self, model, dev) -> tuple[np.ndarray, np.ndarray | None]:
+        """Per-crop errors on the decision crops, and of the full-resolution check (None without one)."""
+        return self._errors(model, dev, self.decide), None if self.check is None else self._errors(model, dev, self.check)
 
 
 def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=None, cancel=None,
@@ -570,7 +608,7 @@ def _record(cfg: FinetuneConfig, info, mode: Mode, dev, baseline: float, record:
 
 
 def _publish(cfg, state: FitState, run, out_path: Path, info, baseline: float, log, held_out: _HeldOut,
-             base_errors: np.ndarray, dev) -> FinetuneResult:
+             base_errors: tuple, dev) -> FinetuneResult:
     stopped = state.ended == "stopped"
     if not run.best.exists():
         if stopped:
@@ -578,8 +616,9 @@ def _publish(cfg, state: FitState, run, out_path: Path, info, baseline: float, l
                             "saved; resume to continue")
         raise NotImproved("the run ended before its first validation: no model saved; give it more time or steps")
     final, final_info = load_model(run.best, device=dev)
-    decision = publish_decision(base_errors, held_out.errors(final, dev), z=cfg.z, criterion=held_out.mode.criterion,
-                                always=cfg.publish == "always")
+    (b, bc), (n, nc) = base_errors, held_out.errors(final, dev)
+    decision = publish_decision(b, n, z=cfg.z, criterion=held_out.mode.criterion, always=cfg.publish == "always",
+                                check=None if bc is None else (bc, nc))
     fm = dict(final_info.metadata)
     best = float(fm.get("metrics", {}).get("val_psnr", state.best))
     fm["finetune"] = {**fm["finetune"], "steps_run": state.step, "ended": state.ended,
@@ -590,10 +629,14 @@ def _publish(cfg, state: FitState, run, out_path: Path, info, baseline: float, l
     figures = (f"gain {decision.gain:+.3f} ± {decision.se:.3f} dB on {decision.crops} held-out crops "
                f"({decision.criterion} criterion; {info.name} {decision.baseline:.3f} dB, fine-tuned "
                f"{decision.score:.3f})")
+    if decision.check_gain is not None:
+        figures += f"; at full resolution {decision.check_gain:+.3f} ± {decision.check_se:.3f} dB (blind-spot check)"
     if not decision.published:
-        msg = (f"not published: kept the starting model {info.name}: {figures}, not clearly above zero (publishing "
-               f"needs the gain above {decision.z:g} standard errors). Try another mode, more data or time, or "
-               "publish anyway (--publish always)")
+        why = ("clearly below zero at full resolution" if decision.check_failed and decision.gain > MIN_GAIN_DB
+               and decision.gain - decision.z * decision.se > 0 else "not clearly above zero")
+        msg = (f"not published: kept the starting model {info.name}: {figures}: {why} (publishing needs the gain "
+               f"above {decision.z:g} standard errors, and the full-resolution check not below). Try another mode, "
+               "more data or time, or publish anyway (--publish always)")
         log(msg)
         raise NotImproved(msg, decision)
     save_model(final, out_path, name=cfg.name, task=info.task, metadata=fm)
