@@ -72,6 +72,7 @@ class Decision:
 
     @property
     def check_failed(self) -> bool:
+        """Whether the full-resolution check says the candidate is clearly worse."""
         return self.check_gain is not None and self.check_gain + self.z * self.check_se < 0
 
     def summary(self) -> str:
@@ -469,7 +470,8 @@ class _HeldOut:
 
     def errors(self, model, dev) -> tuple[np.ndarray, np.ndarray | None]:
         """Per-crop errors on the decision crops, and of the full-resolution check (None without one)."""
-        return self._errors(model, dev, self.decide), None if self.check is None else self._errors(model, dev, self.check)
+        check = None if self.check is None else self._errors(model, dev, self.check)
+        return self._errors(model, dev, self.decide), check
 
 
 def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=None, cancel=None,
