@@ -130,6 +130,7 @@ def ctx_user(ctx_model, _isolated_user_models):
 _HELD_RESTORE = """
 import sys, threading, time
 from pathlib import Path
+from memnet import local
 from memnet.cli import main
 from memnet.sinks import ZarrSink
 
@@ -141,9 +142,19 @@ def hold():
     while True:
         time.sleep(60)
 
-mark_done, write = ZarrSink.mark_done, ZarrSink.write
+def past():
+    with count:
+        return seen["groups"] >= groups
 
+mark_done, write, close = ZarrSink.mark_done, ZarrSink.write, local._Writer.close
+rows_written, build_ready = ZarrSink.rows_written, ZarrSink.build_ready
+
+# Markers and pyramid rows are written in order on one thread, but blocks run ahead of them (a pool writes
+# them): after the chosen marker, later markers and pyramid rows are left out (as if that thread were
+# stopped there) while blocks go on being written and counted.
 def counted_mark_done(self, key):
+    if past():
+        return
     mark_done(self, key)
     with count:
         seen["groups"] += 1
@@ -163,7 +174,21 @@ def counted_write(self, index, block):
     if now:
         hold()
 
+def held_rows_written(self, lead, rows):
+    if not past():
+        rows_written(self, lead, rows)
+
+def held_build_ready(self, units):
+    if not past():
+        build_ready(self, units)
+
+def held_close(self):
+    if past():  # every block was written before as many as asked came after the marker: hold at the end
+        hold()
+    close(self)
+
 ZarrSink.mark_done, ZarrSink.write = counted_mark_done, counted_write
+ZarrSink.rows_written, ZarrSink.build_ready, local._Writer.close = held_rows_written, held_build_ready, held_close
 sys.exit(main(["restore", *sys.argv[4:]]))
 """
 
@@ -171,8 +196,9 @@ sys.exit(main(["restore", *sys.argv[4:]]))
 @pytest.fixture
 def held_restore(tmp_path):
     """``held_restore(args, groups, blocks)``: start ``memnet restore ARGS`` (a Zarr output) held after
-    ``groups`` new done-markers and then ``blocks`` more output blocks; returns the process once it is held
-    there (it waits for the test's signal). Fails if the run ends before it gets there."""
+    ``groups`` new done-markers and then ``blocks`` more output blocks (or at its end, if fewer were left);
+    later markers and pyramid rows are never written. Returns the process once it is held there (it waits
+    for the test's signal). Fails if the run ends before it gets there."""
 
     def start(args, groups: int, blocks: int):
         assert groups > 0 or blocks > 0, "hold after at least one marker or block"
