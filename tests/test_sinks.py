@@ -189,38 +189,3 @@ def test_a_marker_waits_for_its_blocks_while_the_writers_go_on(micro_file, tmp_p
     assert np.array_equal(np.asarray(result["a"]), np.asarray(ref))
     z = zarr.open_group(str(out), mode="r")
     assert z.attrs["memnet"]["complete"] and z["1"].shape[-2:] == (48, 32)
-
-
-@pytest.mark.parametrize("output", ["o.zarr", "o.tif", None])
-def test_the_blocks_are_mapped_back_in_the_writer_threads_not_before_the_model(output, micro_file, tmp_path, rng,
-                                                                               monkeypatch):
-    """The local run hands the model's float blocks to its write-behind, which maps them to the output's range
-    and dtype in its own threads (so that pass runs beside the model): the main thread never maps a block, the
-    result is the same as mapping them as they come, and a NaN there still fails the run before any marker."""
-    import threading
-
-    from memnet.kernel import Job
-
-    x = np.stack([rng.integers(0, 4000, (96, 80)), rng.integers(0, 40, (96, 80))]).astype(np.uint16)
-    kw = dict(device="cpu", tile=32, axes="CYX", batch_size=1)
-    threads, map_block = [], Job.map_block
-
-    def logged(self, index, block):
-        threads.append(threading.current_thread().name)
-        return map_block(self, index, block)
-
-    monkeypatch.setattr(Job, "map_block", logged)
-    dest = None if output is None else tmp_path / output
-    got = memnet.restore(x, str(micro_file), output=dest, **kw)
-    assert threads and all(n.startswith("memnet-write") for n in threads), set(threads)
-    got = np.asarray(got if dest is None or output.endswith(".zarr") else tifffile.imread(dest))
-    for c in range(2):  # each channel exactly as restored alone (its own mapping, per block)
-        alone = memnet.restore(x[c], str(micro_file), device="cpu", tile=32, batch_size=1)
-        assert np.array_equal(got[c], np.asarray(alone))
-
-    monkeypatch.setattr(Job, "map_block", lambda self, index, block: map_block(self, index, block * np.nan))
-    with pytest.raises(FloatingPointError, match="NaN or Inf in plane"):
-        memnet.restore(x, str(micro_file), output=tmp_path / "nan.zarr", **kw)
-    assert zarr.open_group(str(tmp_path / "nan.zarr"), mode="r").attrs["memnet"]["complete"] is False
-    done = tmp_path / "nan.zarr.memnet" / "done"
-    assert not done.is_dir() or not any(done.iterdir())  # no group vouched for

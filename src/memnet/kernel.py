@@ -183,12 +183,8 @@ class Job:
         return self.source.index(lead, ys, xs)
 
     def to_output(self, block: np.ndarray, lead: tuple = (), core: tuple | None = None) -> np.ndarray:
-        """A model result (one tile's core, (Y, X)) mapped back to the output's range, dtype and axis order."""
-        return self.map_stored(self.source.to_storage(block), lead, core)
-
-    def map_stored(self, block: np.ndarray, lead: tuple = (), core: tuple | None = None) -> np.ndarray:
-        """`to_output` of a block already in storage order. A NaN or Inf fails the run here, before it is
-        written: nothing non-finite is ever marked complete."""
+        """A model result (one tile's core) mapped back to the output's range and dtype. A NaN or Inf
+        fails the run here, before it is written: nothing non-finite is ever marked complete."""
         if not np.isfinite(block).all():
             where = f"plane {tuple(lead)}, rows {core[0].start}:{core[0].stop}, columns {core[1].start}:" \
                     f"{core[1].stop}" if core is not None else "a tile"
@@ -196,26 +192,15 @@ class Job:
                 f"the model produced NaN or Inf in {where}: the weights may be broken (non-finite or diverged) "
                 "or the input overflows the model (float input is taken as already in the model's range, e.g. "
                 "[0, 1] for natural-image models: rescale it); nothing was marked complete")
-        return self.norm.at(lead).inverse(block)
+        return self.source.to_storage(self.norm.at(lead).inverse(block))
 
-    def map_block(self, index: tuple, block: np.ndarray) -> np.ndarray:
-        """`map_stored` of a block of `predict_tiles` (or several joined) at output ``index``: what a
-        write-behind thread calls, so the mapping runs beside the model, not before it."""
-        lead = tuple(i for d, i in enumerate(index) if d not in (self.yi, self.xi))
-        return self.map_stored(block, lead, (index[self.yi], index[self.xi]))
-
-    def predict_tiles(self, lead: tuple, tiles: list[Tile], windows: list[np.ndarray]):
-        """Exact mode: run one batch of windows and yield each tile's (output index, float32 prediction
-        cropped to the tile's core, in storage order): `map_block` maps it to the output."""
+    def run_tiles(self, lead: tuple, tiles: list[Tile], windows: list[np.ndarray]):
+        """Exact mode: run one batch of windows and yield each tile's (output index, output block):
+        the prediction cropped to the tile's core, mapped back to the output's range and dtype."""
         # one window (the CPU's batch): a view, not a copy
         preds = self.runner(windows[0][None] if len(windows) == 1 else np.stack(windows))
         for t, pred in zip(tiles, preds):
-            yield self.out_index(lead, *t.core), self.source.to_storage(pred[t.crop])
-
-    def run_tiles(self, lead: tuple, tiles: list[Tile], windows: list[np.ndarray]):
-        """`predict_tiles` with each block mapped back to the output's range and dtype."""
-        for index, block in self.predict_tiles(lead, tiles, windows):
-            yield index, self.map_block(index, block)
+            yield self.out_index(lead, *t.core), self.to_output(pred[t.crop], lead, t.core)
 
     def groups(self, rows: int) -> list[tuple[str, tuple, list[Tile]]]:
         """Units of work and of resume: ``rows`` consecutive tile rows of one plane. Each group owns
@@ -427,8 +412,7 @@ def run_group(job: Job, group: tuple[str, tuple, list[Tile]], sink, *, batch_siz
     group's done-marker (after all its blocks, so a marked group is complete).
 
     ``sink`` has ``write(index, block)`` and, for a resumable output, ``mark_done(key)`` and
-    ``rows_written(lead, rows)`` (the tile rows are on disk: the pyramid above them may be built); one
-    with ``maps_blocks`` is given the model's float blocks and maps them with `Job.map_block` itself.
+    ``rows_written(lead, rows)`` (the tile rows are on disk: the pyramid above them may be built).
     ``batches`` are the group's windows when read ahead elsewhere; by default they are read here.
     ``cancel`` is checked before each batch; ``on_batch(tiles)`` is called after each."""
     key, lead, tiles = group
@@ -438,9 +422,7 @@ def run_group(job: Job, group: tuple[str, tuple, list[Tile]], sink, *, batch_siz
     for n, (chunk, windows) in enumerate(zip(chunks, batches), 1):
         if stop_requested(cancel):
             raise Cancelled("restore cancelled")
-        # a sink that maps blocks itself (the local write-behind, in its threads) takes the model's floats
-        for index, block in (job.predict_tiles if getattr(sink, "maps_blocks", False) else job.run_tiles)(
-                lead, chunk, windows):
+        for index, block in job.run_tiles(lead, chunk, windows):
             sink.write(index, block)
         if n == len(chunks):
             sink.mark_done(key)

@@ -29,7 +29,7 @@ def run_local(job: Job, output=None, *, overwrite: bool = False, resume: bool = 
     todo = [g for g in groups if g[0] not in done]
     tally = ProgressTally(groups, todo, progress)
     writer = _Writer(sink, writers=None if job.options.write_threads == "auto" else job.options.write_threads,
-                     rows=RowJoin(job) if getattr(sink, "row_writes", False) else None, mapper=job.map_block)
+                     rows=RowJoin(job) if getattr(sink, "row_writes", False) else None)
     try:
         writer.build(sink.pending())  # pyramid rows an interrupted run left ready but unbuilt
         with closing(_read_ahead(job, todo, bs, readers)) as batches:
@@ -79,7 +79,7 @@ def _run_blended(job: Job, batches, writer: _Writer, cancel, tally: ProgressTall
     def flush(lead, iy):
         for ix in range(nx):
             t = job.plan.tile_at(iy, ix)
-            writer.write(job.out_index(lead, *t.core), job.source.to_storage(acc.pop((lead, iy, ix))))
+            writer.write(job.out_index(lead, *t.core), job.to_output(acc.pop((lead, iy, ix)), lead, t.core))
         writer.rows_written(lead, [iy])
 
     for lead, tiles, windows in batches:
@@ -178,16 +178,12 @@ class _Writer:
     a pool of ``writers`` threads (compression releases the GIL; default: the usable cores, at most 4),
     and its markers and pyramid rows by one more thread, each only after every block queued before it
     is on disk (so neither this thread nor the pool waits for them). With ``rows`` (a `RowJoin`), the
-    blocks of a tile row are written as one. With ``mapper`` (`Job.map_block`), it is given the model's
-    float blocks and maps them to the output's range and dtype in the threads that write them: that
-    pass runs beside the model instead of before it."""
+    blocks of a tile row are written as one."""
 
     MAX_BYTES = 32 * 2**20
 
-    def __init__(self, sink, maxsize: int = 32, writers: int | None = None, rows: RowJoin | None = None,
-                 mapper=None):
-        self.sink, self.rows, self.mapper = sink, rows, mapper
-        self.maps_blocks = mapper is not None  # `run_group` hands it unmapped blocks
+    def __init__(self, sink, maxsize: int = 32, writers: int | None = None, rows: RowJoin | None = None):
+        self.sink, self.rows = sink, rows
         self.q: queue.Queue = queue.Queue(maxsize=maxsize)
         self.error: BaseException | None = None
         writers = writers or min(4, usable_cores())
@@ -259,14 +255,11 @@ class _Writer:
             if row is not None:
                 self._write(*row)
 
-    def _put(self, index, block) -> None:
-        self.sink.write(index, block if self.mapper is None else self.mapper(index, block))
-
     def _write(self, index, block) -> None:
         if self.pool is None:
-            self._put(index, block)
+            self.sink.write(index, block)
         else:
-            self.inflight.append((self.pool.submit(self._put, index, block), block.nbytes))
+            self.inflight.append((self.pool.submit(self.sink.write, index, block), block.nbytes))
             # blocks (joined rows: up to a row of the widest plane each) being written at once, and their bytes
             self._prune()
             while sum(n > 0 for _, n in self.inflight) >= self.limit or (
