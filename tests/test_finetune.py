@@ -425,8 +425,8 @@ def test_the_cli_refuses_correlated_noise_with_exit_3_and_modes_with_a_second_vi
     assert main([*args, "-o", "c1", "--mode", "nbr2nbr"]) == 3
     assert "--no-noise-check" in capsys.readouterr().out
     assert main([*args, "-o", "c2", "--mode", "nbr2nbr", "--no-noise-check"]) == 0
-    assert main([*args, "-o", "c4"]) == 0  # the default, auto, trains structured blind spots instead
-    assert "auto: correlated noise, so mode structn2v" in capsys.readouterr().out
+    assert main([*args, "-o", "c4"]) == 0  # the default, auto, trains blind spots instead (weak correlation here)
+    assert "auto: weakly correlated noise, so mode n2v-corr" in capsys.readouterr().out
     assert main([*args, "-o", "c3", "--mode", "adjacent"]) == 0  # planes as the two views: no check
 
 
@@ -471,6 +471,33 @@ def test_a_clear_sub_image_gain_is_vetoed_by_a_clear_full_resolution_loss(rng):
     assert unclear.published and not unclear.check_failed
     assert publish_decision(*sub).check_gain is None  # no check: the decision as before
     assert publish_decision(*sub, check=errors(-0.03, 0.01), always=True).forced
+
+    def exact(gain_db, se):  # per-crop gains with exactly this mean and standard error
+        z = rng.standard_normal(16)
+        g = gain_db + 4 * se * (z - z.mean()) / z.std(ddof=1)
+        return base, base * 10 ** (-g / 10)
+
+    # W2S 040_1 again (session 15): check -0.030 ± 0.017, real -0.09 dB. Between one and two standard errors
+    # below zero: one is the veto's margin.
+    assert not publish_decision(*sub, check=exact(-0.030, 0.017)).published
+    assert publish_decision(*sub, check=exact(-0.003, 0.0063)).published  # W2S 032_1: real +0.28 dB
+
+
+def test_n2v_corr_decides_on_blind_spots_with_pixels_3_apart_as_the_veto(base_model, rng):
+    """The weakly-correlated-noise mode: trained at its own learning rate (1e-4 unless given), decided by the
+    full-resolution blind-spot score, checked on sub-sampled pairs of pixels 3 apart; both in the record."""
+    from memnet.finetune import FinetuneConfig, finetune
+
+    x = _noisy(_scene(rng, (6, 64, 64)), rng)
+    cfg = FinetuneConfig(model=base_model, mode="n2v-corr", name="corr", steps=4, val_every=2, minutes=None, patch=16,
+                         device="cpu", publish="always")
+    d = finetune(cfg, x, log=lambda s: None).decision
+    assert d.criterion == "blindspot" and d.check == "strided" and np.isfinite(d.check_gain) and d.check_se > 0
+    assert "(pixels 3 apart " in d.summary()
+    meta = memnet.load_model("corr")[1].metadata["finetune"]
+    assert meta["lr"] == pytest.approx(1e-4) and meta["decision"]["check"] == "strided"
+    finetune(cfg.replace(name="corr2", lr=3e-5), x, log=lambda s: None)
+    assert memnet.load_model("corr2")[1].metadata["finetune"]["lr"] == pytest.approx(3e-5)  # a given lr wins
 
 
 def test_sub_sampling_modes_check_at_full_resolution_before_publishing(base_model, rng):
@@ -545,7 +572,7 @@ def test_auto_picks_structn2v_on_correlated_noise_and_it_improves_where_nbr2nbr_
     logs = []
     auto = finetune(FinetuneConfig(name="auto", **cfg), noisy, log=logs.append)
     assert memnet.load_model(auto)[1].metadata["finetune"]["mode"] == "structn2v"
-    assert any(line.startswith("auto: correlated noise, so mode structn2v") for line in logs)
+    assert any(line.startswith("auto: strongly correlated noise, so mode structn2v") for line in logs)
     forced = finetune(FinetuneConfig(name="n2n-forced", mode="nbr2nbr", noise_check=False, **cfg), noisy)
     base = real("microscopy")
     assert real(str(auto)) > base + 2

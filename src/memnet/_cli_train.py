@@ -195,13 +195,14 @@ def _register_finetune(sub) -> None:
                        description="Fine-tune a model on your data; the result goes to the user model directory, "
                        "and only if it beats the starting model clearly on held-out crops of your data (mean gain "
                        "above --z standard errors; exit 3 when it does not: nothing is published). Modes (default "
-                       "auto: nbr2nbr, or structn2v where the noise is correlated between neighbours):\n" + "\n".join(
+                       "auto: nbr2nbr; where the noise is correlated between neighbours n2v-corr, or structn2v if "
+                       "strongly):\n" + "\n".join(
                            textwrap.fill(m.help, 100, initial_indent=f"  {n:11s}", subsequent_indent=" " * 13)
                            for n, m in MODES.items()))
     f.add_argument("--model", default=d("model"), help=f"model to start from [{d('model')}]")
     f.add_argument("--mode", default=d("mode"), choices=(AUTO, *MODES),
-                   help=f"see above; auto: nbr2nbr, or structn2v where the noise check finds correlated noise "
-                   f"[{d('mode')}]")
+                   help=f"see above; auto: nbr2nbr, or where the noise check finds correlated noise n2v-corr (weak) or "
+                   f"structn2v (strong) [{d('mode')}]")
     f.add_argument("--data", required=True, help="noisy image, stack (TIFF/Zarr) or folder of them")
     f.add_argument("--target", help="clean counterpart of --data (paired; folders match in sorted order)")
     f.add_argument("--data2", help="second noisy acquisition of the same field (n2n)")
@@ -218,7 +219,7 @@ def _register_finetune(sub) -> None:
     f.add_argument("--batch-size", "--batch", dest="batch_size", type=T.count(1, "a batch size"),
                    default=d("batch_size"), help=f"patches per step [{d('batch_size')}]")
     f.add_argument("--lr", type=T.positive_float, default=d("lr"),
-                   help=f"learning rate; low adapts what the pretrained model knows [{d('lr'):g}]")
+                   help="learning rate; low adapts what the pretrained model knows [the mode's: 3e-05, n2v-corr 1e-4]")
     f.add_argument("--val-fraction", type=T.fraction, default=d("val_fraction"),
                    help="share of the data held out (spread bands of each image, or whole images) to judge the "
                    f"model: half chooses the checkpoint, half decides publication [{d('val_fraction')}]")

@@ -33,10 +33,10 @@ from ._worker import CANCELLED, BackgroundJob, ScrollingDock, one_line, status_l
 _SECOND_LABEL = {"target": "Clean layer", "noisy2": "Second noisy layer"}
 _NEEDS_SECOND = {n: _SECOND_LABEL[m.needs] for n, m in MODES.items() if m.needs}
 # What a user with one noisy layer can run comes first; the default is the first of them.
-# auto first (the CLI's default): nbr2nbr, or structn2v where the noise is correlated between neighbours
+# auto first (the CLI's default): nbr2nbr, or n2v-corr / structn2v where the noise is correlated between neighbours
 _MODE_ORDER = [AUTO] + self_supervised_modes() + [n for n in MODES if n not in self_supervised_modes()]
-_MODE_HELP = {AUTO: "nbr2nbr, or structn2v where the noise check finds noise correlated between neighbouring "
-              "pixels", **{n: m.help for n, m in MODES.items()}}
+_MODE_HELP = {AUTO: "nbr2nbr, or where the noise check finds noise correlated between neighbouring pixels "
+              "n2v-corr (weakly) or structn2v (strongly)", **{n: m.help for n, m in MODES.items()}}
 
 
 DEFAULT_NAME = "my-finetuned"
