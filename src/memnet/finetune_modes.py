@@ -279,8 +279,8 @@ class Synthetic(Mode):
 
 
 # The order the CLI lists and the widget offers: single-image self-supervised modes first, best first.
-MODES.update({n: MODES.pop(n) for n in ("nbr2nbr", "n2v2", "n2v", "structn2v", "adjacent", "synthetic", "paired",
-                                         "n2n")})
+MODES.update({n: MODES.pop(n) for n in ("nbr2nbr", "n2v2", "n2v", "n2v-corr", "structn2v", "adjacent", "synthetic",
+                                         "paired", "n2n")})
 
 
 def fit_noise_model(noisy: np.ndarray, signal: np.ndarray, bins: int = 32) -> tuple[float, float]:
