@@ -450,8 +450,8 @@ class _HeldOut:
         blind = self._blind_spots(x, np.random.default_rng(seed + 3)) if "blindspot" in (
             mode.decide_by, mode.check) else None
         self.decide = blind if mode.decide_by == "blindspot" else self._draws(decide, self.DECIDE_DRAWS, seed + 2)
-        self.check = {"blindspot": blind, None: None,
-                      "strided": strided_pairs(x, 3, np.random.default_rng(seed + 4), self.DECIDE_DRAWS)}[mode.check]
+        self.check = strided_pairs(x, 3, np.random.default_rng(seed + 4), self.DECIDE_DRAWS) \
+            if mode.check == "strided" else blind if mode.check == "blindspot" else None
 
     def _blind_spots(self, x: torch.Tensor, rng) -> list:
         out = []
