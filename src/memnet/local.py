@@ -1,5 +1,5 @@
 """The local executor: one process, one device. A thread pool reads windows ahead (across groups),
-the main thread runs the model, one write-behind thread writes finished blocks and done-markers."""
+the main thread runs the model, a write-behind (`_Writer`) writes finished blocks, done-markers and pyramid rows."""
 
 from __future__ import annotations
 
@@ -172,8 +172,8 @@ class RowJoin:
 
 
 class _Writer:
-    """Write-behind: one thread writes finished blocks, done-markers and the pyramid rows they
-    complete, in order; the queue bound caps memory. Has the sink interface `run_group` writes to.
+    """Write-behind: one thread takes finished blocks, done-markers and the pyramid rows they complete,
+    in order; the queue bound caps memory. Has the sink interface `run_group` writes to.
     A sink whose chunks are independent (``parallel_writes``: Zarr, memory) gets its blocks written by
     a pool of ``writers`` threads (compression releases the GIL; default: the usable cores, at most 4),
     and its markers and pyramid rows by one more thread, each only after every block queued before it
