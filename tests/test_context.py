@@ -26,8 +26,20 @@ def test_a_context_model_grown_from_a_2d_model_computes_the_2d_function_and_cost
     x = torch.rand(2, 5, 40, 36)
     assert torch.allclose(ctx(x), tiny_model(x[:, 2:3]), atol=1e-5)
     assert ctx.config.planes == 5 and macs_per_pixel(ctx.config) <= 1.3 * macs_per_pixel(tiny_model.config)
-    with pytest.raises(ValueError, match="already sees 5 planes"):
+    with pytest.raises(ValueError, match="this model sees 5"):
         with_context(ctx, 1)
+
+
+def test_a_context_model_grows_to_more_planes_and_computes_what_it_did():
+    torch.manual_seed(0)
+    ctx = MemNet(1, 1, 8, context=2).eval()
+    with torch.no_grad():  # non-trivial input statistics, so a plane's BatchNorm landing elsewhere would show
+        ctx.fenet.bn.running_mean.copy_(torch.linspace(-0.5, 0.5, 5))
+        ctx.fenet.bn.running_var.copy_(torch.linspace(0.5, 2.0, 5))
+    wide = with_context(ctx, 3).eval()
+    x = torch.rand(2, 7, 24, 20)
+    assert wide.config.planes == 7
+    assert torch.allclose(wide(x), ctx(x[:, 1:6]), atol=1e-5)
 
 
 def test_the_boundary_rule_mirrors_without_repeating_the_end_planes():

@@ -243,25 +243,27 @@ def deepen(model: MemNet, blocks: int, recursions: int, seed: int = 0) -> MemNet
 
 @torch.no_grad()
 def with_context(model: MemNet, context: int) -> MemNet:
-    """A context model (2 * ``context`` + 1 input planes) that computes exactly ``model``'s 2-D function:
-    the centre plane's first-layer weights and statistics are the 2-D model's, the neighbours' weights
-    are zero. Training starts from the 2-D model and learns what the neighbours add (gradients reach
-    the zero weights from the first step)."""
+    """A context model (2 * ``context`` + 1 input planes) that computes exactly ``model``'s function: a 2-D
+    model's first-layer weights and statistics go to the centre plane, a context model's to its planes (the
+    same distance from the centre); the new planes' weights are zero. Training starts from ``model`` and
+    learns what the new planes add (gradients reach the zero weights from the first step)."""
     cfg = model.config
-    if cfg.context:
-        raise ValueError(f"with_context needs a 2-D model; this one already sees {cfg.planes} planes")
-    if not isinstance(context, int) or context < 1:
-        raise ValueError(f"with_context: context must be an integer ≥ 1 (planes on each side), got {context!r}")
+    if not isinstance(context, int) or isinstance(context, bool) or context < max(1, cfg.context):
+        raise ValueError(f"with_context: context must be an integer ≥ {max(1, cfg.context)} (planes on each side; "
+                         f"this model sees {cfg.planes}), got {context!r}")
     new = MemNet(cfg.blocks, cfg.recursions, cfg.channels, cfg.in_channels, cfg.out_channels, context)
     new = new.to(next(model.parameters()).device)
     sd, c = new.state_dict(), cfg.in_channels
+    lo, hi = (context - cfg.context) * c, (context + cfg.context + 1) * c  # the old planes among the new
     for key, old in model.state_dict().items():
         dst = sd[key]
-        if key.startswith("fenet.bn.") and old.dim() == 1:  # per input channel: every plane as the centre
-            dst.copy_(old.repeat(2 * context + 1))
+        if key.startswith("fenet.bn.") and old.dim() == 1:  # per input channel: a new plane as the centre
+            centre = old[cfg.context * c: (cfg.context + 1) * c]
+            dst.copy_(centre.repeat(2 * context + 1))
+            dst[lo:hi] = old
         elif key == "fenet.conv.weight":  # [C, planes * c, 3, 3]
             dst.zero_()
-            dst[:, context * c: (context + 1) * c] = old
+            dst[:, lo:hi] = old
         else:
             dst.copy_(old)
     new.load_state_dict(sd)

@@ -183,7 +183,10 @@ def train_context(out: str | Path, *, init: str = "microscopy", context: int = 2
                          n_val, seed + 2000)
     log(f"bank: {len(bank)} training stacks, {len(val)} validation crops ({time.time() - t0:.0f} s)")
     base, base_info = load_model(init, device=dev)
-    model = with_context(base, context) if base.config.context == 0 else base
+    if base.config.context > context:
+        raise ValueError(f"{init} sees {base.config.planes} planes: train it with --context {base.config.context} or "
+                         "more (a context model grows, it is not cut)")
+    model = with_context(base, context) if base.config.context < context else base
     if base.config.context:  # continuing a context model: the 2-D reference is the task's 2-D model
         base, _ = load_model(base_info.task, device=dev)
     model.to(dev)
