@@ -129,6 +129,7 @@ class Weights:
 
     config: MemNetConfig
     tensors: dict[str, np.ndarray] = field(repr=False)
+    zblend: object = field(default=None, repr=False)  # a context model's second stage (`zblend.ZBlend`), or None
     _digest: str | None = field(default=None, repr=False)
 
     def digest(self) -> str:
@@ -138,5 +139,7 @@ class Weights:
             for k, v in sorted(self.tensors.items()):
                 h.update(k.encode())
                 h.update(np.ascontiguousarray(v).tobytes())
+            if self.zblend is not None:
+                h.update(self.zblend.digest().encode())
             self._digest = h.hexdigest()
         return self._digest

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import sys
+import threading
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from os import PathLike
@@ -113,6 +116,7 @@ class Job:
     leads: list[tuple] = field(init=False)
     yi: int = field(init=False)
     xi: int = field(init=False)
+    _ring: _Ring | None = field(init=False, default=None, repr=False)  # stage 1's outputs kept for a Z-blend
 
     def __post_init__(self):
         o = self.options
@@ -122,6 +126,10 @@ class Job:
         self.yi, self.xi = self.source.axes.index("Y"), self.source.axes.index("X")
         h, w = self.source.shape[self.yi] * o.scale, self.source.shape[self.xi] * o.scale
         self.plan = TilePlan(h, w, tile=o.tile, halo=o.halo, blend=o.blend)
+        if self.zblend is not None:
+            if o.scale != 1:
+                raise ValueError("a context model with a Z-blend restores at scale 1 only")
+            self._ring = _Ring(self._ring_capacity())
 
     @property
     def scale(self) -> int:
@@ -149,6 +157,23 @@ class Job:
         """Planes on each side the model sees (0: a 2-D model)."""
         return self.runner.model.config.context
 
+    @property
+    def zblend(self):
+        """A context model's second stage (`zblend.ZBlend`), or None."""
+        return getattr(self.runner.model, "zblend", None)
+
+    def _ring_capacity(self) -> int:
+        """Stage-1 windows to keep so that, when the planes run in storage order, each plane's stage 1 runs once
+        per pass: 2K+2 planes along the context axis, times the planes stored between two of them (e.g. the
+        channels of a TZCYX stack), capped at 4 GiB (beyond it, windows are recomputed: slower, the same result)."""
+        src, k = self.source, self.zblend.context
+        d = src.lead_axes.index(src.context_axis)
+        between = math.prod(src.lead_shape[d + 1:])
+        wy, wx = self.plan.core_shape
+        r = self.zblend.radius
+        entry = 4 * ((wy + 2 * r) * (wx + 2 * r) if self.plan.blend is None else math.prod(self.plan.window_shape))
+        return max(len(self.plan), min((2 * k + 2) * between * len(self.plan), (4 << 30) // entry))
+
     def read_window(self, lead: tuple, t: Tile) -> np.ndarray:
         """A tile's input window, normalised (and upscaled for super-resolution), float32 (Y, X); for a context
         model (planes, Y, X), the planes along Z (or T) around ``lead`` (`Source.context_leads`). Neighbouring
@@ -162,12 +187,19 @@ class Job:
             my, y0, y1 = bicubic_up_rows(h, self.scale, ys.start, ys.stop)
             mx, x0, x1 = bicubic_up_rows(w, self.scale, xs.start, xs.stop)
             ys, xs = slice(y0, y1), slice(x0, x1)
+        if self.zblend is not None:  # the newest stage-1 plane the tile needs; the others are kept (`predict`)
+            m = self.source.context_leads(lead, self.zblend.context)[-1]
+            return _Ahead(m, self._context_window(m, ys, xs))
         if self.context:  # a context model: the window of each plane it sees, (planes, Y, X)
-            return np.stack([self._read(p, ys, xs) for p in self.source.context_leads(lead, self.context)])
+            return self._context_window(lead, ys, xs)
         x = self._read(lead, ys, xs)
         if self.scale > 1:
             x = (my @ x.astype(np.float64) @ mx.T).astype(np.float32)
         return x
+
+    def _context_window(self, lead: tuple, ys: slice, xs: slice) -> np.ndarray:
+        """The window of each plane a context model sees for ``lead``, (planes, Y, X)."""
+        return np.stack([self._read(p, ys, xs) for p in self.source.context_leads(lead, self.context)])
 
     def _read(self, lead: tuple, ys: slice, xs: slice) -> np.ndarray:
         """One plane's window, checked and normalised by its channel's mapping."""
@@ -197,10 +229,65 @@ class Job:
     def run_tiles(self, lead: tuple, tiles: list[Tile], windows: list[np.ndarray]):
         """Exact mode: run one batch of windows and yield each tile's (output index, output block):
         the prediction cropped to the tile's core, mapped back to the output's range and dtype."""
+        for t, pred in zip(tiles, self.predict(lead, tiles, windows)):
+            crop = t.crop
+            if self.zblend is not None:  # the prediction covers `_region`, not the whole window
+                (ry, rx), (cy, cx) = self._region(t), t.crop
+                crop = slice(cy.start - ry.start, cy.stop - ry.start), slice(cx.start - rx.start, cx.stop - rx.start)
+            yield self.out_index(lead, *t.core), self.to_output(pred[crop], lead, t.core)
+
+    def predict(self, lead: tuple, tiles: list[Tile], windows: list) -> list[np.ndarray] | np.ndarray:
+        """The model's output for a batch of windows (`read_window`), float32: the whole window, or for a
+        Z-blend the part of it `_region` names."""
+        if self.zblend is not None:
+            return self._blend(lead, tiles, windows)
         # one window (the CPU's batch): a view, not a copy
-        preds = self.runner(windows[0][None] if len(windows) == 1 else np.stack(windows))
-        for t, pred in zip(tiles, preds):
-            yield self.out_index(lead, *t.core), self.to_output(pred[t.crop], lead, t.core)
+        return self.runner(windows[0][None] if len(windows) == 1 else np.stack(windows))
+
+    def _region(self, t: Tile) -> tuple[slice, slice]:
+        """Where in a window the Z-blend's output is needed: the core and the blend's radius around it (exact
+        mode), the whole window (blended tiles, which use it all). Inside the window by the halo, which
+        includes that radius, so stage 1 is exact there."""
+        h, w = (s.stop - s.start for s in t.window)
+        if self.plan.blend is not None:
+            return slice(0, h), slice(0, w)
+        r, (cy, cx) = self.zblend.radius, t.crop
+        return slice(max(cy.start - r, 0), min(cy.stop + r, h)), slice(max(cx.start - r, 0), min(cx.stop + r, w))
+
+    def _blend(self, lead: tuple, tiles: list[Tile], windows: list) -> list[np.ndarray]:
+        """Stage 1 on the planes z-K..z+K of each tile that are not kept yet (in batches as large as this one),
+        then the Z-blend of its outputs. The planes run in order keep each plane's stage 1 to one run per pass."""
+        zb, ring = self.zblend, self._ring
+        planes = self.source.context_leads(lead, zb.context)
+        fresh: dict = {}
+        todo: dict = {}
+        for t, w in zip(tiles, windows):
+            for m in planes:
+                key = (m, t.iy, t.ix)
+                if key in todo or key in fresh:
+                    continue
+                kept = ring.get(key)
+                if kept is not None:  # held here: the ring may drop it before this batch is blended
+                    fresh[key] = kept
+                else:
+                    todo[key] = (m, t, w.window if isinstance(w, _Ahead) and w.lead == m else None)
+        items = list(todo.items())
+        for i in range(0, len(items), max(1, len(tiles))):
+            part = items[i: i + max(1, len(tiles))]
+            xs = [w if w is not None else self._context_window(m, *t.window) for _, (m, t, w) in part]
+            for (key, (_, t, _)), out in zip(part, self.runner(np.stack(xs))):
+                fresh[key] = out[self._region(t)].copy()  # not a view: the batch is freed
+                ring.put(key, fresh[key])
+        preds = []
+        for t in tiles:
+            keys = [(m, t.iy, t.ix) for m in planes]
+            s = np.stack([fresh[k] for k in keys])
+            ry, rx = self._region(t)
+            (wy, wx) = t.window
+            noisy = self._read(lead, slice(wy.start + ry.start, wy.start + ry.stop),
+                               slice(wx.start + rx.start, wx.start + rx.stop))
+            preds.append(zb(s, noisy))
+        return preds
 
     def groups(self, rows: int) -> list[tuple[str, tuple, list[Tile]]]:
         """Units of work and of resume: ``rows`` consecutive tile rows of one plane. Each group owns
@@ -266,7 +353,8 @@ def prepare(data, model="denoise", *, axes=None, series=None, level=0, pixel_siz
         src.close()  # a refused context model leaves no file open
         raise
     auto = opts.tile == "auto"
-    opts = opts.resolved(receptive_field(net), default_tile(net.config, dev, opts.memory_budget, src.plane_shape))
+    opts = opts.resolved(job_receptive_field(net),
+                         default_tile(net.config, dev, opts.memory_budget, src.plane_shape))
     norm = Intensity.for_source(src, policy)
     runner = Runner.for_options(net, dev, opts)
     # Memory up front: an explicit tile (and batch) that cannot fit is refused naming what fits; an
@@ -278,6 +366,13 @@ def prepare(data, model="denoise", *, axes=None, series=None, level=0, pixel_siz
     if tile != opts.tile:
         opts = dataclasses.replace(opts, tile=tile)
     return Job(src, runner, norm, opts, info)
+
+
+def job_receptive_field(net) -> int:
+    """The halo an exact tiling needs for this model: its receptive field, plus a Z-blend's radius (the blend
+    reads stage 1's output around each pixel)."""
+    zb = getattr(net, "zblend", None)
+    return receptive_field(net) + (zb.radius if zb is not None else 0)
 
 
 def runs_without_torch(options: RestoreOptions) -> bool:
@@ -329,17 +424,17 @@ def describe_model(data, model="denoise", *, axes=None, series=None, level=0, co
     """What a restore of ``data`` with ``model`` would run, in words, without loading weights: e.g.
     "microscopy-context (5 planes along Z)" or "microscopy-M4R4C32 (2-D, plane by plane)"."""
     if "torch" in sys.modules and isinstance(model, sys.modules["torch"].nn.Module):  # a MemNet: torch is loaded
-        cfg, name = model.config, "the given module"
+        cfg, name, blend = model.config, "the given module", model.zblend is not None
     else:
         info = find_model(model)
-        cfg, name = info.config, info.name
+        cfg, name, blend = info.config, info.name, "zblend" in info.metadata
     src = open_input(data, axes=axes, series=series, level=level)
     try:
         swap = context_swap(model, cfg, name, src, context)
         if swap is not None:
-            cfg, name = swap.config, swap.name
+            cfg, name, blend = swap.config, swap.name, "zblend" in swap.metadata
         if cfg.context:
-            return f"{name} ({cfg.planes} planes along {src.context_axis})"
+            return f"{name} ({cfg.planes} planes along {src.context_axis}{' + Z-blend' if blend else ''})"
         return f"{name} (2-D, plane by plane)" if src.lead_axes else f"{name} (2-D)"
     finally:
         src.close()
@@ -429,3 +524,39 @@ def run_group(job: Job, group: tuple[str, tuple, list[Tile]], sink, *, batch_siz
             sink.rows_written(lead, sorted({t.iy for t in tiles}))
         if on_batch is not None:
             on_batch(chunk)
+
+
+@dataclass
+class _Ahead:
+    """A Z-blend tile's read-ahead: the context window of the newest stage-1 plane it needs (``lead``)."""
+
+    lead: tuple
+    window: np.ndarray
+
+
+class _Ring:
+    """Stage 1's outputs of the last planes, per tile window, least recently used dropped first; thread-safe (the
+    lazy and distributed executors may share a job between threads). A copy (pickled) starts empty."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self._d, self._lock = capacity, OrderedDict(), threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            v = self._d.get(key)
+            if v is not None:
+                self._d.move_to_end(key)
+            return v
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.capacity:
+                self._d.popitem(last=False)
+
+    def __getstate__(self):
+        return {"capacity": self.capacity}
+
+    def __setstate__(self, state):
+        self.__init__(state["capacity"])

@@ -85,7 +85,7 @@ def _run_blended(job: Job, batches, writer: _Writer, cancel, tally: ProgressTall
     for lead, tiles, windows in batches:
         if stop_requested(cancel):
             raise Cancelled("restore cancelled")
-        for t, pred in zip(tiles, job.runner(np.stack(windows))):
+        for t, pred in zip(tiles, job.predict(lead, tiles, windows)):
             _accumulate(job.plan, acc, lead, t, pred)
             # Core row iy-1 has received every contribution once row iy is done.
             if t.ix == nx - 1 and t.iy >= 1:

@@ -98,6 +98,9 @@ class MemNet(nn.Module):
         self.recon_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
         self.recon_bn = nn.ModuleList(nn.BatchNorm2d(channels) for _ in range(blocks))
         self.branch_weights = nn.Parameter(torch.full((blocks,), 1.0 / blocks))
+        # A context model's optional second stage (`zblend.ZBlend`, numpy, not a submodule: training never
+        # touches it); the engine runs it on this model's outputs of neighbouring planes.
+        self.zblend = None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -153,6 +156,8 @@ def weights_digest(model: nn.Module) -> str:
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    if getattr(model, "zblend", None) is not None:
+        h.update(model.zblend.digest().encode())
     return h.hexdigest()
 
 

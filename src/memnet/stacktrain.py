@@ -21,7 +21,8 @@ from .train import fit_state_of
 from .trainset import NORMALIZATION
 from .zoo import load_model, save_model
 
-__all__ = ["BatchPool", "ContextSampler", "make_bank", "train_context", "validation_set"]
+__all__ = ["BatchPool", "BlendNet", "ContextSampler", "blend_windows", "make_bank", "train_blend", "train_context",
+           "validation_set"]
 
 
 def _simulate(args) -> SynthStack:
@@ -295,3 +296,95 @@ def train_context(out: str | Path, *, init: str = "microscopy", context: int = 2
             sampler.close()
     log(f"ended ({state.ended}) at step {state.step}; best {state.best:.3f} dB")
     return best
+
+
+class BlendNet(torch.nn.Module):
+    """`zblend.ZBlend` in torch, for training: input (N, 2K+2, Y, X) = stage 1's planes z-K..z+K and the noisy
+    plane z. It starts as stage 1 (the centre's logit +4, the others 0)."""
+
+    def __init__(self, context: int = 2, radii: tuple[int, ...] = (2, 5), hidden: int = 32):
+        super().__init__()
+        self.context, self.radii, self.hidden = context, tuple(radii), hidden
+        planes = 2 * context + 1
+        nn = torch.nn
+        self.m = nn.Sequential(nn.Conv2d(len(radii) * planes + 1, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, hidden, 1),
+                               nn.ReLU(), nn.Conv2d(hidden, planes, 1))
+        with torch.no_grad():
+            self.m[-1].weight.zero_()
+            self.m[-1].bias.zero_()
+            self.m[-1].bias[context] = 4.0
+
+    @staticmethod
+    def _box(x: torch.Tensor, r: int) -> torch.Tensor:
+        f = torch.nn.functional
+        return f.avg_pool2d(f.pad(x, (r, r, r, r), mode="replicate"), 2 * r + 1, stride=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The blended centre plane (N, 1, Y, X)."""
+        k = self.context
+        s, noisy = x[:, :2 * k + 1], x[:, 2 * k + 1:]
+        c = s[:, k:k + 1]
+        feats = []
+        for r in self.radii:
+            feats.append(torch.log10(self._box((noisy - c) ** 2, r) + 1e-6))
+            feats += [torch.log10(self._box((s[:, j:j + 1] - c) ** 2, r) + 1e-6) for j in range(2 * k + 1) if j != k]
+        feats.append(self._box(c, max(self.radii)))
+        return (torch.softmax(self.m(torch.cat(feats, 1)), 1) * s).sum(1, keepdim=True)
+
+    def to_zblend(self):
+        """The trained blend as the numpy `zblend.ZBlend` the engine runs."""
+        from .zblend import ZBlend
+
+        spec = {"context": self.context, "radii": list(self.radii), "hidden": self.hidden}
+        return ZBlend.from_tensors(spec, {f"m.{k}": v.detach().cpu().numpy() for k, v in self.m.state_dict().items()})
+
+
+def blend_windows(s1: np.ndarray, noisy: np.ndarray, context: int) -> np.ndarray:
+    """Per plane z of a stack: stage 1's planes z-K..z+K (mirrored at the ends, `tiling.mirror_index`) and the
+    noisy plane z, (planes, 2K+2, Y, X): the blend's training input."""
+    from .tiling import mirror_index
+
+    n = len(s1)
+    return np.stack([np.concatenate([s1[[mirror_index(z + d, n) for d in range(-context, context + 1)]],
+                                     noisy[z:z + 1]]) for z in range(n)]).astype(np.float32)
+
+
+def train_blend(inputs: list[np.ndarray], targets: list[np.ndarray], real: list[bool], *, steps: int = 8000,
+                real_fraction: float = 0.7, radii: tuple[int, ...] = (2, 5), context: int = 2, patch: int = 64,
+                batch: int = 16, lr: float = 3e-3, seed: int = 7, log=print) -> BlendNet:
+    """Train a `BlendNet` on stage 1's outputs (``inputs``: `blend_windows` per stack, ``targets``: the clean
+    stacks in the same frame): ``real_fraction`` of the crops from the stacks flagged ``real``, the rest from
+    simulated ones; random rotations and Z order; loss = mean log-MSE per crop (each crop by its PSNR); Adam
+    with a cosine schedule."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(seed)
+    net = BlendNet(context, radii)
+    opt = torch.optim.Adam(net.parameters(), lr)
+    pools = [i for i, r in enumerate(real) if r], [i for i, r in enumerate(real) if not r]
+    planes = 2 * context + 1
+    t0 = time.time()
+    for step in range(steps):
+        xs, ys = [], []
+        for _ in range(batch):
+            pool = pools[0] if (rng.random() < real_fraction and pools[0]) or not pools[1] else pools[1]
+            i = int(rng.choice(pool))
+            x, y = inputs[i], targets[i]
+            z, (h, w) = int(rng.integers(len(x))), x.shape[2:]
+            a, b = int(rng.integers(h - patch + 1)), int(rng.integers(w - patch + 1))
+            r = int(rng.integers(4))
+            cx = np.rot90(x[z, :, a:a + patch, b:b + patch], r, (1, 2))
+            cy = np.rot90(y[z, a:a + patch, b:b + patch][None], r, (1, 2))
+            if rng.random() < 0.5:  # Z order: the blend is symmetric in Z
+                cx = np.concatenate([cx[:planes][::-1], cx[planes:]])
+            xs.append(np.ascontiguousarray(cx))
+            ys.append(np.ascontiguousarray(cy))
+        x, y = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = torch.log10(((net(x) - y) ** 2).mean(dim=(1, 2, 3)) + 1e-10).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 500 == 0 or step == steps - 1:
+            log(f"blend step {step}: loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
+    return net.eval()

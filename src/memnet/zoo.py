@@ -27,6 +27,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from .arch import MemNetConfig, Weights, macs_per_pixel, receptive_field, state_shapes
+from .zblend import PREFIX as ZBLEND_PREFIX
+from .zblend import ZBlend, check_spec, zblend_shapes
 
 if TYPE_CHECKING:  # torch loads with the first torch model, not with the zoo (the ONNX Runtime path needs none)
     import torch
@@ -86,7 +88,8 @@ class ModelInfo:
     @property
     def receptive_field(self) -> int:
         """The receptive-field radius in pixels."""
-        return receptive_field(self.config)  # the module function, not this property
+        zb = self.metadata.get("zblend")  # a second stage reads stage 1's output around each pixel
+        return receptive_field(self.config) + (max(zb["radii"]) if zb else 0)
 
     @property
     def metrics(self) -> dict:
@@ -173,6 +176,12 @@ def save_model(
         created=meta.get("created", datetime.now(UTC).isoformat(timespec="seconds")),
     )
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    meta.pop("zblend", None)  # metadata copied from another model: only this model's own second stage counts
+    if model.zblend is not None:
+        import torch
+
+        meta["zblend"] = model.zblend.spec
+        tensors.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in model.zblend.prefixed().items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
@@ -246,7 +255,7 @@ def _config_from(doc: dict, path) -> MemNetConfig:
     return cfg
 
 
-def _check_tensors(label, cfg: MemNetConfig, shapes: dict[str, tuple]) -> None:
+def _check_tensors(label, cfg: MemNetConfig, shapes: dict[str, tuple], zblend: dict | None = None) -> None:
     """The tensors a file holds against the architecture its metadata claims (`arch.state_shapes`), before
     anything is built; and the architecture itself (a MemNet's global residual needs as many output channels
     as input channels)."""
@@ -254,6 +263,11 @@ def _check_tensors(label, cfg: MemNetConfig, shapes: dict[str, tuple]) -> None:
         raise ModelFileError(f"{label}: invalid architecture in metadata: MemNet's global residual (y = x + recon) "
                              f"needs in_channels == out_channels, got {cfg.in_channels} and {cfg.out_channels}")
     expected = state_shapes(cfg)
+    if zblend is not None:  # a context model's second stage (metadata ``zblend``)
+        if zblend["context"] > cfg.context or not cfg.context:
+            raise ModelFileError(f"{label}: metadata declares a Z-blend of {2 * zblend['context'] + 1} planes on a "
+                                 f"model that sees {cfg.planes}: the file is corrupt")
+        expected = {**expected, **{ZBLEND_PREFIX + k: v for k, v in zblend_shapes(zblend).items()}}
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
     wrong = [f"{k}: file {shapes[k]} vs model {v}" for k, v in expected.items() if k in shapes and shapes[k] != v]
@@ -301,6 +315,7 @@ def read_info(path: str | os.PathLike, source: str = "user") -> ModelInfo:
     if task not in TASKS:
         raise ModelFileError(f"{path}: metadata names unknown task {task!r} (expected one of {TASKS})")
     _check_policy(doc.get("normalization"), path)
+    _zblend_spec(doc, path)
     return ModelInfo(
         name=str(doc.get("name") or path.stem),
         task=task,
@@ -434,20 +449,38 @@ def load_weights(name_or_path: str | os.PathLike) -> tuple[Weights, ModelInfo]:
     """A model by task name, model name or .safetensors path as numpy arrays, checked (the tensors against the
     architecture in its metadata, all finite), without torch. Returns ``(weights, info)``."""
     info = find_model(name_or_path)
+    spec = _zblend_spec(info.metadata, info.path)
     try:
         with safe_open(str(info.path), framework="numpy") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            _check_tensors(info.path, info.config, shapes)
+            _check_tensors(info.path, info.config, shapes, spec)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         if isinstance(e, ModelFileError):
             raise
         raise ModelFileError(f"{info.path}: cannot read tensors ({e})") from None
     _check_finite(info.path, tensors)
-    return Weights(info.config, tensors), info
+    return _weights(info.config, tensors, spec), info
 
 
-def _module(cfg: MemNetConfig, tensors: dict[str, np.ndarray]) -> MemNet:
+def _zblend_spec(doc: dict, label) -> dict | None:
+    """The checked ``zblend`` metadata entry of a file, or None."""
+    if "zblend" not in doc:
+        return None
+    try:
+        return check_spec(doc["zblend"], label)
+    except ValueError as e:
+        raise ModelFileError(str(e)) from None
+
+
+def _weights(cfg: MemNetConfig, tensors: dict[str, np.ndarray], spec: dict | None) -> Weights:
+    """Checked tensors as `Weights`, the second stage's apart."""
+    blend = {k: v for k, v in tensors.items() if k.startswith(ZBLEND_PREFIX)}
+    stage1 = {k: v for k, v in tensors.items() if not k.startswith(ZBLEND_PREFIX)}
+    return Weights(cfg, stage1, zblend=ZBlend.from_tensors(spec, blend) if spec else None)
+
+
+def _module(cfg: MemNetConfig, tensors: dict[str, np.ndarray], zblend: ZBlend | None = None) -> MemNet:
     """The torch MemNet of checked numpy weights, in eval mode on the CPU."""
     import torch
 
@@ -455,6 +488,7 @@ def _module(cfg: MemNetConfig, tensors: dict[str, np.ndarray]) -> MemNet:
 
     model = MemNet(**cfg.as_dict())
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, strict=True)
+    model.zblend = zblend
     return model.eval()
 
 
@@ -464,7 +498,7 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
     Returns ``(model, info)``; the model is in eval mode on ``device``.
     """
     weights, info = load_weights(name_or_path)
-    return _module(info.config, weights.tensors).to(device), info
+    return _module(info.config, weights.tensors, weights.zblend).to(device), info
 
 
 def model_bytes(model: MemNet, info: ModelInfo | None) -> bytes:
@@ -476,13 +510,18 @@ def model_bytes(model: MemNet, info: ModelInfo | None) -> bytes:
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT_VERSION, "name": "module", "task": "denoise", "config": model.config.as_dict(),
             "normalization": {"mode": "natural"}}
+    if model.zblend is not None:
+        import torch
+
+        meta["zblend"] = model.zblend.spec
+        tensors.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in model.zblend.prefixed().items()})
     return save(tensors, metadata={_META_KEY: json.dumps(meta)})
 
 
 def load_model_bytes(data: bytes, device: str | torch.device = "cpu") -> MemNet:
     """Load a model from .safetensors bytes (header parsed as JSON, tensors as raw data: no pickle)."""
     weights = load_weights_bytes(data)
-    return _module(weights.config, weights.tensors).to(device)
+    return _module(weights.config, weights.tensors, weights.zblend).to(device)
 
 
 def load_weights_bytes(data: bytes) -> Weights:
@@ -499,10 +538,11 @@ def load_weights_bytes(data: bytes) -> Weights:
     except Exception as e:
         raise ModelFileError(f"model bytes: not a napari-memnet .safetensors payload ({e})") from None
     cfg = _config_from(doc, "model bytes")
-    _check_tensors("model bytes", cfg, shapes)
+    spec = _zblend_spec(doc, "model bytes")
+    _check_tensors("model bytes", cfg, shapes, spec)
     tensors = load(data)
     _check_finite("model bytes", tensors)
-    return Weights(cfg, tensors)
+    return _weights(cfg, tensors, spec)
 
 
 def describe(info: ModelInfo) -> dict:
@@ -511,7 +551,8 @@ def describe(info: ModelInfo) -> dict:
     return {
         "name": info.name,
         "task": info.task,
-        "arch": f"M{cfg.blocks}R{cfg.recursions}C{cfg.channels}" + (f" {cfg.planes} planes" if cfg.context else ""),
+        "arch": f"M{cfg.blocks}R{cfg.recursions}C{cfg.channels}" + (f" {cfg.planes} planes" if cfg.context else "")
+        + (" + Z-blend" if "zblend" in info.metadata else ""),
         "size": f"{info.size_bytes / 1e6:.1f} MB",
         "MAC/px": f"{info.macs_per_pixel / 1e6:.2f} M",
         "radius": str(info.receptive_field),
