@@ -183,3 +183,14 @@ def test_fine_tuning_a_zblend_model_keeps_its_blend(zb_model, tmp_path):
              log=lambda s: None)
     model, info = memnet.load_model("zb-ft")
     assert info.metadata["zblend"] == zb_model.zblend.spec and model.zblend.digest() == zb_model.zblend.digest()
+
+
+def test_export_refuses_a_context_model_saying_why(zb_user, ctx_user, tmp_path):
+    from memnet.export import export_model
+
+    for name in (zb_user, ctx_user):
+        with pytest.raises(ValueError, match="is a context model: .*cannot express. Export a 2-D model"):
+            export_model(name, tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="Z-blend"):
+        export_model(zb_user, tmp_path / "m.zip", fmt="bioimageio")
+    assert not list(tmp_path.glob("m.*"))

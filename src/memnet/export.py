@@ -56,6 +56,12 @@ def export_model(model: str | Path, output: str | Path, fmt: str = "onnx", scale
 
     net, info = load_model(model, device="cpu")
     net.eval()
+    if net.config.context:  # its graphs and packages take one plane; this model needs the planes around it
+        blend = " and blends its outputs of neighbouring planes (Z-blend)" if net.zblend is not None else ""
+        raise ValueError(f"{info.name} is a context model: it restores a plane from {net.config.planes} planes along Z "
+                         f"or T{blend}, which the ONNX, TorchScript and bioimage.io exports (one plane in, one out) "
+                         "cannot express. Export a 2-D model (e.g. 'microscopy'), or restore stacks with "
+                         "`memnet restore` or the napari plugin")
     module = graph_module(net, info, scale)
     if sample is not None and fmt != "bioimageio":
         raise ValueError("a sample image is for --format bioimageio (its test tensors and cover)")
