@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8000)
     ap.add_argument("--real-fraction", type=float, default=0.7)
     ap.add_argument("--radii", default="2,5")
+    ap.add_argument("--hidden", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -73,12 +75,14 @@ def main(argv=None) -> int:
         sys.exit(f"{a.stage1} is a 2-D model: the blend needs a context model's outputs")
     xs, ys, real = stage1_bank(a.stage1, a.wheel, a.cache)
     radii = tuple(int(r) for r in a.radii.split(","))
-    net = train_blend(xs, ys, real, steps=a.steps, real_fraction=a.real_fraction, radii=radii, context=2)
+    net = train_blend(xs, ys, real, steps=a.steps, real_fraction=a.real_fraction, radii=radii, context=2,
+                      hidden=a.hidden, seed=a.seed, log=lambda s: print(s, flush=True))
     model, info = load_model(a.stage1)
     model.zblend = net.to_zblend()
     meta = {k: v for k, v in info.metadata.items() if k not in ("format", "name", "task", "config", "created")}
     meta["zblend_training"] = {"stage1": Path(a.stage1).name, "steps": a.steps, "real_fraction": a.real_fraction,
-                               "radii": list(radii), "bank": "make_bank(0, 48, wheel, 'train'), 2 noise draws"}
+                               "radii": list(radii), "hidden": a.hidden, "seed": a.seed,
+                               "bank": "make_bank(0, 48, wheel, 'train'), 2 noise draws"}
     save_model(model, a.out, name=a.name, task=info.task, metadata=meta)
     print(f"wrote {a.out}")
     return 0

@@ -164,10 +164,12 @@ def test_a_distributed_zblend_restore_equals_the_local_one(zb_user, tmp_path, rn
     tif = tmp_path / "z.tif"
     tifffile.imwrite(tif, stack, imagej=True, metadata={"axes": "ZYX"})
     local = memnet.restore(tif, zb_user, tile=32, device="cpu")
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         out = memnet.restore(tif, zb_user, output=tmp_path / "d.zarr", tile=32, device="cpu", client=client)
         np.testing.assert_array_equal(out[:], local)
+        [report] = [r for reports in client.run(memnet.distributed.worker_report).values() for r in reports]
+        assert report["groups"] == 5 and report["zblend_stage1_windows"] == 5 * 4  # once per plane and tile
 
 
 def test_fine_tuning_a_zblend_model_keeps_its_blend(zb_model, tmp_path):

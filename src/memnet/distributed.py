@@ -43,6 +43,8 @@ __all__ = ["run_distributed", "worker_report"]
 
 _REPORT: dict = {}  # what this worker process ran: see worker_report()
 _REPORT_LOCK = threading.Lock()
+_RING: dict = {}  # the Z-blend ring of the run this process last worked on (`kernel.Job`)
+_RING_LOCK = threading.Lock()
 
 
 def worker_report() -> list[dict]:
@@ -63,7 +65,13 @@ def _worker_job(spec: dict, weights: bytes) -> Job:
                     lambda: Runner.for_options(model(), dev, opts))
     src = cached(("source", spec["input"], spec["axes"], spec["series"], spec["level"]),
                  lambda: open_input(spec["input"], axes=spec["axes"], series=spec["series"], level=spec["level"]))
-    return Job(src, runner, Intensity.from_spec(spec["norm"]), opts)
+    job = Job(src, runner, Intensity.from_spec(spec["norm"]), opts)
+    if job._ring is not None:  # a Z-blend: this process's groups of the run share stage 1's kept planes
+        with _RING_LOCK:
+            if _RING.get("run") != spec["run"]:  # one run's ring per process: a new run drops the last one's
+                _RING.update(run=spec["run"], ring=job._ring)
+            job._ring = _RING["ring"]
+    return job
 
 
 def _group_task(spec: dict, weights: bytes, key: str, lead: tuple, tiles: list[tuple[int, int]]) -> str:
@@ -77,6 +85,8 @@ def _group_task(spec: dict, weights: bytes, key: str, lead: tuple, tiles: list[t
             "options": spec["options"], "batch": spec["batch"], "device": str(job.runner.device),
             "amp": job.runner.amp, "amp_dtype": str(job.runner.amp_dtype).replace("torch.", ""), "groups": 0})
         r["groups"] += 1
+        if job._ring is not None:
+            r["zblend_stage1_windows"] = job._ring.computed
     return key
 
 

@@ -275,6 +275,7 @@ class Job:
         for i in range(0, len(items), max(1, len(tiles))):
             part = items[i: i + max(1, len(tiles))]
             xs = [w if w is not None else self._context_window(m, *t.window) for _, (m, t, w) in part]
+            ring.computed += len(part)
             for (key, (_, t, _)), out in zip(part, self.runner(np.stack(xs))):
                 fresh[key] = out[self._region(t)].copy()  # not a view: the batch is freed
                 ring.put(key, fresh[key])
@@ -540,6 +541,7 @@ class _Ring:
 
     def __init__(self, capacity: int):
         self.capacity, self._d, self._lock = capacity, OrderedDict(), threading.Lock()
+        self.computed = 0  # stage-1 windows run into it (once per plane and tile in an ordered pass)
 
     def get(self, key):
         with self._lock:
