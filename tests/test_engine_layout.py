@@ -160,7 +160,7 @@ def test_each_training_default_has_one_home():
 FLOORS = [
     {"runtime", "options", "train_options", "dtypes", "normalize", "outputs", "tiling", "ngff", "metrics",
      "resample", "fingerprint", "_cli_types", "arch"},  # standard library, numpy
-    {"model", "degrade", "synthstack", "sources", "sinks", "io", "zoo"},  # the network, degradations, files, weights
+    {"model", "degrade", "synthstack", "sources", "sinks", "io", "zoo", "zblend"},  # network, degradations, files
     {"inference", "ortgraph", "graphs", "evaluate", "memory"},  # the network's inference form, exports' graphs, scores
     {"runner", "kernel"},  # a restore job
     {"local", "lazy", "distributed"},  # its executors
