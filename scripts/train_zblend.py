@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8000)
     ap.add_argument("--real-fraction", type=float, default=0.7)
     ap.add_argument("--radii", default="2,5")
+    ap.add_argument("--draws", type=int, default=2, help="camera-noise draws of each training stack")
     ap.add_argument("--hidden", type=int, default=32)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     info = read_info(a.stage1)
     if not info.config.context:
         sys.exit(f"{a.stage1} is a 2-D model: the blend needs a context model's outputs")
-    xs, ys, real = stage1_bank(a.stage1, a.wheel, a.cache)
+    xs, ys, real = stage1_bank(a.stage1, a.wheel, a.cache, draws=a.draws)
     radii = tuple(int(r) for r in a.radii.split(","))
     net = train_blend(xs, ys, real, steps=a.steps, real_fraction=a.real_fraction, radii=radii, context=2,
                       hidden=a.hidden, seed=a.seed, log=lambda s: print(s, flush=True))
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
     meta = {k: v for k, v in info.metadata.items() if k not in ("format", "name", "task", "config", "created")}
     meta["zblend_training"] = {"stage1": Path(a.stage1).name, "steps": a.steps, "real_fraction": a.real_fraction,
                                "radii": list(radii), "hidden": a.hidden, "seed": a.seed,
-                               "bank": "make_bank(0, 48, wheel, 'train'), 2 noise draws"}
+                               "bank": f"make_bank(0, 48, wheel, 'train'), {a.draws} noise draws"}
     save_model(model, a.out, name=a.name, task=info.task, metadata=meta)
     print(f"wrote {a.out}")
     return 0
