@@ -287,7 +287,9 @@ class Job:
             (wy, wx) = t.window
             noisy = self._read(lead, slice(wy.start + ry.start, wy.start + ry.stop),
                                slice(wx.start + rx.start, wx.start + rx.stop))
-            preds.append(zb(s, noisy))
+            # torch runs the blend where it runs stage 1 (numpy on a GPU machine would be the bottleneck)
+            preds.append(zb(s, noisy) if isinstance(self.runner, OrtRunner) else zb.on_device(s, noisy,
+                                                                                              self.runner.device))
         return preds
 
     def groups(self, rows: int) -> list[tuple[str, tuple, list[Tile]]]:

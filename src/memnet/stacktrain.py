@@ -314,22 +314,13 @@ class BlendNet(torch.nn.Module):
             self.m[-1].bias.zero_()
             self.m[-1].bias[context] = 4.0
 
-    @staticmethod
-    def _box(x: torch.Tensor, r: int) -> torch.Tensor:
-        f = torch.nn.functional
-        return f.avg_pool2d(f.pad(x, (r, r, r, r), mode="replicate"), 2 * r + 1, stride=1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The blended centre plane (N, 1, Y, X)."""
+        from .zblend import blend_torch
+
         k = self.context
-        s, noisy = x[:, :2 * k + 1], x[:, 2 * k + 1:]
-        c = s[:, k:k + 1]
-        feats = []
-        for r in self.radii:
-            feats.append(torch.log10(self._box((noisy - c) ** 2, r) + 1e-6))
-            feats += [torch.log10(self._box((s[:, j:j + 1] - c) ** 2, r) + 1e-6) for j in range(2 * k + 1) if j != k]
-        feats.append(self._box(c, max(self.radii)))
-        return (torch.softmax(self.m(torch.cat(feats, 1)), 1) * s).sum(1, keepdim=True)
+        layers = [(self.m[i].weight, self.m[i].bias) for i in (0, 2, 4)]
+        return blend_torch(x[:, :2 * k + 1], x[:, 2 * k + 1:], layers, self.radii, k)
 
     def to_zblend(self):
         """The trained blend as the numpy `zblend.ZBlend` the engine runs."""
