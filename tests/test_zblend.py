@@ -11,6 +11,7 @@ import tifffile
 import torch
 import zarr
 from conftest import MICRO_METADATA
+from test_context import _CountingArray
 
 import memnet
 from memnet.stacktrain import BlendNet, blend_windows, train_blend
@@ -99,9 +100,11 @@ def test_stage_one_runs_once_per_plane_and_tile_in_an_ordered_pass(zb_model, rng
     seen = []
     call = Runner.__call__
     monkeypatch.setattr(Runner, "__call__", lambda self, batch: seen.append(len(batch)) or call(self, batch))
-    stack = rng.random((6, 64, 64)).astype(np.float32)
-    out = memnet.restore(stack, zb_model, axes="ZYX", tile=32, device="cpu", batch_size=2, backend="eager")
+    stack = rng.random((6, 256, 256)).astype(np.float32)
+    arr = _CountingArray(stack, (1, 256, 256))  # one 256 KB chunk per plane
+    out = memnet.restore(arr, zb_model, axes="ZYX", tile=128, device="cpu", batch_size=2, backend="eager")
     assert sum(seen) == 6 * 4  # six planes of four tiles: each plane's stage 1 once, not once per neighbour
+    assert len(arr.reads) == 6  # and each plane read once, though stage 1 of plane z+2 reads up to z+4
     np.testing.assert_allclose(out, _whole_stack(zb_model, stack), atol=2e-5)
 
 
