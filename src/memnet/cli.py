@@ -24,7 +24,7 @@ def _table(rows: list[dict]) -> str:
 
 def cmd_models(args: argparse.Namespace) -> int:
     """Print the model table (shipped and user models), which model each task name picks, and the user model folder."""
-    from .zoo import TASKS, describe, find_model, list_models, unusable_models, user_model_dir
+    from .zoo import TASKS, describe, find_context_model, find_model, list_models, unusable_models, user_model_dir
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -44,6 +44,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         except LookupError:
             defaults.append(f"{task} -> (none)")
     print("\ntask names pick: " + ", ".join(defaults))
+    stacks = [f"{task} -> {c.name}" for task in TASKS if (c := find_context_model(task)) is not None]
+    if stacks:  # `context_swap`'s rule, said where the defaults are
+        print("on a stack with enough planes along Z or T (--context auto): " + ", ".join(stacks))
     print(f"user models: {user_model_dir()}")
     return 0
 
