@@ -54,8 +54,8 @@ def test_each_backend_equals_the_float64_model_to_1e_5_of_the_range(random_model
 
 @pytest.mark.parametrize("info", list_models(), ids=lambda i: i.name)
 def test_every_shipped_model_runs_the_same_on_every_backend(info, rng):
-    model, _ = load_model(info.path)
-    x = torch.from_numpy(rng.random((1, 1, 96, 80), dtype=np.float32))
+    model, _ = load_model(info.path)  # a context model's stage 1: its planes in (its blend is numpy, tested apart)
+    x = torch.from_numpy(rng.random((1, model.config.planes, 96, 80), dtype=np.float32))
     with torch.no_grad():
         ref = model.double()(x.double()).numpy()
         model.float()

@@ -199,3 +199,12 @@ def test_export_refuses_a_context_model_saying_why(zb_user, ctx_user, tmp_path):
     with pytest.raises(ValueError, match="Z-blend"):
         export_model(zb_user, tmp_path / "m.zip", fmt="bioimageio")
     assert not list(tmp_path.glob("m.*"))
+
+
+def test_the_shipped_context_model_carries_a_blend_and_memnet_models_says_when_it_runs(capsys):
+    info = memnet.zoo.find_context_model("microscopy")
+    assert info is not None and info.source == "shipped" and info.metadata["zblend"]["context"] == 2
+    assert memnet.cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "5 planes + Z-blend" in out
+    assert "on a stack with enough planes along Z or T (--context auto): microscopy -> microscopy-context" in out

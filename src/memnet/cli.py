@@ -44,7 +44,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         except LookupError:
             defaults.append(f"{task} -> (none)")
     print("\ntask names pick: " + ", ".join(defaults))
-    stacks = [f"{task} -> {c.name}" for task in TASKS if (c := find_context_model(task)) is not None]
+    with warnings.catch_warnings():  # unusable files were reported above, once
+        warnings.simplefilter("ignore")
+        stacks = [f"{task} -> {c.name}" for task in TASKS if (c := find_context_model(task)) is not None]
     if stacks:  # `context_swap`'s rule, said where the defaults are
         print("on a stack with enough planes along Z or T (--context auto): " + ", ".join(stacks))
     print(f"user models: {user_model_dir()}")
