@@ -24,14 +24,13 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, "bench")
 from stacks import CAMERA, LEVELS, bench_stacks, score, smooth_121  # noqa: E402
 
 import memnet  # noqa: E402
 from memnet.degrade import camera_noise  # noqa: E402
-from memnet.stacktrain import make_bank  # noqa: E402
+from memnet.stacktrain import BlendNet, make_bank  # noqa: E402
 from memnet.synthstack import bio_sample_stacks, noisy_stack  # noqa: E402
 from memnet.tiling import mirror_index  # noqa: E402
 
@@ -82,32 +81,8 @@ class Fuse(nn.Module):
         return x[:, K2:K2 + 1] + self.c(torch.relu(self.b(torch.relu(self.a(x)))))
 
 
-def box(x, r):
-    """Local mean over a (2r+1)^2 window, the edges replicated."""
-    return F.avg_pool2d(F.pad(x, (r, r, r, r), mode="replicate"), 2 * r + 1, stride=1)
-
-
-class Blend(nn.Module):
-    def __init__(self, radii=(2, 5), hidden=32):
-        super().__init__()
-        self.radii = radii
-        planes = 2 * K2 + 1
-        self.m = nn.Sequential(nn.Conv2d(len(radii) * planes + 1, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, hidden, 1),
-                               nn.ReLU(), nn.Conv2d(hidden, planes, 1))
-        with torch.no_grad():
-            self.m[-1].weight.zero_()
-            self.m[-1].bias.zero_()
-            self.m[-1].bias[K2] = 4.0
-
-    def forward(self, x):
-        s, noisy = x[:, :2 * K2 + 1], x[:, 2 * K2 + 1:]
-        c = s[:, K2:K2 + 1]
-        feats = []
-        for r in self.radii:
-            feats.append(torch.log10(box((noisy - c) ** 2, r) + 1e-6))
-            feats += [torch.log10(box((s[:, j:j + 1] - c) ** 2, r) + 1e-6) for j in range(2 * K2 + 1) if j != K2]
-        feats.append(box(c, max(self.radii)))
-        return (torch.softmax(self.m(torch.cat(feats, 1)), 1) * s).sum(1, keepdim=True)
+def Blend(radii):  # noqa: N802 - the session-16 name; the blend is memnet.stacktrain.BlendNet now
+    return BlendNet(K2, radii)
 
 
 def fusion(wheel, steps=3000, patch=64, batch=16, kind="fusion", real_fraction=0.5, radius=5):
