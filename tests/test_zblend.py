@@ -208,3 +208,16 @@ def test_the_shipped_context_model_carries_a_blend_and_memnet_models_says_when_i
     out = capsys.readouterr().out
     assert "5 planes + Z-blend" in out
     assert "on a stack with enough planes along Z or T (--context auto): microscopy -> microscopy-context" in out
+
+
+def test_training_stage_one_further_drops_the_blend_it_no_longer_fits(zb_model, tmp_path):
+    from memnet.stacktrain import train_context
+
+    start = tmp_path / "zb.safetensors"
+    memnet.save_model(zb_model, start, name="start-zb", task="microscopy", metadata=MICRO_METADATA)
+    logs = []
+    train_context(tmp_path / "run", init=str(start), steps=1, batch=2, patch=32, n_sim=2, n_val=2, n_val_sim=1,
+                  val_every=1, log=logs.append)
+    model, info = memnet.load_model(tmp_path / "run" / "last.safetensors")
+    assert model.zblend is None and "zblend" not in info.metadata
+    assert any("Z-blend is dropped" in line for line in logs)

@@ -188,6 +188,9 @@ def train_context(out: str | Path, *, init: str = "microscopy", context: int = 2
         raise ValueError(f"{init} sees {base.config.planes} planes: train it with --context {base.config.context} or "
                          "more (a context model grows, it is not cut)")
     model = with_context(base, context) if base.config.context < context else base
+    if model.zblend is not None:  # a blend fits the stage 1 it was trained on: train a new one after (train_zblend)
+        log("the starting model's Z-blend is dropped: train one for the new weights (scripts/train_zblend.py)")
+        model.zblend = None
     if base.config.context:  # continuing a context model: the 2-D reference is the task's 2-D model
         base, _ = load_model(base_info.task, device=dev)
     model.to(dev)
