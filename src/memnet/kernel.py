@@ -275,7 +275,7 @@ class Job:
         for i in range(0, len(items), max(1, len(tiles))):
             part = items[i: i + max(1, len(tiles))]
             xs = [w if w is not None else self._context_window(m, *t.window) for _, (m, t, w) in part]
-            ring.computed += len(part)
+            ring.count(len(part))
             for (key, (_, t, _)), out in zip(part, self.runner(np.stack(xs))):
                 fresh[key] = out[self._region(t)].copy()  # not a view: the batch is freed
                 ring.put(key, fresh[key])
@@ -551,6 +551,11 @@ class _Ring:
             if v is not None:
                 self._d.move_to_end(key)
             return v
+
+    def count(self, n: int) -> None:
+        """``n`` more stage-1 windows run (the report `computed`; threads may share the ring)."""
+        with self._lock:
+            self.computed += n
 
     def put(self, key, value) -> None:
         with self._lock:
