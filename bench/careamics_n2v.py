@@ -13,6 +13,8 @@ Runs in its own venv (CAREamics needs torch <= 2.11; it must not share the proje
   python3 -m venv /work/careamics-venv
   /work/careamics-venv/bin/pip install torch==2.9.1 torchvision==0.24.1 careamics==0.3.5
   /work/careamics-venv/bin/python bench/careamics_n2v.py --data-root ../shared/data --minutes 3 > careamics.jsonl
+  /work/careamics-venv/bin/python bench/careamics_n2v.py --data-root ../shared/data --minutes 3 \
+      --w2s 31 32 33 34 35 36 37 38 39 40 > careamics-w2s.jsonl
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_var] = "1"
 
 sys.path.insert(0, str(Path(__file__).parent))
-from w2s_careamics import affine_fit, psnr  # noqa: E402  (numpy only: no memnet in this venv)
+from w2s_careamics import affine_fit, psnr, w2s_pairs  # noqa: E402  (numpy only: no memnet in this venv)
 
 
 def main() -> None:
@@ -39,6 +41,9 @@ def main() -> None:
     ap.add_argument("--data-root", required=True)
     ap.add_argument("--minutes", type=float, default=3.0, help="wall-clock training budget per image")
     ap.add_argument("--images", nargs="*", help="only these microscopy_ood names (default: all)")
+    ap.add_argument("--w2s", nargs="+", type=int, metavar="FOV",
+                    help="W2S fields of view instead of microscopy_ood, e.g. 31 32 ... 40 (named 'W2S 031_1')")
+    ap.add_argument("--w2s-channel", type=int, default=1, help="W2S channel with --w2s [1]")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--work-dir", default="/tmp/careamics-ood")
@@ -51,15 +56,20 @@ def main() -> None:
 
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
-    root = Path(args.data_root) / "microscopy_ood"
-    names = sorted(p.stem for p in (root / "noisy").glob("*.tif"))
-    for name in args.images or names:
-        noisy = tifffile.imread(root / "noisy" / f"{name}.tif").astype(np.float32)
-        clean = tifffile.imread(root / "clean" / f"{name}.tif").astype(np.float64)
-        work = Path(args.work_dir) / name
+    if args.w2s:
+        rows = [("W2S " + n.stem.replace("input_avg1_", ""), n, c)
+                for n, c in w2s_pairs(Path(args.data_root) / "W2S_train_8bit", args.w2s, [args.w2s_channel])]
+    else:
+        root = Path(args.data_root) / "microscopy_ood"
+        names = args.images or sorted(p.stem for p in (root / "noisy").glob("*.tif"))
+        rows = [(n, root / "noisy" / f"{n}.tif", root / "clean" / f"{n}.tif") for n in names]
+    for name, noisy_path, clean_path in rows:
+        noisy = tifffile.imread(noisy_path).astype(np.float32)
+        clean = tifffile.imread(clean_path).astype(np.float64)
+        work = Path(args.work_dir) / name.replace(" ", "_")
         shutil.rmtree(work, ignore_errors=True)
         config = create_advanced_n2v_config(
-            experiment_name=f"ood_{name}", data_type="array", axes="YX", patch_size=[64, 64],
+            experiment_name=f"ood_{name.replace(' ', '_')}", data_type="array", axes="YX", patch_size=[64, 64],
             batch_size=args.batch_size, num_epochs=100_000,  # never reached: max_time ends training
             num_workers=0, seed=args.seed,
             trainer_params={"max_time": {"seconds": args.minutes * 60}, "accelerator": "cpu", "devices": 1})

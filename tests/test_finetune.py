@@ -591,3 +591,73 @@ def test_finetune_never_writes_its_model_over_its_data(tmp_path, monkeypatch, mi
     with pytest.raises(ValueError, match="is the input"):
         finetune(FinetuneConfig(model=str(micro_file), mode="n2v", name="lab", overwrite=True, steps=2), str(data))
     assert _digest(data) == before
+
+
+def test_interpolate_weights_moves_floats_part_of_the_way_and_keeps_integer_buffers(tiny_model):
+    import copy
+
+    import torch
+
+    from memnet.finetune import interpolate_weights
+
+    start, cand = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in cand.parameters():
+            p.add_(torch.randn_like(p))
+        for b in cand.buffers():
+            if not b.is_floating_point():
+                b.fill_(7)
+    before = {k: v.clone() for k, v in cand.state_dict().items()}
+    interpolate_weights(cand, start, 0.25)
+    s = start.state_dict()
+    for k, v in cand.state_dict().items():
+        want = s[k] + 0.25 * (before[k] - s[k]) if v.is_floating_point() else before[k]
+        assert torch.allclose(v, want, atol=1e-6), k
+    with pytest.raises(ValueError, match="alpha must be in"):
+        interpolate_weights(cand, start, 0.0)
+
+
+@pytest.mark.parametrize("mode, alpha, want", [("nbr2nbr", None, 0.5), ("nbr2nbr", 1.0, 1.0), ("paired", None, 1.0),
+                                               ("nbr2nbr", 0.3, 0.3)])
+def test_what_is_judged_and_published_is_the_interpolated_model(base_model, rng, mode, alpha, want, monkeypatch):
+    """The self-supervised modes publish the weights half way from the starting model to the fine-tuned ones (the
+    decision scores that model, not the run's best), paired ones the best as it is; --interpolate overrides."""
+    import torch
+
+    import memnet.finetune as ft
+
+    judged = []
+    errors = ft._HeldOut.errors
+
+    def spy(self, model, dev):
+        judged.append({k: v.clone() for k, v in model.state_dict().items()})
+        return errors(self, model, dev)
+
+    monkeypatch.setattr(ft._HeldOut, "errors", spy)
+
+    clean = _scene(rng, (6, 64, 64))
+    cfg = FinetuneConfig(model=base_model, mode=mode, name="lab-i", steps=30, patch=16, batch_size=8, lr=3e-3,
+                         val_every=10, patience=100, device="cpu", minutes=None, publish="always", interpolate=alpha)
+    logs = []
+    res = finetune(cfg, _noisy(clean, rng, photons=10), target=clean if mode == "paired" else None, log=logs.append)
+    pub, info = memnet.load_model(res)
+    best, _ = memnet.load_model(memnet.zoo.user_model_dir() / ".runs" / "lab-i" / "best.safetensors")
+    start, _ = memnet.load_model(base_model)
+    assert info.metadata["finetune"]["interpolate"] == want
+    s, b = start.state_dict(), best.state_dict()
+    moved = 0
+    for k, v in pub.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, s[k] + want * (b[k] - s[k]), atol=1e-6), k
+            moved += int(not torch.equal(b[k], s[k]))
+    assert moved  # the run did change the weights
+    said = next(ln for ln in logs if ln.startswith("published"))
+    assert (f"{want:g} of the way from base-micro's weights" in said) == (want < 1)
+    # The decision scored the published weights: the last model the held-out crops judged.
+    assert res.decision.published and all(torch.equal(v, judged[-1][k]) for k, v in pub.state_dict().items())
+
+
+def test_interpolate_out_of_range_is_a_clear_error():
+    for bad in (0, 1.5, True, "half"):
+        with pytest.raises(ValueError, match=r"interpolate must be a fraction in \(0, 1\]"):
+            FinetuneConfig(interpolate=bad)

@@ -72,7 +72,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                          val_fraction=args.val_fraction, val_every=args.val_every, patience=args.patience,
                          mask_fraction=args.mask_fraction, bn=args.bn, publish=args.publish, axes=args.axes,
                          include=args.include, max_planes=args.max_planes, device=args.device, amp=args.amp,
-                         seed=args.seed, overwrite=args.overwrite, noise_check=args.noise_check, z=args.z)
+                         seed=args.seed, overwrite=args.overwrite, noise_check=args.noise_check, z=args.z,
+                         interpolate=args.interpolate)
     with _graceful_stop("the best model so far is saved") as stop:
         try:
             path = finetune(cfg, args.data, target=args.target, noisy2=args.data2, resume=args.resume,
@@ -225,6 +226,9 @@ def _register_finetune(sub) -> None:
                    f"model: half chooses the checkpoint, half decides publication [{d('val_fraction')}]")
     f.add_argument("--z", type=T.positive_float, default=d("z"),
                    help=f"publish only when the held-out gain exceeds this many standard errors [{d('z'):g}]")
+    f.add_argument("--interpolate", type=T.fraction_or_one, default=d("interpolate"),
+                   help="publish the starting weights moved this fraction of the way to the fine-tuned ones "
+                   "(judged as such) [the mode's: 0.5; paired 1]")
     f.add_argument("--val-every", type=T.count(1, "a number of steps"), default=d("val_every"))
     f.add_argument("--patience", type=T.count(1, "a number of validations"), default=d("patience"),
                    help="validations without improvement before stopping")

@@ -54,6 +54,16 @@ def fraction(text: str) -> float:
     return v
 
 
+def fraction_or_one(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = None
+    if v is None or not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return v
+
+
 def halo(text: str) -> str | int:
     if text == "exact":
         return text

@@ -83,6 +83,10 @@ class Mode:
     # What decides publication when not the criterion itself: "blindspot" (the whole model, some pixels
     # blinded); the check beside it (`check`) can only veto.
     decide_by: str | None = None
+    # What is published: the starting weights moved this fraction of the way to the fine-tuned ones. A noisy
+    # criterion cannot see a loss of a few hundredths of a dB; half way keeps most of a gain and turns most
+    # such losses into gains (training/README.md, session 18). Clean targets see the real change: all the way.
+    interpolate = 0.5
 
     @property
     def check(self) -> str | None:
@@ -130,6 +134,7 @@ class Paired(Mode):
     needs = "target"
     takes_target = True
     criterion = "target"
+    interpolate = 1.0
 
     def items(self, planes, others, ctx):
         from .trainset import paired_target_frame
@@ -440,6 +445,7 @@ class FinetuneConfig:
     overwrite: bool = False  # replace an existing user model of the same name
     noise_check: bool = True  # check the noise before a mode that needs it independent between pixels
     z: float = Z_MARGIN  # publish when gain - z * standard error > 0
+    interpolate: float | None = None  # publish start + this fraction of the change (None: the mode's, 0.5 or 1)
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -465,6 +471,10 @@ class FinetuneConfig:
             raise ValueError(f"lr must be a number ≥ 0, got {self.lr!r}")
         if isinstance(self.z, bool) or not isinstance(self.z, (int, float)) or not self.z >= 0:
             raise ValueError(f"z must be a number ≥ 0, got {self.z!r}")
+        if self.interpolate is not None and (isinstance(self.interpolate, bool) or not isinstance(
+                self.interpolate, (int, float)) or not 0 < self.interpolate <= 1):
+            raise ValueError(f"interpolate must be a fraction in (0, 1], got {self.interpolate!r}: 1 publishes the "
+                             "fine-tuned weights as they are, 0.5 half way from the starting ones")
         choice("bn", self.bn, ("frozen", "train"))
         choice("publish", self.publish, ("improved", "always"))
         set_(self, "amp", check_amp(self.amp))
