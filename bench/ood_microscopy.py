@@ -48,7 +48,8 @@ def _finetuned(base: str, mode: str, minutes: float, kept: set, decisions: dict)
     """A method: fine-tune ``base`` on the image itself, then restore it with whatever the user ends with.
     ``decisions[name]``: the publish decision (criterion gain ± SE), the mode that ran, and the real PSNR of
     the starting model and of the candidate (scored even when it was not published)."""
-    from memnet.finetune import FinetuneConfig, NoiseCorrelated, NotImproved, finetune
+    from memnet.finetune import FinetuneConfig, NoiseCorrelated, NotImproved, finetune, interpolate_weights
+    from memnet.finetune_modes import get_mode
     from memnet.zoo import user_model_dir
 
     base_model, _ = memnet.load_model(base)
@@ -69,8 +70,12 @@ def _finetuned(base: str, mode: str, minutes: float, kept: set, decisions: dict)
                "mode": next((ln.split("mode ")[1].split(" ")[0] for ln in logs if ln.startswith("auto: ")), mode),
                "base_psnr": psnr(affine_fit(predictor(base_model)(xn), c), c)}
         cand = user_model_dir() / ".runs" / cfg.name / "best.safetensors"
-        if d is not None and cand.exists():
-            rec["candidate_psnr"] = psnr(affine_fit(predictor(memnet.load_model(cand)[0])(xn), c), c)
+        if d is not None and cand.exists():  # the judged model: the run's best checkpoint moved `interpolate` of
+            ckpt = memnet.load_model(cand)[0]  # the way from the starting weights (the published one when published)
+            rec["checkpoint_psnr"] = psnr(affine_fit(predictor(ckpt)(xn), c), c)
+            alpha = get_mode(rec["mode"]).interpolate
+            judged = model if d.published else interpolate_weights(ckpt, memnet.load_model(base)[0], alpha)
+            rec["candidate_psnr"] = psnr(affine_fit(predictor(judged)(xn), c), c)
         decisions[name] = rec
         return predictor(model)(xn)
 
@@ -192,13 +197,14 @@ def _table(methods, scores, secs, rows, kept) -> None:
 
 
 def _decisions(mode: str, recs: dict, peer: dict) -> None:
-    """Per image: the mode that ran, the publish decision with the criterion's gain ± standard error, the
-    candidate's real PSNR change (published or not) and what the user ends with; then how well the
-    criterion's gain tracks the real change."""
+    """Per image: the mode that ran, the publish decision with the criterion's gain ± standard error, the real
+    PSNR change of the run's best checkpoint and of the judged model (the checkpoint moved `interpolate` of the
+    way from the starting weights; published or not) and what the user ends with; then how well the
+    criterion's gain tracks the judged model's real change."""
     print(f"\n# fine-tune {mode}: publish decisions (criterion gain on held-out crops) vs the real PSNR change")
-    print("| image | mode | decision | criterion gain (dB) | candidate's real change (dB) | user's change (dB) |"
-          + (" vs CAREamics (dB) |" if peer else ""))
-    print("|---|---|---|---|---|---|" + ("---|" if peer else ""))
+    print("| image | mode | decision | criterion gain (dB) | checkpoint's real change (dB) | judged model's (dB) "
+          "| user's change (dB) |" + (" vs CAREamics (dB) |" if peer else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if peer else ""))
     pairs = []
     for name, r in recs.items():
         d = r["decision"]
@@ -207,7 +213,8 @@ def _decisions(mode: str, recs: dict, peer: dict) -> None:
         crit = "—" if d is None else f"{d['gain']:+.3f} ± {d['se']:.3f} ({d['crops']} crops)"
         what = "refused (noise check)" if d is None else ("published" if d["published"] else "kept start")
         ahead = f" {r['base_psnr'] + mine - peer[name]:+.2f} |" if name in peer else (" — |" if peer else "")
-        print(f"| {name} | {r['mode']} | {what} | {crit} | {real:+.2f} | {mine:+.2f} |{ahead}")
+        ckpt = f"{r['checkpoint_psnr'] - r['base_psnr']:+.2f}" if "checkpoint_psnr" in r else "—"
+        print(f"| {name} | {r['mode']} | {what} | {crit} | {ckpt} | {real:+.2f} | {mine:+.2f} |{ahead}")
         if d is not None and "candidate_psnr" in r:
             pairs.append((d["gain"], real))
     if len(pairs) >= 3:
