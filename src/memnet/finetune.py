@@ -7,7 +7,7 @@ the default): the mean per-crop gain on crops that did not choose the checkpoint
 standard error (a paired test, `publish_decision`), so a gain that is only noise keeps the starting
 model. What is judged and published in the self-supervised modes is half way between the starting and the
 fine-tuned weights (``interpolate``): the held-out criteria cannot see a loss of a few hundredths of a dB, and
-the midpoint keeps most of a gain while it halves a loss or turns it into a gain. A time budget in minutes
+on the images measured the midpoint kept most of each gain and turned every loss into a gain. A time budget in minutes
 bounds the run (``minutes``); steps are optional.
 """
 
