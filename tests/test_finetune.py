@@ -661,3 +661,14 @@ def test_interpolate_out_of_range_is_a_clear_error():
     for bad in (0, 1.5, True, "half"):
         with pytest.raises(ValueError, match=r"interpolate must be a fraction in \(0, 1\]"):
             FinetuneConfig(interpolate=bad)
+
+
+def test_cli_interpolate_takes_a_fraction_up_to_one(base_model, tmp_path, rng, capsys):
+    tifffile.imwrite(tmp_path / "n.tif", _noisy(_scene(rng), rng))
+    args = ["finetune", "--model", base_model, "--data", str(tmp_path / "n.tif"), "-o", "lab-cli-i", "--steps", "4",
+            "--patch", "16", "--batch", "4", "--val-every", "2", "--device", "cpu", "--minutes", "0"]
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--interpolate", "0"])
+    assert e.value.code == 2 and "expected a fraction in (0, 1], got '0'" in capsys.readouterr().err
+    main([*args, "--interpolate", "1", "--publish", "always"])
+    assert memnet.load_model("lab-cli-i")[1].metadata["finetune"]["interpolate"] == 1.0

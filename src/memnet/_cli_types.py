@@ -44,24 +44,20 @@ def non_negative_float(text: str) -> float:
     return v
 
 
-def fraction(text: str) -> float:
+def fraction(text: str, *, one: bool = False) -> float:
+    """A number in (0, 1); with ``one``, in (0, 1]."""
     try:
         v = float(text)
     except ValueError:
         v = None
-    if v is None or not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 (exclusive), got {text!r}")
+    if v is None or not (0 < v <= 1 if one else 0 < v < 1):
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}" if one else
+                                         f"expected a fraction between 0 and 1 (exclusive), got {text!r}")
     return v
 
 
 def fraction_or_one(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = None
-    if v is None or not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
-    return v
+    return fraction(text, one=True)
 
 
 def halo(text: str) -> str | int:
