@@ -47,6 +47,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--work-dir", default="/tmp/careamics-ood")
+    ap.add_argument("--precision", default="32-true",
+                    help="Lightning's training precision: its default 32-true, or bf16-mixed (as `memnet finetune` "
+                    "on a CPU with native bf16) [32-true]")
+    ap.add_argument("--save-outputs", metavar="DIR", help="also write each restored image as DIR/<name>.tif (float32)")
     args = ap.parse_args()
 
     import tifffile
@@ -72,7 +76,8 @@ def main() -> None:
             experiment_name=f"ood_{name.replace(' ', '_')}", data_type="array", axes="YX", patch_size=[64, 64],
             batch_size=args.batch_size, num_epochs=100_000,  # never reached: max_time ends training
             num_workers=0, seed=args.seed,
-            trainer_params={"max_time": {"seconds": args.minutes * 60}, "accelerator": "cpu", "devices": 1})
+            trainer_params={"max_time": {"seconds": args.minutes * 60}, "accelerator": "cpu", "devices": 1,
+                            "precision": args.precision})
         careamist = CAREamist(config, work_dir=work, enable_progress_bar=False)
         t0 = time.perf_counter()
         careamist.train(train_data=noisy)
@@ -86,6 +91,9 @@ def main() -> None:
         preds, _ = careamist.predict(padded, axes="YX", data_type="array", batch_size=1, num_workers=0,
                                      checkpoint=final)
         pred = np.concatenate([np.asarray(p, np.float64).reshape(-1, *padded.shape) for p in preds])[0][:h, :w]
+        if args.save_outputs:
+            Path(args.save_outputs).mkdir(parents=True, exist_ok=True)
+            tifffile.imwrite(Path(args.save_outputs) / f"{name.replace(' ', '_')}.tif", pred.astype(np.float32))
         print(json.dumps({"image": name, "psnr": round(psnr(affine_fit(pred, clean), clean), 3),
                           "train_s": round(train_s, 1), "steps": careamist.trainer.global_step,
                           "predict_s": round(time.perf_counter() - t0, 1)}), flush=True)

@@ -44,7 +44,7 @@ def _bm3d(noisy: np.ndarray, clean: np.ndarray) -> np.ndarray:
     return bm3d.bm3d(noisy, sigma_psd=sigma)
 
 
-def _finetuned(base: str, mode: str, minutes: float, kept: set, decisions: dict):
+def _finetuned(base: str, mode: str, minutes: float, kept: set, decisions: dict, amp: str = "auto"):
     """A method: fine-tune ``base`` on the image itself, then restore it with whatever the user ends with.
     ``decisions[name]``: the publish decision (criterion gain ± SE), the mode that ran, and the real PSNR of
     the starting model and of the candidate (scored even when it was not published)."""
@@ -56,7 +56,7 @@ def _finetuned(base: str, mode: str, minutes: float, kept: set, decisions: dict)
 
     def run(x, c, name):
         cfg = FinetuneConfig(model=base, mode=mode, name=f"bench-{mode}-{name}", minutes=minutes, device="cpu",
-                             overwrite=True)
+                             overwrite=True, amp=amp)
         logs = []
         try:
             path = finetune(cfg, x.astype(np.float32), log=logs.append)
@@ -95,6 +95,8 @@ def main() -> None:
                     help="self-supervised fine-tune of the first model on each OOD image alone")
     ap.add_argument("--minutes", type=float, default=3.0, help="fine-tuning budget per image [3]")
     ap.add_argument("--threads", type=int, default=1, help="torch threads [1]")
+    ap.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                    help="fine-tuning's mixed precision, as `memnet finetune --amp` [auto]")
     ap.add_argument("--backends", nargs="+", default=[], metavar="BACKEND",
                     help="also run each model on these restore backends (e.g. onnxruntime onnxruntime-int8)")
     ap.add_argument("--backends-only", action="store_true", help="with --backends: no column for the module itself")
@@ -122,7 +124,7 @@ def main() -> None:
     decisions = {m: {} for m in args.finetune}
     for mode in args.finetune:
         methods[f"+ {mode} {args.minutes:g} min"] = _finetuned(args.models[0], mode, args.minutes, kept[mode],
-                                                               decisions[mode])
+                                                               decisions[mode], args.amp)
     if args.careamics:
         methods[f"CAREamics N2V {args.careamics_minutes or args.minutes:g} min"] = None  # read at the end
     rows = [] if args.no_ood else [(n.stem, n, c) for n, c in ood_pairs(root / "microscopy_ood")
@@ -188,11 +190,11 @@ def _table(methods, scores, secs, rows, kept) -> None:
     print("| seconds (all rows) | " + " | ".join(f"{secs[m]:.0f}" for m in methods) + " |")
     first = next(m for m in methods if m not in ("noisy", "BM3D best σ"))
     for m in list(methods)[list(methods).index(first) + 1:]:
-        common = [k for k in ood if k in scores[m]]
+        common = [k for k in ood + w2s if k in scores[m]]
         ahead = sum(scores[m][k] > scores[first][k] for k in common)
-        print(f"# {m}: ahead of {first} on {ahead}/{len(common)} OOD images")
+        print(f"# {m}: ahead of {first} on {ahead}/{len(common)} images")
     for mode, names in kept.items():
-        print(f"# {mode}: * = not published, the starting model kept: {len(names)}/{len(ood)} images: "
+        print(f"# {mode}: * = not published, the starting model kept: {len(names)}/{len(ood) + len(w2s)} images: "
               + ", ".join(sorted(names)))
 
 

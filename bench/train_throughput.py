@@ -41,7 +41,7 @@ def run(arch: str, batch: int, sampler_kind: str, dev: torch.device, amp: str, p
     torch.manual_seed(0)
     model = memnet.MemNet(**parse_arch(arch).as_dict()).to(dev).to(memory_format=torch.channels_last).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    mp = MixedPrecision(amp, dev)
+    mp = MixedPrecision(amp, dev, cpu_auto=True)  # as `memnet train`
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
 

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 import memnet
-from memnet.fitloop import multi_supervised_loss
+from memnet import fitloop
+from memnet.fitloop import MixedPrecision, multi_supervised_loss
 from memnet.train import TrainConfig, train
 from memnet.trainset import PatchSampler
 
@@ -69,6 +70,8 @@ def test_train_reduces_loss_saves_and_resumes(tmp_path):
     model, info = memnet.load_model(best)
     assert info.name == "tiny-denoise" and info.task == "denoise"
     assert info.metadata["training"]["steps"] in (30, 60)
+    # amp "auto": bf16 where this CPU computes it natively, else fp32; the record says which ran
+    assert info.metadata["training"]["precision"] == ("bfloat16" if fitloop.cpu_has_native_bf16() else "float32")
     assert "holdout" in info.metrics and info.normalization == {"mode": "natural"}
     assert info.metadata["degradation"]["gaussian_sigma_255"] == [0, 75]
 
@@ -95,7 +98,7 @@ def test_bf16_training_on_cpu_learns_like_fp32_and_saves_fp32_weights(tmp_path):
     assert end["on"] < 1.3 * end["off"]  # same seed, same batches: bf16 must not learn visibly worse
     model, info = memnet.load_model(best)
     assert all(p.dtype == torch.float32 for p in model.state_dict().values() if p.is_floating_point())
-    assert info.metadata["training"]["config"]["amp"] == "on"
+    assert info.metadata["training"]["config"]["amp"] == "on" and info.metadata["training"]["precision"] == "bfloat16"
     with pytest.raises(ValueError, match="amp must be 'auto', 'on' or 'off'"):
         train(TrainConfig(task="denoise", out=str(tmp_path / "r2"), data=[str(data)], amp="yes"))
 
@@ -590,3 +593,23 @@ def test_a_checkpoint_written_before_the_shared_fit_loop_still_resumes():
     old = {"step": 4000, "best": 29.68, "hours": 3.1, "history": _json.dumps([{"step": 4000, "sigma25": 29.68}])}
     st = fit_state_of(old)
     assert (st.step, st.best, st.hours_before) == (4000, 29.68, 3.1) and st.history[0]["sigma25"] == 29.68
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_auto_trains_in_bf16_only_on_cpus_with_native_bf16(monkeypatch, native):
+    # Emulated bf16 is slower than fp32: "auto" must pick it only where the CPU computes it natively.
+    monkeypatch.setattr(fitloop.torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(fitloop.torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    assert MixedPrecision("auto", cpu, cpu_auto=True).dtype == (torch.bfloat16 if native else None)
+    assert MixedPrecision("auto", cpu).dtype is None  # fine-tuning: fp32 on any CPU unless asked
+    assert MixedPrecision("on", cpu).dtype == torch.bfloat16
+    assert MixedPrecision("off", cpu, cpu_auto=True).dtype is None
+    model = memnet.MemNet(blocks=1, recursions=1, channels=8)
+    final, branches = MixedPrecision("auto", cpu, cpu_auto=True).forward(model, torch.rand(2, 1, 16, 16))
+    assert final.dtype == torch.float32 and all(b.dtype == torch.float32 for b in branches)  # the loss sees fp32
+
+
+def test_cpu_has_native_bf16_is_false_without_the_probes(monkeypatch):
+    monkeypatch.delattr(fitloop.torch.cpu, "_is_avx512_bf16_supported")
+    assert fitloop.cpu_has_native_bf16() is False

@@ -162,8 +162,8 @@ def register(sub) -> None:
     p.add_argument("--device", default=d("device"), help="auto (CUDA, then MPS, then CPU), cpu, cuda or cuda:N [auto]")
     p.add_argument("--threads", type=T.count(1, "a number of threads"), default=d("threads"))
     p.add_argument("--amp", choices=AMP, default=d("amp"),
-                   help="mixed precision: auto = on for CUDA (bf16, else fp16 with loss scaling); "
-                   "on = also bf16 on CPU (about 2x faster on CPUs with AVX512-BF16/AMX) [auto]")
+                   help="mixed precision: auto = on for CUDA (bf16, else fp16 with loss scaling) and bf16 on CPUs "
+                   "with AVX512-BF16/AMX (about 2x faster); on = bf16 on any CPU (emulated: slower) [auto]")
     p.add_argument("--sampler", choices=SAMPLERS, default=d("sampler"),
                    help="where batches are made: device = on the training device (denoise from 2-D images; "
                    "keeps a GPU fed), numpy = per patch on the CPU, auto = device for denoise on CUDA [auto]")
@@ -245,7 +245,8 @@ def _register_finetune(sub) -> None:
     f.add_argument("--axes", help="axis letters of the data, e.g. ZYX")
     f.add_argument("--device", default=d("device"))
     f.add_argument("--amp", choices=AMP, default=d("amp"),
-                   help=f"mixed precision: auto = on for CUDA; on = also bf16 on CPU [{d('amp')}]")
+                   help=f"mixed precision: auto = on for CUDA, fp32 on CPU; on = also bf16 on CPU (faster on "
+                   f"CPUs with AVX512-BF16/AMX) [{d('amp')}]")
     f.add_argument("--seed", type=int, default=d("seed"))
     f.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune of the same name")
     f.add_argument("--overwrite", action="store_true", help="replace an existing user model of the same name")

@@ -190,7 +190,8 @@ class Nbr2Nbr(Mode):
         with torch.no_grad():
             was = model.training
             model.eval()
-            f1, f2 = _gather(model(full.to(x.device)), idx)
+            with mp.autocast():  # the step's precision: in fp32 this forward of 4x the pixels costs most of a step
+                f1, f2 = _gather(model(full.to(x.device)).float(), idx)
             model.train(was)
         return multi_supervised_loss(final, branches, y) + self.gamma * torch.mean((final - y - (f1 - f2)) ** 2)
 
@@ -439,7 +440,7 @@ class FinetuneConfig:
     axes: str | None = None
     include: str | None = None  # regex on file names when the data are folders
     device: str = "auto"
-    amp: str = "auto"  # memnet.options.AMP: auto = on for CUDA; on = also bf16 on CPU; off
+    amp: str = "auto"  # memnet.options.AMP: auto = on for CUDA (fp32 on CPU); on = bf16 on CPU too; off
     seed: int = 0
     max_planes: int = 64  # planes sampled from large stacks
     overwrite: bool = False  # replace an existing user model of the same name

@@ -59,7 +59,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto: CUDA, then MPS, then CPU
     threads: int | None = None
-    amp: str = "auto"  # memnet.options.AMP: auto = on for CUDA; on = also bf16 on CPU; off
+    amp: str = "auto"  # memnet.options.AMP: auto = on for CUDA and native-bf16 CPUs; on = bf16 on any CPU
     init: str | None = None  # start from these weights (e.g. the shipped model)
     bn_batches: int = 50  # batches that re-estimate BN statistics before each validation (0: off)
     warmup: int = 0  # linear lr warm-up steps (adam): spares trained weights the first big Adam steps
