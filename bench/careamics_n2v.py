@@ -48,8 +48,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--work-dir", default="/tmp/careamics-ood")
     ap.add_argument("--precision", default="32-true",
-                    help="Lightning's training precision: its default 32-true, or bf16-mixed (as `memnet finetune` "
-                    "on a CPU with native bf16) [32-true]")
+                    help="Lightning's training precision: its default 32-true, or bf16-mixed (as `memnet finetune "
+                    "--amp on`, or `memnet train` on a CPU with native bf16) [32-true]")
     ap.add_argument("--save-outputs", metavar="DIR", help="also write each restored image as DIR/<name>.tif (float32)")
     args = ap.parse_args()
 
