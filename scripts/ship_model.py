@@ -95,6 +95,10 @@ def main() -> None:
     training = dict(meta.get("training", {}))
     training.pop("history", None)
     training["data"] = DATA[info.task]
+    if info.task == "microscopy" and str((training.get("config") or {}).get("noise", "")).startswith("camera"):
+        training["data"] = DATA[info.task].replace("synthetic Poisson-Gaussian noise on the clean targets",
+                                                   "synthetic camera noise (memnet.degrade.camera_noise; the ranges "
+                                                   "in 'degradation') on the clean targets and the --data images")
     if (training.get("config") or {}).get("init") and previous and "total_steps" not in training:
         # Continued from the shipped weights by an older `memnet train` that did not keep the totals itself.
         training["continued_from"] = {k: previous.get(k) for k in ("steps", "hours", "total_steps", "total_hours")}

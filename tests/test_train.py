@@ -521,6 +521,27 @@ def test_camera_noise_is_normalised_like_restore_and_targets_its_expectation():
         assert np.isfinite(noisy).all() and np.isfinite(target).all() and noisy.shape == clean.shape
 
 
+def test_camera_noise_renders_some_exports_with_heavy_saturation():
+    """Some 8-bit exports set the display range for dim structures: up to 40 % of the pixels at 0 and at 255. The
+    camera mix draws such renderings (the 3D-RCAN crops are like this), the usual ones clip only a few pixels."""
+    from memnet.degrade import camera_noise
+
+    yy, xx = np.mgrid[0:96, 0:96] / 96
+    clean = 0.1 + 0.8 * xx * (0.5 + 0.5 * np.cos(6 * yy))
+
+    def clipped(ranges, seed):
+        noisy, target = camera_noise(clean, np.random.default_rng(seed), {"clip_8bit": 1.0, "gamma": [1.0, 1.0],
+                                                                         "photons_at_1": [50.0, 50.0], **ranges})
+        assert np.isfinite(target).all() and abs(float(np.mean(noisy - target))) < 0.05
+        return float(np.mean(noisy <= noisy.min())), float(np.mean(noisy >= noisy.max()))
+
+    heavy = np.array([clipped({"clip_heavy": 1.0}, s) for s in range(20)])
+    light = np.array([clipped({"clip_heavy": 0.0}, s) for s in range(20)])
+    assert light.max() < 0.08  # ties at the clip level (quantised counts) add a little to the 2 %
+    assert heavy.mean(axis=0).min() > 0.08 and heavy.max() < 0.45
+    assert (heavy[:, 0] > 0.15).any() and (heavy[:, 1] > 0.15).any()
+
+
 def test_camera_correlated_noise_correlates_neighbours_and_keeps_the_target():
     """``--noise camera-correlated``: the noise (not the content) of some acquisitions is correlated between
     neighbouring pixels, isotropically or along X only; the plain camera mix stays pixel-independent."""

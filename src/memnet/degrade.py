@@ -68,6 +68,12 @@ CAMERA_RANGES = {
     "blur_sigma_px": [0.0, 1.2],  # mild optical blur of the content (input and target alike), a third of the time
     "gamma": [0.6, 1.6],  # intensity gamma of the content, log-uniform
     "clip_8bit": 0.3,  # fraction rendered to 8 bits with saturation, as exported 8-bit TIFFs are
+    # Display range of an 8-bit rendering, as percentiles of the noisy counts: usually a few pixels clipped at
+    # each end; in `clip_heavy` of them set for dim structures, flooring and saturating up to 40 % of the pixels
+    # (the 3D-RCAN renderings: 3-43 % at 0, 8-45 % at 255; without these the model under-smooths them)
+    "clip_percentiles": [[0.0, 2.0], [98.0, 100.0]],
+    "clip_heavy": 0.5,
+    "clip_heavy_percentiles": [[0.0, 40.0], [60.0, 98.0]],
     "percentiles": [1.0, 99.8],  # then normalised as `memnet restore` does for microscopy models
     # Fraction of acquisitions whose noise is correlated between neighbouring pixels (0 in the plain camera mix):
     # half of them isotropically (an image resized or interpolated after capture: lag-1 correlation 0.2-0.8),
@@ -141,7 +147,9 @@ def camera_noise(clean: np.ndarray, rng: np.random.Generator, ranges: dict | Non
     counts = np.rint(counts)
     if rng.random() < c["clip_8bit"]:
         # An 8-bit rendering with a display range set on the noisy image, saturating its brightest pixels.
-        lo, hi = np.percentile(counts, [rng.uniform(0, 2), rng.uniform(98, 100)])
+        q = c["clip_heavy_percentiles"] if c["clip_heavy"] > 0 and rng.random() < c["clip_heavy"] \
+            else c["clip_percentiles"]
+        lo, hi = np.percentile(counts, [rng.uniform(*q[0]), rng.uniform(*q[1])])
         s = 255.0 / max(hi - lo, 1e-6)
         counts = np.clip(np.rint((counts - lo) * s), 0, 255)
         expected = np.clip((expected - lo) * s, 0, 255)
