@@ -40,7 +40,7 @@ def stack(planes: int, size: int) -> np.ndarray:
 
     rng = np.random.default_rng(5)
     clean = simulate_stack(rng, planes=max(planes, 4), size=size).clean[:planes]
-    return camera_noise(clean, rng)[0].astype(np.float32)
+    return camera_noise(clean, rng, {"clip_heavy": 0.0})[0].astype(np.float32)  # the set its figures were measured on
 
 
 def main() -> None:

@@ -239,7 +239,8 @@ def calibration_inputs(config: MemNetConfig, count: int = 32, size: int = 128, s
     planes = config.planes
     out: list[np.ndarray] = []
     while len(out) < count:
-        noisy, _ = camera_noise(simulate_stack(rng, planes=max(4, planes), size=size).clean, rng)  # one camera
+        # one camera; without the heavy 8-bit display ranges: the calibration set stays the one int8 was measured on
+        noisy, _ = camera_noise(simulate_stack(rng, planes=max(4, planes), size=size).clean, rng, {"clip_heavy": 0.0})
         for i in range(0, len(noisy) - planes + 1, planes):
             # plane-major channels, as FoldedMemNet.forward reads them
             out.append(np.repeat(noisy[i: i + planes], config.in_channels, axis=0).astype(np.float32))
