@@ -542,6 +542,26 @@ def test_camera_noise_renders_some_exports_with_heavy_saturation():
     assert (heavy[:, 0] > 0.15).any() and (heavy[:, 1] > 0.15).any()
 
 
+def test_camera_noise_stays_bounded_on_dark_content():
+    """Dark content at a few photons and a coarse camera gain gives a crop of (nearly) one count level: its
+    percentiles coincide. Once such a crop came out with pixels at 1e6 and blew up a training run; now the
+    acquisition is drawn again, and blank stays blank."""
+    from memnet.degrade import camera_noise
+
+    clean = np.zeros((96, 96))
+    clean[40, 40] = 1.0
+    dark = {"photons_at_1": [1.0, 3.0], "background": [0.0, 0.01], "read_noise_e": [0.3, 0.3], "adu_per_e": [0.3, 0.3]}
+    worst = 0.0
+    for seed in range(60):
+        for clip in ({"clip_8bit": 1.0, "clip_heavy": 1.0}, {"clip_8bit": 0.0}):
+            noisy, target = camera_noise(clean, np.random.default_rng(seed), {**dark, **clip})
+            worst = max(worst, float(np.abs(noisy).max()), float(np.abs(target).max()))
+    assert worst <= 2.0
+    no_light = {**dark, "background": [0.0, 0.0], "read_noise_e": [0.01, 0.01], "pixel_offset_adu": [0.0, 0.0]}
+    noisy, target = camera_noise(np.zeros((32, 32)), np.random.default_rng(0), no_light)
+    assert not noisy.any() and not target.any()
+
+
 def test_camera_correlated_noise_correlates_neighbours_and_keeps_the_target():
     """``--noise camera-correlated``: the noise (not the content) of some acquisitions is correlated between
     neighbouring pixels, isotropically or along X only; the plain camera mix stays pixel-independent."""

@@ -134,6 +134,24 @@ def camera_noise(clean: np.ndarray, rng: np.random.Generator, ranges: dict | Non
     x = np.clip(x, 0, 1.5) ** _log_uniform(rng, *c["gamma"])
     if rng.random() < 1 / 3:
         x = _gaussian_blur(x, rng.uniform(*c["blur_sigma_px"]))
+    # Integer counts: under one count between the percentiles, the crop is (nearly) one level (dark content at a
+    # few photons) and its other pixels would come out at ~1e6, which blew up a training run once in 1,700 steps:
+    # such an acquisition is drawn again (a normal one is the first draw, so the mix's stream is unchanged).
+    for _ in range(8):
+        counts, expected = _acquire(x, rng, c)
+        lo, hi = np.percentile(counts, c["percentiles"])
+        if hi - lo >= 1:
+            span = hi - lo
+            break
+    else:  # black content that no camera shows: scaled by its full range, or blank in and blank out
+        span = float(counts.max()) - lo
+        if span < 1:
+            return np.zeros(x.shape, np.float32), np.zeros(x.shape, np.float32)
+    return ((counts - lo) / span).astype(np.float32), ((expected - lo) / span).astype(np.float32)
+
+
+def _acquire(x: np.ndarray, rng: np.random.Generator, c: dict) -> tuple[np.ndarray, np.ndarray]:
+    """One random camera's counts of ``x`` (content in [0, ~1]) and their noise-free expectation."""
     photons = _log_uniform(rng, *c["photons_at_1"])
     electrons = photons * (x + rng.uniform(*c["background"]))  # expectation
     adu = _log_uniform(rng, *c["adu_per_e"])
@@ -150,9 +168,7 @@ def camera_noise(clean: np.ndarray, rng: np.random.Generator, ranges: dict | Non
         q = c["clip_heavy_percentiles"] if c["clip_heavy"] > 0 and rng.random() < c["clip_heavy"] \
             else c["clip_percentiles"]
         lo, hi = np.percentile(counts, [rng.uniform(*q[0]), rng.uniform(*q[1])])
-        s = 255.0 / max(hi - lo, 1e-6)
+        s = 255.0 / max(hi - lo, 1.0)  # a display range at least one count wide
         counts = np.clip(np.rint((counts - lo) * s), 0, 255)
         expected = np.clip((expected - lo) * s, 0, 255)
-    lo, hi = np.percentile(counts, c["percentiles"])
-    span = max(hi - lo, 1e-6 * max(abs(hi), 1.0))
-    return ((counts - lo) / span).astype(np.float32), ((expected - lo) / span).astype(np.float32)
+    return counts, expected
