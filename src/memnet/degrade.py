@@ -67,12 +67,12 @@ CAMERA_RANGES = {
     "pixel_offset_adu": [0.0, 2.0],  # sCMOS pixel offset variation (std, ADU), half the time
     "blur_sigma_px": [0.0, 1.2],  # mild optical blur of the content (input and target alike), a third of the time
     "gamma": [0.6, 1.6],  # intensity gamma of the content, log-uniform
-    "clip_8bit": 0.3,  # fraction rendered to 8 bits with saturation, as exported 8-bit TIFFs are
+    "clip_8bit": 0.5,  # fraction rendered to 8 bits with saturation, as exported 8-bit TIFFs are
     # Display range of an 8-bit rendering, as percentiles of the noisy counts: usually a few pixels clipped at
     # each end; in `clip_heavy` of them set for dim structures, flooring and saturating up to 40 % of the pixels
     # (the 3D-RCAN renderings: 3-43 % at 0, 8-45 % at 255; without these the model under-smooths them)
     "clip_percentiles": [[0.0, 2.0], [98.0, 100.0]],
-    "clip_heavy": 0.5,
+    "clip_heavy": 0.6,
     "clip_heavy_percentiles": [[0.0, 40.0], [60.0, 98.0]],
     "percentiles": [1.0, 99.8],  # then normalised as `memnet restore` does for microscopy models
     # Fraction of acquisitions whose noise is correlated between neighbouring pixels (0 in the plain camera mix):
