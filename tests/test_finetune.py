@@ -449,6 +449,29 @@ def test_publish_decision_needs_a_gain_clear_of_its_standard_error(rng):
     assert publish_decision(base, base, always=True).forced
 
 
+def test_modes_for_correlated_noise_publish_only_gains_above_their_bias(rng):
+    """On correlated noise (ACsN) held-out gains of +0.04 to +0.11 dB, clear of their standard errors, came with
+    real changes of -0.09 to +0.18: the modes for such noise publish only above 0.2 dB; the others keep the
+    standard-error test alone."""
+    from memnet.finetune import publish_decision
+    from memnet.finetune_modes import get_mode
+
+    base = rng.uniform(1e-3, 4e-3, 16)
+
+    def errors(gain_db):
+        g = gain_db + 0.02 * rng.standard_normal(16)
+        return base, base * 10 ** (-g / 10)
+
+    assert get_mode("n2v-corr").min_gain_db == get_mode("structn2v").min_gain_db == 0.2
+    assert get_mode("nbr2nbr").min_gain_db < 0.01 and get_mode("n2v2").min_gain_db < 0.01
+    small = errors(0.106)  # ACsN in session 20: published +0.106 ± 0.021, real change -0.09 dB
+    assert publish_decision(*small).published
+    kept = publish_decision(*small, min_gain=0.2)
+    assert kept.gain - 2 * kept.se > 0 and not kept.published and kept.as_dict()["min_gain"] == 0.2
+    assert publish_decision(*errors(0.61), min_gain=0.2).published  # fmd_bpae_r: +0.610 ± 0.138, real +0.63
+    assert publish_decision(*small, min_gain=0.2, always=True).forced
+
+
 def test_a_clear_sub_image_gain_is_vetoed_by_a_clear_full_resolution_loss(rng):
     """As W2S 040_1 measured (sub-images +0.037 ± 0.007 dB, full-resolution check −0.026 ± 0.007, real change
     −0.10 dB): a clear gain of the sub-sampling criterion with a clear loss of the full-resolution check keeps the
@@ -552,8 +575,8 @@ def test_struct_blind_spot_hides_a_block_with_pixels_from_outside_it(rng):
 def test_auto_picks_structn2v_on_correlated_noise_and_it_improves_where_nbr2nbr_learns_the_noise(rng):
     """White noise blurred by a 3x3 kernel: the noise check finds the correlation and `auto` trains
     structured blind spots, which beat the starting model against the clean image (29.7 -> 34.1 dB when
-    written); nbr2nbr forced on the same data scores a gain on its own criterion while it learns the
-    noise and lowers the real PSNR (-> 27.8)."""
+    written, all the way; 29.9 -> 31.7 from the weights shipped 2026-12-07, published half way); nbr2nbr forced on
+    the same data scores a gain on its own criterion while it learns the noise and lowers the real PSNR (-> 27.8)."""
     from scipy.ndimage import convolve1d
 
     from memnet.metrics import psnr
@@ -575,7 +598,7 @@ def test_auto_picks_structn2v_on_correlated_noise_and_it_improves_where_nbr2nbr_
     assert any(line.startswith("auto: strongly correlated noise, so mode structn2v") for line in logs)
     forced = finetune(FinetuneConfig(name="n2n-forced", mode="nbr2nbr", noise_check=False, **cfg), noisy)
     base = real("microscopy")
-    assert real(str(auto)) > base + 2
+    assert real(str(auto)) > base + 1.5
     assert forced.decision.gain > 0 and real(str(forced)) < base - 1
 
 

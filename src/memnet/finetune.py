@@ -75,12 +75,13 @@ class Decision:
     check_se: float | None = None
     check: str | None = None
     check_z: float = CHECK_Z
+    min_gain: float = MIN_GAIN_DB  # the smallest gain that publishes (the mode's `min_gain_db`)
 
     @property
     def clear(self) -> bool:
-        """Whether the gain is clear of noise: above ``MIN_GAIN_DB`` and more than ``z`` standard errors above zero,
+        """Whether the gain is clear of noise: above ``min_gain`` and more than ``z`` standard errors above zero,
         and the full-resolution check (where there is one) not more than ``z`` standard errors below zero."""
-        return self.gain > MIN_GAIN_DB and self.gain - self.z * self.se > 0 and not self.check_failed
+        return self.gain > self.min_gain and self.gain - self.z * self.se > 0 and not self.check_failed
 
     @property
     def check_failed(self) -> bool:
@@ -100,15 +101,15 @@ class Decision:
 
 
 def publish_decision(base_mse, new_mse, *, z: float = Z_MARGIN, criterion: str = "", always: bool = False,
-                     check=None, check_name: str = "blindspot") -> Decision:
+                     check=None, check_name: str = "blindspot", min_gain: float = MIN_GAIN_DB) -> Decision:
     """Paired test over held-out crops: ``base_mse``/``new_mse`` are the starting model's and the candidate's
     errors on the same crops. Gain per crop = 10·log10(base/new) dB; publish when its mean exceeds ``z``
-    standard errors (and ``MIN_GAIN_DB``), or ``always``. ``check``: (base, new) errors of a second criterion
+    standard errors (and ``min_gain``), or ``always``. ``check``: (base, new) errors of a second criterion
     (``check_name``) that vetoes publication when its gain is more than ``CHECK_Z`` standard errors below zero."""
     g, se = _paired_gain(base_mse, new_mse)
     b, n = np.asarray(base_mse, np.float64), np.asarray(new_mse, np.float64)
     d = Decision(False, float(g.mean()), se, len(g), criterion, -10 * float(np.log10(max(b.mean(), 1e-12))),
-                 -10 * float(np.log10(max(n.mean(), 1e-12))), z)
+                 -10 * float(np.log10(max(n.mean(), 1e-12))), z, min_gain=float(min_gain))
     if check is not None:
         cg, d.check_se = _paired_gain(*check)
         d.check_gain, d.check = float(cg.mean()), check_name
@@ -664,7 +665,7 @@ def _publish(cfg, state: FitState, run, out_path: Path, info, baseline: float, l
     (b, bc), (n, nc) = base_errors, held_out.errors(final, dev)
     decision = publish_decision(b, n, z=cfg.z, criterion=mode.decide_by or mode.criterion,
                                 always=cfg.publish == "always", check=None if bc is None else (bc, nc),
-                                check_name=mode.check)
+                                check_name=mode.check, min_gain=mode.min_gain_db)
     fm = dict(final_info.metadata)
     best = float(fm.get("metrics", {}).get("val_psnr", state.best))
     fm["finetune"] = {**fm["finetune"], "steps_run": state.step, "ended": state.ended,
@@ -680,13 +681,17 @@ def _publish(cfg, state: FitState, run, out_path: Path, info, baseline: float, l
     if decision.check_gain is not None:
         figures += f"; {where} {decision.check_gain:+.3f} ± {decision.check_se:.3f} dB ({decision.check} check)"
     if not decision.published:
-        why = (f"below zero {where}" if decision.check_failed and decision.gain > MIN_GAIN_DB
-               and decision.gain - decision.z * decision.se > 0 else "not clearly above zero")
+        clear = decision.gain - decision.z * decision.se > 0
+        small = decision.min_gain > MIN_GAIN_DB and clear and decision.gain <= decision.min_gain
+        why = (f"below zero {where}" if decision.check_failed and decision.gain > decision.min_gain and clear
+               else f"under {decision.min_gain:g} dB, which held-out scores on correlated noise can be off by"
+               if small else "not clearly above zero")
         veto = "" if decision.check is None else \
             f", and the check {where} not more than {decision.check_z:g} standard error below zero"
+        least = f" and above {decision.min_gain:g} dB" if decision.min_gain > MIN_GAIN_DB else ""
         msg = (f"not published: kept the starting model {info.name}: {figures}: {why} (publishing needs the gain "
-               f"above {decision.z:g} standard errors{veto}). Try another mode, more data or time, or publish "
-               "anyway (--publish always)")
+               f"above {decision.z:g} standard errors{least}{veto}). Try another mode, more data or time, or "
+               "publish anyway (--publish always)")
         log(msg)
         raise NotImproved(msg, decision)
     save_model(final, out_path, name=cfg.name, task=info.task, metadata=fm)
