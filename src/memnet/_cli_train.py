@@ -173,8 +173,8 @@ def register(sub) -> None:
     p.add_argument("--noise", choices=NOISE_MODELS, default=d("noise"),
                    help="microscopy: synthetic noise on the clean images. poisson_gaussian = the narrow model "
                    "(4-400 photons); camera = wide-range fluorescence cameras (1-1000 photons, background, read "
-                   "noise, quantisation, sCMOS pixel variation, blur, gamma, 8-bit renderings) for a generalist "
-                   "model [poisson_gaussian]")
+                   "noise, quantisation, sCMOS pixel variation, blur, gamma, 8-bit renderings, some saturating "
+                   "up to 40 %% of the pixels) for a generalist model [poisson_gaussian]")
     p.add_argument("--init", help="start from these weights (name or .safetensors)")
     p.add_argument("--name", help="model name written into the metadata")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors + OUT/state.pt")
