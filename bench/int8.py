@@ -35,12 +35,12 @@ def cpu_flags() -> str:
 
 def stack(planes: int, size: int) -> np.ndarray:
     """Noisy fluorescence-like planes in the normalised frame (a float input is taken as normalised)."""
-    from memnet.degrade import camera_noise
+    from memnet.degrade import CAMERA_MIX_BEFORE_HEAVY_CLIP, camera_noise
     from memnet.synthstack import simulate_stack
 
     rng = np.random.default_rng(5)
     clean = simulate_stack(rng, planes=max(planes, 4), size=size).clean[:planes]
-    return camera_noise(clean, rng, {"clip_heavy": 0.0})[0].astype(np.float32)  # the set its figures were measured on
+    return camera_noise(clean, rng, CAMERA_MIX_BEFORE_HEAVY_CLIP)[0].astype(np.float32)  # as its figures were measured
 
 
 def main() -> None:

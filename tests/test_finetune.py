@@ -468,6 +468,7 @@ def test_modes_for_correlated_noise_publish_only_gains_above_their_bias(rng):
     assert publish_decision(*small).published
     kept = publish_decision(*small, min_gain=0.2)
     assert kept.gain - 2 * kept.se > 0 and not kept.published and kept.as_dict()["min_gain"] == 0.2
+    assert kept.under_floor and kept.summary().endswith("under this mode's 0.2 dB minimum")
     assert publish_decision(*errors(0.61), min_gain=0.2).published  # fmd_bpae_r: +0.610 ± 0.138, real +0.63
     assert publish_decision(*small, min_gain=0.2, always=True).forced
 
@@ -519,6 +520,7 @@ def test_n2v_corr_decides_on_blind_spots_with_pixels_3_apart_as_the_veto(base_mo
     assert "(pixels 3 apart " in d.summary()
     meta = memnet.load_model("corr")[1].metadata["finetune"]
     assert meta["lr"] == pytest.approx(1e-4) and meta["decision"]["check"] == "strided"
+    assert d.min_gain == meta["decision"]["min_gain"] == 0.2  # the mode's floor reaches the decision
     finetune(cfg.replace(name="corr2", lr=3e-5), x, log=lambda s: None)
     assert memnet.load_model("corr2")[1].metadata["finetune"]["lr"] == pytest.approx(3e-5)  # a given lr wins
 

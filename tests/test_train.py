@@ -557,6 +557,13 @@ def test_camera_noise_stays_bounded_on_dark_content():
             noisy, target = camera_noise(clean, np.random.default_rng(seed), {**dark, **clip})
             worst = max(worst, float(np.abs(noisy).max()), float(np.abs(target).max()))
     assert worst <= 2.0
+    # One bright pixel on a black, noise-free background: percentiles 0 and 0 whatever is drawn, so the crop is
+    # scaled by its full range (it came out at ~1e9 before).
+    bright = {"photons_at_1": [1000.0, 1000.0], "background": [0.0, 0.0], "read_noise_e": [0.01, 0.01],
+              "pixel_offset_adu": [0.0, 0.0], "pixel_gain_cv": [0.0, 0.0], "clip_8bit": 0.0, "gamma": [1.0, 1.0],
+              "blur_sigma_px": [0.0, 0.0]}
+    noisy, target = camera_noise(clean, np.random.default_rng(1), bright)
+    assert noisy.max() == pytest.approx(1.0) and noisy.min() == 0 and 0.5 < target.max() <= 1.5
     no_light = {**dark, "background": [0.0, 0.0], "read_noise_e": [0.01, 0.01], "pixel_offset_adu": [0.0, 0.0]}
     noisy, target = camera_noise(np.zeros((32, 32)), np.random.default_rng(0), no_light)
     assert not noisy.any() and not target.any()

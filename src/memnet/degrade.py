@@ -17,6 +17,7 @@ __all__ = [
     "bicubic_degrade",
     "jpeg_degrade",
     "camera_noise",
+    "CAMERA_MIX_BEFORE_HEAVY_CLIP",
     "CAMERA_RANGES",
     "camera_ranges",
 ]
@@ -82,6 +83,11 @@ CAMERA_RANGES = {
     "correlated_sigma_px": [0.4, 1.0],
     "scan_tau_px": [0.5, 2.0],
 }
+
+
+# The mix before the heavy display ranges (session 20): the context model was trained and selected on it, and int8
+# calibration and its bench draw from it, so their random draws stay the ones they were measured with.
+CAMERA_MIX_BEFORE_HEAVY_CLIP = {"clip_8bit": 0.3, "clip_heavy": 0.0}
 
 
 def camera_ranges(noise: str) -> dict:

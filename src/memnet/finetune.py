@@ -40,7 +40,7 @@ from .normalize import Intensity
 from .outputs import check_output_path
 from .runtime import Cancelled, resolve_device
 from .sources import input_format, is_zarr_path, open_input
-from .train_options import Z_MARGIN
+from .train_options import MIN_GAIN_DB, Z_MARGIN
 from .trainset import PatchSampler, list_files
 from .zoo import check_user_model_name, load_model, save_model, user_model_dir
 
@@ -48,7 +48,6 @@ __all__ = ["FinetuneConfig", "FinetuneProgress", "FinetuneResult", "Decision", "
            "interpolate_weights", "MODES", "fit_noise_model", "NotImproved", "NoiseCorrelated", "sample_planes",
            "split_held_out"]
 
-MIN_GAIN_DB = 1e-3
 # The check vetoes when its gain is more than one standard error below zero (two let W2S 040_1 publish a
 # -0.09 dB model with a check of -0.030 ± 0.017; one kept all six 3D-RCAN gains, session 15).
 CHECK_Z = 1.0
@@ -84,6 +83,11 @@ class Decision:
         return self.gain > self.min_gain and self.gain - self.z * self.se > 0 and not self.check_failed
 
     @property
+    def under_floor(self) -> bool:
+        """Whether a gain clear of its standard error is kept only for being under the mode's ``min_gain``."""
+        return self.min_gain > MIN_GAIN_DB and self.gain - self.z * self.se > 0 and self.gain <= self.min_gain
+
+    @property
     def check_failed(self) -> bool:
         """Whether the check says the candidate is worse: more than ``check_z`` standard errors below zero."""
         return self.check_gain is not None and self.check_gain + self.check_z * self.check_se < 0
@@ -93,7 +97,8 @@ class Decision:
         what = "published" if self.published else "kept the starting model"
         label = {"blindspot": "full resolution", "strided": "pixels 3 apart"}.get(self.check, self.check)
         check = "" if self.check_gain is None else f" ({label} {self.check_gain:+.3f} ± {self.check_se:.3f})"
-        return f"{what}: gain {self.gain:+.3f} ± {self.se:.3f} dB{check}"
+        floor = f"; under this mode's {self.min_gain:g} dB minimum" if self.under_floor and not self.published else ""
+        return f"{what}: gain {self.gain:+.3f} ± {self.se:.3f} dB{check}{floor}"
 
     def as_dict(self) -> dict:
         """The decision as plain JSON-ready values (floats rounded), for the model's metadata and reports."""
@@ -682,10 +687,11 @@ def _publish(cfg, state: FitState, run, out_path: Path, info, baseline: float, l
         figures += f"; {where} {decision.check_gain:+.3f} ± {decision.check_se:.3f} dB ({decision.check} check)"
     if not decision.published:
         clear = decision.gain - decision.z * decision.se > 0
-        small = decision.min_gain > MIN_GAIN_DB and clear and decision.gain <= decision.min_gain
-        why = (f"below zero {where}" if decision.check_failed and decision.gain > decision.min_gain and clear
-               else f"under {decision.min_gain:g} dB, which held-out scores on correlated noise can be off by"
-               if small else "not clearly above zero")
+        reasons = [f"below zero {where}"] if decision.check_failed and clear else []
+        if decision.under_floor:
+            reasons.append(f"under the {decision.min_gain:g} dB this mode needs (on correlated noise a held-out "
+                           "score can be off by that much)")
+        why = " and ".join(reasons) or "not clearly above zero"
         veto = "" if decision.check is None else \
             f", and the check {where} not more than {decision.check_z:g} standard error below zero"
         least = f" and above {decision.min_gain:g} dB" if decision.min_gain > MIN_GAIN_DB else ""

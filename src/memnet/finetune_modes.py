@@ -19,7 +19,7 @@ import numpy as np
 
 from .options import check_amp, check_bool
 from .runtime import deferred_module
-from .train_options import DEFAULT_MINUTES, Z_MARGIN, choice, int_at_least
+from .train_options import DEFAULT_MINUTES, MIN_GAIN_DB, Z_MARGIN, choice, int_at_least
 
 # torch loads on first use: `memnet --help` lists the modes (and their help) without it.
 torch = deferred_module("torch")
@@ -89,7 +89,7 @@ class Mode:
     interpolate = 0.5
     # The smallest held-out gain (dB) that publishes, besides the standard-error test: a held-out score carries
     # the bias of its criterion, which is ~0 where the noise is independent between pixels.
-    min_gain_db = 1e-3
+    min_gain_db = MIN_GAIN_DB
 
     @property
     def check(self) -> str | None:
@@ -239,7 +239,7 @@ class StructN2V(N2V):
     fraction = 0.003  # masked centres per pixel; each hides a (2r+1)^2 block
     extent = 1  # r: the correlation length in pixels (set from the noise check)
     criterion = "strided"
-    min_gain_db = 0.2  # correlated noise, as n2v-corr
+    min_gain_db = 0.2  # carried over from n2v-corr (measured there, on ACsN), untested for structn2v itself
 
     def batch(self, x, y, rng, ctx):
         xi, mask = struct_blind_spot(x, self.extent, self.fraction, rng)

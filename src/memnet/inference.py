@@ -232,15 +232,16 @@ def calibration_inputs(config: MemNetConfig, count: int = 32, size: int = 128, s
     fluorescence (`synthstack.simulate_stack`) through a random camera (`degrade.camera_noise`), normalised as
     restore normalises a microscopy input. Made here, from a fixed seed: nothing downloads, every user gets the
     same quantized model."""
-    from .degrade import camera_noise
+    from .degrade import CAMERA_MIX_BEFORE_HEAVY_CLIP, camera_noise
     from .synthstack import simulate_stack
 
     rng = np.random.default_rng(seed)
     planes = config.planes
     out: list[np.ndarray] = []
     while len(out) < count:
-        # one camera; without the heavy 8-bit display ranges: the calibration set stays the one int8 was measured on
-        noisy, _ = camera_noise(simulate_stack(rng, planes=max(4, planes), size=size).clean, rng, {"clip_heavy": 0.0})
+        # one camera, from the mix int8 was measured with (the calibration set stays the same)
+        noisy, _ = camera_noise(simulate_stack(rng, planes=max(4, planes), size=size).clean, rng,
+                                CAMERA_MIX_BEFORE_HEAVY_CLIP)
         for i in range(0, len(noisy) - planes + 1, planes):
             # plane-major channels, as FoldedMemNet.forward reads them
             out.append(np.repeat(noisy[i: i + planes], config.in_channels, axis=0).astype(np.float32))

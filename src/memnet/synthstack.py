@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .degrade import camera_noise
+from .degrade import CAMERA_MIX_BEFORE_HEAVY_CLIP, camera_noise
 from .tiling import mirror_index
 
 __all__ = ["FWHM", "KINDS", "SynthStack", "bio_sample_stacks", "context_crop", "noisy_stack", "simulate_stack"]
@@ -185,8 +185,9 @@ def bio_sample_stacks(wheel: str | Path, part: str = "train") -> list[SynthStack
 def noisy_stack(clean: np.ndarray, rng: np.random.Generator, ranges: dict | None = None) -> tuple[np.ndarray,
                                                                                                   np.ndarray]:
     """One camera acquisition of a whole clean stack (`degrade.camera_noise`, one camera for every plane):
-    ``(noisy, target)`` in the frame `memnet restore` maps a microscopy stack to."""
-    return camera_noise(clean, rng, ranges)
+    ``(noisy, target)`` in the frame `memnet restore` maps a microscopy stack to. The mix is the one the context
+    model was trained and selected with (`CAMERA_MIX_BEFORE_HEAVY_CLIP`) unless ``ranges`` says otherwise."""
+    return camera_noise(clean, rng, {**CAMERA_MIX_BEFORE_HEAVY_CLIP, **(ranges or {})})
 
 
 def context_crop(stack: np.ndarray, rng: np.random.Generator, context: int, patch: int,

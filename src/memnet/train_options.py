@@ -28,6 +28,7 @@ SAMPLERS = ("auto", "numpy", "device")  # where batches are made; auto: on the d
 DEFAULT_ARCH = "M4R4C32"  # CPU-sized: see training/README.md
 DEFAULT_MINUTES = 5.0  # a fine-tune's CPU default: a few hundred steps of an M4R4C32 on 2 cores
 Z_MARGIN = 2.0  # publish a fine-tune when mean gain - Z_MARGIN * its standard error > 0 (~97.5 % one-sided)
+MIN_GAIN_DB = 1e-3  # and the gain above this (a mode for correlated noise sets a higher floor: Mode.min_gain_db)
 
 
 def default(cls, name: str):
