@@ -577,8 +577,9 @@ def test_struct_blind_spot_hides_a_block_with_pixels_from_outside_it(rng):
 def test_auto_picks_structn2v_on_correlated_noise_and_it_improves_where_nbr2nbr_learns_the_noise(rng):
     """White noise blurred by a 3x3 kernel: the noise check finds the correlation and `auto` trains
     structured blind spots, which beat the starting model against the clean image (29.7 -> 34.1 dB when
-    written, all the way; 29.9 -> 31.7 from the weights shipped 2026-12-07, published half way); nbr2nbr forced on
-    the same data scores a gain on its own criterion while it learns the noise and lowers the real PSNR (-> 27.8)."""
+    written); nbr2nbr forced on the same data scores a gain on its own criterion while it learns the
+    noise and lowers the real PSNR (-> 27.8). The fine-tuned weights are published all the way (interpolate 1): the
+    test is about what each mode learns, not the half-way publishing."""
     from scipy.ndimage import convolve1d
 
     from memnet.metrics import psnr
@@ -593,14 +594,15 @@ def test_auto_picks_structn2v_on_correlated_noise_and_it_improves_where_nbr2nbr_
     def real(model):
         return np.mean([psnr(o, c, peak=255) for o, c in zip(memnet.restore(noisy, model), clean)])
 
-    cfg = dict(steps=60, minutes=None, val_every=20, lr=1e-4, patch=24, batch_size=8, device="cpu", publish="always")
+    cfg = dict(steps=60, minutes=None, val_every=20, lr=1e-4, patch=24, batch_size=8, device="cpu", publish="always",
+               interpolate=1.0)
     logs = []
     auto = finetune(FinetuneConfig(name="auto", **cfg), noisy, log=logs.append)
     assert memnet.load_model(auto)[1].metadata["finetune"]["mode"] == "structn2v"
     assert any(line.startswith("auto: strongly correlated noise, so mode structn2v") for line in logs)
     forced = finetune(FinetuneConfig(name="n2n-forced", mode="nbr2nbr", noise_check=False, **cfg), noisy)
     base = real("microscopy")
-    assert real(str(auto)) > base + 1.5
+    assert real(str(auto)) > base + 2
     assert forced.decision.gain > 0 and real(str(forced)) < base - 1
 
 
