@@ -1,0 +1,147 @@
+# Session 21 experiment (issue #35), kept for the record: paths are this machine's (/work/...).
+# Run: two processes, `python trajectory_average.py 0 2` and `... 1 2`, each pinned to one core
+# (taskset -c N, OMP_NUM_THREADS=1). Options (environment): EXP_OUT (folder of per-image JSON), EXP_ONLY (image
+# names, comma-separated), EXP_CLIP=lo,hi (re-render the noisy image to 8 bits at those percentiles), EXP_MODE=paired
+# (the clean image as the target: the oracle), EXP_GAMMA (nbr2nbr's consistency weight), EXP_MINUTES.
+"""#35: is an average of the fine-tune's trajectory a better thing to publish than the best checkpoint half way?
+
+Fine-tune (auto, publish always, 3 min, fp32, one thread) and keep, besides the run's own best checkpoint,
+exponential moving averages of the weights (EMA, started at the starting weights), the uniform average of every
+iterate and the average over the second half (every 10th step). Then score each candidate against the clean image
+(real change, dB) and with the run's publish decision."""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+
+os.environ.setdefault("MEMNET_MODEL_DIR", f"/work/exp38/models{sys.argv[1]}")
+import memnet
+import memnet.finetune as ft
+from memnet.evaluate import ood_pairs, percentile_normalize, predictor, w2s_pairs
+from memnet.metrics import affine_fit, psnr
+
+torch.set_num_threads(1)
+OUT = Path(os.environ.get("EXP_OUT", "/work/exp38/traj"))
+OUT.mkdir(parents=True, exist_ok=True)
+ROOT = Path("/work/shared/data")
+DECAYS = (0.98, 0.99, 0.995)
+W2S = w2s_pairs(ROOT / "W2S_train_8bit", range(31, 41), [1])
+rows = [("W2S_" + n.stem.replace("input_avg1_", ""), n, c) for n, c in W2S]
+rows += [(n.stem, n, c) for n, c in ood_pairs(ROOT / "microscopy_ood")]
+only = os.environ.get("EXP_ONLY")
+if os.environ.get("EXP_GAMMA"):  # the weight of nbr2nbr's consistency term (the mode's default otherwise)
+    import memnet.finetune_modes as fm
+
+    fm.MODES["nbr2nbr"].gamma = float(os.environ["EXP_GAMMA"])
+MODE = os.environ.get("EXP_MODE", "auto")  # "paired": the clean image as the target, an oracle for the same recipe
+CLIP = [float(v) for v in os.environ["EXP_CLIP"].split(",")] if os.environ.get("EXP_CLIP") else None
+if only:
+    rows = [r for r in rows if r[0] in only.split(",")]
+part, nparts = int(sys.argv[1]), int(sys.argv[2])
+CUR = {}
+orig_fit, orig_publish = ft.fit, ft._publish
+
+
+def tracked_fit(state, *, train_step, checkpoint, **kw):
+    model = CUR["model"]
+    params = [p for p in model.state_dict().values() if p.is_floating_point()]
+    start = [p.detach().clone() for p in params]
+    ema = {d: [p.clone() for p in start] for d in DECAYS}
+    total = [torch.zeros_like(p) for p in params]
+    tail = []  # iterates from the second half are summed once the step count is known: keep snapshots per 10 steps
+    snaps = []
+
+    def step(i):
+        loss = train_step(i)
+        with torch.no_grad():
+            for d, e in ema.items():
+                torch._foreach_mul_(e, d)
+                torch._foreach_add_(e, params, alpha=1 - d)
+            torch._foreach_add_(total, params)
+        if (i + 1) % 10 == 0:
+            tail.append([p.detach().clone() for p in params])
+        return loss
+
+    def ckpt(st, improved):
+        snaps.append([p.detach().clone() for p in params])
+        return checkpoint(st, improved)
+
+    out = orig_fit(state, train_step=step, checkpoint=ckpt, **kw)
+    n = max(state.step, 1)
+    CUR["avg"] = {"start": start, "last": [p.detach().clone() for p in params],
+                  **{f"ema{d}": e for d, e in ema.items()}, "uniform": [t / n for t in total],
+                  "tail_half": [sum(s[j] for s in tail[len(tail) // 2:]) / max(len(tail) - len(tail) // 2, 1)
+                                for j in range(len(params))] if tail else None,
+                  "snapshots": [sum(s[j] for s in snaps) / len(snaps) for j in range(len(params))] if snaps else None}
+    CUR["steps"] = state.step
+    return out
+
+
+def publish(cfg, state, run, out_path, info, baseline, log, held_out, base_errors, dev):
+    base, _ = memnet.load_model("microscopy")
+    base.eval()
+    x, cl = CUR["x"], CUR["c"]
+    xn = percentile_normalize(x)
+    p0 = psnr(affine_fit(predictor(base)(xn), cl), cl)
+    best, _ = memnet.load_model(run.best)
+    keys = [k for k, v in best.state_dict().items() if v.is_floating_point()]
+    cands = {"best": [best.state_dict()[k].clone() for k in keys]}
+    cands.update({k: v for k, v in CUR["avg"].items() if v is not None and k != "start"})
+    start = CUR["avg"]["start"]
+    res = {"image": CUR["name"], "mode": held_out.mode.name, "steps": CUR["steps"], "base_psnr": p0, "cands": {}}
+    (b, bc) = base_errors
+    plan = {"best": (0.5, 1.0), "last": (0.5, 1.0), "ema0.98": (1.0,), "ema0.99": (1.0,), "uniform": (1.0, 0.5),
+            "tail_half": (1.0, 0.5)}
+    for name, w in cands.items():
+        for a in plan.get(name, ()):
+            m, _ = memnet.load_model("microscopy")
+            m.eval()
+            sd = m.state_dict()
+            with torch.no_grad():
+                for k, s, v in zip(keys, start, w):
+                    sd[k].copy_(s + a * (v - s))
+            n, nc = held_out.errors(m, dev)
+            d = ft.publish_decision(b, n, z=cfg.z, criterion=held_out.mode.decide_by or held_out.mode.criterion,
+                                    check=None if bc is None else (bc, nc), check_name=held_out.mode.check,
+                                    min_gain=held_out.mode.min_gain_db)
+            real = psnr(affine_fit(predictor(m)(xn), cl), cl) - p0
+            res["cands"][f"{name}@{a:g}"] = {"real": real, "decision": d.as_dict()}
+            print(CUR["name"], f"{name}@{a:g}", f"real {real:+.3f}", d.summary(), flush=True)
+    (OUT / f"{CUR['name']}.json").write_text(json.dumps(res, indent=1))
+    return orig_publish(cfg, state, run, out_path, info, baseline, log, held_out, base_errors, dev)
+
+
+orig_start = ft._starting_model
+
+
+def starting(cfg, dev):
+    model, info = orig_start(cfg, dev)
+    CUR.setdefault("model", model)
+    return model, info
+
+
+ft.fit, ft._publish, ft._starting_model = tracked_fit, publish, starting
+for i, (name, n, c) in enumerate(rows):
+    if i % nparts != part or (OUT / f"{name}.json").exists():
+        continue
+    CUR.clear()
+    CUR.update(name=name, x=tifffile.imread(n).astype(np.float64), c=tifffile.imread(c).astype(np.float64))
+    if CLIP:  # the same noisy image re-rendered to 8 bits with a display range that clips it; the reference unchanged
+        lo, hi = np.percentile(CUR["x"], CLIP)
+        CUR["x"] = np.round(np.clip((CUR["x"] - lo) / (hi - lo) * 255, 0, 255))
+    cfg = ft.FinetuneConfig(model="microscopy", mode=MODE, name=f"exp-{name}", device="cpu",
+                            minutes=float(os.environ.get("EXP_MINUTES", 3)),
+                            overwrite=True, publish="always")
+    t0 = time.time()
+    try:
+        ft.finetune(cfg, CUR["x"].astype(np.float32), target=CUR["c"].astype(np.float32) if MODE == "paired" else None,
+                    log=lambda s: None)
+    except ft.NotImproved as e:
+        print(name, "not improved", e, flush=True)
+    print(name, "done", round(time.time() - t0), flush=True)
