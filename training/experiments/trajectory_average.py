@@ -2,7 +2,8 @@
 # Run: two processes, `python trajectory_average.py 0 2` and `... 1 2`, each pinned to one core
 # (taskset -c N, OMP_NUM_THREADS=1). Options (environment): EXP_OUT (folder of per-image JSON), EXP_ONLY (image
 # names, comma-separated), EXP_CLIP=lo,hi (re-render the noisy image to 8 bits at those percentiles), EXP_MODE=paired
-# (the clean image as the target: the oracle), EXP_GAMMA (nbr2nbr's consistency weight), EXP_MINUTES.
+# (the clean image as the target: the oracle), EXP_GAMMA (nbr2nbr's consistency weight;
+# with EXP_SKIP_FULL=1 and 0, its full-resolution forward is not run), EXP_MINUTES.
 """#35: is an average of the fine-tune's trajectory a better thing to publish than the best checkpoint half way?
 
 Fine-tune (auto, publish always, 3 min, fp32, one thread) and keep, besides the run's own best checkpoint,
@@ -39,6 +40,15 @@ if os.environ.get("EXP_GAMMA"):  # the weight of nbr2nbr's consistency term (the
     import memnet.finetune_modes as fm
 
     fm.MODES["nbr2nbr"].gamma = float(os.environ["EXP_GAMMA"])
+    if fm.MODES["nbr2nbr"].gamma == 0 and os.environ.get("EXP_SKIP_FULL"):  # no consistency term: skip its forward
+
+        def plain_loss(self, model, mp, x, y, extra):
+            from memnet.fitloop import multi_supervised_loss
+
+            final, branches = mp.forward(model, x)
+            return multi_supervised_loss(final, branches, y)
+
+        fm.Nbr2Nbr.loss = plain_loss
 MODE = os.environ.get("EXP_MODE", "auto")  # "paired": the clean image as the target, an oracle for the same recipe
 CLIP = [float(v) for v in os.environ["EXP_CLIP"].split(",")] if os.environ.get("EXP_CLIP") else None
 if only:
