@@ -4,6 +4,10 @@
 # names, comma-separated), EXP_CLIP=lo,hi (re-render the noisy image to 8 bits at those percentiles), EXP_MODE=paired
 # (the clean image as the target: the oracle), EXP_GAMMA (nbr2nbr's consistency weight;
 # with EXP_SKIP_FULL=1 and 0, its full-resolution forward is not run), EXP_MINUTES.
+# Session 22: EXP_MODE=r2r (a full-resolution objective; EXP_R2R_ALPHA), EXP_PATIENCE (the run's patience; "none":
+# never stop early), EXP_PLAN=short (score only the best checkpoint half way and the averages), EXP_CURVE=1 (also
+# the real change at every validation, half way). Every validation's best-so-far checkpoint is scored half way (real
+# change and publish decision), so that any smaller patience can be replayed from one run that never stops early.
 """#35: is an average of the fine-tune's trajectory a better thing to publish than the best checkpoint half way?
 
 Fine-tune (auto, publish always, 3 min, fp32, one thread) and keep, besides the run's own best checkpoint,
@@ -49,6 +53,31 @@ if os.environ.get("EXP_GAMMA"):  # the weight of nbr2nbr's consistency term (the
             return multi_supervised_loss(final, branches, y)
 
         fm.Nbr2Nbr.loss = plain_loss
+PATIENCE = {"": None, "none": 10**9}.get(os.environ.get("EXP_PATIENCE", ""))
+PATIENCE = PATIENCE or (int(os.environ["EXP_PATIENCE"]) if os.environ.get("EXP_PATIENCE") else None)
+if os.environ.get("EXP_MODE") == "r2r":  # session 22: a full-resolution objective (Recorrupted-to-Recorrupted)
+    import memnet.finetune_modes as fm
+
+    @fm.register
+    class R2R(fm.Mode):
+        """Pang et al., CVPR 2021: input y + a·z, target y − z/a, z drawn from the Poisson-Gaussian noise model
+        fitted against the starting model's output; unbiased for the clean-image error at full resolution (of a
+        model that sees (1 + a²) times the noise variance)."""
+
+        name = "r2r"
+        pixel_independent = True
+        alpha = float(os.environ.get("EXP_R2R_ALPHA", 0.5))
+
+        def items(self, planes, others, ctx):
+            pred = ctx.predictions(planes)
+            ctx.noise_model = fm.fit_noise_model(np.concatenate([p.ravel() for p in planes]),
+                                                 np.concatenate([q.ravel() for q in pred]))
+            return list(zip(planes, pred))
+
+        def batch(self, x, y, rng, ctx):
+            a, b = ctx.noise_model
+            z = torch.from_numpy(rng.standard_normal(x.shape).astype(np.float32)) * torch.sqrt(a * y.clamp(min=0) + b)
+            return x + self.alpha * z, x - z / self.alpha, None
 MODE = os.environ.get("EXP_MODE", "auto")  # "paired": the clean image as the target, an oracle for the same recipe
 CLIP = [float(v) for v in os.environ["EXP_CLIP"].split(",")] if os.environ.get("EXP_CLIP") else None
 if only:
@@ -80,6 +109,10 @@ def tracked_fit(state, *, train_step, checkpoint, **kw):
 
     def ckpt(st, improved):
         snaps.append([p.detach().clone() for p in params])
+        if improved:
+            CUR.setdefault("bests", []).append(snaps[-1])
+        CUR.setdefault("vals", []).append({"step": st.step, "score": st.history[-1]["score"], "improved": improved,
+                                           "best": len(CUR.get("bests", [])) - 1})
         return checkpoint(st, improved)
 
     out = orig_fit(state, train_step=step, checkpoint=ckpt, **kw)
@@ -89,7 +122,7 @@ def tracked_fit(state, *, train_step, checkpoint, **kw):
                   "tail_half": [sum(s[j] for s in tail[len(tail) // 2:]) / max(len(tail) - len(tail) // 2, 1)
                                 for j in range(len(params))] if tail else None,
                   "snapshots": [sum(s[j] for s in snaps) / len(snaps) for j in range(len(params))] if snaps else None}
-    CUR["steps"] = state.step
+    CUR["steps"], CUR["snaps"] = state.step, snaps
     return out
 
 
@@ -108,6 +141,22 @@ def publish(cfg, state, run, out_path, info, baseline, log, held_out, base_error
     (b, bc) = base_errors
     plan = {"best": (0.5, 1.0), "last": (0.5, 1.0), "ema0.98": (1.0,), "ema0.99": (1.0,), "uniform": (1.0, 0.5),
             "tail_half": (1.0, 0.5)}
+    if os.environ.get("EXP_PLAN") == "short":
+        plan = {"best": (0.5,), "uniform": (1.0, 0.5), "tail_half": (0.5,)}
+    if "vals" in CUR:  # each validation's best so far, half way: what a run stopped there would publish
+        res["vals"] = CUR["vals"]
+        if os.environ.get("EXP_CURVE"):  # and the real change of every validation's weights, half way (an oracle)
+            for v, w in zip(res["vals"], CUR["snaps"]):
+                m, _ = memnet.load_model("microscopy")
+                m.eval()
+                sd = m.state_dict()
+                with torch.no_grad():
+                    for k, s0, x1 in zip(keys, start, w):
+                        sd[k].copy_(s0 + 0.5 * (x1 - s0))
+                v["real@0.5"] = psnr(affine_fit(predictor(m)(xn), cl), cl) - p0
+        for j, w in enumerate(CUR.get("bests", [])[:-1]):  # the last is "best"
+            cands[f"best{j}"] = w
+            plan[f"best{j}"] = (0.5,)
     for name, w in cands.items():
         for a in plan.get(name, ()):
             m, _ = memnet.load_model("microscopy")
@@ -146,8 +195,8 @@ for i, (name, n, c) in enumerate(rows):
         lo, hi = np.percentile(CUR["x"], CLIP)
         CUR["x"] = np.round(np.clip((CUR["x"] - lo) / (hi - lo) * 255, 0, 255))
     cfg = ft.FinetuneConfig(model="microscopy", mode=MODE, name=f"exp-{name}", device="cpu",
-                            minutes=float(os.environ.get("EXP_MINUTES", 3)),
-                            overwrite=True, publish="always")
+                            minutes=float(os.environ.get("EXP_MINUTES", 3)), overwrite=True, publish="always",
+                            **({"patience": PATIENCE} if PATIENCE else {}))
     t0 = time.time()
     try:
         ft.finetune(cfg, CUR["x"].astype(np.float32), target=CUR["c"].astype(np.float32) if MODE == "paired" else None,
