@@ -664,7 +664,8 @@ def test_what_is_judged_and_published_is_the_interpolated_model(base_model, rng,
 
     clean = _scene(rng, (6, 64, 64))
     cfg = FinetuneConfig(model=base_model, mode=mode, name="lab-i", steps=30, patch=16, batch_size=8, lr=3e-3,
-                         val_every=10, patience=100, device="cpu", minutes=None, publish="always", interpolate=alpha)
+                         val_every=10, patience=100, device="cpu", minutes=None, publish="always", interpolate=alpha,
+                         weights="best")
     logs = []
     res = finetune(cfg, _noisy(clean, rng, photons=10), target=clean if mode == "paired" else None, log=logs.append)
     pub, info = memnet.load_model(res)
@@ -682,6 +683,85 @@ def test_what_is_judged_and_published_is_the_interpolated_model(base_model, rng,
     assert (f"{want:g} of the way from base-micro's weights" in said) == (want < 1)
     # The decision scored the published weights: the last model the held-out crops judged.
     assert res.decision.published and all(torch.equal(v, judged[-1][k]) for k, v in pub.state_dict().items())
+
+
+def test_tail_average_is_the_running_mean_of_the_floating_point_weights():
+    import torch
+
+    from memnet.finetune import TailAverage
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    seen, avg = [], TailAverage()
+    for step in (10, 20, 30):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.normal_()
+        net.train()(torch.randn(2, 1, 8, 8))  # moves the BN statistics and its integer step count
+        seen.append({k: v.clone() for k, v in net.state_dict().items()})
+        avg.add(net, step)
+    assert (avg.count, avg.first, avg.last) == (3, 10, 30)
+    out = avg.load_into(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)))
+    for k, v in out.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, sum(s[k] for s in seen) / 3, atol=1e-6), k
+        else:
+            assert v.item() == 0, k  # integer buffers are not averaged: the model's own stay
+
+
+@pytest.mark.parametrize("mode, weights, want", [("nbr2nbr", None, "average"), ("nbr2nbr", "best", "best"),
+                                                 ("paired", None, "best"), ("paired", "average", "average")])
+def test_self_supervised_modes_publish_the_average_of_the_second_half(base_model, rng, mode, weights, want,
+                                                                      monkeypatch):
+    """By default a self-supervised mode publishes half way to the mean of the iterates of the run's second half
+    (every AVERAGE_EVERY steps), not to the checkpoint its noisy held-out score chose; paired keeps its best."""
+    import torch
+
+    import memnet.finetune as ft
+
+    iterates = []
+    add = ft.TailAverage.add
+
+    def spy(self, model, step):
+        iterates.append((step, {k: v.clone() for k, v in model.state_dict().items()}))
+        return add(self, model, step)
+
+    monkeypatch.setattr(ft.TailAverage, "add", spy)
+    clean = _scene(rng, (6, 64, 64))
+    cfg = FinetuneConfig(model=base_model, mode=mode, name="lab-avg", steps=40, patch=16, batch_size=4, lr=3e-3,
+                         val_every=10, device="cpu", minutes=None, publish="always", weights=weights)
+    logs = []
+    res = finetune(cfg, _noisy(clean, rng, photons=10), target=clean if mode == "paired" else None, log=logs.append)
+    pub, info = memnet.load_model(res)
+    start, _ = memnet.load_model(base_model)
+    best, _ = memnet.load_model(memnet.zoo.user_model_dir() / ".runs" / "lab-avg" / "best.safetensors")
+    alpha = info.metadata["finetune"]["interpolate"]
+    said = next(ln for ln in logs if ln.startswith("published"))
+    if want == "average":
+        assert [s for s, _ in iterates] == [20, 30, 40]  # the second half of 40 steps, every 10
+        assert info.metadata["finetune"]["weights"] == {"from": "average", "iterates": 3, "steps": [20, 40]}
+        assert "averaged over steps 20-40" in said
+        target = {k: sum(it[k] for _, it in iterates) / 3 for k in iterates[0][1]}
+    else:
+        assert not iterates and info.metadata["finetune"]["weights"]["from"] == "best"
+        target = best.state_dict()
+    s = start.state_dict()
+    for k, v in pub.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, s[k] + alpha * (target[k] - s[k]), atol=1e-5), k
+    assert any(not torch.equal(v, s[k]) for k, v in pub.state_dict().items())
+
+
+def test_a_run_stopped_before_its_second_half_publishes_its_best_checkpoint(base_model, rng):
+    stop_at = iter(range(100))
+    cfg = FinetuneConfig(model=base_model, mode="nbr2nbr", name="lab-early", steps=40, patch=16, batch_size=4,
+                         lr=3e-3, val_every=5, device="cpu", minutes=None, publish="always")
+    from memnet.runtime import Cancelled
+
+    with pytest.raises(Cancelled):
+        finetune(cfg, _noisy(_scene(rng, (6, 64, 64)), rng, photons=10), cancel=lambda: next(stop_at) >= 12)
+    _, info = memnet.load_model("lab-early")
+    assert info.metadata["finetune"]["weights"]["from"] == "best"
+    assert info.metadata["finetune"]["steps_run"] < 20
 
 
 def test_interpolate_out_of_range_is_a_clear_error():

@@ -73,7 +73,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                          mask_fraction=args.mask_fraction, bn=args.bn, publish=args.publish, axes=args.axes,
                          include=args.include, max_planes=args.max_planes, device=args.device, amp=args.amp,
                          seed=args.seed, overwrite=args.overwrite, noise_check=args.noise_check, z=args.z,
-                         interpolate=args.interpolate)
+                         interpolate=args.interpolate, weights=args.weights)
     with _graceful_stop("the best model so far is saved") as stop:
         try:
             path = finetune(cfg, args.data, target=args.target, noisy2=args.data2, resume=args.resume,
@@ -231,7 +231,10 @@ def _register_finetune(sub) -> None:
                    "(judged as such) [the mode's: 0.5; paired 1]")
     f.add_argument("--val-every", type=T.count(1, "a number of steps"), default=d("val_every"))
     f.add_argument("--patience", type=T.count(1, "a number of validations"), default=d("patience"),
-                   help="validations without improvement before stopping")
+                   help="stop early after this many validations without improvement [none: use the whole budget]")
+    f.add_argument("--weights", choices=("average", "best"), default=d("weights"),
+                   help="what the fine-tuned weights are: the average of the run's second half, or the checkpoint "
+                   "the held-out crops chose [the mode's: average; paired and n2n/adjacent best]")
     f.add_argument("--mask-fraction", type=T.fraction, default=d("mask_fraction"),
                    help="n2v/n2v2: share of pixels masked per patch [n2v 0.015, n2v2 0.005]")
     f.add_argument("--bn", choices=("frozen", "train"), default=d("bn"),

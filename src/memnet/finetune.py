@@ -553,6 +553,9 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
     meta["finetune"]["mode"] = mode.name  # what "auto" chose
     meta["finetune"]["lr"] = opt.param_groups[0]["lr"]  # the mode's when none was given
     budget, seconds, val_seconds = _schedule(cfg, t_start, 0.0 if resuming else time.time() - t_score)
+    # The second half of this session's run (a resumed run averages its own second half).
+    tail = TailAverage() if (cfg.weights or mode.weights) == "average" else None
+    t_fit = [time.time()]
 
     def train_step(step: int):
         model.train(cfg.bn == "train")  # frozen: BN keeps the pretrained statistics (small, correlated batches)
@@ -560,6 +563,11 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
         x, y, extra = mode.batch(x, y, sampler.rng, ctx)
         loss = mode.loss(model, mp, x.to(dev), y.to(dev), extra)
         mp.step(loss, opt)
+        if tail is not None and (step + 1) % AVERAGE_EVERY == 0:
+            done = max((step + 1) / cfg.steps if cfg.steps else 0.0,
+                       (time.time() - t_fit[0]) / seconds if seconds else 0.0)
+            if done >= 0.5:
+                tail.add(model, step + 1)
         return float(loss.detach())
 
     def save_state(st: FitState):
@@ -581,12 +589,40 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
             progress(FinetuneProgress(st.step, cfg.steps, float(loss), score, time.time() - t_start,
                                       [tuple(h) for h in _history(st)], budget, baseline))
 
+    t_fit[0] = time.time()
     fit(state, steps=cfg.steps, seconds=seconds, val_every=cfg.val_every, val_seconds=val_seconds,
         train_step=train_step, validate=lambda: {"score": held_out.score(model, dev)}, checkpoint=checkpoint,
         patience=cfg.patience, stop=cancel, log=log, min_delta=1e-3, validate_on_stop=False, on_step=on_step)
     if state.ended == "stopped" and state.step:
         save_state(state)  # weights and optimizer as they are: resume continues from here
-    return _publish(cfg, state, run, out_path, info, baseline, log, held_out, base_errors, dev)
+    return _publish(cfg, state, run, out_path, info, baseline, log, held_out, base_errors, dev, tail)
+
+
+AVERAGE_EVERY = 10  # steps between the iterates averaged (weights="average")
+
+
+class TailAverage:
+    """The running mean of a model's floating-point weights (parameters and buffers), one extra copy of them."""
+
+    def __init__(self):
+        self.mean: list[torch.Tensor] | None = None
+        self.count, self.first, self.last = 0, None, None
+
+    def add(self, model, step: int) -> None:
+        with torch.no_grad():
+            w = [v.detach() for v in model.state_dict().values() if v.is_floating_point()]
+            if self.mean is None:
+                self.mean, self.first = [v.clone() for v in w], step
+            else:
+                torch._foreach_lerp_(self.mean, w, 1.0 / (self.count + 1))
+        self.count, self.last = self.count + 1, step
+
+    def load_into(self, model):
+        """Set ``model``'s floating-point weights to the mean (same architecture); returns ``model``."""
+        with torch.no_grad():
+            for v, m in zip([v for v in model.state_dict().values() if v.is_floating_point()], self.mean):
+                v.copy_(m)
+        return model
 
 
 def interpolate_weights(model, start, alpha: float):
@@ -655,7 +691,7 @@ def _record(cfg: FinetuneConfig, info, mode: Mode, dev, baseline: float, record:
 
 
 def _publish(cfg, state: FitState, run, out_path: Path, info, baseline: float, log, held_out: _HeldOut,
-             base_errors: tuple, dev) -> FinetuneResult:
+             base_errors: tuple, dev, tail: TailAverage | None = None) -> FinetuneResult:
     stopped = state.ended == "stopped"
     if not run.best.exists():
         if stopped:
@@ -663,6 +699,13 @@ def _publish(cfg, state: FitState, run, out_path: Path, info, baseline: float, l
                             "saved; resume to continue")
         raise NotImproved("the run ended before its first validation: no model saved; give it more time or steps")
     final, final_info = load_model(run.best, device=dev)
+    fm = dict(final_info.metadata)
+    best = float(fm.get("metrics", {}).get("val_psnr", state.best))
+    averaged = tail is not None and tail.count > 0  # else (a run stopped before its second half) the checkpoint
+    if averaged:
+        tail.load_into(final)
+    weights = ({"from": "average", "iterates": tail.count, "steps": [tail.first, tail.last]} if averaged else
+               {"from": "best", "step": int(fm.get("finetune", {}).get("steps", state.step))})
     mode = held_out.mode
     alpha = mode.interpolate if cfg.interpolate is None else float(cfg.interpolate)
     if alpha < 1:  # judge and publish what the user gets: the weights part of the way from the starting ones
@@ -671,14 +714,13 @@ def _publish(cfg, state: FitState, run, out_path: Path, info, baseline: float, l
     decision = publish_decision(b, n, z=cfg.z, criterion=mode.decide_by or mode.criterion,
                                 always=cfg.publish == "always", check=None if bc is None else (bc, nc),
                                 check_name=mode.check, min_gain=mode.min_gain_db)
-    fm = dict(final_info.metadata)
-    best = float(fm.get("metrics", {}).get("val_psnr", state.best))
-    fm["finetune"] = {**fm["finetune"], "steps_run": state.step, "ended": state.ended,
+    fm["finetune"] = {**fm["finetune"], "steps_run": state.step, "ended": state.ended, "weights": weights,
                       "early_stopped": state.ended == "early stop", "history": _history(state)[-100:],
                       "hours": round(state.hours, 4),
                       "criterion": {**fm["finetune"].get("criterion", {}), "best": best},
                       "interpolate": alpha, "decision": decision.as_dict()}
-    fine = "fine-tuned" if alpha == 1 else f"fine-tuned, {alpha:g} of the way from {info.name}'s weights,"
+    fine = (f"averaged over steps {tail.first}-{tail.last}" if averaged else "fine-tuned") + (
+        "" if alpha == 1 else f", {alpha:g} of the way from {info.name}'s weights,")
     figures = (f"gain {decision.gain:+.3f} ± {decision.se:.3f} dB on {decision.crops} held-out crops "
                f"({decision.criterion} criterion; {info.name} {decision.baseline:.3f} dB, {fine} "
                f"{decision.score:.3f})")

@@ -87,6 +87,11 @@ class Mode:
     # criterion cannot see a loss of a few hundredths of a dB; half way keeps most of a gain and turns most
     # such losses into gains (training/README.md, session 18). Clean targets see the real change: all the way.
     interpolate = 0.5
+    # Where the fine-tuned weights come from: "average", the mean of the iterates over the second half of the run
+    # (every `memnet.finetune.AVERAGE_EVERY` steps), or "best", the checkpoint the held-out score chose. With the
+    # whole budget used, the average moved half way gained more than the noisy score's best checkpoint
+    # (training/README.md, session 22). Clean targets score the real error: their best checkpoint.
+    weights = "average"
     # The smallest held-out gain (dB) that publishes, besides the standard-error test: a held-out score carries
     # the bias of its criterion, which is ~0 where the noise is independent between pixels.
     min_gain_db = MIN_GAIN_DB
@@ -138,6 +143,7 @@ class Paired(Mode):
     takes_target = True
     criterion = "target"
     interpolate = 1.0
+    weights = "best"
 
     def items(self, planes, others, ctx):
         from .trainset import paired_target_frame
@@ -152,6 +158,7 @@ class N2N(Mode):
     help = "two independent noisy acquisitions of the same fields (Noise2Noise)"
     needs = "noisy2"
     criterion = "target"
+    weights = "best"
 
     def items(self, planes, others, ctx):
         # No affine fit between two noisy images: noise on both sides of the fit shrinks the gain.
@@ -445,7 +452,7 @@ class FinetuneConfig:
     val_fraction: float = 0.2  # held-out crops: the publish decision's paired test needs several
     val_every: int = 25
     val_seconds: float | None = None  # also validate this often (None: 8 times in a time-only run)
-    patience: int = 5  # validation rounds without improvement before stopping
+    patience: int | None = None  # validation rounds without improvement before stopping (None: the whole budget)
     mask_fraction: float | None = None  # blind-spot modes: masked pixels per patch (None: the mode's default)
     bn: str = "frozen"  # "frozen": BatchNorm keeps the pretrained statistics; "train": batch statistics
     publish: str = "improved"  # "improved": only a model that clearly beats the starting one; "always"
@@ -459,6 +466,7 @@ class FinetuneConfig:
     noise_check: bool = True  # check the noise before a mode that needs it independent between pixels
     z: float = Z_MARGIN  # publish when gain - z * standard error > 0
     interpolate: float | None = None  # publish start + this fraction of the change (None: the mode's, 0.5 or 1)
+    weights: str | None = None  # "average" (of the run's second half) or "best" (checkpoint); None: the mode's
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -471,8 +479,12 @@ class FinetuneConfig:
         if self.minutes is not None and (isinstance(self.minutes, bool) or not isinstance(self.minutes, (int, float))
                                          or not self.minutes > 0):
             raise ValueError(f"minutes must be positive, got {self.minutes!r}")
-        for name, low in (("patch", 8), ("batch_size", 1), ("val_every", 1), ("patience", 1), ("max_planes", 1)):
+        for name, low in (("patch", 8), ("batch_size", 1), ("val_every", 1), ("max_planes", 1)):
             int_at_least(name, getattr(self, name), low)
+        if self.patience is not None:
+            int_at_least("patience", self.patience, 1)
+        if self.weights is not None:
+            choice("weights", self.weights, ("average", "best"))
         if self.steps is not None:
             int_at_least("steps", self.steps, 1)
         for name, lo, hi in (("val_fraction", 0.0, 1.0), ("mask_fraction", 0.0, 1.0)):

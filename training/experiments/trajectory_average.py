@@ -126,7 +126,7 @@ def tracked_fit(state, *, train_step, checkpoint, **kw):
     return out
 
 
-def publish(cfg, state, run, out_path, info, baseline, log, held_out, base_errors, dev):
+def publish(cfg, state, run, out_path, info, baseline, log, held_out, base_errors, dev, tail=None):
     base, _ = memnet.load_model("microscopy")
     base.eval()
     x, cl = CUR["x"], CUR["c"]
@@ -173,7 +173,7 @@ def publish(cfg, state, run, out_path, info, baseline, log, held_out, base_error
             res["cands"][f"{name}@{a:g}"] = {"real": real, "decision": d.as_dict()}
             print(CUR["name"], f"{name}@{a:g}", f"real {real:+.3f}", d.summary(), flush=True)
     (OUT / f"{CUR['name']}.json").write_text(json.dumps(res, indent=1))
-    return orig_publish(cfg, state, run, out_path, info, baseline, log, held_out, base_errors, dev)
+    return orig_publish(cfg, state, run, out_path, info, baseline, log, held_out, base_errors, dev, tail)
 
 
 orig_start = ft._starting_model
@@ -194,9 +194,10 @@ for i, (name, n, c) in enumerate(rows):
     if CLIP:  # the same noisy image re-rendered to 8 bits with a display range that clips it; the reference unchanged
         lo, hi = np.percentile(CUR["x"], CLIP)
         CUR["x"] = np.round(np.clip((CUR["x"] - lo) / (hi - lo) * 255, 0, 255))
-    cfg = ft.FinetuneConfig(model="microscopy", mode=MODE, name=f"exp-{name}", device="cpu",
-                            minutes=float(os.environ.get("EXP_MINUTES", 3)), overwrite=True, publish="always",
-                            **({"patience": PATIENCE} if PATIENCE else {}))
+    # patience 5 and the best checkpoint: the product's defaults until session 22 (this script scores the averages)
+    cfg = ft.FinetuneConfig(model="microscopy", mode=MODE, name=f"exp-{name}", device="cpu", patience=PATIENCE or 5,
+                            weights="best", minutes=float(os.environ.get("EXP_MINUTES", 3)), overwrite=True,
+                            publish="always")
     t0 = time.time()
     try:
         ft.finetune(cfg, CUR["x"].astype(np.float32), target=CUR["c"].astype(np.float32) if MODE == "paired" else None,
