@@ -69,12 +69,14 @@ def _finetuned(base: str, mode: str, minutes: float, kept: set, decisions: dict,
         rec = {"decision": None if d is None else d.as_dict(),
                "mode": next((ln.split("mode ")[1].split(" ")[0] for ln in logs if ln.startswith("auto: ")), mode),
                "base_psnr": psnr(affine_fit(predictor(base_model)(xn), c), c)}
-        cand = user_model_dir() / ".runs" / cfg.name / "best.safetensors"
-        if d is not None and cand.exists():  # the judged model: the run's best checkpoint moved `interpolate` of
-            ckpt = memnet.load_model(cand)[0]  # the way from the starting weights (the published one when published)
+        cand, judged = (user_model_dir() / ".runs" / cfg.name / f for f in ("best.safetensors", "judged.safetensors"))
+        # The run's best checkpoint, and the model the decision judged (the average or the checkpoint moved
+        # `interpolate` of the way from the starting weights: the published one when published).
+        if d is not None and cand.exists():
+            ckpt = memnet.load_model(cand)[0]
             rec["checkpoint_psnr"] = psnr(affine_fit(predictor(ckpt)(xn), c), c)
-            alpha = get_mode(rec["mode"]).interpolate
-            judged = model if d.published else interpolate_weights(ckpt, memnet.load_model(base)[0], alpha)
+            judged = memnet.load_model(judged)[0] if judged.exists() else interpolate_weights(
+                ckpt, memnet.load_model(base)[0], get_mode(rec["mode"]).interpolate)  # before session 22
             rec["candidate_psnr"] = psnr(affine_fit(predictor(judged)(xn), c), c)
         decisions[name] = rec
         return predictor(model)(xn)
@@ -200,9 +202,9 @@ def _table(methods, scores, secs, rows, kept) -> None:
 
 def _decisions(mode: str, recs: dict, peer: dict) -> None:
     """Per image: the mode that ran, the publish decision with the criterion's gain ± standard error, the real
-    PSNR change of the run's best checkpoint and of the judged model (the checkpoint moved `interpolate` of the
-    way from the starting weights; published or not) and what the user ends with; then how well the
-    criterion's gain tracks the judged model's real change."""
+    PSNR change of the run's best checkpoint and of the judged model (the average of the run's second half, or the
+    checkpoint, moved `interpolate` of the way from the starting weights; published or not) and what the user ends
+    with; then how well the criterion's gain tracks the judged model's real change."""
     print(f"\n# fine-tune {mode}: publish decisions (criterion gain on held-out crops) vs the real PSNR change")
     print("| image | mode | decision | criterion gain (dB) | checkpoint's real change (dB) | judged model's (dB) "
           "| user's change (dB) |" + (" vs CAREamics (dB) |" if peer else ""))

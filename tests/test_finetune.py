@@ -204,7 +204,7 @@ def test_cancel_checkpoints_and_resume_continues_and_only_the_end_publishes(base
         finetune(cfg, str(tmp_path / "n.tif"), cancel=lambda: True)
     assert "lab-c" not in [m.name for m in memnet.list_models()]
 
-    with pytest.raises(Cancelled, match="stopped at step 15: the best model so far is saved as 'lab-c'"):
+    with pytest.raises(Cancelled, match="stopped at step 15: the model so far is saved as 'lab-c'"):
         finetune(cfg, str(tmp_path / "n.tif"), progress=seen.append, cancel=cancel)
     stopped = memnet.load_model("lab-c")[1].metadata["finetune"]  # Stop keeps the best so far (step 10)
     assert stopped["ended"] == "stopped" and stopped["steps"] == 10 and stopped["steps_run"] == 15
@@ -291,7 +291,7 @@ def test_cli_ctrl_c_stops_gracefully_and_keeps_the_best_model(base_model, tmp_pa
     finally:
         ft._save = real_save
     out = capfd.readouterr().out
-    assert rc == 130 and "stopping after this step" in out and "best model so far is saved as 'cli-stop'" in out
+    assert rc == 130 and "stopping after this step" in out and "model so far is saved as 'cli-stop'" in out
     assert memnet.load_model("cli-stop")[1].metadata["finetune"]["ended"] == "stopped"
     assert signal.getsignal(signal.SIGINT) is before  # the caller's handler restored
 
@@ -749,6 +749,8 @@ def test_self_supervised_modes_publish_the_average_of_the_second_half(base_model
         if v.is_floating_point():
             assert torch.allclose(v, s[k] + alpha * (target[k] - s[k]), atol=1e-5), k
     assert any(not torch.equal(v, s[k]) for k, v in pub.state_dict().items())
+    judged, _ = memnet.load_model(memnet.zoo.user_model_dir() / ".runs" / "lab-avg" / "judged.safetensors")
+    assert all(torch.equal(v, pub.state_dict()[k]) for k, v in judged.state_dict().items())  # kept for inspection
 
 
 def test_a_run_stopped_before_its_second_half_publishes_its_best_checkpoint(base_model, rng):

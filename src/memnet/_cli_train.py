@@ -74,7 +74,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                          include=args.include, max_planes=args.max_planes, device=args.device, amp=args.amp,
                          seed=args.seed, overwrite=args.overwrite, noise_check=args.noise_check, z=args.z,
                          interpolate=args.interpolate, weights=args.weights)
-    with _graceful_stop("the best model so far is saved") as stop:
+    with _graceful_stop("the model so far is saved") as stop:
         try:
             path = finetune(cfg, args.data, target=args.target, noisy2=args.data2, resume=args.resume,
                             log=lambda s: print(s, flush=True), cancel=stop)

@@ -5,10 +5,10 @@ mode, held-out crops of the user's data score the starting model first; the fine
 published to the user model directory only if it beats the starting model clearly (``publish="improved"``,
 the default): the mean per-crop gain on crops that did not choose the checkpoint must exceed twice its
 standard error (a paired test, `publish_decision`), so a gain that is only noise keeps the starting
-model. What is judged and published in the self-supervised modes is half way between the starting and the
-fine-tuned weights (``interpolate``): the held-out criteria cannot see a loss of a few hundredths of a dB, and
-on the images measured the midpoint kept most of each gain and turned every loss into a gain. A time budget in minutes
-bounds the run (``minutes``); steps are optional.
+model. What is judged and published in the self-supervised modes is half way between the starting weights and
+the average of the run's second half (``interpolate``, ``weights``): the held-out criteria cannot see a loss of a
+few hundredths of a dB nor pick a checkpoint reliably, and on the images measured the average half way gained more
+than any checkpoint they chose. A time budget in minutes bounds the run (``minutes``); steps are optional.
 """
 
 from __future__ import annotations
@@ -512,7 +512,7 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
     the fitted noise to). ``noisy2``: second noisy acquisition (``n2n``). A checkpoint is kept under the
     user model directory (``.runs/NAME``) so ``resume=True`` continues an interrupted run.
     Raises ``NotImproved`` (nothing published) when the result does not beat the starting model on the
-    held-out data, and ``Cancelled`` when ``cancel`` fires (the best model so far is published)."""
+    held-out data, and ``Cancelled`` when ``cancel`` fires (the model so far is published)."""
     t_start = time.time()  # the budget counts from here: reading the data and scoring are part of it
     mode = get_mode("nbr2nbr" if cfg.mode == AUTO else cfg.mode)
     _check(cfg, mode, target, noisy2)
@@ -614,7 +614,8 @@ class TailAverage:
             if self.mean is None:
                 self.mean, self.first = [v.clone() for v in w], step
             else:
-                torch._foreach_lerp_(self.mean, w, 1.0 / (self.count + 1))
+                for m, v in zip(self.mean, w):
+                    m.lerp_(v, 1.0 / (self.count + 1))
         self.count, self.last = self.count + 1, step
 
     def load_into(self, model):
@@ -719,6 +720,7 @@ def _publish(cfg, state: FitState, run, out_path: Path, info, baseline: float, l
                       "hours": round(state.hours, 4),
                       "criterion": {**fm["finetune"].get("criterion", {}), "best": best},
                       "interpolate": alpha, "decision": decision.as_dict()}
+    save_model(final, run.judged, name=f"{cfg.name}-judged", task=info.task, metadata=fm)
     fine = (f"averaged over steps {tail.first}-{tail.last}" if averaged else "fine-tuned") + (
         "" if alpha == 1 else f", {alpha:g} of the way from {info.name}'s weights,")
     figures = (f"gain {decision.gain:+.3f} ± {decision.se:.3f} dB on {decision.crops} held-out crops "
@@ -746,7 +748,7 @@ def _publish(cfg, state: FitState, run, out_path: Path, info, baseline: float, l
     log(f"published: {figures}" + (" (--publish always: not a clear gain)" if decision.forced else "")
         + f": saved as {cfg.name!r}")
     if stopped:
-        raise Cancelled(f"fine-tuning stopped at step {state.step}: the best model so far is saved as "
+        raise Cancelled(f"fine-tuning stopped at step {state.step}: the model so far is saved as "
                         f"{cfg.name!r}; resume to continue training it")
     result = FinetuneResult(out_path)
     result.decision = decision
@@ -760,9 +762,10 @@ class _RunFiles:
     def __init__(self, folder: Path):
         self.dir = folder
         self.state, self.last, self.best = folder / "state.pt", folder / "last.safetensors", folder / "best.safetensors"
+        self.judged = folder / "judged.safetensors"  # what the publish decision scored, published or not
 
     def clear(self) -> None:
-        for f in (self.state, self.last, self.best):
+        for f in (self.state, self.last, self.best, self.judged):
             f.unlink(missing_ok=True)
 
     def load(self, model, opt, mp, state: FitState) -> float:

@@ -270,7 +270,7 @@ class FinetuneWidget(ScrollingDock, Container):
         if result is CANCELLED:
             self._progress.value = 0
             saved = model_exists(name) and self._last is not None and self._last.history
-            self._status.value = (f"stopped; the best model so far is saved as {name!r}" if saved else
+            self._status.value = (f"stopped; the model so far is saved as {name!r}" if saved else
                                   "stopped before a model beat the starting one: nothing saved")
             self._next_name(name)
             return
