@@ -525,13 +525,7 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
     ctx = _Context(model, dev, log)
     log("reading the data…")
     items, record, mode = _items(cfg, mode, ctx, info.normalization, noisy, target, noisy2)
-    patch = cfg.patch * mode.patch_scale
-    if min(min(it[0].shape[-2:]) for it in items) < patch:
-        raise ValueError(f"images are smaller than the patch size {patch}: use a smaller --patch")
-    band = min(cfg.patch * mode.held_out_scale, min(it[0].shape[-2] for it in items) // 3)  # strided: large
-    train_items, val_items = split_held_out(items, cfg.val_fraction, rng, max(patch, band))
-    sampler = PatchSampler(info.task, [], train_items, patch, seed=cfg.seed, pairs_only=True)
-    held_out = _HeldOut(mode, val_items, cfg.patch, cfg.seed)
+    sampler, held_out = _split(cfg, mode, items, info, rng)
     base_errors = held_out.errors(model, dev)  # the starting model, for the paired publish decision
 
     run.dir.mkdir(parents=True, exist_ok=True)
@@ -553,9 +547,7 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
     meta["finetune"]["mode"] = mode.name  # what "auto" chose
     meta["finetune"]["lr"] = opt.param_groups[0]["lr"]  # the mode's when none was given
     budget, seconds, val_seconds = _schedule(cfg, t_start, 0.0 if resuming else time.time() - t_score)
-    # The second half of this session's run (a resumed run averages its own second half).
-    tail = TailAverage() if (cfg.weights or mode.weights) == "average" else None
-    t_fit = [time.time()]
+    tail = TailAverage(cfg.steps, seconds) if (cfg.weights or mode.weights) == "average" else None
 
     def train_step(step: int):
         model.train(cfg.bn == "train")  # frozen: BN keeps the pretrained statistics (small, correlated batches)
@@ -563,11 +555,8 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
         x, y, extra = mode.batch(x, y, sampler.rng, ctx)
         loss = mode.loss(model, mp, x.to(dev), y.to(dev), extra)
         mp.step(loss, opt)
-        if tail is not None and (step + 1) % AVERAGE_EVERY == 0:
-            done = max((step + 1) / cfg.steps if cfg.steps else 0.0,
-                       (time.time() - t_fit[0]) / seconds if seconds else 0.0)
-            if done >= 0.5:
-                tail.add(model, step + 1)
+        if tail is not None:
+            tail.after_step(model, step + 1)
         return float(loss.detach())
 
     def save_state(st: FitState):
@@ -589,7 +578,6 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
             progress(FinetuneProgress(st.step, cfg.steps, float(loss), score, time.time() - t_start,
                                       [tuple(h) for h in _history(st)], budget, baseline))
 
-    t_fit[0] = time.time()
     fit(state, steps=cfg.steps, seconds=seconds, val_every=cfg.val_every, val_seconds=val_seconds,
         train_step=train_step, validate=lambda: {"score": held_out.score(model, dev)}, checkpoint=checkpoint,
         patience=cfg.patience, stop=cancel, log=log, min_delta=1e-3, validate_on_stop=False, on_step=on_step)
@@ -601,12 +589,35 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
 AVERAGE_EVERY = 10  # steps between the iterates averaged (weights="average")
 
 
-class TailAverage:
-    """The running mean of a model's floating-point weights (parameters and buffers), one extra copy of them."""
+def _split(cfg: FinetuneConfig, mode: Mode, items: list, info, rng) -> tuple[PatchSampler, _HeldOut]:
+    """The training patches' sampler and the held-out crops, from the mode's (input, target) items."""
+    patch = cfg.patch * mode.patch_scale
+    if min(min(it[0].shape[-2:]) for it in items) < patch:
+        raise ValueError(f"images are smaller than the patch size {patch}: use a smaller --patch")
+    band = min(cfg.patch * mode.held_out_scale, min(it[0].shape[-2] for it in items) // 3)  # strided: large
+    train_items, val_items = split_held_out(items, cfg.val_fraction, rng, max(patch, band))
+    sampler = PatchSampler(info.task, [], train_items, patch, seed=cfg.seed, pairs_only=True)
+    return sampler, _HeldOut(mode, val_items, cfg.patch, cfg.seed)
 
-    def __init__(self):
+
+class TailAverage:
+    """The running mean of a model's floating-point weights (parameters and buffers), one extra copy of them: over
+    the second half of a run of ``steps`` and/or ``seconds`` from now (a resumed run averages its own second half),
+    every AVERAGE_EVERY steps (`after_step`), or whenever `add` is called."""
+
+    def __init__(self, steps: int | None = None, seconds: float | None = None):
+        self.steps, self.seconds, self.t0 = steps, seconds, time.time()
         self.mean: list[torch.Tensor] | None = None
         self.count, self.first, self.last = 0, None, None
+
+    def after_step(self, model, step: int) -> None:
+        """After training step number ``step`` (from 1): add the weights if it is time."""
+        if step % AVERAGE_EVERY:
+            return
+        done = max(step / self.steps if self.steps else 0.0,
+                   (time.time() - self.t0) / self.seconds if self.seconds else 0.0)
+        if done >= 0.5:
+            self.add(model, step)
 
     def add(self, model, step: int) -> None:
         with torch.no_grad():
