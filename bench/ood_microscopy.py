@@ -48,8 +48,7 @@ def _finetuned(base: str, mode: str, minutes: float, kept: set, decisions: dict,
     """A method: fine-tune ``base`` on the image itself, then restore it with whatever the user ends with.
     ``decisions[name]``: the publish decision (criterion gain ± SE), the mode that ran, and the real PSNR of
     the starting model and of the candidate (scored even when it was not published)."""
-    from memnet.finetune import FinetuneConfig, NoiseCorrelated, NotImproved, finetune, interpolate_weights
-    from memnet.finetune_modes import get_mode
+    from memnet.finetune import FinetuneConfig, NoiseCorrelated, NotImproved, finetune
     from memnet.zoo import user_model_dir
 
     base_model, _ = memnet.load_model(base)
@@ -75,9 +74,7 @@ def _finetuned(base: str, mode: str, minutes: float, kept: set, decisions: dict,
         if d is not None and cand.exists():
             ckpt = memnet.load_model(cand)[0]
             rec["checkpoint_psnr"] = psnr(affine_fit(predictor(ckpt)(xn), c), c)
-            judged = memnet.load_model(judged)[0] if judged.exists() else interpolate_weights(
-                ckpt, memnet.load_model(base)[0], get_mode(rec["mode"]).interpolate)  # before session 22
-            rec["candidate_psnr"] = psnr(affine_fit(predictor(judged)(xn), c), c)
+            rec["candidate_psnr"] = psnr(affine_fit(predictor(memnet.load_model(judged)[0])(xn), c), c)
         decisions[name] = rec
         return predictor(model)(xn)
 
