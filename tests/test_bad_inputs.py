@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import memnet
@@ -263,6 +263,7 @@ def test_blend_weights_sum_to_one_with_no_taper_at_borders(n, tile, halo, kind):
 @settings(max_examples=25, deadline=None)
 @given(shape=st.lists(st.integers(1, 40), min_size=2, max_size=4),
        dtype=st.sampled_from(["uint8", "uint16", "int16", "float32"]), fmt=st.sampled_from(["tif", "zarr"]))
+@example(shape=[1, 2, 1, 1], dtype="uint8", fmt="tif")  # 1-pixel planes: tifffile's store fails on them
 def test_readers_round_trip_random_valid_files(tmp_path_factory, shape, dtype, fmt):
     rng = np.random.default_rng(len(shape))
     x = (rng.random(shape) * 100).astype(dtype)

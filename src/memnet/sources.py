@@ -198,6 +198,9 @@ class RawArray:
 
     def __getitem__(self, idx) -> np.ndarray:
         idx = idx if isinstance(idx, tuple) else (idx,)
+        if idx.count(Ellipsis) == 1:  # `...` stands for the axes not named
+            at = idx.index(Ellipsis)
+            idx = idx[:at] + (slice(None),) * (self.ndim - len(idx) + 1) + idx[at + 1:]
         if len(idx) > self.ndim or not all(isinstance(i, (slice, int, np.integer)) for i in idx):
             raise IndexError(f"RawArray takes at most {self.ndim} ints or slices, got {idx!r}")
         idx = idx + (slice(None),) * (self.ndim - len(idx))
@@ -545,10 +548,21 @@ def _open_tiff(path: Path, index: int | None = None, level: int = 0) -> Source:
     scale, units = _tiff_scale(tif, series, axes)
     closers = [store.close, tif.close]
     page_bytes = int(np.prod(arr.chunks)) * arr.dtype.itemsize
-    if (page_bytes > ChunkCache.MAX_CHUNK and series.dataoffset is not None and arr.ndim >= 2
-            and int(np.prod(arr.shape)) * arr.dtype.itemsize == series.nbytes):  # contiguous, uncompressed
+    contiguous = (series.dataoffset is not None and arr.ndim >= 2
+                  and int(np.prod(arr.shape)) * arr.dtype.itemsize == series.nbytes)  # and uncompressed
+    # tifffile's store can give tiny pages (1-pixel rows) chunks that do not fit the array, e.g. (1, 1, 1, 2) for
+    # a (1, 2, 1, 1) TZYX series, and then fails on every read: such series are read without the store.
+    broken = any(c > n for c, n in zip(arr.chunks, arr.shape, strict=True))
+    if contiguous and (broken or page_bytes > ChunkCache.MAX_CHUNK):
         arr = RawArray(path, series.dataoffset, arr.shape, np.dtype(series.dtype).newbyteorder(tif.byteorder))
         closers.insert(0, arr.close)
+    elif broken:  # compressed or scattered pages of a few pixels each: small enough to hold in memory
+        try:
+            arr = series.asarray()
+        except Exception as e:
+            store.close()
+            tif.close()
+            raise ValueError(f"{path}: cannot read the TIFF's image data ({e})") from None
     return Source(array=arr, axes=axes, scale=scale, units=units, series=int(index), n_series=n,
                   _closers=closers)
 
