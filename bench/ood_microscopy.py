@@ -74,7 +74,9 @@ def _finetuned(base: str, mode: str, minutes: float, kept: set, decisions: dict,
         if d is not None and cand.exists():
             ckpt = memnet.load_model(cand)[0]
             rec["checkpoint_psnr"] = psnr(affine_fit(predictor(ckpt)(xn), c), c)
-            rec["candidate_psnr"] = psnr(affine_fit(predictor(memnet.load_model(judged)[0])(xn), c), c)
+            judged_model, judged_info = memnet.load_model(judged)
+            rec["candidate_psnr"] = psnr(affine_fit(predictor(judged_model)(xn), c), c)
+            rec["interpolate"] = judged_info.metadata["finetune"]["interpolate"]  # the fraction of the way judged
         decisions[name] = rec
         return predictor(model)(xn)
 
@@ -213,6 +215,7 @@ def _decisions(mode: str, recs: dict, peer: dict) -> None:
         mine = real if d and d["published"] else 0.0
         crit = "—" if d is None else f"{d['gain']:+.3f} ± {d['se']:.3f} ({d['crops']} crops)"
         what = "refused (noise check)" if d is None else ("published" if d["published"] else "kept start")
+        what += f", {r['interpolate']:g} of the way" if "interpolate" in r else ""
         ahead = f" {r['base_psnr'] + mine - peer[name]:+.2f} |" if name in peer else (" — |" if peer else "")
         ckpt = f"{r['checkpoint_psnr'] - r['base_psnr']:+.2f}" if "checkpoint_psnr" in r else "—"
         print(f"| {name} | {r['mode']} | {what} | {crit} | {ckpt} | {real:+.2f} | {mine:+.2f} |{ahead}")

@@ -644,11 +644,12 @@ def test_interpolate_weights_moves_floats_part_of_the_way_and_keeps_integer_buff
         interpolate_weights(cand, start, 0.0)
 
 
-@pytest.mark.parametrize("mode, alpha, want", [("nbr2nbr", None, 0.5), ("nbr2nbr", 1.0, 1.0), ("paired", None, 1.0),
-                                               ("nbr2nbr", 0.3, 0.3)])
+@pytest.mark.parametrize("mode, alpha, want", [("nbr2nbr", None, "auto"), ("nbr2nbr", 1.0, 1.0), ("paired", None, 1.0),
+                                               ("nbr2nbr", 0.3, 0.3), ("n2n", None, 0.5)])
 def test_what_is_judged_and_published_is_the_interpolated_model(base_model, rng, mode, alpha, want, monkeypatch):
-    """The self-supervised modes publish the weights half way from the starting model to the fine-tuned ones (the
-    decision scores that model, not the run's best), paired ones the best as it is; --interpolate overrides."""
+    """The self-supervised modes publish the weights part of the way from the starting model to the fine-tuned
+    ones (the decision scores that model, not the run's best): by default 0.5 or 0.75 of the way, whichever the
+    check rates highest (half way without a check: n2n); paired ones the best as it is; --interpolate overrides."""
     import torch
 
     import memnet.finetune as ft
@@ -667,11 +668,23 @@ def test_what_is_judged_and_published_is_the_interpolated_model(base_model, rng,
                          val_every=10, patience=100, device="cpu", minutes=None, publish="always", interpolate=alpha,
                          weights="best")
     logs = []
-    res = finetune(cfg, _noisy(clean, rng, photons=10), target=clean if mode == "paired" else None, log=logs.append)
+    noisy = _noisy(clean, rng, photons=10)
+    res = finetune(cfg, noisy, target=clean if mode == "paired" else None, log=logs.append,
+                   noisy2=_noisy(clean, rng, photons=10) if mode == "n2n" else None)
     pub, info = memnet.load_model(res)
     best, _ = memnet.load_model(memnet.zoo.user_model_dir() / ".runs" / "lab-i" / "best.safetensors")
     start, _ = memnet.load_model(base_model)
-    assert info.metadata["finetune"]["interpolate"] == want
+    meta = info.metadata["finetune"]
+    if want == "auto":  # the three fractions judged in turn, the check's highest published (ties: the smallest)
+        tried = meta["interpolate_tried"]
+        assert [a for a, _ in tried] == [0.5, 0.75] and len(judged) >= 2
+        gains = [g for _, g in tried]
+        want = next(a for a, g in tried if g == max(gains))
+        assert f"(of 0.5: {gains[0]:+.3f}, 0.75: {gains[1]:+.3f} dB by the check)" in \
+            next(ln for ln in logs if ln.startswith("published"))
+    else:
+        assert "interpolate_tried" not in meta
+    assert meta["interpolate"] == want
     s, b = start.state_dict(), best.state_dict()
     moved = 0
     for k, v in pub.state_dict().items():
@@ -781,3 +794,45 @@ def test_cli_interpolate_takes_a_fraction_up_to_one(base_model, tmp_path, rng, c
     assert e.value.code == 2 and "expected a fraction in (0, 1], got '0'" in capsys.readouterr().err
     main([*args, "--interpolate", "1", "--publish", "always"])
     assert memnet.load_model("lab-cli-i")[1].metadata["finetune"]["interpolate"] == 1.0
+
+
+class _CheckByWeight:
+    """A held-out stand-in whose check error depends on a one-weight model's value w: lowest at ``peak``."""
+
+    def __init__(self, peak):
+        self.peak, self.seen = peak, []
+
+    def errors(self, model, dev):
+        w = float(model.weight.detach())
+        self.seen.append(w)
+        crit = np.full(4, 1.0 - 0.1 * w)  # the criterion prefers all the way, whatever the check says
+        return crit, np.array([1.0, 1.1, 0.9, 1.0]) * (1 + (w - self.peak) ** 2)
+
+
+@pytest.mark.parametrize("peak, want", [(0.75, 0.75), (2.0, 0.75), (0.6, 0.5), (-1.0, 0.5), (None, 0.5)])
+def test_auto_interpolate_publishes_the_fraction_the_check_rates_highest(peak, want):
+    """Session 23: the sub-sampling criterion rates all the way highest even where that loses; the check at full
+    resolution chooses between 0.5 and 0.75 of the way. Equal check gains (to 1e-4 dB) keep the smaller."""
+    import torch
+
+    from memnet.finetune import AUTO_INTERPOLATE, _choose_interpolation
+
+    start, final = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        start.weight.fill_(0.0)
+        final.weight.fill_(1.0)
+    held = _CheckByWeight(peak if peak is not None else 0.0)
+    if peak is None:  # a check that cannot tell the fractions apart
+        held.errors = lambda model, dev: (np.ones(4), np.array([0.9, 0.8, 0.9, 0.85]))
+    base = (np.ones(4), np.array([1.0, 1.1, 0.9, 1.0]) * (1 + 0.5 ** 2))
+    alpha, tried, (crit, check) = _choose_interpolation(final, start, held, base, "cpu")
+    assert alpha == want and list(tried) == list(AUTO_INTERPOLATE)
+    assert float(final.weight.detach()) == pytest.approx(want)  # the model is left at the chosen fraction
+    if peak is not None:
+        assert held.seen == pytest.approx(list(AUTO_INTERPOLATE))
+        assert np.allclose(check, held.errors(final, "cpu")[1])  # the chosen model's errors come back
+        gains = {a: round(float(np.mean(10 * np.log10(base[1] / (base[1] / 1.25 * (1 + (a - held.peak) ** 2))))), 4)
+                 for a in AUTO_INTERPOLATE}
+        assert tried == gains
+    else:
+        assert len(set(tried.values())) == 1

@@ -51,6 +51,11 @@ __all__ = ["FinetuneConfig", "FinetuneProgress", "FinetuneResult", "Decision", "
 # The check vetoes when its gain is more than one standard error below zero (two let W2S 040_1 publish a
 # -0.09 dB model with a check of -0.030 ± 0.017; one kept all six 3D-RCAN gains, session 15).
 CHECK_Z = 1.0
+# interpolate="auto": the fractions of the way from the starting weights judged by the check, the highest-rated
+# published (gains to 1e-4 dB; a tie goes to the smaller); without a check, FALLBACK_INTERPOLATE. Not 1: on
+# 3D-RCAN images the check kept rising past 0.75 while the real gain fell (session 23).
+AUTO_INTERPOLATE = (0.5, 0.75)
+FALLBACK_INTERPOLATE = 0.5
 
 
 @dataclass
@@ -652,6 +657,26 @@ def interpolate_weights(model, start, alpha: float):
     return model
 
 
+def _choose_interpolation(final, start, held_out: _HeldOut, base_errors: tuple, dev) -> tuple[float, dict, tuple]:
+    """Move ``final`` (in place) to the fraction of ``AUTO_INTERPOLATE`` of the way from ``start`` that the
+    held-out check rates highest (to 1e-4 dB; a tie goes to the smaller fraction). Returns (the
+    fraction, {fraction: check gain dB}, the held-out errors of the chosen model). The check scores the whole
+    model at full resolution; the sub-sampling criterion scores it on half-resolution pairs, the kind of data
+    it trained on, and rates all the way highest even where that loses (training/README.md, session 23)."""
+    fine = {k: v.detach().clone() for k, v in final.state_dict().items()}
+    base_check = base_errors[1]
+    tried, best = {}, None
+    for a in AUTO_INTERPOLATE:
+        final.load_state_dict(fine)
+        errors = held_out.errors(interpolate_weights(final, start, a), dev)
+        tried[a] = gain = round(float(_paired_gain(base_check, errors[1])[0].mean()), 4)
+        if best is None or gain > best[1]:
+            best = (a, gain, errors)
+    final.load_state_dict(fine)
+    interpolate_weights(final, start, best[0])
+    return best[0], tried, best[2]
+
+
 def _starting_model(cfg: FinetuneConfig, dev):
     model, info = load_model(cfg.model, device=dev)
     if info.name == cfg.name:
@@ -719,10 +744,17 @@ def _publish(cfg, state: FitState, run, out_path: Path, info, baseline: float, l
     weights = ({"from": "average", "iterates": tail.count, "steps": [tail.first, tail.last]} if averaged else
                {"from": "best", "step": int(fm.get("finetune", {}).get("steps", state.step))})
     mode = held_out.mode
-    alpha = mode.interpolate if cfg.interpolate is None else float(cfg.interpolate)
-    if alpha < 1:  # judge and publish what the user gets: the weights part of the way from the starting ones
-        interpolate_weights(final, _starting_model(cfg, dev)[0], alpha)
-    (b, bc), (n, nc) = base_errors, held_out.errors(final, dev)
+    alpha, tried = mode.interpolate if cfg.interpolate is None else cfg.interpolate, None
+    if alpha == "auto" and base_errors[1] is None:  # nothing at full resolution to choose by
+        alpha = FALLBACK_INTERPOLATE
+    if alpha == "auto":
+        alpha, tried, errors = _choose_interpolation(final, _starting_model(cfg, dev)[0], held_out, base_errors, dev)
+    else:  # judge and publish what the user gets: the weights part of the way from the starting ones
+        alpha = float(alpha)
+        if alpha < 1:
+            interpolate_weights(final, _starting_model(cfg, dev)[0], alpha)
+        errors = held_out.errors(final, dev)
+    (b, bc), (n, nc) = base_errors, errors
     decision = publish_decision(b, n, z=cfg.z, criterion=mode.decide_by or mode.criterion,
                                 always=cfg.publish == "always", check=None if bc is None else (bc, nc),
                                 check_name=mode.check, min_gain=mode.min_gain_db)
@@ -731,9 +763,12 @@ def _publish(cfg, state: FitState, run, out_path: Path, info, baseline: float, l
                       "hours": round(state.hours, 4),
                       "criterion": {**fm["finetune"].get("criterion", {}), "best": best},
                       "interpolate": alpha, "decision": decision.as_dict()}
+    if tried:
+        fm["finetune"]["interpolate_tried"] = [[a, g] for a, g in tried.items()]  # [fraction, check gain dB]
     save_model(final, run.judged, name=f"{cfg.name}-judged", task=info.task, metadata=fm)
     fine = (f"averaged over steps {tail.first}-{tail.last}" if averaged else "fine-tuned") + (
-        "" if alpha == 1 else f", {alpha:g} of the way from {info.name}'s weights,")
+        "" if alpha == 1 else f", {alpha:g} of the way from {info.name}'s weights,") + (
+        "" if not tried else " (of " + ", ".join(f"{a:g}: {g:+.3f}" for a, g in tried.items()) + " dB by the check)")
     figures = (f"gain {decision.gain:+.3f} ± {decision.se:.3f} dB on {decision.crops} held-out crops "
                f"({decision.criterion} criterion; {info.name} {decision.baseline:.3f} dB, {fine} "
                f"{decision.score:.3f})")

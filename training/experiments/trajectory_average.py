@@ -6,7 +6,8 @@
 # with EXP_SKIP_FULL=1 and 0, its full-resolution forward is not run), EXP_MINUTES.
 # Session 22: EXP_MODE=r2r (a full-resolution objective; EXP_R2R_ALPHA), EXP_PATIENCE (the run's patience; "none":
 # never stop early), EXP_PLAN=short (score only the best checkpoint half way and the averages), EXP_CURVE=1 (also
-# the real change at every validation, half way). Every validation's best-so-far checkpoint is scored half way (real
+# the real change at every validation, half way). Session 23: EXP_PLAN=alpha (the second-half average at
+# 0.5 to 1 of the way from the starting model). Every validation's best-so-far checkpoint is scored half way (real
 # change and publish decision), so that any smaller patience can be replayed from one run that never stops early.
 """#35: is an average of the fine-tune's trajectory a better thing to publish than the best checkpoint half way?
 
@@ -143,6 +144,8 @@ def publish(cfg, state, run, out_path, info, baseline, log, held_out, base_error
             "tail_half": (1.0, 0.5)}
     if os.environ.get("EXP_PLAN") == "short":
         plan = {"best": (0.5,), "uniform": (1.0, 0.5), "tail_half": (0.5,)}
+    if os.environ.get("EXP_PLAN") == "alpha":  # session 23: how far towards the second-half average to publish
+        plan = {"tail_half": (0.5, 0.625, 0.75, 0.875, 1.0)}
     if "vals" in CUR:  # each validation's best so far, half way: what a run stopped there would publish
         res["vals"] = CUR["vals"]
         if os.environ.get("EXP_CURVE"):  # and the real change of every validation's weights, half way (an oracle)
