@@ -6,9 +6,10 @@
 # with EXP_SKIP_FULL=1 and 0, its full-resolution forward is not run), EXP_MINUTES.
 # Session 22: EXP_MODE=r2r (a full-resolution objective; EXP_R2R_ALPHA), EXP_PATIENCE (the run's patience; "none":
 # never stop early), EXP_PLAN=short (score only the best checkpoint half way and the averages), EXP_CURVE=1 (also
-# the real change at every validation, half way). Session 23: EXP_PLAN=alpha (the second-half average at
-# 0.5 to 1 of the way from the starting model). Every validation's best-so-far checkpoint is scored half way (real
-# change and publish decision), so that any smaller patience can be replayed from one run that never stops early.
+# the real change at every validation, half way). Every validation's best-so-far checkpoint is scored half way
+# (real change and publish decision), so that any smaller patience can be replayed from one run that never stops
+# early. Session 23: EXP_PLAN=alpha (the second-half average at 0.5 to 1 of the way from the starting model);
+# EXP_ERRORS=1 (keep every candidate's per-crop held-out errors).
 """#35: is an average of the fine-tune's trajectory a better thing to publish than the best checkpoint half way?
 
 Fine-tune (auto, publish always, 3 min, fp32, one thread) and keep, besides the run's own best checkpoint,
@@ -174,6 +175,10 @@ def publish(cfg, state, run, out_path, info, baseline, log, held_out, base_error
                                     min_gain=held_out.mode.min_gain_db)
             real = psnr(affine_fit(predictor(m)(xn), cl), cl) - p0
             res["cands"][f"{name}@{a:g}"] = {"real": real, "decision": d.as_dict()}
+            if os.environ.get("EXP_ERRORS"):  # per-crop held-out errors, to replay any choice between candidates
+                res["cands"][f"{name}@{a:g}"]["errors"] = [np.asarray(n).tolist(),
+                                                           None if nc is None else np.asarray(nc).tolist()]
+                res["base_errors"] = [np.asarray(b).tolist(), None if bc is None else np.asarray(bc).tolist()]
             print(CUR["name"], f"{name}@{a:g}", f"real {real:+.3f}", d.summary(), flush=True)
     (OUT / f"{CUR['name']}.json").write_text(json.dumps(res, indent=1))
     return orig_publish(cfg, state, run, out_path, info, baseline, log, held_out, base_errors, dev, tail)
