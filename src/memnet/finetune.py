@@ -771,9 +771,10 @@ def _publish(cfg, state: FitState, run, out_path: Path, info, baseline: float, l
     if tried:
         fm["finetune"]["interpolate_tried"] = [[a, g] for a, g in tried.items()]  # [fraction, check gain dB]
     save_model(final, run.judged, name=f"{cfg.name}-judged", task=info.task, metadata=fm)
+    choice = "" if not tried else " (the check's gain " + ", ".join(f"{g:+.3f} at {a:g}" for a, g in tried.items()) \
+        + " dB)"
     fine = (f"averaged over steps {tail.first}-{tail.last}" if averaged else "fine-tuned") + (
-        "" if alpha == 1 else f", {alpha:g} of the way from {info.name}'s weights,") + (
-        "" if not tried else " (the check's gain " + ", ".join(f"{g:+.3f} at {a:g}" for a, g in tried.items()) + " dB)")
+        choice if alpha == 1 else f", {alpha:g} of the way from {info.name}'s weights{choice},")
     figures = (f"gain {decision.gain:+.3f} ± {decision.se:.3f} dB on {decision.crops} held-out crops "
                f"({decision.criterion} criterion; {info.name} {decision.baseline:.3f} dB, {fine} "
                f"{decision.score:.3f})")
