@@ -822,7 +822,7 @@ def test_auto_interpolate_steps_on_while_the_check_is_clearly_better(peak, want,
     import torch
 
     import memnet.finetune as ft
-    from memnet.finetune import _choose_interpolation
+    from memnet.finetune import choose_interpolation
 
     AUTO_INTERPOLATE = (0.5, 0.75, 1.0)  # the stepping rule, with a third fraction to step on to
     monkeypatch.setattr(ft, "AUTO_INTERPOLATE", AUTO_INTERPOLATE)
@@ -832,7 +832,7 @@ def test_auto_interpolate_steps_on_while_the_check_is_clearly_better(peak, want,
         final.weight.fill_(1.0)
     held = _CheckByWeight(0.75, noisy_at=0.75) if peak == "noisy" else _CheckByWeight(peak)
     base = (np.ones(4), np.array([1.0, 1.1, 0.9, 1.0]) * 4.0)
-    alpha, tried, (crit, check) = _choose_interpolation(final, start, held, base, "cpu")
+    alpha, tried, (crit, check) = choose_interpolation(final, start, held, base, "cpu")
     assert alpha == want and held.seen == pytest.approx(list(AUTO_INTERPOLATE[:judged]))
     assert float(final.weight.detach()) == pytest.approx(want)  # the model is left at the chosen fraction
     assert np.allclose(check, held.errors(final, "cpu")[1])  # the chosen model's errors come back

@@ -46,7 +46,7 @@ from .zoo import check_user_model_name, load_model, save_model, user_model_dir
 
 __all__ = ["FinetuneConfig", "FinetuneProgress", "FinetuneResult", "Decision", "publish_decision", "finetune",
            "interpolate_weights", "MODES", "fit_noise_model", "NotImproved", "NoiseCorrelated", "sample_planes",
-           "split_held_out"]
+           "split_held_out", "choose_interpolation"]
 
 # The check vetoes when its gain is more than one standard error below zero (two let W2S 040_1 publish a
 # -0.09 dB model with a check of -0.030 ± 0.017; one kept all six 3D-RCAN gains, session 15).
@@ -659,10 +659,11 @@ def interpolate_weights(model, start, alpha: float):
     return model
 
 
-def _choose_interpolation(final, start, held_out: _HeldOut, base_errors: tuple, dev) -> tuple[float, dict, tuple]:
-    """Move ``final`` (in place) part of the way from ``start``: the first fraction of ``AUTO_INTERPOLATE``, then
-    each next one while the held-out check rates it clearly above the current one (a paired test over the check's
-    crops, more than ``AUTO_Z`` standard errors). Returns (the fraction, {fraction judged: its check gain over the
+def choose_interpolation(final, start, held_out, base_errors: tuple, dev) -> tuple[float, dict, tuple]:
+    """``--interpolate auto``. ``held_out.errors(model, dev)`` gives a model's per-crop held-out errors (criterion,
+    check); ``base_errors`` are the starting model's. Moves ``final`` (in place) part of the way from ``start``:
+    the first fraction of ``AUTO_INTERPOLATE``, then each next one while the held-out check rates it clearly above
+    the current one (a paired test over the check's crops, more than ``AUTO_Z`` standard errors). Returns (the fraction, {fraction judged: its check gain over the
     start, dB}, the held-out errors of the chosen model). The check scores the whole model at full resolution;
     the sub-sampling criterion scores it on half-resolution pairs, the kind of data it trained on, and rates all
     the way highest even where that loses (training/README.md, session 23)."""
@@ -753,7 +754,7 @@ def _publish(cfg, state: FitState, run, out_path: Path, info, baseline: float, l
     if alpha == "auto" and base_errors[1] is None:  # nothing at full resolution to choose by
         alpha = FALLBACK_INTERPOLATE
     if alpha == "auto":
-        alpha, tried, errors = _choose_interpolation(final, _starting_model(cfg, dev)[0], held_out, base_errors, dev)
+        alpha, tried, errors = choose_interpolation(final, _starting_model(cfg, dev)[0], held_out, base_errors, dev)
     else:  # judge and publish what the user gets: the weights part of the way from the starting ones
         alpha = float(alpha)
         if alpha < 1:
