@@ -663,10 +663,11 @@ def choose_interpolation(final, start, held_out, base_errors: tuple, dev) -> tup
     """``--interpolate auto``. ``held_out.errors(model, dev)`` gives a model's per-crop held-out errors (criterion,
     check); ``base_errors`` are the starting model's. Moves ``final`` (in place) part of the way from ``start``:
     the first fraction of ``AUTO_INTERPOLATE``, then each next one while the held-out check rates it clearly above
-    the current one (a paired test over the check's crops, more than ``AUTO_Z`` standard errors). Returns (the fraction, {fraction judged: its check gain over the
-    start, dB}, the held-out errors of the chosen model). The check scores the whole model at full resolution;
-    the sub-sampling criterion scores it on half-resolution pairs, the kind of data it trained on, and rates all
-    the way highest even where that loses (training/README.md, session 23)."""
+    the current one (a paired test over the check's crops, more than ``AUTO_Z`` standard errors). Returns (the
+    fraction, {fraction judged: its check gain over the start, dB}, the held-out errors of the chosen model). The
+    check scores the whole model at full resolution; the sub-sampling criterion scores it on half-resolution
+    pairs, the kind of data it trained on, and rates all the way highest even where that loses (training/README.md,
+    session 23)."""
     fine = {k: v.detach().clone() for k, v in final.state_dict().items()}
     tried, chosen = {}, None
     for a in AUTO_INTERPOLATE:
