@@ -648,8 +648,8 @@ def test_interpolate_weights_moves_floats_part_of_the_way_and_keeps_integer_buff
                                                ("nbr2nbr", 0.3, 0.3), ("n2n", None, 0.5)])
 def test_what_is_judged_and_published_is_the_interpolated_model(base_model, rng, mode, alpha, want, monkeypatch):
     """The self-supervised modes publish the weights part of the way from the starting model to the fine-tuned
-    ones (the decision scores that model, not the run's best): by default 0.5 or 0.75 of the way, whichever the
-    check rates highest (half way without a check: n2n); paired ones the best as it is; --interpolate overrides."""
+    ones (the decision scores that model, not the run's best): by default 0.5, or 0.75 where the check rates it
+    clearly higher (half way without a check: n2n); paired ones the best as it is; --interpolate overrides."""
     import torch
 
     import memnet.finetune as ft

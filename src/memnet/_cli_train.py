@@ -228,8 +228,8 @@ def _register_finetune(sub) -> None:
                    help=f"publish only when the held-out gain exceeds this many standard errors [{d('z'):g}]")
     f.add_argument("--interpolate", type=T.auto_or(T.fraction_or_one), default=d("interpolate"),
                    help="publish the starting weights moved this fraction of the way to the fine-tuned ones "
-                   "(judged as such); auto: 0.5 or 0.75, the one the held-out check at full resolution rates "
-                   "highest [the mode's: auto; paired 1; n2n, adjacent, structn2v 0.5]")
+                   "(judged as such); auto: 0.5, or 0.75 where the held-out check at full resolution rates it "
+                   "clearly higher [the mode's: auto; paired 1; n2n, adjacent, structn2v 0.5]")
     f.add_argument("--val-every", type=T.count(1, "a number of steps"), default=d("val_every"))
     f.add_argument("--patience", type=T.count(1, "a number of validations"), default=d("patience"),
                    help="stop early after this many validations without improvement [none: use the whole budget]")

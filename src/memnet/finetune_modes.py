@@ -85,8 +85,8 @@ class Mode:
     decide_by: str | None = None
     # What is published: the starting weights moved this fraction of the way to the fine-tuned ones. A noisy
     # criterion cannot see a loss of a few hundredths of a dB; half way keeps most of a gain and turns most
-    # such losses into gains (training/README.md, session 18). "auto": 0.5 or 0.75, whichever the held-out
-    # check at full resolution rates highest (session 23; 0.5 where the mode has no check). Clean targets see
+    # such losses into gains (training/README.md, session 18). "auto": 0.5, or 0.75 where the held-out check at
+    # full resolution rates it clearly higher (session 23; 0.5 where the mode has no check). Clean targets see
     # the real change: all the way.
     interpolate: float | str = "auto"
     # Where the fine-tuned weights come from: "average", the mean of the iterates over the second half of the run
@@ -502,7 +502,7 @@ class FinetuneConfig:
                 self.interpolate, (int, float)) or not 0 < self.interpolate <= 1):
             raise ValueError(f"interpolate must be a fraction in (0, 1] or 'auto', got {self.interpolate!r}: 1 "
                              "publishes the fine-tuned weights as they are, 0.5 half way from the starting ones, "
-                             "'auto' the one of 0.5 and 0.75 the held-out check rates highest")
+                             "'auto' 0.5, or 0.75 where the held-out check rates it clearly higher")
         choice("bn", self.bn, ("frozen", "train"))
         choice("publish", self.publish, ("improved", "always"))
         set_(self, "amp", check_amp(self.amp))
