@@ -44,7 +44,7 @@ def _bm3d(noisy: np.ndarray, clean: np.ndarray) -> np.ndarray:
     return bm3d.bm3d(noisy, sigma_psd=sigma)
 
 
-def _finetuned(base: str, mode: str, minutes: float, kept: set, decisions: dict, amp: str = "auto"):
+def _finetuned(base: str, mode: str, minutes: float, kept: set, decisions: dict, amp: str = "auto", seed: int = 0):
     """A method: fine-tune ``base`` on the image itself, then restore it with whatever the user ends with.
     ``decisions[name]``: the publish decision (criterion gain ± SE), the mode that ran, and the real PSNR of
     the starting model and of the candidate (scored even when it was not published)."""
@@ -55,7 +55,7 @@ def _finetuned(base: str, mode: str, minutes: float, kept: set, decisions: dict,
 
     def run(x, c, name):
         cfg = FinetuneConfig(model=base, mode=mode, name=f"bench-{mode}-{name}", minutes=minutes, device="cpu",
-                             overwrite=True, amp=amp)
+                             overwrite=True, amp=amp, seed=seed)
         logs = []
         try:
             path = finetune(cfg, x.astype(np.float32), log=logs.append)
@@ -96,6 +96,7 @@ def main() -> None:
                     help="self-supervised fine-tune of the first model on each OOD image alone")
     ap.add_argument("--minutes", type=float, default=3.0, help="fine-tuning budget per image [3]")
     ap.add_argument("--threads", type=int, default=1, help="torch threads [1]")
+    ap.add_argument("--seed", type=int, default=0, help="the fine-tunes' seed: held-out crops and patches [0]")
     ap.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
                     help="fine-tuning's mixed precision, as `memnet finetune --amp` [auto]")
     ap.add_argument("--backends", nargs="+", default=[], metavar="BACKEND",
@@ -125,7 +126,7 @@ def main() -> None:
     decisions = {m: {} for m in args.finetune}
     for mode in args.finetune:
         methods[f"+ {mode} {args.minutes:g} min"] = _finetuned(args.models[0], mode, args.minutes, kept[mode],
-                                                               decisions[mode], args.amp)
+                                                               decisions[mode], args.amp, args.seed)
     if args.careamics:
         methods[f"CAREamics N2V {args.careamics_minutes or args.minutes:g} min"] = None  # read at the end
     rows = [] if args.no_ood else [(n.stem, n, c) for n, c in ood_pairs(root / "microscopy_ood")

@@ -9,7 +9,10 @@
 # the real change at every validation, half way). Every validation's best-so-far checkpoint is scored half way
 # (real change and publish decision), so that any smaller patience can be replayed from one run that never stops
 # early. Session 23: EXP_PLAN=alpha (the second-half average at 0.5 to 1 of the way from the starting model);
-# EXP_ERRORS=1 (keep every candidate's per-crop held-out errors).
+# EXP_ERRORS=1 (keep every candidate's per-crop held-out errors). Session 24: EXP_CENSOR=hi|both (clipped pixels as
+# censored targets; EXP_CENSOR_CHECK=1 censors the held-out scores too; each candidate also scored with its output
+# clipped to the input's range, what an integer output file keeps), EXP_MODE=pd (nbr2nbr on a pixel-shuffle phase),
+# EXP_SEED (the fine-tune's seed), EXP_NO_BESTS=1 (score only the planned averages, not every best checkpoint).
 """#35: is an average of the fine-tune's trajectory a better thing to publish than the best checkpoint half way?
 
 Fine-tune (auto, publish always, 3 min, fp32, one thread) and keep, besides the run's own best checkpoint,
@@ -80,6 +83,67 @@ if os.environ.get("EXP_MODE") == "r2r":  # session 22: a full-resolution objecti
             a, b = ctx.noise_model
             z = torch.from_numpy(rng.standard_normal(x.shape).astype(np.float32)) * torch.sqrt(a * y.clamp(min=0) + b)
             return x + self.alpha * z, x - z / self.alpha, None
+
+# Session 24: EXP_CENSOR=hi|both: pixels at the image's clip value (the top, or both ends, when >= 0.5 % of pixels sit
+# there) are censored in the training loss: a prediction beyond a clipped target is not an error.
+CENSOR = os.environ.get("EXP_CENSOR")
+if CENSOR:
+    import memnet.finetune_modes as fm
+    import memnet.fitloop as fl
+
+    def censored(o, y):
+        d = o - y
+        if CUR.get("hi") is not None:
+            d = torch.where(y >= CUR["hi"], torch.clamp(d, max=0), d)
+        if CUR.get("lo") is not None:
+            d = torch.where(y <= CUR["lo"], torch.clamp(d, min=0), d)
+        return d ** 2
+
+    def msl(final, branches, target, kind="mse"):
+        outs = branches + [final]
+        return sum(torch.mean(censored(o, target)) for o in outs) / len(outs)
+
+    def n2v_loss(self, model, mp, x, y, mask):
+        final, branches = mp.forward(model, x)
+        mask = mask.to(final.device)
+        outs = branches + [final]
+        return sum((censored(o, y) * mask).sum() / mask.sum() for o in outs) / len(outs)
+
+    fl.multi_supervised_loss = msl
+    fm.N2V.loss = n2v_loss
+
+    def held_out_errors(model, dev, draws):  # the held-out scores censored the same way
+        was = model.training
+        model.eval()
+        num = den = 0.0
+        with torch.inference_mode():
+            for x, y, mask in draws:
+                out = torch.cat([model(x[i: i + 16].to(dev)).float().cpu() for i in range(0, len(x), 16)])
+                m = torch.ones_like(y) if mask is None else mask
+                num = num + (censored(out, y) * m).sum(dim=(1, 2, 3)).double().numpy()
+                den = den + m.sum(dim=(1, 2, 3)).double().numpy()
+        model.train(was)
+        return num / np.maximum(den, 1)
+
+    if os.environ.get("EXP_CENSOR_CHECK"):
+        ft._HeldOut._errors = staticmethod(held_out_errors)
+
+if os.environ.get("EXP_MODE") == "pd":  # session 24: Neighbor2Neighbor on one pixel-shuffle phase (pixels 2 apart)
+    import memnet.finetune_modes as fm
+
+    @fm.register
+    class PDNbr2Nbr(fm.Nbr2Nbr):
+        name = "pd"
+        pixel_independent = False
+        decide_by = "blindspot"  # judged as n2v-corr is: the whole model, blinded pixels; pixels 3 apart veto
+        min_gain_db = 0.2
+        lr = 1e-4
+
+        def batch(self, x, y, rng, ctx):
+            a, b = rng.integers(0, 2, 2)
+            g1, g2, idx = fm.subsample_pairs(x[:, :, a::2, b::2].contiguous(), rng)
+            return g1, g2, (x, idx)
+
 MODE = os.environ.get("EXP_MODE", "auto")  # "paired": the clean image as the target, an oracle for the same recipe
 CLIP = [float(v) for v in os.environ["EXP_CLIP"].split(",")] if os.environ.get("EXP_CLIP") else None
 if only:
@@ -133,7 +197,9 @@ def publish(cfg, state, run, out_path, info, baseline, log, held_out, base_error
     base.eval()
     x, cl = CUR["x"], CUR["c"]
     xn = percentile_normalize(x)
-    p0 = psnr(affine_fit(predictor(base)(xn), cl), cl)
+    pred0 = predictor(base)(xn)
+    p0 = psnr(affine_fit(pred0, cl), cl)
+    p0c = psnr(affine_fit(np.clip(pred0, xn.min(), xn.max()), cl), cl)
     best, _ = memnet.load_model(run.best)
     keys = [k for k, v in best.state_dict().items() if v.is_floating_point()]
     cands = {"best": [best.state_dict()[k].clone() for k in keys]}
@@ -158,7 +224,7 @@ def publish(cfg, state, run, out_path, info, baseline, log, held_out, base_error
                     for k, s0, x1 in zip(keys, start, w):
                         sd[k].copy_(s0 + 0.5 * (x1 - s0))
                 v["real@0.5"] = psnr(affine_fit(predictor(m)(xn), cl), cl) - p0
-        for j, w in enumerate(CUR.get("bests", [])[:-1]):  # the last is "best"
+        for j, w in enumerate([] if os.environ.get("EXP_NO_BESTS") else CUR.get("bests", [])[:-1]):  # last: "best"
             cands[f"best{j}"] = w
             plan[f"best{j}"] = (0.5,)
     for name, w in cands.items():
@@ -173,13 +239,16 @@ def publish(cfg, state, run, out_path, info, baseline, log, held_out, base_error
             d = ft.publish_decision(b, n, z=cfg.z, criterion=held_out.mode.decide_by or held_out.mode.criterion,
                                     check=None if bc is None else (bc, nc), check_name=held_out.mode.check,
                                     min_gain=held_out.mode.min_gain_db)
-            real = psnr(affine_fit(predictor(m)(xn), cl), cl) - p0
-            res["cands"][f"{name}@{a:g}"] = {"real": real, "decision": d.as_dict()}
+            pred = predictor(m)(xn)
+            real = psnr(affine_fit(pred, cl), cl) - p0
+            # what an integer output file keeps: the prediction clipped to the input's range
+            real_clip = psnr(affine_fit(np.clip(pred, xn.min(), xn.max()), cl), cl) - p0c
+            res["cands"][f"{name}@{a:g}"] = {"real": real, "real_clip": real_clip, "decision": d.as_dict()}
             if os.environ.get("EXP_ERRORS"):  # per-crop held-out errors, to replay any choice between candidates
                 res["cands"][f"{name}@{a:g}"]["errors"] = [np.asarray(n).tolist(),
                                                            None if nc is None else np.asarray(nc).tolist()]
                 res["base_errors"] = [np.asarray(b).tolist(), None if bc is None else np.asarray(bc).tolist()]
-            print(CUR["name"], f"{name}@{a:g}", f"real {real:+.3f}", d.summary(), flush=True)
+            print(CUR["name"], f"{name}@{a:g}", f"real {real:+.3f} clipped {real_clip:+.3f}", d.summary(), flush=True)
     (OUT / f"{CUR['name']}.json").write_text(json.dumps(res, indent=1))
     return orig_publish(cfg, state, run, out_path, info, baseline, log, held_out, base_errors, dev, tail)
 
@@ -202,8 +271,15 @@ for i, (name, n, c) in enumerate(rows):
     if CLIP:  # the same noisy image re-rendered to 8 bits with a display range that clips it; the reference unchanged
         lo, hi = np.percentile(CUR["x"], CLIP)
         CUR["x"] = np.round(np.clip((CUR["x"] - lo) / (hi - lo) * 255, 0, 255))
+    if CENSOR:  # the clip values in the normalised units the fine-tune trains in
+        xn = percentile_normalize(CUR["x"])
+        for key, v, on in (("hi", CUR["x"].max(), True), ("lo", CUR["x"].min(), CENSOR == "both")):
+            if on and np.mean(CUR["x"] == v) >= 0.005:
+                CUR[key] = float(xn[CUR["x"] == v][0]) - 1e-6 * (1 if key == "hi" else -1)
+        print(name, "censored", CUR.get("lo"), CUR.get("hi"), flush=True)
     # patience 5 and the best checkpoint: the product's defaults until session 22 (this script scores the averages)
     cfg = ft.FinetuneConfig(model="microscopy", mode=MODE, name=f"exp-{name}", device="cpu", patience=PATIENCE or 5,
+                            seed=int(os.environ.get("EXP_SEED", 0)),
                             weights="best", minutes=float(os.environ.get("EXP_MINUTES", 3)), overwrite=True,
                             publish="always")
     t0 = time.time()
