@@ -30,7 +30,7 @@ DATA = "/work/shared/data"
 
 
 @fm.register
-class PD(fm.Nbr2Nbr):  # as trajectory_average.py's
+class PD(fm.Nbr2Nbr):  # also trajectory_average.py's EXP_MODE=pd (its session-24 runs printed a 0.2 dB floor)
     name = "pd"
     pixel_independent = False
     decide_by = "blindspot"

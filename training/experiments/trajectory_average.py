@@ -135,20 +135,8 @@ if CENSOR:
                                                                                   draws))
 
 if os.environ.get("EXP_MODE") == "pd":  # session 24: Neighbor2Neighbor on one pixel-shuffle phase (pixels 2 apart)
-    import memnet.finetune_modes as fm
-
-    @fm.register
-    class PDNbr2Nbr(fm.Nbr2Nbr):
-        name = "pd"
-        pixel_independent = False
-        decide_by = "blindspot"  # judged as n2v-corr is: the whole model, blinded pixels; pixels 3 apart veto
-        min_gain_db = 0.2
-        lr = 1e-4
-
-        def batch(self, x, y, rng, ctx):
-            a, b = rng.integers(0, 2, 2)
-            g1, g2, idx = fm.subsample_pairs(x[:, :, a::2, b::2].contiguous(), rng)
-            return g1, g2, (x, idx)
+    sys.path.insert(0, str(Path(__file__).parent))
+    import pd_vs_n2v_corr  # noqa: F401  (registers mode "pd")
 
 MODE = os.environ.get("EXP_MODE", "auto")  # "paired": the clean image as the target, an oracle for the same recipe
 CLIP = [float(v) for v in os.environ["EXP_CLIP"].split(",")] if os.environ.get("EXP_CLIP") else None
