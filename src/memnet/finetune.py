@@ -432,9 +432,7 @@ class _HeldOut:
     """Held-out crops (non-overlapping, from data the run never trains on) and how the mode scores a model
     on them. Where there are enough crops, half choose the checkpoint (``score``: PSNR, peak 1, of the
     pooled error) and the other half decide publication (``errors``: per-crop errors for the paired test),
-    so the decision is not inflated by picking the best of many validations on the same crops. A candidate no
-    validation chose (the run's average, without early stopping) is judged on both halves (``pooled``): twice the
-    crops, a smaller standard error for the same gain."""
+    so the decision is not inflated by picking the best of many validations on the same crops."""
 
     SELECT_DRAWS, DECIDE_DRAWS, MAX_CROPS, SPLIT_FROM, MIN_CROPS, MIN_SIZE = 2, 8, 48, 12, 8, 12
     CHECK_DRAWS, CHECK_FRACTION = 6, 0.03
@@ -456,15 +454,8 @@ class _HeldOut:
         split = len(crops) >= self.SPLIT_FROM
         select = crops[0::2] if split else crops
         decide = crops[1::2] if split else crops
-        self.mode, self.crops, self.pooled = mode, len(decide), False
+        self.mode, self.crops = mode, len(decide)
         self.select = self._draws(select, self.SELECT_DRAWS, seed + 1)
-        self.decide, self.check = self._decision_sets(decide, seed)
-        # The selection half, drawn as the decision half is (other draws), for a candidate no validation chose.
-        self.extra = self._decision_sets(select, seed + 10) if split else None
-
-    def _decision_sets(self, decide: list, seed: int) -> tuple:
-        """The draws the decision criterion and the check score ``decide`` (crops) with."""
-        mode = self.mode
         # A sub-sampling criterion scores the model on half-resolution images: on data the starting model already
         # suits (W2S) it rose for candidates that were worse at full resolution. The blind-spot score is the whole
         # model at full resolution on the same crops, a few pixels blinded (a random neighbour's value) and
@@ -475,10 +466,9 @@ class _HeldOut:
         x = x[:, None] if x.ndim == 3 else x
         blind = self._blind_spots(x, np.random.default_rng(seed + 3)) if "blindspot" in (
             mode.decide_by, mode.check) else None
-        criterion = blind if mode.decide_by == "blindspot" else self._draws(decide, self.DECIDE_DRAWS, seed + 2)
-        check = strided_pairs(x, 3, np.random.default_rng(seed + 4), self.DECIDE_DRAWS) \
+        self.decide = blind if mode.decide_by == "blindspot" else self._draws(decide, self.DECIDE_DRAWS, seed + 2)
+        self.check = strided_pairs(x, 3, np.random.default_rng(seed + 4), self.DECIDE_DRAWS) \
             if mode.check == "strided" else blind if mode.check == "blindspot" else None
-        return criterion, check
 
     def _blind_spots(self, x: torch.Tensor, rng) -> list:
         out = []
@@ -514,20 +504,10 @@ class _HeldOut:
     def score(self, model, dev) -> float:
         return -10 * float(np.log10(max(float(self._errors(model, dev, self.select).mean()), 1e-12)))
 
-    def errors(self, model, dev, pooled: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """Per-crop errors on the decision crops, and of the check (None without one); ``pooled`` (default: as
-        set by `pool`) adds the selection crops after them."""
-        sets = [(self.decide, self.check)] + ([self.extra] if self.extra and (
-            self.pooled if pooled is None else pooled) else [])
-        crit = np.concatenate([self._errors(model, dev, d) for d, _ in sets])
-        check = None if self.check is None else np.concatenate([self._errors(model, dev, c) for _, c in sets])
-        return crit, check
-
-    def pool(self, on: bool, base_errors: tuple) -> tuple:
-        """Judge on every held-out crop from now on (``on``, where there are two halves) or on the decision half
-        only; returns the part of ``base_errors`` (the starting model's, pooled) that matches."""
-        self.pooled = on and self.extra is not None
-        return base_errors if self.pooled else tuple(None if e is None else e[: self.crops] for e in base_errors)
+    def errors(self, model, dev) -> tuple[np.ndarray, np.ndarray | None]:
+        """Per-crop errors on the decision crops, and of the check (None without one)."""
+        check = None if self.check is None else self._errors(model, dev, self.check)
+        return self._errors(model, dev, self.decide), check
 
 
 def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=None, cancel=None,
@@ -553,7 +533,7 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
     log("reading the data…")
     items, record, mode = _items(cfg, mode, ctx, info.normalization, noisy, target, noisy2)
     sampler, held_out = _split(cfg, mode, items, info, rng)
-    base_errors = held_out.errors(model, dev, pooled=True)  # the starting model, for the paired publish decision
+    base_errors = held_out.errors(model, dev)  # the starting model, for the paired publish decision
 
     run.dir.mkdir(parents=True, exist_ok=True)
     if not resuming:  # a fresh run: nothing of an earlier run of this name may end up in the result
@@ -770,8 +750,6 @@ def _publish(cfg, state: FitState, run, out_path: Path, info, baseline: float, l
         tail.load_into(final)
     weights = ({"from": "average", "iterates": tail.count, "steps": [tail.first, tail.last]} if averaged else
                {"from": "best", "step": int(fm.get("finetune", {}).get("steps", state.step))})
-    # No validation chose the average unless it ended the run early: its selection crops can judge it too.
-    base_errors = held_out.pool(averaged and cfg.patience is None, base_errors)
     mode = held_out.mode
     alpha, tried = mode.interpolate if cfg.interpolate is None else cfg.interpolate, None
     if alpha == "auto" and base_errors[1] is None:  # nothing at full resolution to choose by

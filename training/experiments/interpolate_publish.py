@@ -43,7 +43,7 @@ def pub(cfg, state, run, out_path, info, baseline, log, held_out, base_errors, d
     p0 = psnr(affine_fit(predictor(base)(xn), cl), cl)
     res = {"image": CUR["name"], "mode": held_out.mode.name, "base_psnr": p0, "alphas": {}}
     sb, sc = base.state_dict(), cand.state_dict()
-    (b, bc) = held_out.pool(False, base_errors)  # the decision half, as these runs were judged
+    (b, bc) = base_errors
     for a in (0.25, 0.5, 0.75, 1.0):
         m, _ = memnet.load_model("microscopy")
         m.eval()
