@@ -249,8 +249,8 @@ def _register_finetune(sub) -> None:
     f.add_argument("--axes", help="axis letters of the data, e.g. ZYX")
     f.add_argument("--device", default=d("device"))
     f.add_argument("--amp", choices=AMP, default=d("amp"),
-                   help=f"mixed precision: auto = on for CUDA, fp32 on CPU; on = also bf16 on CPU (faster on "
-                   f"CPUs with AVX512-BF16/AMX) [{d('amp')}]")
+                   help=f"mixed precision: auto = on for CUDA and bf16 on CPUs with native bf16 (AVX512-BF16/AMX), "
+                   f"else fp32; on = bf16 on any CPU; off = fp32 [{d('amp')}]")
     f.add_argument("--seed", type=int, default=d("seed"))
     f.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune of the same name")
     f.add_argument("--overwrite", action="store_true", help="replace an existing user model of the same name")

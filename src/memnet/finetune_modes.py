@@ -461,7 +461,7 @@ class FinetuneConfig:
     axes: str | None = None
     include: str | None = None  # regex on file names when the data are folders
     device: str = "auto"
-    amp: str = "auto"  # memnet.options.AMP: auto = on for CUDA (fp32 on CPU); on = bf16 on CPU too; off
+    amp: str = "auto"  # memnet.options.AMP: auto = on for CUDA and CPUs with native bf16; on = any CPU too; off
     seed: int = 0
     max_planes: int = 64  # planes sampled from large stacks
     overwrite: bool = False  # replace an existing user model of the same name
