@@ -71,6 +71,24 @@ def test_paired_finetune_improves_validation_psnr(base_model, rng, amp):
     assert vals[-1] > vals[0]
 
 
+@pytest.mark.parametrize("native, amp, want", [(True, "auto", "bfloat16"), (False, "auto", "float32"),
+                                                (True, "off", "float32"), (False, "on", "bfloat16")])
+def test_finetune_runs_in_bf16_by_default_only_on_cpus_with_native_bf16(base_model, rng, monkeypatch, native, amp,
+                                                                        want):
+    """`auto` trains a fine-tune in bf16 where the CPU computes it natively (1.6x the steps per minute with AMX) and
+    in fp32 where bf16 would be emulated (slower); the card says which ran. Held-out scores and weights stay fp32."""
+    import torch
+
+    import memnet.fitloop
+
+    monkeypatch.setattr(memnet.fitloop, "cpu_has_native_bf16", lambda: native)
+    cfg = FinetuneConfig(model=base_model, mode="nbr2nbr", name=f"amp-{amp}-{native}", steps=4, patch=16,
+                         batch_size=4, val_every=2, device="cpu", minutes=None, publish="always", amp=amp)
+    model, info = memnet.load_model(finetune(cfg, _noisy(_scene(rng, (6, 64, 64)), rng)))
+    assert info.metadata["finetune"]["precision"] == want
+    assert all(v.dtype == torch.float32 for v in model.state_dict().values() if v.is_floating_point())
+
+
 def test_n2v_mask_never_uses_the_pixel_itself(rng):
     import torch
 
