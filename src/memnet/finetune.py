@@ -553,7 +553,7 @@ def finetune(cfg: FinetuneConfig, noisy, target=None, noisy2=None, *, progress=N
     meta = _record(cfg, info, mode, dev, baseline, record, noisy=noisy, target=target, noisy2=noisy2)
     meta["finetune"]["mode"] = mode.name  # what "auto" chose
     meta["finetune"]["lr"] = opt.param_groups[0]["lr"]  # the mode's when none was given
-    meta["finetune"]["precision"] = str(mp.dtype or torch.float32).removeprefix("torch.")
+    meta["finetune"]["precision"] = mp.precision
     budget, seconds, val_seconds = _schedule(cfg, t_start, 0.0 if resuming else time.time() - t_score)
     tail = TailAverage(cfg.steps, seconds) if (cfg.weights or mode.weights) == "average" else None
 

@@ -161,6 +161,11 @@ class MixedPrecision:
         # fp16 needs loss scaling against underflowing gradients; bf16 has fp32's range and does not.
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.dtype == torch.float16)
 
+    @property
+    def precision(self) -> str:
+        """What the step's forwards compute in, for a model's card: "bfloat16", "float16" or "float32"."""
+        return str(self.dtype or torch.float32).removeprefix("torch.")
+
     def forward(self, model, x):
         """``model(x, branches=True)`` with outputs in fp32: the residuals the loss compares are small
         next to the image."""

@@ -153,7 +153,7 @@ def _record(cfg: TrainConfig, arch: str) -> dict:
 def _training_record(meta_base: dict, state: FitState, previous: dict | None, dev, mp: MixedPrecision) -> dict:
     hours = round(state.hours, 3)
     t = {**meta_base["training"], "steps": state.step, "hours": hours, "hardware": hardware_name(dev),
-         "precision": str(mp.dtype or torch.float32).removeprefix("torch."), "history": state.history[-50:]}
+         "precision": mp.precision, "history": state.history[-50:]}
     if previous:
         # Continued from trained weights: the record keeps the cumulative recipe across runs/sessions.
         t["continued_from"] = {k: previous.get(k) for k in ("name", "steps", "hours", "total_steps",
