@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -106,6 +107,8 @@ def main() -> None:
     ap.add_argument("--careamics-minutes", type=float, help="the minutes CAREamics trained [--minutes]")
     ap.add_argument("--save", help="also write the per-image scores as JSON here")
     ap.add_argument("--images", nargs="*", help="only these microscopy_ood names (default: all)")
+    ap.add_argument("--save-outputs", metavar="DIR",
+                    help="also write each method's restored image as DIR/<method>/<image>.tif (float32)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MEMNET_MODEL_DIR", tempfile.mkdtemp(prefix="memnet-bench-"))  # never the user's models
@@ -146,6 +149,10 @@ def main() -> None:
             res = fn(noisy, clean, name) if m.startswith("+ ") else fn(noisy, clean)
             secs[m] += time.perf_counter() - t0
             scores[m][name] = psnr(affine_fit(res, clean), clean)
+            if args.save_outputs:  # for other measures of the same outputs (training/experiments/curve_free_psnr.py)
+                out = Path(args.save_outputs) / re.sub(r"[^A-Za-z0-9.+-]+", "_", m).strip("_")
+                out.mkdir(parents=True, exist_ok=True)
+                tifffile.imwrite(out / f"{name.replace(' ', '_')}.tif", np.asarray(res, np.float32))
         said = [f"{mode}: {r['mode']} {'published' if r['decision'] and r['decision']['published'] else 'kept'}"
                 + (f" {r['decision']['gain']:+.3f} ± {r['decision']['se']:.3f}" if r["decision"] else "")
                 for mode, recs in decisions.items() for r in [recs.get(name)] if r]
